@@ -1,0 +1,23 @@
+"""Activation curves: the objective per step, as mean/min/max and per target."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+
+class ActivationCurves(pl.Callback):
+    """Logs `act/mean|min|max` every step and `act_target/tNNNN` for the first targets."""
+
+    def __init__(self, max_targets: int = 16):
+        self.max_targets = max_targets
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: object, batch: object, batch_idx: int) -> None:
+        obj = getattr(pl_module, "last_objective", None)
+        if obj is None:
+            return
+        metrics = {"act/mean": obj.mean(), "act/min": obj.min(), "act/max": obj.max()}
+        for t in range(min(self.max_targets, obj.numel())):
+            metrics[f"act_target/t{t:04d}"] = obj[t]
+        pl_module.log("act/mean", metrics.pop("act/mean"), prog_bar=True, on_step=True)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)

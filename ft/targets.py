@@ -1,0 +1,163 @@
+"""What to textualize: single neurons, or groups of neurons selected for target words."""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ft.errors import TargetError
+from ft.sites import Site, num_layers, point_width
+from ft.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("absolute", "relative")
+LATIN_WORD = re.compile(r"^[a-z]+$")
+
+
+@dataclass
+class Target:
+    kind: str  # "neuron" or "group"
+    sites: list[Site]
+    target_word: str | None = None
+    k: int | None = None
+    selection: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def layer(self) -> int | None:
+        return self.sites[0].layer if self.kind == "neuron" else None
+
+
+def neuron_targets(
+    model: torch.nn.Module,
+    sites: Sequence[str] | None = None,
+    point: str = "ffn_out",
+    fraction: float | None = None,
+    per_layer: int | None = None,
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+) -> list[Target]:
+    """An explicit site list, or a seeded random sample of units per layer."""
+    if sites:
+        return [Target("neuron", [Site.parse(s).check(model)]) for s in sites]
+    n_layers = num_layers(model)
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise TargetError(f"layer {layer} out of range; valid 0..{n_layers - 1}")
+    width = point_width(model, point)
+    if per_layer is None:
+        if fraction is None or not 0 < fraction <= 1:
+            raise TargetError(f"target.fraction={fraction!r}; valid: 0 < fraction <= 1")
+        per_layer = max(1, round(fraction * width))
+    if not 0 < per_layer <= width:
+        raise TargetError(f"target.per_layer={per_layer}; valid 1..{width}")
+    rng = random.Random(seed)
+    out = []
+    for layer in layers:
+        for unit in sorted(rng.sample(range(width), per_layer)):
+            out.append(Target("neuron", [Site(layer, point, unit)]))
+    if not out:
+        raise TargetError("no targets: target.layers is empty")
+    return out
+
+
+def check_word(word: str, vocab: Vocabulary, tokenizer: object) -> int:
+    """Row of `word` in the vocabulary; TargetError if it is not one vocabulary item."""
+    row = vocab.row_of().get(word)
+    if row is None:
+        pieces = tokenizer.tokenize(word)
+        how = f"tokenizes to {pieces}" if len(pieces) > 1 else "is not in the vocabulary"
+        raise TargetError(f"target word {word!r} {how}; target words must be single vocabulary items")
+    return row
+
+
+def pick_words(
+    vocab: Vocabulary, num_random: int, num_frequent: int, seed: int = 0
+) -> list[str]:
+    """`num_random` random Latin-letter vocabulary items + `num_frequent` frequent English words."""
+    rng = random.Random(seed)
+    latin = [t for t in vocab.tokens if LATIN_WORD.match(t)]
+    frequent: list[str] = []
+    if num_frequent:
+        from wordfreq import top_n_list
+
+        known = set(latin)
+        pool = [w for w in top_n_list("en", 300) if w in known and len(w) > 1]
+        if len(pool) < num_frequent:
+            raise TargetError(f"target.num_frequent={num_frequent}; only {len(pool)} available")
+        frequent = rng.sample(pool, num_frequent)
+    candidates = [t for t in latin if t not in set(frequent)]
+    if num_random > len(candidates):
+        raise TargetError(
+            f"target.num_random={num_random}; the vocabulary has {len(candidates)} candidates"
+        )
+    return rng.sample(candidates, num_random) + frequent
+
+
+def select_group(
+    word_acts: torch.Tensor, a_max: torch.Tensor, k: int, selection: str
+) -> tuple[torch.Tensor, int]:
+    """Flat neuron indices of the top-k group for one word, and how many neurons were skipped.
+
+    word_acts, a_max: [layers * width]. Relative selection divides by a_max and skips
+    neurons whose a_max <= 0.
+    """
+    if selection == "absolute":
+        score, skipped = word_acts, 0
+    elif selection == "relative":
+        valid = a_max > 0
+        score = torch.where(valid, word_acts / a_max.clamp_min(1e-12), torch.tensor(-torch.inf))
+        skipped = int((~valid).sum())
+    else:
+        raise TargetError(f"target.selection={selection!r}; valid: {list(SELECTIONS)}")
+    usable = word_acts.numel() - skipped
+    if not 0 < k <= usable:
+        raise TargetError(f"target.k={k}; valid 1..{usable} (neurons available for {selection})")
+    return torch.topk(score, k).indices, skipped
+
+
+def group_targets(
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    tokenizer: object,
+    sweep: torch.Tensor,
+    k: int,
+    selection: str = "relative",
+    point: str = "ffn_out",
+    words: Sequence[str] | None = None,
+    num_random: int = 80,
+    num_frequent: int = 20,
+    seed: int = 0,
+) -> list[Target]:
+    """One group per target word: its top-k neurons over all layers of `point`.
+
+    sweep: [V', layers, width] from the vocabulary sweep of `point`.
+    """
+    if selection not in SELECTIONS:
+        raise TargetError(f"target.selection={selection!r}; valid: {list(SELECTIONS)}")
+    total = sweep.shape[1] * sweep.shape[2]
+    if not isinstance(k, int) or not 0 < k <= total:
+        raise TargetError(f"target.k={k!r}; valid 1..{total} (all neurons of {point})")
+    words = list(words) if words else pick_words(vocab, num_random, num_frequent, seed)
+    if not words:
+        raise TargetError("no target words: target.words is empty and num_random + num_frequent = 0")
+    flat = sweep.flatten(1)
+    a_max = flat.max(dim=0).values
+    width = sweep.shape[2]
+    out = []
+    skipped = 0
+    for word in words:
+        row = check_word(word, vocab, tokenizer)
+        idx, skipped = select_group(flat[row], a_max, k, selection)
+        sites = [Site(int(i) // width, point, int(i) % width) for i in idx]
+        out.append(Target("group", sites, target_word=word, k=k, selection=selection))
+    if skipped:
+        log.info("relative selection skipped %d neurons with a_max <= 0", skipped)
+    return out

@@ -1,0 +1,203 @@
+"""`python -m ft.train [experiment=NAME] [key=value ...]`: one textualization run.
+
+`run(cfg, run_dir)` does the work and is what tests call; `main` is the thin Hydra entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import hydra
+import pandas as pd
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import Logger, WandbLogger
+
+from ft.encoder import Encoder, load_encoder
+from ft.errors import ConfigError, FtError
+from ft.metrics import VocabFacts, evaluate
+from ft.module import TextualizationModule
+from ft.results import write_config, write_run
+from ft.targets import Target, group_targets, neuron_targets
+from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
+
+log = logging.getLogger("ft")
+CONFIG_DIR = str(files("ft.configs"))
+
+
+def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep) -> list[Target]:
+    t = cfg.target
+    if t.kind == "neuron":
+        return neuron_targets(
+            encoder.model, sites=t.sites, point=t.point, fraction=t.fraction,
+            per_layer=t.per_layer, layers=t.layers, seed=t.seed,
+        )
+    if t.kind == "group":
+        return group_targets(
+            encoder.model, vocab, encoder.tokenizer, sweep, k=t.k, selection=t.selection,
+            point=t.point, words=t.words, num_random=t.num_random,
+            num_frequent=t.num_frequent, seed=t.seed,
+        )
+    raise ConfigError(f"target.kind={t.kind!r}; valid: ['neuron', 'group']")
+
+
+def check_config(cfg: DictConfig) -> None:
+    steps = cfg.trainer.max_steps
+    if not isinstance(steps, int) or steps <= 0:
+        raise ConfigError(f"trainer.max_steps={steps!r}; valid: an integer > 0")
+    lr = cfg.optim.get("lr")
+    if lr is not None and not (isinstance(lr, int | float) and 0 < float(lr) < float("inf")):
+        raise ConfigError(f"optim.lr={lr!r}; valid: a finite number > 0")
+    if cfg.input.length < 1:
+        raise ConfigError(f"input.length={cfg.input.length!r}; valid: an integer >= 1")
+    if not 1 <= cfg.position <= cfg.input.length:
+        raise ConfigError(f"position={cfg.position!r}; valid 1..input.length={cfg.input.length}")
+
+
+def wandb_mode(requested: str) -> str:
+    """auto -> WANDB_MODE if set, online when an API key is available, else offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    try:
+        import wandb
+
+        return "online" if wandb.api.api_key else "offline"
+    except Exception:  # no netrc, no settings: nothing to log in with
+        return "offline"
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
+    loggers: list[Logger] = []
+    lcfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    if lcfg.get("csv"):
+        loggers.append(instantiate(lcfg["csv"], save_dir=str(run_dir)))
+    wcfg = lcfg.get("wandb")
+    if wcfg:
+        mode = wandb_mode(wcfg.pop("mode", "auto"))
+        if mode != "disabled":
+            wandb_logger = instantiate(
+                wcfg, save_dir=str(run_dir), name=run_name, offline=mode == "offline"
+            )
+            wandb_logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            loggers.append(wandb_logger)
+    return loggers
+
+
+def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) -> dict[str, float]:
+    """Textualize the targets of `cfg`; write the run directory; return the summary metrics."""
+    run_dir = Path(run_dir)
+    check_config(cfg)
+    pl.seed_everything(cfg.seed, verbose=False)
+    encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    vocab = Vocabulary.from_tokenizer(encoder.tokenizer)
+    point = cfg.target.point
+    sweep = load_or_sweep(encoder, vocab, point, position=1, use_cache=cfg.cache)
+    targets = build_targets(cfg, encoder, vocab, sweep)
+    site_lists = [t.sites for t in targets]
+    facts = VocabFacts(
+        vocab=vocab,
+        word_vectors=analysis_vectors(encoder, vocab, cfg.position),
+        word_objective=vocab_objective({point: sweep}, encoder.model, site_lists),
+    )
+    inputs = instantiate(cfg.input)(
+        target_ids=range(len(targets)), word_embeddings=encoder.word_embeddings, seed=cfg.seed
+    )
+    module = TextualizationModule(
+        encoder.model, site_lists, inputs, instantiate(cfg.optim),
+        cls_id=vocab.cls_id, sep_id=vocab.sep_id, position=cfg.position,
+        chunk_size=cfg.engine.chunk_size, converge_window=cfg.engine.converge_window,
+        converge_tol=cfg.engine.converge_tol,
+        stop_when_converged=cfg.engine.stop_when_converged,
+    )
+    module.facts = facts
+    run_name = cfg.run_name or cfg.experiment_name
+    write_config(run_dir, cfg)
+    loggers = build_loggers(cfg, run_dir, run_name)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks.append(ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+        every_n_train_steps=cfg.engine.checkpoint_every_n_steps,
+    ))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir)
+    )
+    log.info("textualizing %d %s targets for up to %d steps", len(targets),
+             cfg.target.kind, cfg.trainer.max_steps)
+    trainer.fit(module)
+    df, tensors, summary = evaluate(module, targets, facts, cfg.engine.runaway_factor)
+    if trainer.is_global_zero:
+        write_run(run_dir, cfg, df, tensors, summary)
+        log_summary(loggers, summary, df, int(module.steps_done))
+        print(format_table(df, cfg.print_rows, summary))
+        print(f"run directory: {run_dir}")
+    return summary
+
+
+def log_summary(loggers: list[Logger], summary: dict[str, float], df: pd.DataFrame,
+                step: int) -> None:
+    for lg in loggers:
+        lg.log_metrics(summary, step=step)
+        if isinstance(lg, WandbLogger):
+            lg.experiment.summary.update(summary)
+            cols = ["target_id", "sites", "target_word", "objective", "most_activating_word",
+                    "most_activating_word_activation", "closest_words", "closest_cos"]
+            table = df[cols].head(1000).copy()
+            table["sites"] = table["sites"].map(lambda s: " ".join(s[:5]))
+            table["closest_words"] = table["closest_words"].map(lambda s: ", ".join(s[:5]))
+            table["closest_cos"] = table["closest_cos"].map(lambda s: round(s[0], 4))
+            lg.log_table("results/targets", dataframe=table)
+        lg.finalize("success")
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def format_table(df: pd.DataFrame, max_rows: int, summary: dict[str, float]) -> str:
+    """The short results table printed at the end of a run."""
+    lines = [f"{'target':<28} {'act':>8} {'most activating word':>26} {'closest words (cos)'}"]
+    for _, r in df.head(max_rows).iterrows():
+        name = r.target_word and f"{r.target_word} ({r.selection} k={r.k})" or r.sites[0]
+        maw = f"{r.most_activating_word} {r.most_activating_word_activation:.2f}"
+        close = ", ".join(f"{w} ({c:.2f})" for w, c in zip(r.closest_words[:3], r.closest_cos[:3],
+                                                            strict=True))
+        lines.append(f"{name:<28} {r.objective:>8.2f} {maw:>26} {close}")
+    if len(df) > max_rows:
+        lines.append(f"... {len(df) - max_rows} more rows in targets.parquet")
+    keys = ["final/activation_mean", "final/maw_activation_mean", "final/activation_ratio",
+            "final/closest_cos_mean", "final/closest_is_maw_rate", "group/target_top1_rate",
+            "group/target_top20_rate"]
+    lines.append("  ".join(f"{k.split('/')[1]}={summary[k]:.3f}" for k in keys if k in summary))
+    return "\n".join(lines)
+
+
+def run_name_from_overrides(experiment: str, overrides: list[str]) -> str:
+    keys = [o for o in overrides if not o.startswith(("experiment=", "hydra", "+hydra"))]
+    return "-".join([experiment, *keys])[:128]
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    if cfg.run_name is None:
+        with open_dict(cfg):
+            cfg.run_name = run_name_from_overrides(cfg.experiment_name, list(hc.overrides.task))
+    try:
+        run(cfg, hc.runtime.output_dir)
+    except FtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The vocabulary: which items count as words, the vocabulary sweep (cached), analysis vectors.
+
+The sweep passes every vocabulary item alone as ``[CLS] w [SEP]`` and records the
+activations of every neuron of one point, in every layer, at the word's position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ft.encoder import Encoder
+from ft.sites import Site, SiteIndex, SiteReader, num_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Vocabulary:
+    """Vocabulary items that count as words: all of them minus the special tokens."""
+
+    ids: torch.Tensor  # [V'] token ids, ascending
+    tokens: list[str]  # [V'] token strings
+    cls_id: int
+    sep_id: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: object) -> Vocabulary:
+        vocab: dict[str, int] = tokenizer.get_vocab()
+        special = set(tokenizer.all_special_ids)
+        pairs = sorted((i, t) for t, i in vocab.items() if i not in special)
+        return cls(
+            ids=torch.tensor([i for i, _ in pairs], dtype=torch.long),
+            tokens=[t for _, t in pairs],
+            cls_id=int(tokenizer.cls_token_id),
+            sep_id=int(tokenizer.sep_token_id),
+        )
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def row_of(self) -> dict[str, int]:
+        """token string -> row in this vocabulary (not the token id)."""
+        return {t: r for r, t in enumerate(self.tokens)}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FT_CACHE_DIR", Path.home() / ".cache" / "ft"))
+
+
+def model_key(encoder: Encoder) -> str:
+    """Identifies the weights, so a cache never serves another model's activations."""
+    h = hashlib.sha256(encoder.model.config.to_json_string().encode())
+    for t in (encoder.word_embeddings, encoder.model.encoder.layer[-1].output.dense.weight):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def sweep_vocabulary(
+    encoder: Encoder, vocab: Vocabulary, point: str, position: int = 1, batch_size: int = 1024
+) -> torch.Tensor:
+    """Activations [V', layers, width] of `point` at `position` for every `[CLS] w [SEP]`."""
+    model = encoder.model
+    reader = SiteReader(model, [point], num_layers(model) - 1, position)
+    device = encoder.word_embeddings.device
+    out = []
+    for start in tqdm(range(0, len(vocab), batch_size), desc=f"vocabulary sweep ({point})"):
+        ids = vocab.ids[start : start + batch_size]
+        n = len(ids)
+        input_ids = torch.stack(
+            [torch.full((n,), vocab.cls_id), ids, torch.full((n,), vocab.sep_id)], dim=1
+        ).to(device)
+        out.append(reader.read(input_ids=input_ids)[point].float().cpu())
+    return torch.cat(out)
+
+
+def load_or_sweep(
+    encoder: Encoder, vocab: Vocabulary, point: str, position: int = 1, use_cache: bool = True
+) -> torch.Tensor:
+    """The sweep from the on-disk cache (keyed by model, point, position), computed if absent.
+
+    A corrupted or mismatched cache file is rebuilt with a warning, never an error.
+    """
+    path = cache_dir() / "vocab_sweep" / f"{model_key(encoder)}_{point}_p{position}.safetensors"
+    expected = (len(vocab), num_layers(encoder.model))
+    if use_cache and path.exists():
+        try:
+            acts = load_file(str(path))["acts"]
+            if tuple(acts.shape[:2]) == expected:
+                return acts
+            log.warning("vocabulary sweep cache %s has the wrong shape; rebuilding", path)
+        except (SafetensorError, KeyError, OSError, RuntimeError) as e:
+            log.warning("vocabulary sweep cache %s is unreadable (%s); rebuilding", path, e)
+    acts = sweep_vocabulary(encoder, vocab, point, position)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({"acts": acts.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    return acts
+
+
+def vocab_objective(
+    sweeps: dict[str, torch.Tensor], model: torch.nn.Module, site_lists: Sequence[Sequence[Site]]
+) -> torch.Tensor:
+    """[V', targets]: each target's objective (mean over its sites) for every single word."""
+    index = SiteIndex(model, site_lists, max_layer=num_layers(model) - 1)
+    flat = index.flatten({p: sweeps[p] for p in index.points})  # [V', total]
+    cols = []
+    step = max(1, 2**24 // (flat.shape[0] * index.index.shape[1]))  # bounds the [V', chunk, k] gather
+    for start in range(0, len(site_lists), step):
+        idx = index.index[start : start + step]
+        w = index.weight[start : start + step]
+        cols.append((flat[:, idx] * w).sum(-1))  # [V', chunk]
+    return torch.cat(cols, dim=1)
+
+
+@torch.no_grad()
+def analysis_vectors(
+    encoder: Encoder, vocab: Vocabulary, position: int = 1, batch_size: int = 4096
+) -> torch.Tensor:
+    """Every word passed through the embedding layer at `position`: [V', hidden]."""
+    emb = encoder.model.embeddings
+    device = encoder.word_embeddings.device
+    out = []
+    for start in range(0, len(vocab), batch_size):
+        ids = vocab.ids[start : start + batch_size]
+        seq = torch.full((len(ids), position + 1), vocab.cls_id)
+        seq[:, position] = ids
+        out.append(emb(input_ids=seq.to(device))[:, position].float().cpu())
+    return torch.cat(out)
