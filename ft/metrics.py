@@ -37,7 +37,7 @@ class TextualizationSummary(Metric):
     FIELDS = (
         "activation", "maw_activation", "closest_cos", "analysis_norm", "raw_norm",
         "closest_is_maw", "layer", "target_cos", "target_top1", "target_top20",
-        "target_word_activation", "diverged",
+        "target_word_activation", "diverged", "is_group",
     )
 
     def __init__(self) -> None:
@@ -72,17 +72,20 @@ class TextualizationSummary(Metric):
         }
         layer = self._cat("layer")
         if layer.numel():
-            for lay in sorted({int(v) for v in layer.tolist()}):
+            for lay in sorted({int(v) for v in layer.tolist()} - {-1}):
                 m = layer == lay
                 out[f"layer_{lay}/activation_mean"] = act[m].mean()
                 out[f"layer_{lay}/maw_activation_mean"] = maw[m].mean()
                 out[f"layer_{lay}/closest_cos_mean"] = self._cat("closest_cos")[m].mean()
-        if self._cat("target_cos").numel():
-            out["group/target_cos_mean"] = self._cat("target_cos").mean()
-            out["group/target_cos_std"] = self._cat("target_cos").std(correction=0)
-            out["group/target_top1_rate"] = self._cat("target_top1").mean()
-            out["group/target_top20_rate"] = self._cat("target_top20").mean()
-            out["group/target_word_activation_mean"] = self._cat("target_word_activation").mean()
+        g = self._cat("is_group").bool()
+        if g.any():
+            cos = self._cat("target_cos")[g]
+            out["group/target_cos_mean"] = cos.mean()
+            out["group/target_cos_std"] = cos.std(correction=0)
+            out["group/target_top1_rate"] = self._cat("target_top1")[g].mean()
+            out["group/target_top20_rate"] = self._cat("target_top20")[g].mean()
+            out["group/target_word_activation_mean"] = self._cat("target_word_activation")[g].mean()
+            out["group/activation_mean"] = act[g].mean()
         return {k: float(v) for k, v in out.items()}
 
 
@@ -182,11 +185,12 @@ def evaluate(
         closest_is_maw=torch.tensor(df["closest_is_most_activating"].to_numpy()),
         diverged=diverged,
     )
-    if targets and targets[0].kind == "neuron":
-        scores["layer"] = torch.tensor([tg.layer for tg in targets])
+    if any(tg.kind == "neuron" for tg in targets):  # -1: not a single neuron
+        scores["layer"] = torch.tensor([-1 if tg.layer is None else tg.layer for tg in targets])
     groups = df["target_word"].notna().to_numpy()
     if groups.any():
         scores.update(
+            is_group=torch.tensor(groups),
             target_cos=torch.tensor(df["target_word_cos"].where(groups, 0.0).to_numpy(float)),
             target_top1=torch.tensor(df["target_in_top1"].where(groups, False).to_numpy(bool)),
             target_top20=torch.tensor(df["target_in_top20"].where(groups, False).to_numpy(bool)),

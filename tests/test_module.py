@@ -1,0 +1,100 @@
+import pytest
+import torch
+from functools import partial
+
+from ft.inputs import build_input
+from ft.module import TextualizationModule, full_sequence, objective
+from ft.sites import Site
+from ft.vocab import Vocabulary
+
+SITES = [[Site(0, "ffn_out", 3)], [Site(1, "ffn_out", 7)], [Site(1, "ffn_out", 1), Site(0, "ffn_out", 2)]]
+
+
+def make(tiny, kind="embedding", opt=None, **kw):
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    inputs = build_input(kind, range(len(SITES)), tiny.word_embeddings, seed=0)
+    opt = opt or partial(torch.optim.Adam, lr=0.1)
+    return TextualizationModule(tiny.model, SITES, inputs, opt, vocab.cls_id, vocab.sep_id, **kw)
+
+
+def fit(module, steps, tmp_path):
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module)
+    return trainer
+
+
+def test_exactly_one_trainable_tensor(tiny):
+    for kind in ("onehot", "embedding"):
+        m = make(tiny, kind)
+        trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+        assert len(trainable) == 1 and trainable[0].startswith("inputs.")
+        assert len(list(m.configure_optimizers().param_groups[0]["params"])) == 1
+
+
+@pytest.mark.parametrize("kind,opt", [
+    ("embedding", partial(torch.optim.Adam, lr=0.1)),
+    ("onehot", partial(torch.optim.SGD, lr=10.0)),
+])
+def test_activation_rises_and_encoder_stays_frozen(tiny, tmp_path, kind, opt):
+    m = make(tiny, kind, opt, stop_when_converged=False)
+    before = m().detach()
+    weights = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    fit(m, 30, tmp_path)
+    after = m().detach()
+    assert (after > before).all(), (before, after)
+    assert int(m.steps_done) == 30
+    for k, v in tiny.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+
+
+def test_chunks_give_the_same_trajectory(tiny, tmp_path):
+    a, b = make(tiny, chunk_size=1), make(tiny, chunk_size=256)
+    fit(a, 10, tmp_path)
+    fit(b, 10, tmp_path)
+    torch.testing.assert_close(a.embeds(), b.embeds(), rtol=1e-5, atol=1e-6)
+
+
+def test_objective_is_the_mean_activation_of_independent_forward(tiny):
+    m = make(tiny)
+    e = m.embeds().detach()
+    seq = full_sequence(e, tiny.word_embeddings, m.cls_id, m.sep_id)
+    out = tiny.model(inputs_embeds=seq, output_hidden_states=True)
+    assert seq[0, 0].equal(tiny.word_embeddings[m.cls_id])
+    got = objective(tiny.model, m.index, seq, slice(None), 1)
+    # independent: recompute ffn_out of layer 0 from hidden state 0 and layer 0's attention
+    blk = tiny.model.encoder.layer[0]
+    attn = blk.attention(out.hidden_states[0])[0]
+    ffn0 = blk.output.dense(blk.intermediate(attn))[:, 1]
+    torch.testing.assert_close(got[0], ffn0[0, 3])
+    blk1 = tiny.model.encoder.layer[1]
+    attn1 = blk1.attention(out.hidden_states[1])[0]
+    ffn1 = blk1.output.dense(blk1.intermediate(attn1))[:, 1]
+    torch.testing.assert_close(got[2], (ffn1[2, 1] + ffn0[2, 2]) / 2)
+
+
+def test_checkpoint_holds_input_and_optimizer_not_encoder(tiny, tmp_path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    m = make(tiny)
+    ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, save_top_k=0,
+                         every_n_train_steps=5)
+    trainer = pl.Trainer(max_steps=5, logger=False, callbacks=[ck], enable_progress_bar=False,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(m)
+    state = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    keys = set(state["state_dict"])
+    assert "inputs.e" in keys and not any(k.startswith("encoder.") for k in keys)
+    assert state["optimizer_states"][0]["state"]  # Adam moments are there
+    torch.testing.assert_close(state["state_dict"]["inputs.e"], m.inputs.e.detach())
+
+
+def test_convergence_stops_the_run(tiny, tmp_path):
+    m = make(tiny, opt=partial(torch.optim.SGD, lr=0.0), converge_window=3, converge_tol=1e-6)
+    fit(m, 50, tmp_path)
+    assert int(m.steps_done) == 4  # nothing moves: converged after window + 1 steps
+    assert m.converged().all()

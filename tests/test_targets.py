@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from ft.errors import TargetError
+from ft.targets import LATIN_WORD, group_targets, neuron_targets, pick_words, select_group
+from ft.vocab import Vocabulary, load_or_sweep
+
+
+@pytest.fixture
+def setup(tiny):
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    return tiny, vocab, load_or_sweep(tiny, vocab, "ffn_out")
+
+
+def test_neuron_sample_per_layer_is_seeded(tiny):
+    a = neuron_targets(tiny.model, fraction=0.25, seed=3)
+    b = neuron_targets(tiny.model, fraction=0.25, seed=3)
+    c = neuron_targets(tiny.model, fraction=0.25, seed=4)
+    assert [t.sites for t in a] == [t.sites for t in b] != [t.sites for t in c]
+    assert [t.layer for t in a].count(0) == 8 and [t.layer for t in a].count(1) == 8
+    assert len({str(t.sites[0]) for t in a}) == 16
+
+
+def test_explicit_sites_and_errors(tiny):
+    ts = neuron_targets(tiny.model, sites=["layer.1.ffn_out.4"])
+    assert ts[0].layer == 1 and ts[0].kind == "neuron"
+    with pytest.raises(TargetError, match="per_layer=99"):
+        neuron_targets(tiny.model, per_layer=99)
+    with pytest.raises(TargetError, match="layers"):
+        neuron_targets(tiny.model, per_layer=2, layers=[])
+    with pytest.raises(TargetError, match="fraction=1.5"):
+        neuron_targets(tiny.model, per_layer=None, fraction=1.5)
+
+
+def test_absolute_group_is_topk_of_word_activations(setup):
+    tiny, vocab, sweep = setup
+    [g] = group_targets(tiny.model, vocab, tiny.tokenizer, sweep, k=5, selection="absolute",
+                        words=["sofa"])
+    row = vocab.tokens.index("sofa")
+    acts = sweep[row]
+    picked = torch.tensor([acts[s.layer, s.unit] for s in g.sites])
+    assert torch.allclose(picked.sort(descending=True).values, acts.flatten().topk(5).values)
+    assert g.target_word == "sofa" and g.k == 5 and g.selection == "absolute"
+
+
+def test_relative_group_divides_by_amax_and_skips_nonpositive():
+    word = torch.tensor([1.0, 0.5, 0.4, -3.0])
+    a_max = torch.tensor([10.0, 0.5, -1.0, 2.0])  # neuron 2 has a_max <= 0: skipped
+    idx, skipped = select_group(word, a_max, 2, "relative")
+    assert skipped == 1 and idx.tolist() == [1, 0]  # 0.5/0.5=1.0, 1/10=0.1
+    with pytest.raises(TargetError, match=r"k=4; valid 1\.\.3"):
+        select_group(word, a_max, 4, "relative")
+
+
+def test_word_and_k_errors(setup):
+    tiny, vocab, sweep = setup
+    kw = dict(model=tiny.model, vocab=vocab, tokenizer=tiny.tokenizer, sweep=sweep)
+    with pytest.raises(TargetError, match="'zebra' is not in the vocabulary"):
+        group_targets(**kw, k=3, words=["zebra"])
+    with pytest.raises(TargetError, match=r"'sofas' tokenizes to \['sofa', '##s'\]"):
+        group_targets(**kw, k=3, words=["sofas"])
+    with pytest.raises(TargetError, match=r"k=65; valid 1\.\.64"):
+        group_targets(**kw, k=65, words=["sofa"])
+    with pytest.raises(TargetError, match="k=0"):
+        group_targets(**kw, k=0, words=["sofa"])
+    with pytest.raises(TargetError, match="selection='best'"):
+        group_targets(**kw, k=3, selection="best", words=["sofa"])
+
+
+def test_pick_words_random_plus_frequent(setup):
+    tiny, vocab, _ = setup
+    words = pick_words(vocab, num_random=10, num_frequent=5, seed=1)
+    assert len(words) == len(set(words)) == 15
+    assert all(LATIN_WORD.match(w) for w in words)
+    from wordfreq import top_n_list
+
+    assert set(words[10:]) <= set(top_n_list("en", 300))
+    assert words == pick_words(vocab, num_random=10, num_frequent=5, seed=1)

@@ -1,0 +1,148 @@
+"""End to end: Hydra config -> run() -> run directory, W&B offline run, CLI errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ft.results import find_runs, read_config, read_inputs, read_summary, read_targets
+from ft.train import CONFIG_DIR, run
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+def tiny_overrides(tiny_dir: Path, experiment: str, steps: int = 4) -> list[str]:
+    o = [f"experiment={experiment}", f"model.name_or_path={tiny_dir}",
+         f"trainer.max_steps={steps}", "trainer.accelerator=cpu",
+         "+trainer.enable_progress_bar=false", "callbacks.nearest.every_n_steps=2"]
+    if experiment.startswith("group"):
+        o += ["target.k=8", "target.num_random=4", "target.num_frequent=2"]
+    elif experiment == "default":
+        o += ["target.per_layer=2"]
+    return o
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def test_every_experiment_is_listed():
+    expected = {"default", "single_neurons"} | {
+        f"group_k{k}{s}" for k in (10, 100, 250, 450) for s in ("", "_abs")}
+    assert expected <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_smoke(experiment, tiny_dir, tmp_path):
+    cfg = compose_cfg(tiny_overrides(tiny_dir, experiment))
+    summary = run(cfg, tmp_path / "run")
+    df = read_targets(tmp_path / "run")
+    assert summary["final/num_targets"] == len(df) > 0
+    assert read_config(tmp_path / "run").experiment_name == experiment
+    if experiment.startswith("group"):
+        assert df.kind.eq("group").all() and df.k.eq(8).all()
+        assert df.selection.eq("absolute" if experiment.endswith("_abs") else "relative").all()
+        assert len(df) == 6 and "group/target_top20_rate" in summary
+    else:
+        assert df.kind.eq("neuron").all() and set(df.layer) == {0, 1}
+
+
+@pytest.fixture(scope="module")
+def group_run(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grouprun")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FT_CACHE_DIR", str(out / "cache"))
+    mp.setenv("WANDB_MODE", "offline")
+    cfg = compose_cfg(tiny_overrides(tiny_dir, "group_k10", steps=30) + ["target.words=[sofa,river,piano]"])
+    summary = run(cfg, out / "run")
+    mp.undo()
+    return out / "run", summary
+
+
+def test_run_directory_contract(group_run):
+    run_dir, summary = group_run
+    assert find_runs([run_dir.parent]) == [run_dir]
+    df = read_targets(run_dir)
+    columns = ("target_id kind sites layer target_word k selection objective most_activating_word "
+               "most_activating_word_activation target_word_activation closest_words closest_cos "
+               "closest_is_most_activating target_word_cos target_word_rank target_in_top1 "
+               "target_in_top20 analysis_norm raw_norm steps converged diverged").split()
+    assert set(columns) <= set(df.columns)
+    assert list(df.target_word) == ["sofa", "river", "piano"]
+    assert all(len(c) >= 8 for c in df.sites)
+    assert all(list(c) == sorted(c, reverse=True) for c in df.closest_cos)
+    t = read_inputs(run_dir)
+    assert t["embeds"].shape == t["analysis"].shape == (3, 1, 32)
+    assert read_summary(run_dir) == pytest.approx(summary)
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_saved_embeds_reproduce_objective(group_run, tiny):
+    """Feeding [CLS] embeds [SEP] back through the encoder reproduces `objective`."""
+    run_dir, _ = group_run
+    df, t = read_targets(run_dir), read_inputs(run_dir)
+    W = tiny.word_embeddings
+    cls, sep = tiny.tokenizer.cls_token_id, tiny.tokenizer.sep_token_id
+    e = t["embeds"]
+    seq = torch.cat([W[cls].expand(len(e), 1, -1), e, W[sep].expand(len(e), 1, -1)], 1)
+    out = tiny.model(inputs_embeds=seq, output_hidden_states=True)
+    for row in df.itertuples():
+        vals = []
+        for s in row.sites:
+            layer, unit = int(s.split(".")[1]), int(s.split(".")[3])
+            blk = tiny.model.encoder.layer[layer]
+            attn = blk.attention(out.hidden_states[layer][row.target_id : row.target_id + 1])[0]
+            vals.append(blk.output.dense(blk.intermediate(attn))[0, 1, unit])
+        assert row.objective == pytest.approx(float(sum(vals) / len(vals)), rel=1e-3)
+
+
+def test_activation_rises_in_a_real_run(group_run):
+    run_dir, _ = group_run
+    metrics = (run_dir / "csv").rglob("metrics.csv")
+    import pandas as pd
+
+    hist = pd.read_csv(next(metrics)).dropna(subset=["act/mean"])
+    assert hist["act/mean"].iloc[-1] > hist["act/mean"].iloc[0]
+
+
+def test_wandb_offline_run_reads_back(group_run):
+    run_dir, summary = group_run
+    [wandb_file] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    wandb = Path(sys.executable).with_name("wandb")
+    out = subprocess.run([str(wandb), "leet", "inspect", "--summary", "--json", str(wandb_file)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    info = json.loads(out.stdout)
+    assert info["project"] == "ft" and info["state"] == "finished"
+    assert info["config"]["experiment_name"] == "group_k10"
+    s = info["summary"]
+    assert s["final/activation_mean"] == pytest.approx(summary["final/activation_mean"])
+    assert s["results/targets"]["nrows"] == 3 and s["nearest/words"]["_type"] == "table-file"
+    records = subprocess.run([str(wandb), "leet", "inspect", "--json", str(wandb_file)],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    history = [json.loads(line)["history"]["item"] for line in records.splitlines()
+               if '"type":"history"' in line]
+    curve = [h["act/mean"] for h in history if "act/mean" in h]
+    assert len(curve) >= 3 and curve[-1] > curve[0]  # the activation curve, not just a file
+
+
+@pytest.mark.parametrize("override,message", [
+    ("target.sites=[layer.9.ffn_out.0]", "layer 9 out of range; valid 0..1"),
+    ("target.sites=[layer.0.ffn_out.99]", "unit 99 out of range for ffn_out; valid 0..31"),
+    ("target.sites=[layer0.ffn_out.1]", "site 'layer0.ffn_out.1' does not parse"),
+    ("experiment=group_k10 target.words=[zebra]", "'zebra' is not in the vocabulary"),
+    ("experiment=group_k10 target.words=[sofa] target.k=1000", "target.k=1000; valid 1..64"),
+])
+def test_cli_bad_input_is_one_line_error(override, message, tiny_dir, tmp_path):
+    run_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ft.train", f"model.name_or_path={tiny_dir}",
+           f"hydra.run.dir={run_dir}", *override.split()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert not (run_dir / "targets.parquet").exists()

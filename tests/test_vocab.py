@@ -1,0 +1,61 @@
+import logging
+
+import torch
+
+from ft.vocab import Vocabulary, analysis_vectors, cache_dir, load_or_sweep, vocab_objective
+from ft.sites import Site
+
+
+def test_vocabulary_excludes_special_tokens(tiny):
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    assert not {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"} & set(vocab.tokens)
+    assert "##ing" in vocab.tokens and "sofa" in vocab.tokens
+    assert len(vocab) == tiny.vocab_size - 5
+
+
+def test_sweep_matches_single_word_forward(tiny):
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    sweep = load_or_sweep(tiny, vocab, "ffn_out")
+    assert sweep.shape == (len(vocab), 2, 32)
+    block = tiny.model.encoder.layer[1].output.dense
+    for row in (0, 7, len(vocab) - 1):
+        seen = {}
+        h = block.register_forward_hook(lambda m, i, o: seen.__setitem__("o", o) or None)
+        try:
+            ids = torch.tensor([[vocab.cls_id, int(vocab.ids[row]), vocab.sep_id]])
+            tiny.model(input_ids=ids)
+        finally:
+            h.remove()
+        torch.testing.assert_close(sweep[row, 1], seen["o"][0, 1])
+
+
+def test_corrupt_cache_is_rebuilt_with_warning(tiny, caplog):
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    first = load_or_sweep(tiny, vocab, "ffn_out")
+    files = list((cache_dir() / "vocab_sweep").glob("*ffn_out*.safetensors"))
+    assert len(files) == 1
+    files[0].write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING):
+        again = load_or_sweep(tiny, vocab, "ffn_out")
+    assert "rebuilding" in caplog.text
+    torch.testing.assert_close(first, again)
+
+
+def test_analysis_vectors_are_embedding_layer_output(tiny):
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    vecs = analysis_vectors(tiny, vocab, position=1)
+    row = 12
+    ids = torch.tensor([[vocab.cls_id, int(vocab.ids[row]), vocab.sep_id]])
+    torch.testing.assert_close(vecs[row], tiny.model.embeddings(input_ids=ids)[0, 1])
+    # LayerNorm output, not the raw word embedding: norm near sqrt(hidden) scale, not ~|w|
+    raw = tiny.word_embeddings[int(vocab.ids[row])]
+    assert not torch.allclose(vecs[row], raw)
+
+
+def test_vocab_objective_is_mean_over_sites(tiny):
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    sweep = load_or_sweep(tiny, vocab, "ffn_out")
+    lists = [[Site(0, "ffn_out", 1)], [Site(1, "ffn_out", 2), Site(0, "ffn_out", 4)]]
+    obj = vocab_objective({"ffn_out": sweep}, tiny.model, lists)
+    torch.testing.assert_close(obj[:, 0], sweep[:, 0, 1])
+    torch.testing.assert_close(obj[:, 1], (sweep[:, 1, 2] + sweep[:, 0, 4]) / 2)
