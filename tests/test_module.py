@@ -1,6 +1,7 @@
+from functools import partial
+
 import pytest
 import torch
-from functools import partial
 
 from ft.inputs import build_input
 from ft.module import TextualizationModule, full_sequence, objective

@@ -2,8 +2,8 @@ import logging
 
 import torch
 
-from ft.vocab import Vocabulary, analysis_vectors, cache_dir, load_or_sweep, vocab_objective
 from ft.sites import Site
+from ft.vocab import Vocabulary, analysis_vectors, cache_dir, load_or_sweep, vocab_objective
 
 
 def test_vocabulary_excludes_special_tokens(tiny):
@@ -20,7 +20,7 @@ def test_sweep_matches_single_word_forward(tiny):
     block = tiny.model.encoder.layer[1].output.dense
     for row in (0, 7, len(vocab) - 1):
         seen = {}
-        h = block.register_forward_hook(lambda m, i, o: seen.__setitem__("o", o) or None)
+        h = block.register_forward_hook(lambda m, i, o, seen=seen: seen.__setitem__("o", o) or None)
         try:
             ids = torch.tensor([[vocab.cls_id, int(vocab.ids[row]), vocab.sep_id]])
             tiny.model(input_ids=ids)
