@@ -8,25 +8,40 @@ shard or device it lands in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
 
 from ft.errors import ConfigError
 
+KINDS = ("onehot", "embedding")
+
+
+def initial_row(tid: int, length: int, vocab_size: int, std: float, seed: int) -> torch.Tensor:
+    """x0 ~ N(0, std^2) in the one-hot input space for target `tid`: [length, vocab]."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + int(tid))
+    return torch.randn(length, vocab_size, generator=g) * std
+
 
 def initial_onehot(
     target_ids: Sequence[int], length: int, vocab_size: int, std: float, seed: int
 ) -> torch.Tensor:
-    """x0 ~ N(0, std^2) in the one-hot input space, [targets, length, vocab], seeded per target."""
+    """x0 for every target: [targets, length, vocab]."""
     if length < 1:
         raise ConfigError(f"input.length={length}; valid: an integer >= 1")
-    rows = []
-    for tid in target_ids:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + int(tid))
-        rows.append(torch.randn(length, vocab_size, generator=g) * std)
-    return torch.stack(rows)
+    return torch.stack([initial_row(t, length, vocab_size, std, seed) for t in target_ids])
+
+
+def initial_embeds(
+    target_ids: Sequence[int], length: int, W: torch.Tensor, std: float, seed: int
+) -> torch.Tensor:
+    """x0 · W for every target, one row at a time (never holds [targets, vocab])."""
+    if length < 1:
+        raise ConfigError(f"input.length={length}; valid: an integer >= 1")
+    W = W.detach().float().cpu()
+    return torch.stack([initial_row(t, length, W.shape[0], std, seed) @ W for t in target_ids])
 
 
 class InputParam(nn.Module):
@@ -37,13 +52,13 @@ class InputParam(nn.Module):
     def embeds(self, word_embeddings: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         raise NotImplementedError
 
-    def extra_tensors(self) -> dict[str, torch.Tensor]:
+    def extra_tensors(self, word_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
         """Tensors besides `embeds` worth saving in inputs.safetensors."""
         return {}
 
 
 class OneHotInput(InputParam):
-    """The paper's input space: x in R^{vocab}, e = x · W_word (Poerner's "logits")."""
+    """The paper's input space, literally: x in R^{vocab}, e = x · W_word (Poerner's "logits")."""
 
     name = "onehot"
 
@@ -55,8 +70,54 @@ class OneHotInput(InputParam):
     def embeds(self, word_embeddings: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         return self.x[rows] @ word_embeddings.to(self.x.dtype)
 
-    def extra_tensors(self) -> dict[str, torch.Tensor]:
-        return {"onehot": self.x.detach()} if self.save_raw else {}
+    def onehot(self, word_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        return self.x.detach()
+
+    def extra_tensors(self, word_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"onehot": self.onehot()} if self.save_raw else {}
+
+
+class OneHotFastInput(InputParam):
+    """The same input space, optimized exactly in the hidden-size space.
+
+    SGD on x moves e = x·W by -lr·(∇x L)·W = -lr·(∇e L)·(WᵀW): so the trainable tensor
+    is e, and a gradient hook multiplies ∇e by G = WᵀW. Any optimizer whose step is a
+    linear combination of past gradients (SGD, momentum, Nesterov; no weight decay)
+    then follows the literal trajectory. x is recovered on demand:
+    x = x0 + (e - e0)·G⁻¹·Wᵀ, since x - x0 stays in the row space of Wᵀ.
+    """
+
+    name = "onehot"
+
+    def __init__(self, target_ids: Sequence[int], length: int, word_embeddings: torch.Tensor,
+                 std: float, seed: int, save_raw: bool = False):
+        super().__init__()
+        W = word_embeddings.detach().float()
+        e0 = initial_embeds(target_ids, length, W, std, seed)
+        self.e = nn.Parameter(e0.clone())
+        self.register_buffer("gram", (W.T @ W).contiguous(), persistent=False)
+        self.init = dict(target_ids=list(target_ids), length=length, std=std, seed=seed)
+        self.save_raw = save_raw
+        self.e.register_hook(self.precondition)
+
+    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad @ self.gram.to(grad.dtype)
+
+    def embeds(self, word_embeddings: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        return self.e[rows]
+
+    @torch.no_grad()
+    def onehot(self, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """x [targets, length, vocab], recovered exactly (float64 solve)."""
+        W = word_embeddings.detach().double().cpu()
+        i = self.init
+        x0 = initial_onehot(i["target_ids"], i["length"], W.shape[0], i["std"], i["seed"]).double()
+        delta = self.e.detach().double().cpu() - x0 @ W
+        d = torch.linalg.solve(W.T @ W, delta.reshape(-1, W.shape[1]).T).T
+        return (x0 + (d @ W.T).reshape(x0.shape)).float()
+
+    def extra_tensors(self, word_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"onehot": self.onehot(word_embeddings)} if self.save_raw else {}
 
 
 class EmbeddingInput(InputParam):
@@ -64,12 +125,19 @@ class EmbeddingInput(InputParam):
 
     name = "embedding"
 
-    def __init__(self, x0: torch.Tensor, word_embeddings: torch.Tensor):
+    def __init__(self, e0: torch.Tensor):
         super().__init__()
-        self.e = nn.Parameter(x0 @ word_embeddings.detach().float())
+        self.e = nn.Parameter(e0.clone())
 
     def embeds(self, word_embeddings: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         return self.e[rows]
+
+
+def is_linear_optimizer(make: Callable[..., torch.optim.Optimizer]) -> bool:
+    """True for optimizers whose step is linear in past gradients: plain/momentum SGD."""
+    func = make.func if isinstance(make, partial) else make
+    kw = make.keywords if isinstance(make, partial) else {}
+    return func is torch.optim.SGD and not kw.get("weight_decay")
 
 
 def build_input(
@@ -80,11 +148,26 @@ def build_input(
     init_std: float = 0.01,
     seed: int = 0,
     save_raw: bool = False,
+    fast: bool | str = "auto",
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
 ) -> InputParam:
-    """The parameterization named `kind`, initialized from the same x0 for every kind."""
-    x0 = initial_onehot(target_ids, length, word_embeddings.shape[0], init_std, seed)
-    if kind == "onehot":
-        return OneHotInput(x0, save_raw=save_raw)
+    """The parameterization named `kind`, initialized from the same x0 for every kind.
+
+    For `onehot`, fast="auto" takes the exact hidden-space path when the optimizer allows
+    it (`is_linear_optimizer`), fast=true insists on it, fast=false keeps the literal path.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"input.kind={kind!r}; valid: {list(KINDS)}")
+    if not isinstance(length, int) or length < 1:
+        raise ConfigError(f"input.length={length!r}; valid: an integer >= 1")
     if kind == "embedding":
-        return EmbeddingInput(x0, word_embeddings)
-    raise ConfigError(f"input.kind={kind!r}; valid: ['onehot', 'embedding']")
+        return EmbeddingInput(initial_embeds(target_ids, length, word_embeddings, init_std, seed))
+    linear = optimizer is not None and is_linear_optimizer(optimizer)
+    if fast is True and not linear:
+        raise ConfigError("input.fast=true needs optim=SGD without weight decay; use fast=auto")
+    if fast is True or (fast == "auto" and linear):
+        return OneHotFastInput(target_ids, length, word_embeddings, init_std, seed, save_raw)
+    if fast not in (False, "auto"):
+        raise ConfigError(f"input.fast={fast!r}; valid: auto, true, false")
+    x0 = initial_onehot(target_ids, length, word_embeddings.shape[0], init_std, seed)
+    return OneHotInput(x0, save_raw=save_raw)

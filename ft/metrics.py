@@ -203,6 +203,6 @@ def evaluate(
     metrics["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
     metrics["final/num_targets"] = float(len(df))
     tensors = {"embeds": embeds.contiguous(), "analysis": analysis.contiguous()}
-    for name, value in module.inputs.extra_tensors().items():
+    for name, value in module.inputs.extra_tensors(module.word_embeddings).items():
         tensors[name] = value.detach().float().cpu().contiguous()
     return df, tensors, metrics

@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import logging
+import netrc
 import os
 import sys
+import warnings
 from importlib.resources import files
 from pathlib import Path
+from urllib.parse import urlparse
 
 import hydra
 import pandas as pd
@@ -60,18 +63,31 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"position={cfg.position!r}; valid 1..input.length={cfg.input.length}")
 
 
+def quiet_expected_warnings() -> None:
+    """Silence Lightning warnings that describe ft's design, not a problem."""
+    for message in (".*module\\(s\\) in eval mode.*", ".*ModelCheckpoint with manual optimization.*",
+                    ".*isinstance\\(treespec, LeafSpec\\).*", ".*smaller than the logging interval.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def wandb_mode(requested: str) -> str:
     """auto -> WANDB_MODE if set, online when an API key is available, else offline."""
     if requested != "auto":
         return requested
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    try:
-        import wandb
+    return "online" if wandb_logged_in() else "offline"
 
-        return "online" if wandb.api.api_key else "offline"
-    except Exception:  # no netrc, no settings: nothing to log in with
-        return "offline"
+
+def wandb_logged_in() -> bool:
+    """An API key in the environment or in ~/.netrc for the W&B host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
@@ -95,6 +111,7 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     """Textualize the targets of `cfg`; write the run directory; return the summary metrics."""
     run_dir = Path(run_dir)
     check_config(cfg)
+    quiet_expected_warnings()
     pl.seed_everything(cfg.seed, verbose=False)
     encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     vocab = Vocabulary.from_tokenizer(encoder.tokenizer)
@@ -107,11 +124,13 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         word_vectors=analysis_vectors(encoder, vocab, cfg.position),
         word_objective=vocab_objective({point: sweep}, encoder.model, site_lists),
     )
+    optimizer = instantiate(cfg.optim)
     inputs = instantiate(cfg.input)(
-        target_ids=range(len(targets)), word_embeddings=encoder.word_embeddings, seed=cfg.seed
+        target_ids=range(len(targets)), word_embeddings=encoder.word_embeddings, seed=cfg.seed,
+        optimizer=optimizer,
     )
     module = TextualizationModule(
-        encoder.model, site_lists, inputs, instantiate(cfg.optim),
+        encoder.model, site_lists, inputs, optimizer,
         cls_id=vocab.cls_id, sep_id=vocab.sep_id, position=cfg.position,
         chunk_size=cfg.engine.chunk_size, converge_window=cfg.engine.converge_window,
         converge_tol=cfg.engine.converge_tol,
