@@ -56,6 +56,16 @@ class InputParam(nn.Module):
         """Tensors besides `embeds` worth saving in inputs.safetensors."""
         return {}
 
+    @property
+    def param(self) -> nn.Parameter:
+        [p] = list(self.parameters())
+        return p
+
+    def set_rows(self, value: torch.Tensor) -> None:
+        """Replace the trainable tensor (a shard of rows, or all rows gathered back)."""
+        name = next(n for n, _ in self.named_parameters())
+        setattr(self, name, nn.Parameter(value.detach().clone()))
+
 
 class OneHotInput(InputParam):
     """The paper's input space, literally: x in R^{vocab}, e = x · W_word (Poerner's "logits")."""
@@ -98,6 +108,10 @@ class OneHotFastInput(InputParam):
         self.register_buffer("gram", (W.T @ W).contiguous(), persistent=False)
         self.init = dict(target_ids=list(target_ids), length=length, std=std, seed=seed)
         self.save_raw = save_raw
+        self.e.register_hook(self.precondition)
+
+    def set_rows(self, value: torch.Tensor) -> None:
+        super().set_rows(value)
         self.e.register_hook(self.precondition)
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ class TextualizationSummary(Metric):
     FIELDS = (
         "activation", "maw_activation", "closest_cos", "analysis_norm", "raw_norm",
         "closest_is_maw", "layer", "target_cos", "target_top1", "target_top20",
-        "target_word_activation", "diverged", "is_group",
+        "target_word_activation", "is_group",
     )
 
     def __init__(self) -> None:
@@ -68,7 +68,6 @@ class TextualizationSummary(Metric):
             "final/analysis_norm_mean": self._cat("analysis_norm").mean(),
             "final/raw_norm_mean": self._cat("raw_norm").mean(),
             "final/closest_is_maw_rate": self._cat("closest_is_maw").mean(),
-            "final/diverged_count": self._cat("diverged").sum(),
         }
         layer = self._cat("layer")
         if layer.numel():
@@ -99,19 +98,16 @@ def closest_words(
 
 
 @torch.no_grad()
-def measure_inputs(
-    module: TextualizationModule, chunk: int = 256
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def measure_inputs(module: TextualizationModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 (embeds [T, l, H], analysis [T, l, H], objective [T]) by a fresh forward pass."""
     enc = module.encoder
     W = module.word_embeddings.float()
     embeds, analysis, obj = [], [], []
-    for s in range(0, module.num_targets, chunk):
-        rows = slice(s, min(s + chunk, module.num_targets))
+    for rows, index in module.plan:
         e = module.embeds(rows).float()
         seq = full_sequence(e, W, module.cls_id, module.sep_id)
         with torch.autocast(device_type=seq.device.type, enabled=False):
-            obj.append(objective(enc, module.index, seq, rows, module.position).float())
+            obj.append(objective(enc, index, seq, module.position).float())
             analysis.append(enc.embeddings(inputs_embeds=seq)[:, 1:-1].float())
         embeds.append(e)
     return torch.cat(embeds).cpu(), torch.cat(analysis).cpu(), torch.cat(obj).cpu()
@@ -122,8 +118,8 @@ def evaluate(
     targets: Sequence[Target],
     facts: VocabFacts,
     runaway_factor: float = 100.0,
-) -> tuple[pd.DataFrame, dict[str, torch.Tensor], dict[str, float]]:
-    """Per-target table, tensors to save, and the summary metrics of a finished run."""
+) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+    """Per-target table (DESIGN §4 columns) and the tensors to save, for a finished run."""
     embeds, analysis, obj = measure_inputs(module)
     tok = module.position - 1  # which optimized token the metrics look at
     a_tok = analysis[:, tok]
@@ -137,7 +133,6 @@ def evaluate(
     converged = module.converged().cpu()
     row_of = facts.vocab.row_of()
     tokens = facts.vocab.tokens
-    summary = TextualizationSummary()
     rows = []
     for t, target in enumerate(targets):
         closest = [tokens[int(r)] for r in top_rows[t]]
@@ -178,31 +173,36 @@ def evaluate(
             )
         rows.append(row)
     df = pd.DataFrame(rows)
-    ok = torch.tensor(~df["diverged"].to_numpy())
-    scores = dict(
-        activation=obj, maw_activation=maw_act, closest_cos=top_cos[:, 0],
-        analysis_norm=a_tok.norm(dim=-1), raw_norm=raw_norm,
-        closest_is_maw=torch.tensor(df["closest_is_most_activating"].to_numpy()),
-        diverged=diverged,
-    )
-    if any(tg.kind == "neuron" for tg in targets):  # -1: not a single neuron
-        scores["layer"] = torch.tensor([-1 if tg.layer is None else tg.layer for tg in targets])
-    groups = df["target_word"].notna().to_numpy()
-    if groups.any():
-        scores.update(
-            is_group=torch.tensor(groups),
-            target_cos=torch.tensor(df["target_word_cos"].where(groups, 0.0).to_numpy(float)),
-            target_top1=torch.tensor(df["target_in_top1"].where(groups, False).to_numpy(bool)),
-            target_top20=torch.tensor(df["target_in_top20"].where(groups, False).to_numpy(bool)),
-            target_word_activation=torch.tensor(
-                df["target_word_activation"].where(groups, 0.0).to_numpy(float)
-            ),
-        )
-    summary.update(**{k: v[ok] for k, v in scores.items()})
-    metrics = summary.compute()
-    metrics["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
-    metrics["final/num_targets"] = float(len(df))
     tensors = {"embeds": embeds.contiguous(), "analysis": analysis.contiguous()}
     for name, value in module.inputs.extra_tensors(module.word_embeddings).items():
         tensors[name] = value.detach().float().cpu().contiguous()
-    return df, tensors, metrics
+    return df, tensors
+
+
+def _col(values: pd.Series, dtype: type = float) -> torch.Tensor:
+    return torch.tensor(values.to_numpy(dtype), dtype=torch.float32)
+
+
+def summarize(df: pd.DataFrame) -> dict[str, float]:
+    """Aggregates of a targets table (one run, or merged shards); diverged rows left out."""
+    ok = df[~df["diverged"].astype(bool)]
+    summary = TextualizationSummary()
+    groups = ok["target_word"].notna()
+    summary.update(
+        activation=_col(ok["objective"]),
+        maw_activation=_col(ok["most_activating_word_activation"]),
+        closest_cos=_col(ok["closest_cos"].map(lambda c: c[0])),
+        analysis_norm=_col(ok["analysis_norm"]),
+        raw_norm=_col(ok["raw_norm"]),
+        closest_is_maw=_col(ok["closest_is_most_activating"], bool),
+        layer=_col(ok["layer"].fillna(-1)),
+        is_group=_col(groups, bool),
+        target_cos=_col(ok["target_word_cos"].where(groups, 0.0)),
+        target_top1=_col(ok["target_in_top1"].where(groups, False), bool),
+        target_top20=_col(ok["target_in_top20"].where(groups, False), bool),
+        target_word_activation=_col(ok["target_word_activation"].where(groups, 0.0)),
+    )
+    out = summary.compute() if len(ok) else {}
+    out["final/diverged_count"] = float(df["diverged"].astype(bool).sum())
+    out["final/num_targets"] = float(len(df))
+    return out

@@ -7,10 +7,12 @@ from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from ft.inputs import InputParam
 from ft.sites import Site, SiteIndex, SiteReader
+from ft.strategy import shard_rows
 
 
 class StepIndices(Dataset):
@@ -26,10 +28,6 @@ class StepIndices(Dataset):
         return i
 
 
-def step_loader(steps: int) -> DataLoader:
-    return DataLoader(StepIndices(steps), batch_size=None, shuffle=False)
-
-
 def full_sequence(
     embeds: torch.Tensor, word_embeddings: torch.Tensor, cls_id: int, sep_id: int
 ) -> torch.Tensor:
@@ -41,18 +39,30 @@ def full_sequence(
 
 
 def objective(
-    model: torch.nn.Module,
-    index: SiteIndex,
-    inputs_embeds: torch.Tensor,
-    rows: slice,
-    position: int,
+    model: torch.nn.Module, index: SiteIndex, inputs_embeds: torch.Tensor, position: int
 ) -> torch.Tensor:
-    """Mean activation over each row's sites at `position` (the quantity to maximize)."""
+    """Mean activation over each row's sites at `position` (the quantity to maximize).
+
+    `index` describes exactly the rows of `inputs_embeds`; the forward pass stops after
+    `index.max_layer`.
+    """
     reader = SiteReader(model, index.points, index.max_layer, position)
     flat = index.flatten(reader.read(inputs_embeds=inputs_embeds))
-    idx = index.index[rows].to(flat.device)
-    w = index.weight[rows].to(flat.device, flat.dtype)
+    idx = index.index.to(flat.device)
+    w = index.weight.to(flat.device, flat.dtype)
     return (flat.gather(1, idx) * w).sum(1)
+
+
+def plan_chunks(site_lists: Sequence[Sequence[Site]], chunk_size: int) -> list[slice]:
+    """Contiguous chunks of at most `chunk_size` rows, cut where the highest needed layer
+    changes, so each chunk's forward pass stops as early as its rows allow."""
+    top = [max(s.layer for s in sites) for sites in site_lists]
+    chunks, start = [], 0
+    for i in range(1, len(top) + 1):
+        if i == len(top) or i - start >= chunk_size or top[i] != top[start]:
+            chunks.append(slice(start, i))
+            start = i
+    return chunks
 
 
 class TextualizationModule(pl.LightningModule):
@@ -60,7 +70,8 @@ class TextualizationModule(pl.LightningModule):
 
     Exactly one trainable tensor: the input parameterization. Optimization is manual so
     that rows can be processed in chunks (gradient accumulation is exact: rows are
-    independent and the loss is a sum, never a mean over targets).
+    independent and the loss is a sum, never a mean over targets). Under several
+    processes each rank optimizes its own contiguous block of rows.
     """
 
     def __init__(
@@ -82,19 +93,26 @@ class TextualizationModule(pl.LightningModule):
         self.strict_loading = False  # checkpoints hold the input, not the frozen encoder
         self.encoder = encoder
         self.inputs = inputs
-        self.index = SiteIndex(encoder, site_lists)
         self.make_optimizer = optimizer
         self.cls_id, self.sep_id = cls_id, sep_id
         self.position = position
-        self.num_targets = len(site_lists)
         self.chunk_size = max(1, int(chunk_size))
         self.converge_window = converge_window
         self.converge_tol = converge_tol
         self.stop_when_converged = stop_when_converged
+        self.all_site_lists = [list(s) for s in site_lists]
+        self.rows = slice(0, len(site_lists))  # the rows this process optimizes
+        self._plan_rows()
         # Objective history (ring buffer) for the convergence test; saved in checkpoints.
         self.register_buffer("history", torch.full((converge_window + 1, self.num_targets), math.nan))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.last_objective: torch.Tensor | None = None
+
+    def _plan_rows(self) -> None:
+        lists = self.all_site_lists[self.rows]
+        self.num_targets = len(lists)
+        self.index = SiteIndex(self.encoder, lists)  # validates every site
+        self.plan = [(c, SiteIndex(self.encoder, lists[c])) for c in plan_chunks(lists, self.chunk_size)]
 
     # -- the frozen part -------------------------------------------------------------
     @property
@@ -111,28 +129,52 @@ class TextualizationModule(pl.LightningModule):
         self.encoder.eval()  # never dropout: the encoder is frozen
         return self
 
+    # -- several processes: each owns a block of rows ----------------------------------
+    def setup(self, stage: str) -> None:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if world > 1 and self.rows == slice(0, len(self.all_site_lists)):
+            self.rows = shard_rows(len(self.all_site_lists), rank, world)
+            self.inputs.set_rows(self.inputs.param[self.rows])
+            self.history = self.history[:, self.rows].clone()
+            self._plan_rows()
+
+    def on_train_end(self) -> None:
+        self.gather_rows()
+
+    def gather_rows(self) -> None:
+        """After a multi-process fit: every rank gets every row back, in target order."""
+        if self.rows == slice(0, len(self.all_site_lists)) or not dist.is_initialized():
+            return
+        mine = (self.inputs.param.detach().cpu(), self.history.cpu())
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        device = self.inputs.param.device
+        self.inputs.set_rows(torch.cat([p[0] for p in parts]).to(device))
+        self.history = torch.cat([p[1] for p in parts], dim=1).to(device)
+        self.rows = slice(0, len(self.all_site_lists))
+        self._plan_rows()
+
     # -- optimization ----------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.make_optimizer(self.inputs.parameters())
 
-    def chunks(self) -> list[slice]:
-        n, c = self.num_targets, self.chunk_size
-        return [slice(s, min(s + c, n)) for s in range(0, n, c)]
-
     def embeds(self, rows: slice = slice(None)) -> torch.Tensor:
         return self.inputs.embeds(self.word_embeddings, rows)
 
-    def forward(self, rows: slice = slice(None)) -> torch.Tensor:
-        """Objective of the current input for `rows`: [rows]."""
+    def chunk_objective(self, rows: slice, index: SiteIndex) -> torch.Tensor:
         seq = full_sequence(self.embeds(rows), self.word_embeddings, self.cls_id, self.sep_id)
-        return objective(self.encoder, self.index, seq, rows, self.position)
+        return objective(self.encoder, index, seq, self.position)
+
+    def forward(self) -> torch.Tensor:
+        """Objective of the current input for every row of this process: [rows]."""
+        return torch.cat([self.chunk_objective(rows, index) for rows, index in self.plan])
 
     def training_step(self, batch: int, batch_idx: int) -> None:
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         values = []
-        for rows in self.chunks():
-            obj = self(rows)
+        for rows, index in self.plan:
+            obj = self.chunk_objective(rows, index)
             self.manual_backward(-obj.float().sum())  # the only place the sign flips
             values.append(obj.detach().float())
         opt.step()
@@ -144,8 +186,12 @@ class TextualizationModule(pl.LightningModule):
         step = int(self.steps_done)
         self.history[step % self.history.shape[0]] = values
         self.steps_done += 1
-        if self.stop_when_converged and bool(self.converged().all()):
-            self.trainer.should_stop = True
+        if self.stop_when_converged:
+            done = bool(self.converged().all())
+            if self.trainer.world_size > 1:
+                done = self.trainer.strategy.reduce_boolean_decision(done, all=True)
+            if done:
+                self.trainer.should_stop = True
 
     def converged(self) -> torch.Tensor:
         """Per target: relative change over the last `converge_window` steps <= tol."""
@@ -159,4 +205,4 @@ class TextualizationModule(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 1
-        return step_loader(steps)
+        return DataLoader(StepIndices(steps), batch_size=None, shuffle=False)

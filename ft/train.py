@@ -24,9 +24,10 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 
 from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
-from ft.metrics import VocabFacts, evaluate
+from ft.metrics import VocabFacts, evaluate, summarize
 from ft.module import TextualizationModule
 from ft.results import write_config, write_run
+from ft.strategy import IndependentRowsStrategy
 from ft.targets import Target, group_targets, neuron_targets
 from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
 
@@ -61,6 +62,20 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"input.length={cfg.input.length!r}; valid: an integer >= 1")
     if not 1 <= cfg.position <= cfg.input.length:
         raise ConfigError(f"position={cfg.position!r}; valid 1..input.length={cfg.input.length}")
+
+
+def choose_strategy(trainer_cfg: DictConfig) -> str | pl.strategies.Strategy:
+    """Several devices: ft's strategy (each rank owns its rows), never stock DDP (DESIGN §5)."""
+    devices, strategy = trainer_cfg.get("devices", 1), trainer_cfg.get("strategy", "auto")
+    many = (isinstance(devices, int) and devices > 1) or (
+        not isinstance(devices, int | str) and len(devices) > 1)
+    if not many:
+        return strategy
+    if strategy not in ("auto", "ddp", IndependentRowsStrategy.strategy_name):
+        raise ConfigError(f"trainer.strategy={strategy!r} with several devices; valid: auto, ddp "
+                          "(both run ft's per-rank strategy; stock DDP would average the inputs)")
+    backend = "gloo" if trainer_cfg.get("accelerator") == "cpu" else None
+    return IndependentRowsStrategy(process_group_backend=backend)
 
 
 def quiet_expected_warnings() -> None:
@@ -138,7 +153,8 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     )
     module.facts = facts
     run_name = cfg.run_name or cfg.experiment_name
-    write_config(run_dir, cfg)
+    if pl.utilities.rank_zero_only.rank == 0:
+        write_config(run_dir, cfg)
     loggers = build_loggers(cfg, run_dir, run_name)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks.append(ModelCheckpoint(
@@ -146,12 +162,15 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         every_n_train_steps=cfg.engine.checkpoint_every_n_steps,
     ))
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir)
+        cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
+        strategy=choose_strategy(cfg.trainer),
     )
     log.info("textualizing %d %s targets for up to %d steps", len(targets),
              cfg.target.kind, cfg.trainer.max_steps)
     trainer.fit(module)
-    df, tensors, summary = evaluate(module, targets, facts, cfg.engine.runaway_factor)
+    df, tensors = evaluate(module, targets, facts, cfg.engine.runaway_factor)
+    summary = summarize(df)
+    summary["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
     if trainer.is_global_zero:
         write_run(run_dir, cfg, df, tensors, summary)
         log_summary(loggers, summary, df, int(module.steps_done))

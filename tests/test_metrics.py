@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ft.inputs import build_input
-from ft.metrics import VocabFacts, evaluate
+from ft.metrics import VocabFacts, evaluate, summarize
 from ft.module import TextualizationModule
 from ft.targets import group_targets, neuron_targets
 from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
@@ -27,8 +27,8 @@ def finished(tiny, tmp_path):
                              vocab.cls_id, vocab.sep_id, stop_when_converged=False)
     pl.Trainer(max_steps=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                default_root_dir=str(tmp_path)).fit(m)
-    df, tensors, summary = evaluate(m, targets, facts)
-    return tiny, vocab, targets, df, tensors, summary
+    df, tensors = evaluate(m, targets, facts)
+    return tiny, vocab, targets, df, tensors, summarize(df)
 
 
 def single_word_objective(tiny, vocab, sites, word_row):

@@ -65,7 +65,7 @@ def test_objective_is_the_mean_activation_of_independent_forward(tiny):
     seq = full_sequence(e, tiny.word_embeddings, m.cls_id, m.sep_id)
     out = tiny.model(inputs_embeds=seq, output_hidden_states=True)
     assert seq[0, 0].equal(tiny.word_embeddings[m.cls_id])
-    got = objective(tiny.model, m.index, seq, slice(None), 1)
+    got = objective(tiny.model, m.index, seq, 1)
     # independent: recompute ffn_out of layer 0 from hidden state 0 and layer 0's attention
     blk = tiny.model.encoder.layer[0]
     attn = blk.attention(out.hidden_states[0])[0]

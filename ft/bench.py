@@ -1,0 +1,204 @@
+"""`python -m ft.bench`: ft's engine against the plain per-neuron loop, in one process.
+
+Runs, on the same machine and in the same process:
+1. the naive reference: one neuron at a time, full model forward, the literal input-space
+   SGD (x in R^vocab, e = x·W_word), float32 -- plain PyTorch, no tricks;
+2. ft's engine (the Lightning Trainer and TextualizationModule) over the paper's
+   single-neuron protocol: 10% of the neurons of every layer, SGD lr 100, same steps;
+3. the engine again in bf16 mixed precision (drift reported against fp32);
+4. both on a bert-base-shaped model with random weights (the hub is unreachable here).
+
+FLOPs are the work the engine does, counted analytically per optimization step:
+for each chunk of c rows whose highest needed layer is L, with sequence length S = l + 2,
+hidden H, intermediate I, and 4 matmuls of H×H plus 2 of H×I per layer,
+
+    forward  = c · S · (L + 1) · (2·(4·H² + 2·H·I) + 4·S·H)
+    backward = forward            (gradients w.r.t. activations only: the encoder is frozen)
+    fast-path preconditioner = 2 · c · l · H²   (∇e · WᵀW)
+
+The matmul rate is the best of several [c·S, H] × [H, I] products in the same precision,
+measured in the same run. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import time
+import warnings
+from functools import partial
+
+import pytorch_lightning as pl
+import torch
+from transformers import BertConfig, BertModel
+
+from ft.encoder import Encoder, from_model, load_encoder
+from ft.inputs import build_input, initial_row
+from ft.metrics import measure_inputs
+from ft.module import TextualizationModule, full_sequence
+from ft.sites import Site, point_module
+from ft.targets import neuron_targets
+from ft.vocab import Vocabulary
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def naive_textualize(enc: Encoder, site: Site, tid: int, steps: int, lr: float, vocab: Vocabulary,
+                     init_std: float = 0.01, seed: int = 0) -> float:
+    """One neuron, literal protocol: SGD on x in R^vocab; full forward; returns final activation."""
+    model, W = enc.model, enc.word_embeddings
+    x = initial_row(tid, 1, W.shape[0], init_std, seed).unsqueeze(0).requires_grad_(True)
+    opt = torch.optim.SGD([x], lr=lr)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(_m: torch.nn.Module, _i: object, out: torch.Tensor) -> None:
+        seen["act"] = out[0, 1, site.unit]
+
+    hook = point_module(model, site.layer, site.point).register_forward_hook(keep)
+    try:
+        for _ in range(steps + 1):
+            seq = full_sequence(x @ W, W, vocab.cls_id, vocab.sep_id)
+            model(inputs_embeds=seq)
+            if _ == steps:
+                return float(seen["act"])
+            opt.zero_grad()
+            (-seen["act"]).backward()
+            opt.step()
+    finally:
+        hook.remove()
+    raise AssertionError("unreachable")
+
+
+def engine_flops(module: TextualizationModule, cfg: BertConfig, length: int = 1) -> float:
+    """Analytic FLOPs of one optimization step of the engine (see the module docstring)."""
+    H, inter, S = cfg.hidden_size, cfg.intermediate_size, length + 2
+    total = 0.0
+    for rows, index in module.plan:
+        c = rows.stop - rows.start
+        fwd = c * S * (index.max_layer + 1) * (2 * (4 * H * H + 2 * H * inter) + 4 * S * H)
+        total += 2 * fwd + 2 * c * length * H * H
+    return total
+
+
+def matmul_gflops(rows: int, H: int, inter: int, dtype: torch.dtype, repeat: int = 20) -> float:
+    a, b = torch.randn(rows, H, dtype=dtype), torch.randn(H, inter, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / 5)
+    return 2 * rows * H * inter / best / 1e9
+
+
+def run_engine(enc: Encoder, sites: list[list[Site]], steps: int, lr: float, precision: str,
+               chunk_size: int) -> tuple[TextualizationModule, float]:
+    vocab = Vocabulary.from_tokenizer(enc.tokenizer)
+    opt = partial(torch.optim.SGD, lr=lr)
+    inputs = build_input("onehot", range(len(sites)), enc.word_embeddings, optimizer=opt)
+    module = TextualizationModule(enc.model, sites, inputs, opt, vocab.cls_id, vocab.sep_id,
+                                  chunk_size=chunk_size, stop_when_converged=False)
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         precision=precision, accelerator="cpu", devices=1)
+    t = time.perf_counter()
+    trainer.fit(module)
+    return module, time.perf_counter() - t
+
+
+def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: float,
+                chunk_size: int, bf16: bool) -> dict:
+    vocab = Vocabulary.from_tokenizer(enc.tokenizer)
+    targets = neuron_targets(enc.model, fraction=0.1, seed=0)
+    sites = [t.sites for t in targets]
+    # naive: the first `naive_per_layer` sampled neurons of every layer
+    common = [i for layer in range(enc.num_layers)
+              for i in [j for j, t in enumerate(targets) if t.layer == layer][:naive_per_layer]]
+    t = time.perf_counter()
+    naive = {i: naive_textualize(enc, sites[i][0], i, steps, lr, vocab) for i in common}
+    naive_s = time.perf_counter() - t
+    cfg = enc.model.config
+    module, engine_s = run_engine(enc, sites, steps, lr, "32-true", chunk_size)
+    _, _, final = measure_inputs(module)
+    rel = [abs(float(final[i]) - v) / max(abs(v), 1e-6) for i, v in naive.items()]
+    flops = engine_flops(module, cfg) * steps
+    mm = matmul_gflops(min(chunk_size, len(sites)) * 3, cfg.hidden_size, cfg.intermediate_size,
+                       torch.float32)
+    out = {
+        "model": name, "device": "cpu", "precision": "32-true", "targets": len(sites),
+        "steps": steps, "naive_neurons": len(common),
+        "neuron_steps_per_s": len(sites) * steps / engine_s,
+        "naive_neuron_steps_per_s": len(common) * steps / naive_s,
+        "achieved_gflops": flops / engine_s / 1e9, "matmul_gflops": mm,
+        "max_rel_diff_vs_naive": max(rel), "engine_seconds": engine_s, "naive_seconds": naive_s,
+    }
+    out["speedup_vs_naive"] = out["neuron_steps_per_s"] / out["naive_neuron_steps_per_s"]
+    out["flop_efficiency"] = out["achieved_gflops"] / mm
+    if bf16:
+        mod16, s16 = run_engine(enc, sites, steps, lr, "bf16-mixed", chunk_size)
+        _, _, final16 = measure_inputs(mod16)
+        mm16 = matmul_gflops(min(chunk_size, len(sites)) * 3, cfg.hidden_size,
+                             cfg.intermediate_size, torch.bfloat16)
+        drift = ((final16 - final).abs() / final.abs().clamp_min(1e-6))
+        out["bf16"] = {
+            "neuron_steps_per_s": len(sites) * steps / s16,
+            "speedup_vs_naive": len(sites) * steps / s16 / out["naive_neuron_steps_per_s"],
+            "achieved_gflops": flops / s16 / 1e9, "matmul_gflops": mm16,
+            "flop_efficiency": flops / s16 / 1e9 / mm16,
+            "median_rel_drift_vs_fp32": float(drift.median()), "max_rel_drift_vs_fp32": float(drift.max()),
+        }
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def random_bert_base(tokenizer: object) -> Encoder:
+    torch.manual_seed(0)
+    return from_model(BertModel(BertConfig()), tokenizer, "bert-base-shaped (random weights)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20, help="optimization steps for every engine")
+    p.add_argument("--naive-per-layer", type=int, default=2, help="neurons per layer for the naive loop")
+    p.add_argument("--bert-base-steps", type=int, default=3)
+    p.add_argument("--chunk-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=100.0)
+    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--no-bert-base", action="store_true")
+    args = p.parse_args(argv)
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    enc = load_encoder()
+    results = {"minilm": bench_model("all-MiniLM-L6-v2", enc, args.steps, args.naive_per_layer,
+                                     args.lr, args.chunk_size, not args.no_bf16)}
+    if not args.no_bert_base:
+        results["bert_base_random"] = bench_model(
+            "bert-base-shaped random", random_bert_base(enc.tokenizer), args.bert_base_steps, 1,
+            args.lr, args.chunk_size, False)
+    print(f"{'model':<28}{'prec':>10}{'targets':>8}{'nsteps/s':>11}{'naive':>9}{'speedup':>9}"
+          f"{'GFLOP/s':>9}{'mm GF/s':>9}{'eff':>6}{'maxrel':>10}")
+    for r in results.values():
+        rows = [(r["precision"], r)] + ([("bf16-mixed", {**r, **r["bf16"]})] if "bf16" in r else [])
+        for prec, x in rows:
+            print(f"{r['model']:<28}{prec:>10}{r['targets']:>8}{x['neuron_steps_per_s']:>11.1f}"
+                  f"{r['naive_neuron_steps_per_s']:>9.1f}{x['speedup_vs_naive']:>9.1f}"
+                  f"{x['achieved_gflops']:>9.1f}{x['matmul_gflops']:>9.1f}{x['flop_efficiency']:>6.2f}"
+                  f"{r['max_rel_diff_vs_naive']:>10.2e}")
+    head = results["minilm"]
+    line = {k: head[k] for k in ("neuron_steps_per_s", "naive_neuron_steps_per_s", "speedup_vs_naive",
+                                 "achieved_gflops", "matmul_gflops", "flop_efficiency",
+                                 "max_rel_diff_vs_naive", "model", "device", "precision")}
+    line["peak_rss_mb"] = peak_rss_mb()
+    line["results"] = results
+    print(json.dumps(line))
+    return line
+
+
+if __name__ == "__main__":
+    main()

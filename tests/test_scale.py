@@ -1,0 +1,44 @@
+"""Scale: chunk planning, deterministic shards, several processes == one process."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ft.module import plan_chunks
+from ft.results import read_targets
+from ft.sites import Site
+from ft.strategy import shard_rows
+
+
+def test_chunks_cut_at_layer_changes_and_size():
+    lists = [[Site(0, "ffn_out", i)] for i in range(5)] + [[Site(1, "ffn_out", i)] for i in range(3)]
+    assert plan_chunks(lists, 2) == [slice(0, 2), slice(2, 4), slice(4, 5), slice(5, 7), slice(7, 8)]
+    assert plan_chunks(lists, 100) == [slice(0, 5), slice(5, 8)]
+
+
+@pytest.mark.parametrize("n,k", [(10, 3), (2, 2), (7, 1), (5, 4)])
+def test_shards_cover_rows_once_in_order(n, k):
+    rows = [i for s in range(k) for i in range(n)[shard_rows(n, s, k)]]
+    assert rows == list(range(n))
+    sizes = [len(range(n)[shard_rows(n, s, k)]) for s in range(k)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def cli_run(tiny_dir, run_dir, *extra):
+    cmd = [sys.executable, "-m", "ft.train", f"model.name_or_path={tiny_dir}", "trainer.max_steps=15",
+           "trainer.accelerator=cpu", "target.per_layer=5", "logger.wandb.mode=disabled",
+           f"hydra.run.dir={run_dir}", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_targets(run_dir)
+
+
+def test_two_cpu_processes_equal_one(tiny_dir, tmp_path):
+    one = cli_run(tiny_dir, tmp_path / "one")
+    two = cli_run(tiny_dir, tmp_path / "two", "trainer.devices=2")
+    assert len(one) == len(two) == 10
+    assert list(one.sites) == list(two.sites)
+    rel = ((one.objective - two.objective).abs() / one.objective.abs().clip(lower=1e-6)).max()
+    assert rel <= 1e-4, rel
+    assert (two.steps == 15).all()
