@@ -164,19 +164,20 @@ def random_bert_base(tokenizer: object) -> Encoder:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20, help="optimization steps for every engine")
+    p.add_argument("--steps", type=int, default=50, help="optimization steps for every engine")
     p.add_argument("--naive-per-layer", type=int, default=2, help="neurons per layer for the naive loop")
     p.add_argument("--bert-base-steps", type=int, default=3)
     p.add_argument("--chunk-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=100.0)
-    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--bf16", action="store_true",
+                   help="also run bf16-mixed (slow on CPUs without bf16 matmul units)")
     p.add_argument("--no-bert-base", action="store_true")
     args = p.parse_args(argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     enc = load_encoder()
     results = {"minilm": bench_model("all-MiniLM-L6-v2", enc, args.steps, args.naive_per_layer,
-                                     args.lr, args.chunk_size, not args.no_bf16)}
+                                     args.lr, args.chunk_size, args.bf16)}
     if not args.no_bert_base:
         results["bert_base_random"] = bench_model(
             "bert-base-shaped random", random_bert_base(enc.tokenizer), args.bert_base_steps, 1,

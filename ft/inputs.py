@@ -115,7 +115,8 @@ class OneHotFastInput(InputParam):
         self.e.register_hook(self.precondition)
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad @ self.gram.to(grad.dtype)
+        with torch.autocast(grad.device.type, enabled=False):  # exact, in the gradient's dtype
+            return grad @ self.gram.to(grad.dtype)
 
     def embeds(self, word_embeddings: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         return self.e[rows]
