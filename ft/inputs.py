@@ -12,11 +12,12 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ft.errors import ConfigError
 
-KINDS = ("onehot", "embedding")
+KINDS = ("onehot", "embedding", "softmax", "gumbel")
 
 
 def initial_row(tid: int, length: int, vocab_size: int, std: float, seed: int) -> torch.Tensor:
@@ -48,6 +49,11 @@ class InputParam(nn.Module):
     """Base: `embeds(W, rows)` gives the embedding-space input [rows, length, hidden]."""
 
     name: str = "base"
+    probabilistic: bool = False  # True: a distribution over the vocabulary per token
+
+    def logits(self) -> torch.Tensor | None:
+        """[T, l, vocab] scores whose argmax is the discrete readout (probabilistic kinds)."""
+        return None
 
     def embeds(self, word_embeddings: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         raise NotImplementedError
@@ -148,6 +154,55 @@ class EmbeddingInput(InputParam):
         return self.e[rows]
 
 
+class SoftmaxInput(InputParam):
+    """e = softmax(x)·W: a point in the convex hull of the word embeddings (Poerner)."""
+
+    name = "softmax"
+    probabilistic = True
+
+    def __init__(self, x0: torch.Tensor):
+        super().__init__()
+        self.x = nn.Parameter(x0.clone())
+
+    def probs(self, rows: slice = slice(None)) -> torch.Tensor:
+        return F.softmax(self.x[rows].float(), dim=-1)
+
+    def embeds(self, word_embeddings: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        return self.probs(rows).to(word_embeddings.dtype) @ word_embeddings
+
+    def logits(self) -> torch.Tensor:
+        return self.x.detach()
+
+
+class GumbelInput(SoftmaxInput):
+    """e = gumbel_softmax(x, tau)·W while training; noise-free softmax(x / tau) otherwise.
+
+    `tau` is set each step by the control callback `ft.callbacks.TemperatureSchedule`
+    (Poerner: geometric 2.0 -> 0.1). It is a buffer, so checkpoints resume it.
+    """
+
+    name = "gumbel"
+
+    def __init__(self, x0: torch.Tensor, tau_start: float = 2.0, tau_end: float = 0.1,
+                 anneal_steps: int | None = None):
+        super().__init__(x0)
+        if not 0 < tau_end <= tau_start:
+            raise ConfigError(f"input.tau_start={tau_start}, tau_end={tau_end}; valid: 0 < end <= start")
+        self.tau_start, self.tau_end, self.anneal_steps = tau_start, tau_end, anneal_steps
+        self.register_buffer("tau", torch.tensor(float(tau_start)))
+
+    def tau_at(self, step: int, total: int) -> float:
+        """Geometric schedule: tau_start at step 0, tau_end at step total - 1 and after."""
+        frac = min(1.0, step / max(1, total - 1))
+        return self.tau_start * (self.tau_end / self.tau_start) ** frac
+
+    def probs(self, rows: slice = slice(None)) -> torch.Tensor:
+        x = self.x[rows].float()
+        if self.training:
+            return F.gumbel_softmax(x, tau=float(self.tau), hard=False, dim=-1)
+        return F.softmax(x / self.tau, dim=-1)
+
+
 def is_linear_optimizer(make: Callable[..., torch.optim.Optimizer]) -> bool:
     """True for optimizers whose step is linear in past gradients: plain/momentum SGD."""
     func = make.func if isinstance(make, partial) else make
@@ -165,6 +220,9 @@ def build_input(
     save_raw: bool = False,
     fast: bool | str = "auto",
     optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    tau_start: float = 2.0,
+    tau_end: float = 0.1,
+    anneal_steps: int | None = None,
 ) -> InputParam:
     """The parameterization named `kind`, initialized from the same x0 for every kind.
 
@@ -177,6 +235,11 @@ def build_input(
         raise ConfigError(f"input.length={length!r}; valid: an integer >= 1")
     if kind == "embedding":
         return EmbeddingInput(initial_embeds(target_ids, length, word_embeddings, init_std, seed))
+    if kind in ("softmax", "gumbel"):
+        x0 = initial_onehot(target_ids, length, word_embeddings.shape[0], init_std, seed)
+        if kind == "softmax":
+            return SoftmaxInput(x0)
+        return GumbelInput(x0, tau_start, tau_end, anneal_steps)
     linear = optimizer is not None and is_linear_optimizer(optimizer)
     if fast is True and not linear:
         raise ConfigError("input.fast=true needs optim=SGD without weight decay; use fast=auto")

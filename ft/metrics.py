@@ -37,11 +37,11 @@ class TextualizationSummary(Metric):
     FIELDS = (
         "activation", "maw_activation", "closest_cos", "analysis_norm", "raw_norm",
         "closest_is_maw", "layer", "target_cos", "target_top1", "target_top20",
-        "target_word_activation", "is_group",
+        "target_word_activation", "is_group", "snapped_activation",
     )
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
         for name in self.FIELDS:
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -68,6 +68,7 @@ class TextualizationSummary(Metric):
             "final/analysis_norm_mean": self._cat("analysis_norm").mean(),
             "final/raw_norm_mean": self._cat("raw_norm").mean(),
             "final/closest_is_maw_rate": self._cat("closest_is_maw").mean(),
+            "final/snapped_activation_mean": self._cat("snapped_activation").mean(),
         }
         layer = self._cat("layer")
         if layer.numel():
@@ -113,6 +114,40 @@ def measure_inputs(module: TextualizationModule) -> tuple[torch.Tensor, torch.Te
     return torch.cat(embeds).cpu(), torch.cat(analysis).cpu(), torch.cat(obj).cpu()
 
 
+@torch.no_grad()
+def snap(module: TextualizationModule, facts: VocabFacts,
+         analysis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Discrete readout: vocabulary rows [T, l] and the activation of `[CLS] tokens [SEP]`.
+
+    Probability-based inputs (softmax, gumbel) snap to their argmax token; the others to
+    the nearest word by cosine in the analysis space.
+    """
+    logits = module.inputs.logits()
+    if logits is not None:
+        rows = logits.float().cpu()[..., facts.vocab.ids].argmax(dim=-1)
+    else:
+        flat = analysis.reshape(-1, analysis.shape[-1])
+        rows = torch.cat([closest_words(flat[i : i + 1024], facts.word_vectors, 1)[2]
+                          for i in range(0, len(flat), 1024)]).reshape(analysis.shape[:2])
+    ids = facts.vocab.ids[rows].to(module.word_embeddings.device)
+    W = module.word_embeddings.float()
+    acts = []
+    for chunk, index in module.plan:
+        seq = full_sequence(W[ids[chunk]], W, module.cls_id, module.sep_id)
+        with torch.autocast(device_type=seq.device.type, enabled=False):
+            acts.append(objective(module.encoder, index, seq, module.position).float().cpu())
+    return rows, torch.cat(acts)
+
+
+@torch.no_grad()
+def token_entropy(module: TextualizationModule) -> torch.Tensor | None:
+    """Mean entropy (nats) of the noise-free token distributions, for probabilistic inputs."""
+    if not module.inputs.probabilistic:
+        return None
+    p = module.inputs.probs().float()
+    return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1).cpu()
+
+
 def evaluate(
     module: TextualizationModule,
     targets: Sequence[Target],
@@ -120,6 +155,7 @@ def evaluate(
     runaway_factor: float = 100.0,
 ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """Per-target table (DESIGN §4 columns) and the tensors to save, for a finished run."""
+    module.eval()  # noise-free readouts (gumbel); the encoder is in eval mode anyway
     embeds, analysis, obj = measure_inputs(module)
     tok = module.position - 1  # which optimized token the metrics look at
     a_tok = analysis[:, tok]
@@ -131,13 +167,17 @@ def evaluate(
         raw_norm > runaway_factor * word_raw_max
     )
     converged = module.converged().cpu()
+    steps = module.steps_per_target().cpu()
+    snapped_rows, snapped_act = snap(module, facts, analysis)
+    entropy = token_entropy(module)
     row_of = facts.vocab.row_of()
     tokens = facts.vocab.tokens
     rows = []
     for t, target in enumerate(targets):
         closest = [tokens[int(r)] for r in top_rows[t]]
         row = {
-            "target_id": t,
+            "target_id": target.target_id if target.target_id >= 0 else t,
+            "restart": target.restart,
             "kind": target.kind,
             "sites": [str(s) for s in target.sites],
             "layer": target.layer,
@@ -157,7 +197,11 @@ def evaluate(
             "target_in_top20": None,
             "analysis_norm": float(a_tok[t].norm()),
             "raw_norm": float(raw_norm[t]),
-            "steps": int(module.steps_done),
+            "snapped_tokens": [tokens[int(r)] for r in snapped_rows[t]],
+            "snapped_activation": float(snapped_act[t]),
+            "snap_gap": float(obj[t] - snapped_act[t]),
+            "entropy": None if entropy is None else float(entropy[t]),
+            "steps": int(steps[t]),
             "converged": bool(converged[t]),
             "diverged": bool(diverged[t]),
         }
@@ -186,7 +230,7 @@ def _col(values: pd.Series, dtype: type = float) -> torch.Tensor:
 def summarize(df: pd.DataFrame) -> dict[str, float]:
     """Aggregates of a targets table (one run, or merged shards); diverged rows left out."""
     ok = df[~df["diverged"].astype(bool)]
-    summary = TextualizationSummary()
+    summary = TextualizationSummary(sync_on_compute=False)  # the table is already complete
     groups = ok["target_word"].notna()
     summary.update(
         activation=_col(ok["objective"]),
@@ -194,6 +238,7 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
         closest_cos=_col(ok["closest_cos"].map(lambda c: c[0])),
         analysis_norm=_col(ok["analysis_norm"]),
         raw_norm=_col(ok["raw_norm"]),
+        snapped_activation=_col(ok["snapped_activation"]),
         closest_is_maw=_col(ok["closest_is_most_activating"], bool),
         layer=_col(ok["layer"].fillna(-1)),
         is_group=_col(groups, bool),
@@ -205,4 +250,8 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
     out = summary.compute() if len(ok) else {}
     out["final/diverged_count"] = float(df["diverged"].astype(bool).sum())
     out["final/num_targets"] = float(len(df))
+    out["final/steps_mean"] = float(df["steps"].mean())
+    out["final/converged_rate"] = float(df["converged"].astype(bool).mean())
+    if df["entropy"].notna().any():
+        out["final/entropy_mean"] = float(df["entropy"].mean())
     return out

@@ -87,6 +87,11 @@ class TextualizationModule(pl.LightningModule):
         converge_window: int = 100,
         converge_tol: float = 1e-4,
         stop_when_converged: bool = True,
+        freeze_converged: bool = False,
+        scheduler: Callable[..., object] | None = None,
+        reg_norm: float = 0.0,
+        reg_word: float = 0.0,
+        word_vectors: torch.Tensor | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -100,12 +105,22 @@ class TextualizationModule(pl.LightningModule):
         self.converge_window = converge_window
         self.converge_tol = converge_tol
         self.stop_when_converged = stop_when_converged
+        self.freeze_converged = freeze_converged
+        self.make_scheduler = scheduler
+        self.reg_norm, self.reg_word = float(reg_norm), float(reg_word)
+        if self.reg_word:
+            if word_vectors is None:
+                raise ValueError("reg_word > 0 needs the analysis-space word vectors")
+            unit = torch.nn.functional.normalize(word_vectors.float(), dim=-1)
+            self.register_buffer("word_unit", unit, persistent=False)
         self.all_site_lists = [list(s) for s in site_lists]
         self.rows = slice(0, len(site_lists))  # the rows this process optimizes
         self._plan_rows()
         # Objective history (ring buffer) for the convergence test; saved in checkpoints.
         self.register_buffer("history", torch.full((converge_window + 1, self.num_targets), math.nan))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.register_buffer("frozen", torch.zeros(self.num_targets, dtype=torch.bool))
+        self.register_buffer("stopped_at", torch.full((self.num_targets,), -1, dtype=torch.long))
         self.last_objective: torch.Tensor | None = None
 
     def _plan_rows(self) -> None:
@@ -136,6 +151,8 @@ class TextualizationModule(pl.LightningModule):
             self.rows = shard_rows(len(self.all_site_lists), rank, world)
             self.inputs.set_rows(self.inputs.param[self.rows])
             self.history = self.history[:, self.rows].clone()
+            self.frozen = self.frozen[self.rows].clone()
+            self.stopped_at = self.stopped_at[self.rows].clone()
             self._plan_rows()
 
     def on_train_end(self) -> None:
@@ -145,25 +162,43 @@ class TextualizationModule(pl.LightningModule):
         """After a multi-process fit: every rank gets every row back, in target order."""
         if self.rows == slice(0, len(self.all_site_lists)) or not dist.is_initialized():
             return
-        mine = (self.inputs.param.detach().cpu(), self.history.cpu())
+        mine = (self.inputs.param.detach().cpu(), self.history.cpu(), self.frozen.cpu(),
+                self.stopped_at.cpu())
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
         device = self.inputs.param.device
         self.inputs.set_rows(torch.cat([p[0] for p in parts]).to(device))
         self.history = torch.cat([p[1] for p in parts], dim=1).to(device)
+        self.frozen = torch.cat([p[2] for p in parts]).to(device)
+        self.stopped_at = torch.cat([p[3] for p in parts]).to(device)
         self.rows = slice(0, len(self.all_site_lists))
         self._plan_rows()
 
     # -- optimization ----------------------------------------------------------------
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.make_optimizer(self.inputs.parameters())
+    def configure_optimizers(self) -> object:
+        opt = self.make_optimizer(self.inputs.parameters())
+        if self.make_scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": self.make_scheduler(opt)}
 
     def embeds(self, rows: slice = slice(None)) -> torch.Tensor:
         return self.inputs.embeds(self.word_embeddings, rows)
 
     def chunk_objective(self, rows: slice, index: SiteIndex) -> torch.Tensor:
-        seq = full_sequence(self.embeds(rows), self.word_embeddings, self.cls_id, self.sep_id)
-        return objective(self.encoder, index, seq, self.position)
+        return self.chunk_loss_terms(rows, index)[0]
+
+    def chunk_loss_terms(self, rows: slice, index: SiteIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective [rows], regularization penalty: a scalar summed over rows)."""
+        e = self.embeds(rows)
+        seq = full_sequence(e, self.word_embeddings, self.cls_id, self.sep_id)
+        obj = objective(self.encoder, index, seq, self.position)
+        penalty = obj.new_zeros((), dtype=torch.float32)
+        if self.reg_norm:  # keep the raw input at word-like magnitudes
+            penalty = penalty + self.reg_norm * e.float().pow(2).sum()
+        if self.reg_word:  # pull toward the nearest word, in the analysis space of the metrics
+            a = torch.nn.functional.normalize(self.encoder.embeddings(inputs_embeds=seq)[:, 1:-1].float(), dim=-1)
+            penalty = penalty + self.reg_word * (1 - (a @ self.word_unit.T).max(dim=-1).values).sum()
+        return obj, penalty
 
     def forward(self) -> torch.Tensor:
         """Objective of the current input for every row of this process: [rows]."""
@@ -174,10 +209,21 @@ class TextualizationModule(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
         values = []
         for rows, index in self.plan:
-            obj = self.chunk_objective(rows, index)
-            self.manual_backward(-obj.float().sum())  # the only place the sign flips
+            if self.frozen[rows].all():  # converged and frozen: no forward needed
+                values.append(self.history[(int(self.steps_done) - 1) % self.history.shape[0], rows])
+                continue
+            obj, penalty = self.chunk_loss_terms(rows, index)
+            self.manual_backward(-obj.float().sum() + penalty)  # the only place the sign flips
             values.append(obj.detach().float())
+        param = self.inputs.param
+        keep = param.detach()[self.frozen].clone() if self.frozen.any() else None
         opt.step()
+        if keep is not None:
+            with torch.no_grad():
+                param[self.frozen] = keep
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
         self.last_objective = torch.cat(values)
         self.record(self.last_objective)
 
@@ -186,8 +232,13 @@ class TextualizationModule(pl.LightningModule):
         step = int(self.steps_done)
         self.history[step % self.history.shape[0]] = values
         self.steps_done += 1
+        converged = self.converged()
+        if self.freeze_converged:
+            newly = converged & ~self.frozen
+            self.stopped_at[newly] = int(self.steps_done)
+            self.frozen |= newly
         if self.stop_when_converged:
-            done = bool(self.converged().all())
+            done = bool(converged.all())
             if self.trainer.world_size > 1:
                 done = self.trainer.strategy.reduce_boolean_decision(done, all=True)
             if done:
@@ -202,6 +253,11 @@ class TextualizationModule(pl.LightningModule):
         now = self.history[(step - 1) % n]
         before = self.history[step % n]  # the oldest entry: converge_window steps earlier
         return (now - before).abs() <= self.converge_tol * now.abs().clamp_min(1e-8)
+
+    def steps_per_target(self) -> torch.Tensor:
+        """Steps each target was optimized for (frozen targets stopped earlier)."""
+        steps = torch.full_like(self.stopped_at, int(self.steps_done))
+        return torch.where(self.stopped_at >= 0, self.stopped_at, steps)
 
     def train_dataloader(self) -> DataLoader:
         steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 1

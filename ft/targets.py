@@ -6,7 +6,7 @@ import logging
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -27,11 +27,31 @@ class Target:
     target_word: str | None = None
     k: int | None = None
     selection: str | None = None
+    target_id: int = -1  # row in the full (unsharded) run, set by `number_targets`
+    restart: int = 0  # which random restart of the target this row is
     meta: dict = field(default_factory=dict)
+
+    @property
+    def init_id(self) -> int:
+        """Seeds the initial input: the same target and restart start from the same point."""
+        return self.target_id + 1_000_000 * self.restart
 
     @property
     def layer(self) -> int | None:
         return self.sites[0].layer if self.kind == "neuron" else None
+
+
+def number_targets(targets: list[Target]) -> list[Target]:
+    for i, t in enumerate(targets):
+        t.target_id = i
+    return targets
+
+
+def with_restarts(targets: list[Target], restarts: int) -> list[Target]:
+    """Each target `restarts` times in a row (restart 0 starts where a single run starts)."""
+    if not isinstance(restarts, int) or restarts < 1:
+        raise TargetError(f"engine.restarts={restarts!r}; valid: an integer >= 1")
+    return [replace(t, restart=r) for t in targets for r in range(restarts)]
 
 
 def neuron_targets(

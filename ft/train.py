@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import hydra
 import pandas as pd
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -27,8 +28,8 @@ from ft.errors import ConfigError, FtError
 from ft.metrics import VocabFacts, evaluate, summarize
 from ft.module import TextualizationModule
 from ft.results import write_config, write_run
-from ft.strategy import IndependentRowsStrategy
-from ft.targets import Target, group_targets, neuron_targets
+from ft.strategy import IndependentRowsStrategy, shard_rows
+from ft.targets import Target, group_targets, neuron_targets, number_targets, with_restarts
 from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
 
 log = logging.getLogger("ft")
@@ -122,6 +123,49 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]
     return loggers
 
 
+def select_targets(cfg: DictConfig, targets: list[Target]) -> list[Target]:
+    """Number the targets, keep this shard's block, repeat each for its restarts."""
+    targets = number_targets(targets)
+    shard, num = cfg.target.get("shard", 0), cfg.target.get("num_shards", 1)
+    if not isinstance(num, int) or num < 1 or not isinstance(shard, int) or not 0 <= shard < num:
+        raise ConfigError(f"target.shard={shard!r}, target.num_shards={num!r}; "
+                          "valid: 0 <= shard < num_shards")
+    if num > len(targets):
+        raise ConfigError(f"target.num_shards={num} > {len(targets)} targets")
+    return with_restarts(targets[shard_rows(len(targets), shard, num)], cfg.engine.restarts)
+
+
+def best_restarts(df: pd.DataFrame, tensors: dict[str, torch.Tensor]
+                  ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+    """Keep each target's best restart (diverged ones last); record every restart's objective."""
+    if df["restart"].max() == 0:
+        return df, tensors
+    score = df["objective"].where(~df["diverged"], -float("inf"))
+    best = score.groupby(df["target_id"]).idxmax().to_numpy()
+    kept = df.loc[best].copy()
+    kept["restart_objectives"] = [list(g) for _, g in df.groupby("target_id")["objective"]]
+    return kept.reset_index(drop=True), {k: v[best].contiguous() for k, v in tensors.items()}
+
+
+def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
+                 facts: VocabFacts) -> TextualizationModule:
+    optimizer = instantiate(cfg.optim)
+    inputs = instantiate(cfg.input)(
+        target_ids=[t.init_id for t in targets], word_embeddings=encoder.word_embeddings,
+        seed=cfg.seed, optimizer=optimizer,
+    )
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    e = cfg.engine
+    return TextualizationModule(
+        encoder.model, [t.sites for t in targets], inputs, optimizer,
+        cls_id=facts.vocab.cls_id, sep_id=facts.vocab.sep_id, position=cfg.position,
+        chunk_size=e.chunk_size, converge_window=e.converge_window, converge_tol=e.converge_tol,
+        stop_when_converged=e.stop_when_converged, freeze_converged=e.freeze_converged,
+        scheduler=scheduler, reg_norm=cfg.reg.norm, reg_word=cfg.reg.word,
+        word_vectors=facts.word_vectors,
+    )
+
+
 def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) -> dict[str, float]:
     """Textualize the targets of `cfg`; write the run directory; return the summary metrics."""
     run_dir = Path(run_dir)
@@ -132,25 +176,13 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     vocab = Vocabulary.from_tokenizer(encoder.tokenizer)
     point = cfg.target.point
     sweep = load_or_sweep(encoder, vocab, point, position=1, use_cache=cfg.cache)
-    targets = build_targets(cfg, encoder, vocab, sweep)
-    site_lists = [t.sites for t in targets]
+    targets = select_targets(cfg, build_targets(cfg, encoder, vocab, sweep))
     facts = VocabFacts(
         vocab=vocab,
         word_vectors=analysis_vectors(encoder, vocab, cfg.position),
-        word_objective=vocab_objective({point: sweep}, encoder.model, site_lists),
+        word_objective=vocab_objective({point: sweep}, encoder.model, [t.sites for t in targets]),
     )
-    optimizer = instantiate(cfg.optim)
-    inputs = instantiate(cfg.input)(
-        target_ids=range(len(targets)), word_embeddings=encoder.word_embeddings, seed=cfg.seed,
-        optimizer=optimizer,
-    )
-    module = TextualizationModule(
-        encoder.model, site_lists, inputs, optimizer,
-        cls_id=vocab.cls_id, sep_id=vocab.sep_id, position=cfg.position,
-        chunk_size=cfg.engine.chunk_size, converge_window=cfg.engine.converge_window,
-        converge_tol=cfg.engine.converge_tol,
-        stop_when_converged=cfg.engine.stop_when_converged,
-    )
+    module = build_module(cfg, encoder, targets, facts)
     module.facts = facts
     run_name = cfg.run_name or cfg.experiment_name
     if pl.utilities.rank_zero_only.rank == 0:
@@ -165,17 +197,19 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
         strategy=choose_strategy(cfg.trainer),
     )
-    log.info("textualizing %d %s targets for up to %d steps", len(targets),
-             cfg.target.kind, cfg.trainer.max_steps)
+    log.info("textualizing %d %s targets (x%d restarts) for up to %d steps",
+             len(targets) // cfg.engine.restarts, cfg.target.kind, cfg.engine.restarts,
+             cfg.trainer.max_steps)
     trainer.fit(module)
-    df, tensors = evaluate(module, targets, facts, cfg.engine.runaway_factor)
+    if not trainer.is_global_zero:
+        return {}
+    df, tensors = best_restarts(*evaluate(module, targets, facts, cfg.engine.runaway_factor))
     summary = summarize(df)
     summary["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
-    if trainer.is_global_zero:
-        write_run(run_dir, cfg, df, tensors, summary)
-        log_summary(loggers, summary, df, int(module.steps_done))
-        print(format_table(df, cfg.print_rows, summary))
-        print(f"run directory: {run_dir}")
+    write_run(run_dir, cfg, df, tensors, summary)
+    log_summary(loggers, summary, df, int(module.steps_done))
+    print(format_table(df, cfg.print_rows, summary))
+    print(f"run directory: {run_dir}")
     return summary
 
 

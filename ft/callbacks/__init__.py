@@ -2,5 +2,6 @@
 
 from ft.callbacks.curves import ActivationCurves
 from ft.callbacks.nearest import NearestWords
+from ft.callbacks.temperature import TemperatureSchedule
 
-__all__ = ["ActivationCurves", "NearestWords"]
+__all__ = ["ActivationCurves", "NearestWords", "TemperatureSchedule"]
