@@ -141,10 +141,10 @@ def best_restarts(df: pd.DataFrame, tensors: dict[str, torch.Tensor]
     if df["restart"].max() == 0:
         return df, tensors
     score = df["objective"].where(~df["diverged"], -float("inf"))
-    best = score.groupby(df["target_id"]).idxmax().to_numpy()
+    best = score.groupby(df["target_id"]).idxmax().to_numpy().copy()
     kept = df.loc[best].copy()
     kept["restart_objectives"] = [list(g) for _, g in df.groupby("target_id")["objective"]]
-    return kept.reset_index(drop=True), {k: v[best].contiguous() for k, v in tensors.items()}
+    return kept.reset_index(drop=True), {k: v[torch.as_tensor(best)].contiguous() for k, v in tensors.items()}
 
 
 def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],

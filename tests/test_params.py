@@ -1,0 +1,152 @@
+"""Parameterizations, readouts, temperature control, regularizers, restarts, shards."""
+
+from functools import partial
+
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from ft.callbacks import TemperatureSchedule
+from ft.inputs import GumbelInput, build_input
+from ft.metrics import VocabFacts, evaluate
+from ft.module import TextualizationModule
+from ft.results import read_inputs, read_targets
+from ft.sites import Site
+from ft.train import run
+from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
+from tests.test_train import compose_cfg, tiny_overrides
+
+SITES = [[Site(0, "ffn_out", 3)], [Site(1, "ffn_out", 7)], [Site(1, "ffn_out", 1), Site(0, "ffn_out", 2)]]
+
+
+def module(tiny, kind, opt, **kw):
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    inputs = build_input(kind, range(3), tiny.word_embeddings, optimizer=opt, **kw.pop("inp", {}))
+    return TextualizationModule(tiny.model, SITES, inputs, opt, vocab.cls_id, vocab.sep_id,
+                                stop_when_converged=False, **kw)
+
+
+def fit(m, steps, tmp_path, callbacks=()):
+    pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               callbacks=list(callbacks), default_root_dir=str(tmp_path)).fit(m)
+    return m
+
+
+@pytest.mark.parametrize("kind,opt", [
+    ("onehot", partial(torch.optim.SGD, lr=10.0)), ("onehot", partial(torch.optim.Adam, lr=0.05)),
+    ("embedding", partial(torch.optim.Adam, lr=0.1)), ("softmax", partial(torch.optim.Adam, lr=0.5)),
+    ("gumbel", partial(torch.optim.Adam, lr=0.5)),
+])
+def test_each_parameterization_raises_its_objective(tiny, tmp_path, kind, opt):
+    torch.manual_seed(0)
+    m = module(tiny, kind, opt)
+    m.eval()
+    before = m().detach()
+    fit(m, 25, tmp_path, [TemperatureSchedule()])
+    m.eval()
+    after = m().detach()
+    assert after.mean() > before.mean() and (after > before).sum() >= 2, (before, after)
+
+
+def test_gumbel_temperature_follows_its_schedule(tiny, tmp_path):
+    opt = partial(torch.optim.Adam, lr=0.1)
+    m = module(tiny, "gumbel", opt, inp=dict(tau_start=2.0, tau_end=0.1))
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *a):
+            seen.append(float(pl_module.inputs.tau))
+
+    fit(m, 11, tmp_path, [TemperatureSchedule(), Spy()])
+    expected = [2.0 * (0.1 / 2.0) ** (s / 10) for s in range(11)]
+    assert seen == pytest.approx(expected, rel=1e-5)
+    assert seen[-1] == pytest.approx(0.1)
+    assert isinstance(m.inputs, GumbelInput)
+
+
+def test_gumbel_warns_when_schedule_not_reached(tiny, tmp_path):
+    m = module(tiny, "gumbel", partial(torch.optim.Adam, lr=0.1), inp=dict(anneal_steps=50))
+    with pytest.warns(UserWarning, match="tau"):
+        fit(m, 5, tmp_path, [TemperatureSchedule()])
+
+
+@pytest.mark.parametrize("kind", ["embedding", "softmax"])
+def test_snapped_activation_equals_fresh_forward(tiny, tmp_path, kind):
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    sweep = load_or_sweep(tiny, vocab, "ffn_out")
+    facts = VocabFacts(vocab, analysis_vectors(tiny, vocab), vocab_objective({"ffn_out": sweep}, tiny.model, SITES))
+    m = fit(module(tiny, kind, partial(torch.optim.Adam, lr=0.1)), 10, tmp_path)
+    from ft.targets import Target
+
+    df, _ = evaluate(m, [Target("neuron", s) for s in SITES], facts)
+    for t, row in df.iterrows():
+        r = vocab.tokens.index(row.snapped_tokens[0])
+        # independent: the vocabulary sweep's activation for that single word
+        assert row.snapped_activation == pytest.approx(float(facts.word_objective[r, t]), rel=1e-4, abs=1e-5)
+        assert row.snap_gap == pytest.approx(row.objective - row.snapped_activation, abs=1e-6)
+        if kind == "softmax":
+            assert row.snapped_tokens[0] == vocab.tokens[int(m.inputs.x[t, 0, vocab.ids].argmax())]
+            assert 0 < row.entropy <= float(torch.log(torch.tensor(float(tiny.vocab_size))))
+        else:
+            assert row.snapped_tokens[0] == row.closest_words[0] and row.entropy is None
+
+
+def test_regularizer_weight_zero_equals_none_and_word_pull_works(tiny, tmp_path):
+    opt = partial(torch.optim.Adam, lr=0.1)
+    vecs = analysis_vectors(tiny, Vocabulary.from_tokenizer(tiny.tokenizer))
+    plain = fit(module(tiny, "embedding", opt), 15, tmp_path)
+    zero = fit(module(tiny, "embedding", opt, reg_norm=0.0, reg_word=0.0, word_vectors=vecs), 15, tmp_path)
+    assert torch.equal(plain.embeds(), zero.embeds())
+    pulled = fit(module(tiny, "embedding", opt, reg_word=50.0, word_vectors=vecs), 15, tmp_path)
+    small = fit(module(tiny, "embedding", opt, reg_norm=1.0), 15, tmp_path)
+
+    def max_cos(m):
+        a = m.encoder.embeddings(inputs_embeds=torch.cat([
+            m.word_embeddings[[m.cls_id]].expand(3, 1, -1), m.embeds().detach(),
+            m.word_embeddings[[m.sep_id]].expand(3, 1, -1)], 1))[:, 1]
+        return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(vecs, dim=-1).T
+
+    assert max_cos(pulled).max(-1).values.mean() > max_cos(plain).max(-1).values.mean()
+    assert small.embeds().norm(dim=-1).mean() < plain.embeds().norm(dim=-1).mean()
+
+
+def test_frozen_targets_stop_moving(tiny, tmp_path):
+    m = module(tiny, "embedding", partial(torch.optim.Adam, lr=0.1), freeze_converged=True,
+               converge_window=2, converge_tol=10.0)  # everything "converges" after 3 steps
+    fit(m, 8, tmp_path)
+    assert m.frozen.all() and (m.steps_per_target() == 3).all()
+
+
+def small_run(tiny_dir, tmp_path, name, *extra):
+    cfg = compose_cfg(tiny_overrides(tiny_dir, "default", steps=12) + ["logger.wandb.mode=disabled", *extra])
+    run(cfg, tmp_path / name)
+    return read_targets(tmp_path / name), read_inputs(tmp_path / name)
+
+
+def test_restarts_keep_the_best_and_record_all(tiny_dir, tmp_path):
+    one, _ = small_run(tiny_dir, tmp_path, "one")
+    three, _ = small_run(tiny_dir, tmp_path, "three", "engine.restarts=3")
+    assert list(three.target_id) == list(one.target_id)
+    assert all(len(r) == 3 for r in three.restart_objectives)
+    assert (three.objective == three.restart_objectives.map(max)).all()
+    # restart 0 is the single run
+    assert three.restart_objectives.map(lambda r: r[0]).tolist() == pytest.approx(one.objective.tolist(), rel=1e-5)
+
+
+def test_three_shards_merge_into_the_unsharded_run(tiny_dir, tmp_path):
+    full, full_t = small_run(tiny_dir, tmp_path, "full")
+    parts = [small_run(tiny_dir, tmp_path, f"s{i}", f"target.shard={i}", "target.num_shards=3")
+             for i in range(3)]
+    merged = pd.concat([p[0] for p in parts]).sort_values("target_id").reset_index(drop=True)
+    assert list(merged.target_id) == list(full.target_id) == list(range(len(full)))
+    assert list(merged.sites) == list(full.sites)
+    rel = ((merged.objective - full.objective).abs() / full.objective.abs().clip(lower=1e-6)).max()
+    assert rel <= 1e-4
+    embeds = torch.cat([p[1]["embeds"] for p in parts])
+    torch.testing.assert_close(embeds, full_t["embeds"], rtol=1e-4, atol=1e-5)
+
+
+def test_scheduler_and_sgd_configs(tiny_dir, tmp_path):
+    df, _ = small_run(tiny_dir, tmp_path, "sched", "scheduler=cosine", "optim=sgd", "input=onehot")
+    assert len(df) == 4 and df.steps.eq(12).all()
