@@ -196,7 +196,8 @@ class TextualizationModule(pl.LightningModule):
         if self.reg_norm:  # keep the raw input at word-like magnitudes
             penalty = penalty + self.reg_norm * e.float().pow(2).sum()
         if self.reg_word:  # pull toward the nearest word, in the analysis space of the metrics
-            a = torch.nn.functional.normalize(self.encoder.embeddings(inputs_embeds=seq)[:, 1:-1].float(), dim=-1)
+            a = self.encoder.embeddings(inputs_embeds=seq)[:, 1:-1].float()
+            a = torch.nn.functional.normalize(a, dim=-1)
             penalty = penalty + self.reg_word * (1 - (a @ self.word_unit.T).max(dim=-1).values).sum()
         return obj, penalty
 

@@ -75,7 +75,8 @@ def test_gumbel_warns_when_schedule_not_reached(tiny, tmp_path):
 def test_snapped_activation_equals_fresh_forward(tiny, tmp_path, kind):
     vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
     sweep = load_or_sweep(tiny, vocab, "ffn_out")
-    facts = VocabFacts(vocab, analysis_vectors(tiny, vocab), vocab_objective({"ffn_out": sweep}, tiny.model, SITES))
+    word_obj = vocab_objective({"ffn_out": sweep}, tiny.model, SITES)
+    facts = VocabFacts(vocab, analysis_vectors(tiny, vocab), word_obj)
     m = fit(module(tiny, kind, partial(torch.optim.Adam, lr=0.1)), 10, tmp_path)
     from ft.targets import Target
 
@@ -131,7 +132,8 @@ def test_restarts_keep_the_best_and_record_all(tiny_dir, tmp_path):
     assert all(len(r) == 3 for r in three.restart_objectives)
     assert (three.objective == three.restart_objectives.map(max)).all()
     # restart 0 is the single run
-    assert three.restart_objectives.map(lambda r: r[0]).tolist() == pytest.approx(one.objective.tolist(), rel=1e-5)
+    first = three.restart_objectives.map(lambda r: r[0]).tolist()
+    assert first == pytest.approx(one.objective.tolist(), rel=1e-5)
 
 
 def test_three_shards_merge_into_the_unsharded_run(tiny_dir, tmp_path):
