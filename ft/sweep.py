@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Run a W&B sweep YAML offline on this machine.")
     p.add_argument("sweep", help="a sweeps/*.yaml file")
     p.add_argument("--out", help="folder for the run directories (default sweep_runs/<name>/<time>)")
-    p.add_argument("--max-runs", type=int, help="stop after this many runs (default: all grid points, 20 otherwise)")
+    p.add_argument("--max-runs", type=int,
+                   help="stop after this many runs (default: all grid points, 20 otherwise)")
     args = p.parse_args(argv)
     try:
         dirs = run_sweep(args.sweep, args.out, args.max_runs, extra)
