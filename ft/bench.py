@@ -157,6 +157,35 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     return out
 
 
+def bench_report(n_runs: int) -> dict:
+    """Load and report `n_runs` run directories (copies of one real run) and time it."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from ft.report import build_report
+    from ft.results import load_runs
+    from ft.train import CONFIG_DIR, run
+
+    root = Path(tempfile.mkdtemp(prefix="ft-bench-report-"))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.max_steps=20", "logger.wandb.mode=disabled",
+                                          "+trainer.enable_progress_bar=false"])
+    run(cfg, root / "seed_run")
+    for i in range(n_runs):
+        shutil.copytree(root / "seed_run", root / "runs" / f"{i:03d}", ignore=shutil.ignore_patterns("checkpoints"))
+    t = time.perf_counter()
+    targets, runs = load_runs([str(root / "runs")])
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    build_report([str(root / "runs")], root / "report.html", words=0)
+    report_s = time.perf_counter() - t
+    shutil.rmtree(root)
+    return {"runs": len(runs), "targets": len(targets), "load_s": load_s, "report_s": report_s}
+
+
 def random_bert_base(tokenizer: object) -> Encoder:
     torch.manual_seed(0)
     return from_model(BertModel(BertConfig()), tokenizer, "bert-base-shaped (random weights)")
@@ -172,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--bf16", action="store_true",
                    help="also run bf16-mixed (slow on CPUs without bf16 matmul units)")
     p.add_argument("--no-bert-base", action="store_true")
+    p.add_argument("--report-runs", type=int, default=100, help="runs to load and report (0: skip)")
     args = p.parse_args(argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -182,15 +212,21 @@ def main(argv: list[str] | None = None) -> dict:
         results["bert_base_random"] = bench_model(
             "bert-base-shaped random", random_bert_base(enc.tokenizer), args.bert_base_steps, 1,
             args.lr, args.chunk_size, False)
+    if args.report_runs:
+        results["report"] = bench_report(args.report_runs)
     print(f"{'model':<28}{'prec':>10}{'targets':>8}{'nsteps/s':>11}{'naive':>9}{'speedup':>9}"
           f"{'GFLOP/s':>9}{'mm GF/s':>9}{'eff':>6}{'maxrel':>10}")
-    for r in results.values():
+    for r in (results[k] for k in ("minilm", "bert_base_random") if k in results):
         rows = [(r["precision"], r)] + ([("bf16-mixed", {**r, **r["bf16"]})] if "bf16" in r else [])
         for prec, x in rows:
             print(f"{r['model']:<28}{prec:>10}{r['targets']:>8}{x['neuron_steps_per_s']:>11.1f}"
                   f"{r['naive_neuron_steps_per_s']:>9.1f}{x['speedup_vs_naive']:>9.1f}"
                   f"{x['achieved_gflops']:>9.1f}{x['matmul_gflops']:>9.1f}{x['flop_efficiency']:>6.2f}"
                   f"{r['max_rel_diff_vs_naive']:>10.2e}")
+    if "report" in results:
+        r = results["report"]
+        print(f"report: {r['runs']} runs, {r['targets']} targets loaded in {r['load_s']:.2f} s, "
+              f"HTML in {r['report_s']:.2f} s")
     head = results["minilm"]
     line = {k: head[k] for k in ("neuron_steps_per_s", "naive_neuron_steps_per_s", "speedup_vs_naive",
                                  "achieved_gflops", "matmul_gflops", "flop_efficiency",

@@ -92,6 +92,7 @@ class TextualizationModule(pl.LightningModule):
         reg_norm: float = 0.0,
         reg_word: float = 0.0,
         word_vectors: torch.Tensor | None = None,
+        curve_every: int = 10,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -122,6 +123,9 @@ class TextualizationModule(pl.LightningModule):
         self.register_buffer("frozen", torch.zeros(self.num_targets, dtype=torch.bool))
         self.register_buffer("stopped_at", torch.full((self.num_targets,), -1, dtype=torch.long))
         self.last_objective: torch.Tensor | None = None
+        self.curve_every = max(1, int(curve_every))
+        self.curve_steps: list[int] = []  # per-target activation curves, every curve_every steps
+        self.curve_values: list[torch.Tensor] = []
 
     def _plan_rows(self) -> None:
         lists = self.all_site_lists[self.rows]
@@ -162,8 +166,9 @@ class TextualizationModule(pl.LightningModule):
         """After a multi-process fit: every rank gets every row back, in target order."""
         if self.rows == slice(0, len(self.all_site_lists)) or not dist.is_initialized():
             return
+        curves = torch.stack(self.curve_values) if self.curve_values else torch.empty(0, self.num_targets)
         mine = (self.inputs.param.detach().cpu(), self.history.cpu(), self.frozen.cpu(),
-                self.stopped_at.cpu())
+                self.stopped_at.cpu(), curves)
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
         device = self.inputs.param.device
@@ -171,6 +176,7 @@ class TextualizationModule(pl.LightningModule):
         self.history = torch.cat([p[1] for p in parts], dim=1).to(device)
         self.frozen = torch.cat([p[2] for p in parts]).to(device)
         self.stopped_at = torch.cat([p[3] for p in parts]).to(device)
+        self.curve_values = list(torch.cat([p[4] for p in parts], dim=1))
         self.rows = slice(0, len(self.all_site_lists))
         self._plan_rows()
 
@@ -232,6 +238,9 @@ class TextualizationModule(pl.LightningModule):
         """Keep the objective history; stop the run when every target has converged."""
         step = int(self.steps_done)
         self.history[step % self.history.shape[0]] = values
+        if step % self.curve_every == 0:
+            self.curve_steps.append(step)
+            self.curve_values.append(values.detach().cpu())
         self.steps_done += 1
         converged = self.converged()
         if self.freeze_converged:
@@ -254,6 +263,12 @@ class TextualizationModule(pl.LightningModule):
         now = self.history[(step - 1) % n]
         before = self.history[step % n]  # the oldest entry: converge_window steps earlier
         return (now - before).abs() <= self.converge_tol * now.abs().clamp_min(1e-8)
+
+    def curves(self) -> torch.Tensor:
+        """[samples, targets] objective every `curve_every` steps (steps in `curve_steps`)."""
+        if not self.curve_values:
+            return torch.empty(0, self.num_targets)
+        return torch.stack(self.curve_values)
 
     def steps_per_target(self) -> torch.Tensor:
         """Steps each target was optimized for (frozen targets stopped earlier)."""

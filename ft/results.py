@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 CONFIG, TARGETS, INPUTS, SUMMARY = "config.yaml", "targets.parquet", "inputs.safetensors", "summary.json"
+CURVES = "curves.parquet"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -42,9 +43,12 @@ def write_run(
     targets: pd.DataFrame,
     tensors: dict[str, torch.Tensor],
     summary: dict[str, float],
+    curves: pd.DataFrame | None = None,
 ) -> Path:
     run_dir = Path(run_dir)
     write_config(run_dir, cfg)
+    if curves is not None:
+        atomic_write(run_dir / CURVES, lambda p: curves.to_parquet(p, index=False))
     atomic_write(run_dir / INPUTS, lambda p: save_file(tensors, str(p)))
     atomic_write(run_dir / TARGETS, lambda p: targets.to_parquet(p, index=False))
     atomic_write(run_dir / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=1)))
@@ -53,6 +57,12 @@ def write_run(
 
 def read_targets(run_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(Path(run_dir) / TARGETS)
+
+
+def read_curves(run_dir: str | Path) -> pd.DataFrame | None:
+    """Long table (step, target_id, objective), or None for runs written without curves."""
+    path = Path(run_dir) / CURVES
+    return pd.read_parquet(path) if path.exists() else None
 
 
 def read_inputs(run_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -76,3 +86,62 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
         elif p.is_dir():
             found.update(t.parent for t in p.rglob(TARGETS))
     return sorted(found)
+
+
+def expand(paths: Iterable[str | Path]) -> list[Path]:
+    """Paths and globs -> run directories (sweep and shard folders included)."""
+    import glob
+
+    found: list[str | Path] = []
+    for p in paths:
+        matches = glob.glob(str(p), recursive=True)
+        found += matches or [p]
+    return find_runs(found)
+
+
+def _short(target: str | None) -> str | None:
+    return target.rsplit(".", 1)[-1] if isinstance(target, str) else None
+
+
+def run_row(run_dir: Path, cfg: DictConfig, summary: dict[str, float]) -> dict:
+    """One row of the runs table: the config columns people compare, then the summary."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    row = {
+        "run": run_dir.name if run_dir.parent == run_dir else str(run_dir),
+        "experiment": c.get("experiment_name"),
+        "model": c.get("model", {}).get("name_or_path"),
+        "target_kind": c.get("target", {}).get("kind"),
+        "k": c.get("target", {}).get("k") if c.get("target", {}).get("kind") == "group" else None,
+        "selection": c.get("target", {}).get("selection") if c.get("target", {}).get("kind") == "group" else None,
+        "input": c.get("input", {}).get("kind"),
+        "optimizer": _short(c.get("optim", {}).get("_target_")),
+        "lr": c.get("optim", {}).get("lr"),
+        "scheduler": _short((c.get("scheduler") or {}).get("_target_")),
+        "reg_norm": c.get("reg", {}).get("norm"),
+        "reg_word": c.get("reg", {}).get("word"),
+        "max_steps": c.get("trainer", {}).get("max_steps"),
+        "precision": c.get("trainer", {}).get("precision"),
+        "seed": c.get("seed"),
+        "shard": c.get("target", {}).get("shard"),
+    }
+    row.update(summary)
+    return row
+
+
+def load_runs(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """All targets of all runs (with a `run` column) and one row per run (config + summary).
+
+    Inputs stay on disk; `read_inputs(runs.path[i])` loads them on demand.
+    """
+    dirs = expand(paths)
+    runs, tables = [], []
+    for d in dirs:
+        row = run_row(d, read_config(d), read_summary(d))
+        row["run"], row["path"] = str(d), str(d)
+        runs.append(row)
+        t = read_targets(d)
+        t.insert(0, "run", str(d))
+        tables.append(t)
+    runs_df = pd.DataFrame(runs)
+    targets_df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    return targets_df, runs_df

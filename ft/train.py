@@ -27,7 +27,7 @@ from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
 from ft.metrics import VocabFacts, evaluate, summarize
 from ft.module import TextualizationModule
-from ft.results import write_config, write_run
+from ft.results import CONFIG, INPUTS, TARGETS, write_config, write_run
 from ft.strategy import IndependentRowsStrategy, shard_rows
 from ft.targets import Target, group_targets, neuron_targets, number_targets, with_restarts
 from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
@@ -147,6 +147,18 @@ def best_restarts(df: pd.DataFrame, tensors: dict[str, torch.Tensor]
     return kept.reset_index(drop=True), {k: v[torch.as_tensor(best)].contiguous() for k, v in tensors.items()}
 
 
+def curve_table(module: TextualizationModule, targets: list[Target], kept: pd.DataFrame
+                ) -> pd.DataFrame:
+    """Per-target activation curves of the kept rows (best restarts), in long format."""
+    values = module.curves()  # [samples, rows]
+    keep = {(t, r) for t, r in zip(kept["target_id"], kept["restart"], strict=True)}
+    cols = [i for i, tg in enumerate(targets) if (tg.target_id, tg.restart) in keep]
+    steps = torch.tensor(module.curve_steps).repeat_interleave(len(cols))
+    ids = torch.tensor([targets[i].target_id for i in cols]).repeat(len(module.curve_steps))
+    return pd.DataFrame({"step": steps.numpy(), "target_id": ids.numpy(),
+                         "objective": values[:, cols].flatten().numpy()})
+
+
 def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
                  facts: VocabFacts) -> TextualizationModule:
     optimizer = instantiate(cfg.optim)
@@ -206,15 +218,15 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     df, tensors = best_restarts(*evaluate(module, targets, facts, cfg.engine.runaway_factor))
     summary = summarize(df)
     summary["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
-    write_run(run_dir, cfg, df, tensors, summary)
-    log_summary(loggers, summary, df, int(module.steps_done))
+    write_run(run_dir, cfg, df, tensors, summary, curve_table(module, targets, df))
+    log_summary(loggers, summary, df, int(module.steps_done), run_dir)
     print(format_table(df, cfg.print_rows, summary))
     print(f"run directory: {run_dir}")
     return summary
 
 
 def log_summary(loggers: list[Logger], summary: dict[str, float], df: pd.DataFrame,
-                step: int) -> None:
+                step: int, run_dir: Path) -> None:
     for lg in loggers:
         lg.log_metrics(summary, step=step)
         if isinstance(lg, WandbLogger):
@@ -226,11 +238,23 @@ def log_summary(loggers: list[Logger], summary: dict[str, float], df: pd.DataFra
             table["closest_words"] = table["closest_words"].map(lambda s: ", ".join(s[:5]))
             table["closest_cos"] = table["closest_cos"].map(lambda s: round(s[0], 4))
             lg.log_table("results/targets", dataframe=table)
+            log_inputs_artifact(lg, run_dir)
         lg.finalize("success")
     import wandb
 
     if wandb.run is not None:
         wandb.finish()
+
+
+def log_inputs_artifact(lg: WandbLogger, run_dir: Path) -> None:
+    """The optimized inputs and their table as a W&B artifact (uploaded on sync when offline)."""
+    import wandb
+
+    art = wandb.Artifact(f"textualization-{lg.experiment.id}", type="textualization",
+                         metadata={"run_dir": str(run_dir)})
+    for name in (TARGETS, INPUTS, CONFIG):
+        art.add_file(str(run_dir / name))
+    lg.experiment.log_artifact(art)
 
 
 def format_table(df: pd.DataFrame, max_rows: int, summary: dict[str, float]) -> str:

@@ -1,0 +1,316 @@
+"""`python -m ft.report RUNS... [-o report.html]`: the paper's tables and figures, offline.
+
+RUNS are run directories, folders above them (sweeps, shards) or globs. The page is one
+self-contained HTML file: inline SVG figures, a few lines of inline JavaScript (sortable
+tables, the comparison chart), no CDN. Sections whose data the runs lack say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from html import escape
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ft.results import expand, load_runs, read_config, read_curves, read_inputs
+from ft.svg import chart
+
+# The paper's numbers (Baeumel et al. 2023, bert-base-uncased), shown beside ft's.
+PAPER_TABLE4 = {("absolute", 10): (0.01, 0.03), ("absolute", 100): (0.22, 0.32),
+                ("absolute", 250): (0.36, 0.59), ("absolute", 450): (0.53, 0.66),
+                ("relative", 10): (0.00, 0.02), ("relative", 100): (0.48, 0.63),
+                ("relative", 250): (0.67, 0.75), ("relative", 450): (0.65, 0.68)}
+CONFIG_COLUMNS = ["experiment", "model", "target_kind", "k", "selection", "input", "optimizer", "lr",
+                  "scheduler", "reg_norm", "reg_word", "max_steps", "precision", "seed", "shard"]
+
+CSS = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1250px;color:#222}
+table{border-collapse:collapse;margin:8px 0 20px;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px}
+th{background:#f2f2f2;cursor:pointer}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.t{font-size:13px;font-weight:600}.k{font-size:10px;fill:#444}.note{color:#777;font-style:italic}
+details{margin:4px 0}summary{cursor:pointer}.figs{display:flex;flex-wrap:wrap;gap:12px}
+#js-errors{color:#b00}"""
+
+JS = r"""
+window.__errors=[];window.addEventListener('error',e=>{window.__errors.push(String(e.message));
+document.getElementById('js-errors').textContent=window.__errors.join('\n');});
+document.querySelectorAll('table.sortable th').forEach((th,i)=>th.addEventListener('click',()=>{
+ const tb=th.closest('table').tBodies[0],rows=[...tb.rows],asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
+ const v=r=>{const t=r.cells[i].dataset.v??r.cells[i].textContent;const n=parseFloat(t);return isNaN(n)?t:n;};
+ rows.sort((a,b)=>{const x=v(a),y=v(b);return (x>y?1:x<y?-1:0)*(asc?1:-1);});rows.forEach(r=>tb.appendChild(r));}));
+const RUNS=JSON.parse(document.getElementById('runs-data').textContent);
+function drawCompare(){const xs=document.getElementById('cmp-x').value,ys=document.getElementById('cmp-y').value;
+ const svg=document.getElementById('compare-svg');while(svg.firstChild)svg.removeChild(svg.firstChild);
+ const pts=RUNS.filter(r=>r[ys]!==null&&r[ys]!==undefined);const ns='http://www.w3.org/2000/svg';
+ const cats=[...new Set(pts.map(r=>String(r[xs])))].sort();const num=pts.every(r=>typeof r[xs]==='number');
+ const xv=r=>num?r[xs]:cats.indexOf(String(r[xs]));const X=pts.map(xv),Y=pts.map(r=>r[ys]);
+ const lo=a=>Math.min(...a),hi=a=>Math.max(...a);const sx=v=>60+(v-lo(X))/((hi(X)-lo(X))||1)*470,
+ sy=v=>280-(v-lo(Y))/((hi(Y)-lo(Y))||1)*250;
+ const txt=(x,y,s,a)=>{const t=document.createElementNS(ns,'text');t.setAttribute('x',x);t.setAttribute('y',y);
+  t.setAttribute('class','k');if(a)t.setAttribute('text-anchor',a);t.textContent=s;svg.appendChild(t);};
+ pts.forEach((r,i)=>{const c=document.createElementNS(ns,'circle');c.setAttribute('cx',sx(X[i]));
+  c.setAttribute('cy',sy(Y[i]));c.setAttribute('r',4);c.setAttribute('fill','#1f77b4');
+  const t=document.createElementNS(ns,'title');t.textContent=r.run+': '+Y[i];c.appendChild(t);svg.appendChild(c);});
+ if(pts.length){txt(60,300,num?lo(X).toPrecision(3):cats[0]);txt(530,300,num?hi(X).toPrecision(3):cats[cats.length-1],'end');
+  txt(55,285,lo(Y).toPrecision(3),'end');txt(55,35,hi(Y).toPrecision(3),'end');}
+ txt(295,316,xs,'middle');txt(295,14,ys+' by '+xs+' ('+pts.length+' runs)','middle');}
+['cmp-x','cmp-y'].forEach(id=>document.getElementById(id).addEventListener('change',drawCompare));drawCompare();
+"""
+
+
+def fmt(v: object, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "—"
+    if isinstance(v, float | np.floating):
+        return f"{v:.{digits}f}"
+    return escape(str(v))
+
+
+def table(rows: list[dict], cols: list[str], table_id: str = "", keys: dict | None = None) -> str:
+    """A sortable HTML table; `keys[(row_index, col)]` adds data-key attributes tests read."""
+    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
+    body = []
+    for i, r in enumerate(rows):
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            num = isinstance(v, int | float | np.number) and not isinstance(v, bool)
+            attrs = f' class="n" data-v="{v}"' if num else ""
+            if keys and (i, c) in keys:
+                attrs += f' data-key="{escape(keys[(i, c)])}"'
+            cells.append(f"<td{attrs}>{fmt(v)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')
+
+
+def ms(s: pd.Series) -> str:
+    return f"{s.mean():.3f} (σ={s.std(ddof=0):.3f})"
+
+
+def regression(x: pd.Series, y: pd.Series) -> str:
+    if x.nunique() < 2 or len(x) < 3:
+        return "regression: needs at least two layers"
+    r = stats.linregress(x.astype(float), y.astype(float))
+    t = r.slope / r.stderr if r.stderr else float("inf")
+    return f"β={r.slope:.3f}, t({len(x) - 2})={t:.2f}, p={r.pvalue:.2g}"
+
+
+def section_table1(targets: pd.DataFrame, runs: pd.DataFrame) -> str:
+    neurons = targets[targets.kind == "neuron"]
+    if neurons.empty:
+        return '<p class="note">No single-neuron runs among these runs.</p>'
+    rows, keys = [], {}
+    for i, (run, d) in enumerate(neurons.groupby("run", sort=False)):
+        info = runs.set_index("run").loc[run]
+        rows.append({"run": Path(run).name, "experiment": info.experiment, "input": info.input,
+                     "optimizer": info.optimizer, "neurons": len(d),
+                     "activation (optimized)": ms(d.objective),
+                     "activation (most activating word)": ms(d.most_activating_word_activation),
+                     "ratio of means": float(d.objective.mean() / d.most_activating_word_activation.mean()),
+                     "cos(closest word)": ms(d.closest_cos.map(lambda c: c[0])),
+                     "magnitude (optimized)": float(d.analysis_norm.mean()),
+                     "magnitude (words)": info.get("final/word_analysis_norm_mean"),
+                     "closest = most activating": float(d.closest_is_most_activating.mean())})
+        keys[(i, "ratio of means")] = f"table1:{run}:ratio"
+        keys[(i, "magnitude (optimized)")] = f"table1:{run}:analysis_norm"
+    cols = list(rows[0])
+    return (table(rows, cols, "table1", keys) + '<p class="note">Paper (bert-base): optimized 42.523 '
+            "(σ=10.15) vs word 1.283 (σ=1.935); cos 0.124 (σ=0.02); magnitude 21.818 vs 16.867; "
+            "closest = most activating in 0.3%.</p>")
+
+
+def section_layers(targets: pd.DataFrame) -> str:
+    neurons = targets[(targets.kind == "neuron") & targets.layer.notna()]
+    if neurons.empty:
+        return '<p class="note">No single-neuron runs: no per-layer figures.</p>'
+    figs = []
+    for run, d in neurons.groupby("run", sort=False):
+        per = d.groupby("layer")
+        layers = list(per.groups)
+        act = chart({"optimized input": (layers, list(per.objective.mean())),
+                     "most activating word": (layers, list(per.most_activating_word_activation.mean()))},
+                    f"Fig. 2-3 activation per layer — {Path(run).name}", "layer", "activation",
+                    chart_id=f"fig3-{Path(run).name}")
+        cos = chart({"closest-word cosine": (layers, list(per.closest_cos.apply(
+            lambda s: float(np.mean([c[0] for c in s])))))},
+            f"Fig. 4 closest-word cosine per layer — {Path(run).name}", "layer", "cosine",
+            chart_id=f"fig4-{Path(run).name}")
+        first = d.closest_cos.map(lambda c: c[0])
+        figs.append(f'<div class="figs">{act}{cos}</div><p>optimized: {regression(d.layer, d.objective)}; '
+                    f"most activating word: {regression(d.layer, d.most_activating_word_activation)}; "
+                    f"cosine: {regression(d.layer, first)}</p>")
+    return "".join(figs)
+
+
+def section_table2(targets: pd.DataFrame) -> str:
+    neurons = targets[(targets.kind == "neuron") & targets.layer.notna()]
+    if neurons.empty:
+        return '<p class="note">No single-neuron runs.</p>'
+    lo, hi = neurons.layer.min(), neurons.layer.max()
+    sample = pd.concat([neurons[neurons.layer == lo].head(3), neurons[neurons.layer == hi].head(3)])
+    rows = [{"site": r.sites[0], "layer": int(r.layer), "top 3 closest words": ", ".join(
+        f"{w} ({c:.2f})" for w, c in zip(r.closest_words[:3], r.closest_cos[:3], strict=True)),
+        "most activating word": r.most_activating_word} for r in sample.itertuples()]
+    return table(rows, list(rows[0]), "table2")
+
+
+def section_groups(targets: pd.DataFrame) -> str:
+    groups = targets[targets.kind == "group"]
+    if groups.empty:
+        return '<p class="note">No neuron-group runs among these runs.</p>'
+    rows, keys = [], {}
+    for i, ((run, sel, k), d) in enumerate(groups.groupby(["run", "selection", "k"], sort=False)):
+        paper = PAPER_TABLE4.get((sel, int(k)), (None, None))
+        rows.append({"run": Path(run).name, "selection": sel, "k": int(k), "groups": len(d),
+                     "cos(optimized, target word)": ms(d.target_word_cos),
+                     "activation (optimized)": ms(d.objective),
+                     "activation (target word)": ms(d.target_word_activation),
+                     "target is closest": float(d.target_in_top1.astype(float).mean()),
+                     "paper": paper[0],
+                     "target in top 20": float(d.target_in_top20.astype(float).mean()),
+                     "paper ": paper[1]})
+        keys[(i, "target is closest")] = f"table4:{run}:top1"
+        keys[(i, "target in top 20")] = f"table4:{run}:top20"
+    examples = [{"target word": r.target_word, "selection": r.selection, "k": int(r.k),
+                 "closest words": ", ".join(f"{w} ({c:.2f})" for w, c in
+                                            zip(r.closest_words[:5], r.closest_cos[:5], strict=True)),
+                 "rank of target": r.target_word_rank}
+                for r in groups.groupby(["run", "selection", "k"], sort=False).head(3).itertuples()]
+    return ("<h3>Tables 3-4: target words by group configuration</h3>" + table(rows, list(rows[0]), "table34", keys)
+            + "<h3>Table 5: example groups</h3>" + table(examples, list(examples[0]), "table5"))
+
+
+def word_vectors_for(run_dir: str, n: int, seed: int = 0) -> np.ndarray | None:
+    """A sample of vocabulary analysis vectors from the run's model (None if it cannot load)."""
+    try:
+        from ft.encoder import load_encoder
+        from ft.vocab import Vocabulary, analysis_vectors
+
+        cfg = read_config(run_dir)
+        enc = load_encoder(cfg.model.name_or_path)
+        vecs = analysis_vectors(enc, Vocabulary.from_tokenizer(enc.tokenizer), int(cfg.position))
+    except Exception:  # the model may be unavailable offline: the section says so
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(vecs), size=min(n, len(vecs)), replace=False)
+    return vecs[idx].numpy()
+
+
+def section_pca(runs: pd.DataFrame, words: int) -> str:
+    opt = [read_inputs(p)["analysis"][:, 0].numpy() for p in runs.path]
+    if not opt:
+        return '<p class="note">No inputs.</p>'
+    opt_all = np.concatenate(opt)
+    wv = word_vectors_for(runs.path.iloc[0], words) if words else None
+    data = opt_all if wv is None else np.concatenate([opt_all, wv])
+    centered = data - data.mean(0)
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    xy = centered @ vt[:2].T
+    series = {"optimized inputs": (list(xy[: len(opt_all), 0]), list(xy[: len(opt_all), 1]))}
+    note = ""
+    if wv is None:
+        note = '<p class="note">Vocabulary vectors unavailable (model not loadable): optimized inputs only.</p>'
+    else:
+        series["words"] = (list(xy[len(opt_all):, 0]), list(xy[len(opt_all):, 1]))
+    return chart(series, "Fig. 5 PCA of optimized inputs and words (analysis space)", "PC1", "PC2",
+                 kind="scatter", chart_id="fig5") + note
+
+
+def section_curves(runs: pd.DataFrame) -> str:
+    series = {}
+    for p in runs.path:
+        c = read_curves(p)
+        if c is not None and len(c):
+            m = c.groupby("step").objective.mean()
+            series[Path(p).name] = (list(m.index), list(m.values))
+    if not series:
+        return '<p class="note">No activation curves recorded in these runs.</p>'
+    return chart(series, "Mean activation over steps", "step", "activation", chart_id="curves")
+
+
+def section_compare(runs: pd.DataFrame) -> str:
+    metrics = [c for c in runs.columns if "/" in c]
+    configs = [c for c in CONFIG_COLUMNS if c in runs.columns and runs[c].notna().any()]
+    opts = lambda cs, sel: "".join(f'<option{" selected" if c == sel else ""}>{escape(c)}</option>' for c in cs)  # noqa: E731
+    y0 = "final/activation_mean" if "final/activation_mean" in metrics else (metrics or [""])[0]
+    controls = (f'<label>x <select id="cmp-x">{opts(configs, "experiment")}</select></label> '
+                f'<label>y <select id="cmp-y">{opts(metrics, y0)}</select></label>')
+    svg = '<svg id="compare-svg" viewBox="0 0 560 320" width="560" height="320" xmlns="http://www.w3.org/2000/svg"></svg>'
+    rows = runs[["run", *configs, *metrics]].to_dict("records")
+    for r in rows:
+        r["run"] = Path(r["run"]).name
+    return controls + "<br>" + svg + table(rows, ["run", *configs, *metrics], "runs-table")
+
+
+def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> str:
+    out = []
+    for p in runs.path:
+        d = targets[targets.run == p].head(per_run)
+        curves = read_curves(p)
+        examples_path = Path(p) / "examples.parquet"
+        examples = pd.read_parquet(examples_path) if examples_path.exists() else None
+        for r in d.itertuples():
+            name = r.target_word and f"{r.target_word} ({r.selection} k={r.k})" or r.sites[0]
+            close = ", ".join(f"{escape(w)} ({c:.2f})"
+                              for w, c in zip(r.closest_words[:10], r.closest_cos[:10], strict=True))
+            parts = [f"<p>objective {r.objective:.3f}; most activating word <b>{escape(r.most_activating_word)}</b> "
+                     f"({r.most_activating_word_activation:.3f}); steps {r.steps}</p>",
+                     f"<p>closest words: {close}</p>"]
+            if curves is not None:
+                c = curves[curves.target_id == r.target_id]
+                if len(c):
+                    parts.append(chart({"objective": (list(c.step), list(c.objective))},
+                                       f"{name}", "step", "activation"))
+            if examples is not None and "target_id" in examples:
+                ex = examples[examples.target_id == r.target_id].head(10)
+                parts.append(table(ex.to_dict("records"), list(ex.columns)) if len(ex) else "")
+            out.append(f"<details><summary>{escape(Path(p).name)} · {escape(name)}</summary>{''.join(parts)}</details>")
+    return "".join(out) or '<p class="note">No targets.</p>'
+
+
+def build_report(paths: list[str], out: str | Path = "report.html", words: int = 3000,
+                 atlas_per_run: int = 50) -> Path:
+    targets, runs = load_runs(paths)
+    if runs.empty:
+        raise SystemExit(f"error: no run directories under {paths}")
+    runs_json = runs.replace({np.nan: None}).to_json(orient="records")
+    body = [f"<h1>ft report</h1><p>{len(runs)} runs, {len(targets)} targets · {time.strftime('%Y-%m-%d %H:%M')}</p>",
+            '<pre id="js-errors"></pre>',
+            "<h2>Runs compared</h2>", section_compare(runs),
+            "<h2>Table 1: single neurons</h2>", section_table1(targets, runs),
+            "<h2>Figures 2-4: per layer</h2>", section_layers(targets),
+            "<h2>Table 2: closest words of sample neurons</h2>", section_table2(targets),
+            "<h2>Neuron groups</h2>", section_groups(targets),
+            "<h2>Figure 5: PCA</h2>", section_pca(runs, words),
+            "<h2>Activation curves</h2>", section_curves(runs),
+            "<h2>Atlas: per target</h2>", section_atlas(targets, runs, atlas_per_run)]
+    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>ft report</title><style>{CSS}</style></head>"
+            f"<body>{''.join(body)}<script type='application/json' id='runs-data'>{runs_json}</script>"
+            f"<script>{JS}</script></body></html>")
+    out = Path(out)
+    out.write_text(html)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Tables and figures of the paper from ft run directories.")
+    p.add_argument("runs", nargs="+", help="run directories, folders above them, or globs")
+    p.add_argument("-o", "--out", default="report.html")
+    p.add_argument("--words", type=int, default=3000, help="vocabulary sample in the PCA (0: none)")
+    p.add_argument("--atlas-per-run", type=int, default=50)
+    args = p.parse_args(argv)
+    if not expand(args.runs):
+        print(f"error: no run directories under {args.runs}", file=sys.stderr)
+        sys.exit(2)
+    t = time.perf_counter()
+    out = build_report(args.runs, args.out, args.words, args.atlas_per_run)
+    print(f"report: {out} ({time.perf_counter() - t:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

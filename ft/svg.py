@@ -1,0 +1,56 @@
+"""Small inline-SVG charts for the offline report (no JavaScript library, no CDN)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from html import escape
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+W, H, PAD = 560, 320, 48
+
+
+def _scale(lo: float, hi: float, a: float, b: float):
+    span = (hi - lo) or 1.0
+    return lambda v: a + (v - lo) / span * (b - a)
+
+
+def _bounds(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if v == v and abs(v) != float("inf")]
+    if not finite:
+        return 0.0, 1.0
+    lo, hi = min(finite), max(finite)
+    return (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)
+
+
+def chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str,
+          ylabel: str, kind: str = "line", chart_id: str = "") -> str:
+    """Lines or scatter points, one color per series, with axes, ticks and a legend."""
+    xs = [x for sx, _ in series.values() for x in sx]
+    ys = [y for _, sy in series.values() for y in sy]
+    (x0, x1), (y0, y1) = _bounds(xs), _bounds(ys)
+    fx, fy = _scale(x0, x1, PAD, W - 12), _scale(y0, y1, H - PAD, 24)
+    out = [f'<svg class="chart" id="{escape(chart_id)}" viewBox="0 0 {W} {H}" width="{W}" height="{H}" '
+           f'xmlns="http://www.w3.org/2000/svg" role="img"><title>{escape(title)}</title>',
+           f'<text x="{W / 2}" y="14" text-anchor="middle" class="t">{escape(title)}</text>',
+           f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - 12}" y2="{H - PAD}" stroke="#444"/>',
+           f'<line x1="{PAD}" y1="24" x2="{PAD}" y2="{H - PAD}" stroke="#444"/>']
+    for i in range(5):
+        xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        out.append(f'<text x="{fx(xv):.1f}" y="{H - PAD + 14}" text-anchor="middle" class="k">{xv:.3g}</text>')
+        out.append(f'<text x="{PAD - 4}" y="{fy(yv) + 4:.1f}" text-anchor="end" class="k">{yv:.3g}</text>')
+    out.append(f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" class="k">{escape(xlabel)}</text>')
+    out.append(f'<text x="12" y="{H / 2}" transform="rotate(-90 12 {H / 2})" text-anchor="middle" '
+               f'class="k">{escape(ylabel)}</text>')
+    for i, (name, (sx, sy)) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        pts = [(fx(x), fy(y)) for x, y in zip(sx, sy, strict=True) if y == y]
+        if kind == "line" and len(pts) > 1:
+            d = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{d}"/>')
+        else:
+            out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}" fill-opacity="0.6"/>'
+                    for x, y in pts]
+        out.append(f'<text x="{W - 16}" y="{30 + 14 * i}" text-anchor="end" fill="{color}" '
+                   f'class="k">{escape(name)}</text>')
+    out.append("</svg>")
+    return "".join(out)
