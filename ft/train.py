@@ -174,7 +174,7 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
         chunk_size=e.chunk_size, converge_window=e.converge_window, converge_tol=e.converge_tol,
         stop_when_converged=e.stop_when_converged, freeze_converged=e.freeze_converged,
         scheduler=scheduler, reg_norm=cfg.reg.norm, reg_word=cfg.reg.word,
-        word_vectors=facts.word_vectors,
+        word_vectors=facts.word_vectors, curve_every=e.curve_every,
     )
 
 
