@@ -165,7 +165,7 @@ def evaluate(
     word_raw_max = module.word_embeddings.detach().float().norm(dim=-1).max().cpu()
     diverged = ~torch.isfinite(obj) | ~torch.isfinite(raw_norm) | (
         raw_norm > runaway_factor * word_raw_max
-    )
+    ) | module.diverged.cpu()
     converged = module.converged().cpu()
     steps = module.steps_per_target().cpu()
     snapped_rows, snapped_act = snap(module, facts, analysis)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from ft.inputs import InputParam
@@ -122,6 +123,7 @@ class TextualizationModule(pl.LightningModule):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("frozen", torch.zeros(self.num_targets, dtype=torch.bool))
         self.register_buffer("stopped_at", torch.full((self.num_targets,), -1, dtype=torch.long))
+        self.register_buffer("diverged", torch.zeros(self.num_targets, dtype=torch.bool))
         self.last_objective: torch.Tensor | None = None
         self.curve_every = max(1, int(curve_every))
         self.curve_steps: list[int] = []  # per-target activation curves, every curve_every steps
@@ -142,6 +144,20 @@ class TextualizationModule(pl.LightningModule):
         sd = checkpoint["state_dict"]
         for key in [k for k in sd if k.startswith("encoder.")]:
             del sd[key]
+        checkpoint["ft_curves"] = {"steps": list(self.curve_steps), "values": self.curves()}
+        checkpoint["ft_num_targets"] = len(self.all_site_lists)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        n = checkpoint.get("ft_num_targets")
+        if n is not None and n != len(self.all_site_lists):
+            from ft.errors import ConfigError
+
+            raise ConfigError(f"checkpoint holds {n} targets, this run has {len(self.all_site_lists)}: "
+                              "it belongs to another run; use a new run directory")
+        curves = checkpoint.get("ft_curves")
+        if curves:
+            self.curve_steps = list(curves["steps"])
+            self.curve_values = list(curves["values"])
 
     def train(self, mode: bool = True) -> TextualizationModule:
         super().train(mode)
@@ -157,6 +173,7 @@ class TextualizationModule(pl.LightningModule):
             self.history = self.history[:, self.rows].clone()
             self.frozen = self.frozen[self.rows].clone()
             self.stopped_at = self.stopped_at[self.rows].clone()
+            self.diverged = self.diverged[self.rows].clone()
             self._plan_rows()
 
     def on_train_end(self) -> None:
@@ -168,7 +185,7 @@ class TextualizationModule(pl.LightningModule):
             return
         curves = torch.stack(self.curve_values) if self.curve_values else torch.empty(0, self.num_targets)
         mine = (self.inputs.param.detach().cpu(), self.history.cpu(), self.frozen.cpu(),
-                self.stopped_at.cpu(), curves)
+                self.stopped_at.cpu(), curves, self.diverged.cpu())
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
         device = self.inputs.param.device
@@ -177,6 +194,7 @@ class TextualizationModule(pl.LightningModule):
         self.frozen = torch.cat([p[2] for p in parts]).to(device)
         self.stopped_at = torch.cat([p[3] for p in parts]).to(device)
         self.curve_values = list(torch.cat([p[4] for p in parts], dim=1))
+        self.diverged = torch.cat([p[5] for p in parts]).to(device)
         self.rows = slice(0, len(self.all_site_lists))
         self._plan_rows()
 
@@ -220,7 +238,8 @@ class TextualizationModule(pl.LightningModule):
                 values.append(self.history[(int(self.steps_done) - 1) % self.history.shape[0], rows])
                 continue
             obj, penalty = self.chunk_loss_terms(rows, index)
-            self.manual_backward(-obj.float().sum() + penalty)  # the only place the sign flips
+            ok = torch.isfinite(obj.detach())  # a diverged row must not poison the others' loss
+            self.manual_backward(-torch.where(ok, obj, 0).float().sum() + penalty)  # the only sign flip
             values.append(obj.detach().float())
         param = self.inputs.param
         keep = param.detach()[self.frozen].clone() if self.frozen.any() else None
@@ -242,7 +261,16 @@ class TextualizationModule(pl.LightningModule):
             self.curve_steps.append(step)
             self.curve_values.append(values.detach().cpu())
         self.steps_done += 1
-        converged = self.converged()
+        bad = ~torch.isfinite(values) & ~self.diverged
+        if bad.any():  # NaN/inf (lr too high, overflow): mark, freeze, go on with the others
+            self.diverged |= bad
+            self.frozen |= bad
+            self.stopped_at[bad] = int(self.steps_done)
+            rank_zero_warn(f"{int(bad.sum())} target(s) diverged (non-finite objective) at step "
+                           f"{int(self.steps_done)}; they are frozen and reported as diverged")
+            if bool(self.diverged.all()):
+                self.trainer.should_stop = True
+        converged = self.converged() | self.diverged
         if self.freeze_converged:
             newly = converged & ~self.frozen
             self.stopped_at[newly] = int(self.steps_done)

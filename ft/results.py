@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -145,3 +146,50 @@ def load_runs(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     runs_df = pd.DataFrame(runs)
     targets_df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return targets_df, runs_df
+
+
+class RunDirBusyError(ValueError):
+    """Another live process writes to this run directory."""
+
+
+class RunLock:
+    """`run_dir/.lock` (pid@host): concurrent runs never share a run directory.
+
+    A lock left by a killed process (its pid is gone) is taken over, so resuming works.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self.mine = f"{os.getpid()}@{socket.gethostname()}"
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = self.path.read_text().strip()
+            pid, _, host = owner.partition("@")
+            if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
+                from ft.errors import FtError
+
+                raise FtError(f"run directory {self.path.parent} is in use by process {owner}; "
+                              "use another hydra.run.dir") from None
+            self.path.unlink(missing_ok=True)  # stale: its process is gone
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, self.mine.encode())
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path.exists() and self.path.read_text().strip() == self.mine:
+            self.path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -10,6 +10,7 @@ import netrc
 import os
 import sys
 import warnings
+from contextlib import nullcontext
 from importlib.resources import files
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,15 +25,21 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import Logger, WandbLogger
 
 from ft.encoder import Encoder, load_encoder
-from ft.errors import ConfigError, FtError
+from ft.errors import ConfigError, FtError, SiteError
 from ft.metrics import VocabFacts, evaluate, summarize
 from ft.module import TextualizationModule
-from ft.results import CONFIG, INPUTS, TARGETS, write_config, write_run
+from ft.results import CONFIG, INPUTS, TARGETS, RunLock, atomic_write, write_config, write_run
+from ft.sites import POINTS
 from ft.strategy import IndependentRowsStrategy, shard_rows
 from ft.targets import Target, group_targets, neuron_targets, number_targets, with_restarts
 from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
 
 log = logging.getLogger("ft")
+WANDB_ID = "wandb_id"
+
+
+class TrainingDivergedError(FtError):
+    """Every target diverged: there are no results to write."""
 CONFIG_DIR = str(files("ft.configs"))
 
 
@@ -53,6 +60,8 @@ def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep) -
 
 
 def check_config(cfg: DictConfig) -> None:
+    if cfg.target.point not in POINTS:
+        raise SiteError(f"target.point: unknown point {cfg.target.point!r}; valid: {list(POINTS)}")
     steps = cfg.trainer.max_steps
     if not isinstance(steps, int) or steps <= 0:
         raise ConfigError(f"trainer.max_steps={steps!r}; valid: an integer > 0")
@@ -107,6 +116,7 @@ def wandb_logged_in() -> bool:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
+    """CSV + W&B loggers; the W&B run id is kept in the run directory so a resume continues it."""
     loggers: list[Logger] = []
     lcfg = OmegaConf.to_container(cfg.logger, resolve=True)
     if lcfg.get("csv"):
@@ -115,10 +125,15 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]
     if wcfg:
         mode = wandb_mode(wcfg.pop("mode", "auto"))
         if mode != "disabled":
+            id_file = run_dir / WANDB_ID
+            run_id = id_file.read_text().strip() if id_file.exists() else None
             wandb_logger = instantiate(
-                wcfg, save_dir=str(run_dir), name=run_name, offline=mode == "offline"
+                wcfg, save_dir=str(run_dir), name=run_name, offline=mode == "offline",
+                id=run_id, resume="allow" if run_id else None,
             )
-            wandb_logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            if pl.utilities.rank_zero_only.rank == 0:
+                wandb_logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+                atomic_write(id_file, lambda p: p.write_text(wandb_logger.experiment.id))
             loggers.append(wandb_logger)
     return loggers
 
@@ -178,11 +193,44 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
     )
 
 
+SAME_RUN_KEYS = ("model.name_or_path", "target", "input.kind", "input.length", "position", "seed",
+                 "engine.restarts")
+
+
+def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """`ckpt_path`: auto (last.ckpt when the run directory has one), last (required), none, or a path.
+
+    Refuses a checkpoint whose run directory was made for another model or other targets.
+    """
+    last = run_dir / "checkpoints" / "last.ckpt"
+    choice = str(cfg.get("ckpt_path", "auto"))
+    if choice == "none":
+        return None
+    path = last if choice in ("auto", "last") else Path(choice)
+    if not path.exists():
+        if choice == "auto":
+            return None
+        raise ConfigError(f"ckpt_path={choice!r}: {path} does not exist; valid: auto, last, none, a .ckpt file")
+    old_file = path.parent.parent / CONFIG
+    if old_file.exists():
+        old = OmegaConf.load(old_file)
+        for key in SAME_RUN_KEYS:
+            a, b = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
+            if a != b:
+                raise ConfigError(f"checkpoint {path} was made with {key}={a}, this run has {key}={b}; "
+                                  "it belongs to another run: use a new hydra.run.dir or ckpt_path=none")
+    return path
+
+
 def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) -> dict[str, float]:
-    """Textualize the targets of `cfg`; write the run directory; return the summary metrics."""
+    """Textualize the targets of `cfg`; write the run directory; return the summary metrics.
+
+    A run directory that holds a checkpoint resumes from it (`ckpt_path=auto`), W&B run included.
+    """
     run_dir = Path(run_dir)
     check_config(cfg)
     quiet_expected_warnings()
+    resume_from = checkpoint_to_resume(cfg, run_dir)
     pl.seed_everything(cfg.seed, verbose=False)
     encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     vocab = Vocabulary.from_tokenizer(encoder.tokenizer)
@@ -196,30 +244,35 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     )
     module = build_module(cfg, encoder, targets, facts)
     module.facts = facts
-    run_name = cfg.run_name or cfg.experiment_name
-    if pl.utilities.rank_zero_only.rank == 0:
-        write_config(run_dir, cfg)
-    loggers = build_loggers(cfg, run_dir, run_name)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks.append(ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-        every_n_train_steps=cfg.engine.checkpoint_every_n_steps,
-    ))
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
-        strategy=choose_strategy(cfg.trainer),
-    )
-    log.info("textualizing %d %s targets (x%d restarts) for up to %d steps",
-             len(targets) // cfg.engine.restarts, cfg.target.kind, cfg.engine.restarts,
-             cfg.trainer.max_steps)
-    trainer.fit(module)
-    if not trainer.is_global_zero:
-        return {}
-    df, tensors = best_restarts(*evaluate(module, targets, facts, cfg.engine.runaway_factor))
-    summary = summarize(df)
-    summary["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
-    write_run(run_dir, cfg, df, tensors, summary, curve_table(module, targets, df))
-    log_summary(loggers, summary, df, int(module.steps_done), run_dir)
+    rank0 = pl.utilities.rank_zero_only.rank == 0
+    with RunLock(run_dir) if rank0 else nullcontext():
+        if rank0:
+            write_config(run_dir, cfg)
+        loggers = build_loggers(cfg, run_dir, cfg.run_name or cfg.experiment_name)
+        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+        callbacks.append(ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+            every_n_train_steps=cfg.engine.checkpoint_every_n_steps,
+        ))
+        trainer: pl.Trainer = instantiate(
+            cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
+            strategy=choose_strategy(cfg.trainer),
+        )
+        log.info("textualizing %d %s targets (x%d restarts) for up to %d steps%s",
+                 len(targets) // cfg.engine.restarts, cfg.target.kind, cfg.engine.restarts,
+                 cfg.trainer.max_steps, f", resuming from {resume_from}" if resume_from else "")
+        trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None)
+        if not trainer.is_global_zero:
+            return {}
+        df, tensors = best_restarts(*evaluate(module, targets, facts, cfg.engine.runaway_factor))
+        if df["diverged"].all():
+            raise TrainingDivergedError(
+                f"all {len(df)} targets diverged (non-finite or runaway input) at optim.lr="
+                f"{cfg.optim.get('lr')}; lower the learning rate. No results were written.")
+        summary = summarize(df)
+        summary["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
+        write_run(run_dir, cfg, df, tensors, summary, curve_table(module, targets, df))
+        log_summary(loggers, summary, df, int(module.steps_done), run_dir)
     print(format_table(df, cfg.print_rows, summary))
     print(f"run directory: {run_dir}")
     return summary
@@ -295,5 +348,19 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def check_choices(argv: list[str]) -> None:
+    """Before Hydra: an unknown config-group option is a one-line error, not a traceback."""
+    root = Path(CONFIG_DIR)
+    for arg in argv:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        if not eq or "." in key or not (root / key).is_dir():
+            continue
+        options = sorted(p.stem for p in (root / key).glob("*.yaml"))
+        if value not in options and value != "null":
+            print(f"error: {key}={value!r} is not an option; valid: {', '.join(options)}", file=sys.stderr)
+            sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_choices(sys.argv[1:])
     main()
