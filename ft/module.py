@@ -66,6 +66,16 @@ def plan_chunks(site_lists: Sequence[Sequence[Site]], chunk_size: int) -> list[s
     return chunks
 
 
+def rows_for_budget(config: object, length: int, budget_mb: float, input_row_floats: int = 0) -> int:
+    """How many rows fit a chunk: activations kept for backward through every layer, per row,
+    ~ S·L·(12·H + 4·I + 2·heads·S) floats (S = l + 2), plus the input row and its gradient.
+    Half the budget goes to a chunk; the rest is the model, the vocabulary facts, the inputs."""
+    S, L = length + 2, int(config.num_hidden_layers)
+    H, inter, heads = int(config.hidden_size), int(config.intermediate_size), int(config.num_attention_heads)
+    per_row = 4 * (S * L * (12 * H + 4 * inter + 2 * heads * S) + 2 * input_row_floats)
+    return max(1, int(budget_mb * 2**20 * 0.5) // per_row)
+
+
 class TextualizationModule(pl.LightningModule):
     """Activation maximization for many targets at once; each batch row is one target.
 

@@ -9,7 +9,10 @@ rows back at the end of fit (`TextualizationModule.gather_rows`).
 
 from __future__ import annotations
 
-from pytorch_lightning.strategies import DDPStrategy
+from omegaconf import DictConfig
+from pytorch_lightning.strategies import DDPStrategy, Strategy
+
+from ft.errors import ConfigError
 
 
 class IndependentRowsStrategy(DDPStrategy):
@@ -26,3 +29,17 @@ def shard_rows(num_rows: int, shard: int, num_shards: int) -> slice:
     base, extra = divmod(num_rows, num_shards)
     start = shard * base + min(shard, extra)
     return slice(start, start + base + (1 if shard < extra else 0))
+
+
+def choose_strategy(trainer_cfg: DictConfig) -> str | Strategy:
+    """Several devices: ft's strategy (each rank owns its rows), never stock DDP (DESIGN §5)."""
+    devices, strategy = trainer_cfg.get("devices", 1), trainer_cfg.get("strategy", "auto")
+    many = (isinstance(devices, int) and devices > 1) or (
+        not isinstance(devices, int | str) and len(devices) > 1)
+    if not many:
+        return strategy
+    if strategy not in ("auto", "ddp", IndependentRowsStrategy.strategy_name):
+        raise ConfigError(f"trainer.strategy={strategy!r} with several devices; valid: auto, ddp "
+                          "(both run ft's per-rank strategy; stock DDP would average the inputs)")
+    backend = "gloo" if trainer_cfg.get("accelerator") == "cpu" else None
+    return IndependentRowsStrategy(process_group_backend=backend)

@@ -6,14 +6,11 @@
 from __future__ import annotations
 
 import logging
-import netrc
-import os
 import sys
 import warnings
 from contextlib import nullcontext
 from importlib.resources import files
 from pathlib import Path
-from urllib.parse import urlparse
 
 import hydra
 import pandas as pd
@@ -22,25 +19,26 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import Logger, WandbLogger
 
 from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError, SiteError
 from ft.metrics import VocabFacts, evaluate, summarize
-from ft.module import TextualizationModule
-from ft.results import CONFIG, INPUTS, TARGETS, RunLock, atomic_write, write_config, write_run
+from ft.module import TextualizationModule, rows_for_budget
+from ft.results import CONFIG, RunLock, write_config, write_run
 from ft.sites import POINTS
-from ft.strategy import IndependentRowsStrategy, shard_rows
+from ft.strategy import choose_strategy, shard_rows
 from ft.targets import Target, group_targets, neuron_targets, number_targets, with_restarts
+from ft.tracking import build_loggers, format_table, log_summary
 from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
 
 log = logging.getLogger("ft")
-WANDB_ID = "wandb_id"
+
+
+CONFIG_DIR = str(files("ft.configs"))
 
 
 class TrainingDivergedError(FtError):
     """Every target diverged: there are no results to write."""
-CONFIG_DIR = str(files("ft.configs"))
 
 
 def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep) -> list[Target]:
@@ -74,68 +72,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"position={cfg.position!r}; valid 1..input.length={cfg.input.length}")
 
 
-def choose_strategy(trainer_cfg: DictConfig) -> str | pl.strategies.Strategy:
-    """Several devices: ft's strategy (each rank owns its rows), never stock DDP (DESIGN §5)."""
-    devices, strategy = trainer_cfg.get("devices", 1), trainer_cfg.get("strategy", "auto")
-    many = (isinstance(devices, int) and devices > 1) or (
-        not isinstance(devices, int | str) and len(devices) > 1)
-    if not many:
-        return strategy
-    if strategy not in ("auto", "ddp", IndependentRowsStrategy.strategy_name):
-        raise ConfigError(f"trainer.strategy={strategy!r} with several devices; valid: auto, ddp "
-                          "(both run ft's per-rank strategy; stock DDP would average the inputs)")
-    backend = "gloo" if trainer_cfg.get("accelerator") == "cpu" else None
-    return IndependentRowsStrategy(process_group_backend=backend)
-
-
 def quiet_expected_warnings() -> None:
     """Silence Lightning warnings that describe ft's design, not a problem."""
     for message in (".*module\\(s\\) in eval mode.*", ".*ModelCheckpoint with manual optimization.*",
                     ".*isinstance\\(treespec, LeafSpec\\).*", ".*smaller than the logging interval.*"):
         warnings.filterwarnings("ignore", message=message)
-
-
-def wandb_mode(requested: str) -> str:
-    """auto -> WANDB_MODE if set, online when an API key is available, else offline."""
-    if requested != "auto":
-        return requested
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    return "online" if wandb_logged_in() else "offline"
-
-
-def wandb_logged_in() -> bool:
-    """An API key in the environment or in ~/.netrc for the W&B host (what `wandb login` writes)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
-    """CSV + W&B loggers; the W&B run id is kept in the run directory so a resume continues it."""
-    loggers: list[Logger] = []
-    lcfg = OmegaConf.to_container(cfg.logger, resolve=True)
-    if lcfg.get("csv"):
-        loggers.append(instantiate(lcfg["csv"], save_dir=str(run_dir)))
-    wcfg = lcfg.get("wandb")
-    if wcfg:
-        mode = wandb_mode(wcfg.pop("mode", "auto"))
-        if mode != "disabled":
-            id_file = run_dir / WANDB_ID
-            run_id = id_file.read_text().strip() if id_file.exists() else None
-            wandb_logger = instantiate(
-                wcfg, save_dir=str(run_dir), name=run_name, offline=mode == "offline",
-                id=run_id, resume="allow" if run_id else None,
-            )
-            if pl.utilities.rank_zero_only.rank == 0:
-                wandb_logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-                atomic_write(id_file, lambda p: p.write_text(wandb_logger.experiment.id))
-            loggers.append(wandb_logger)
-    return loggers
 
 
 def select_targets(cfg: DictConfig, targets: list[Target]) -> list[Target]:
@@ -183,10 +124,16 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
     )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     e = cfg.engine
+    chunk = e.chunk_size
+    if chunk == "auto":  # rows per chunk from the memory budget (literal one-hot rows count too)
+        row = inputs.param[0].numel() if inputs.param.shape[-1] != encoder.hidden_size else 0
+        chunk = rows_for_budget(encoder.model.config, cfg.input.length, e.memory_budget_mb, row)
+    elif not isinstance(chunk, int) or chunk < 1:
+        raise ConfigError(f"engine.chunk_size={chunk!r}; valid: auto or an integer >= 1")
     return TextualizationModule(
         encoder.model, [t.sites for t in targets], inputs, optimizer,
         cls_id=facts.vocab.cls_id, sep_id=facts.vocab.sep_id, position=cfg.position,
-        chunk_size=e.chunk_size, converge_window=e.converge_window, converge_tol=e.converge_tol,
+        chunk_size=chunk, converge_window=e.converge_window, converge_tol=e.converge_tol,
         stop_when_converged=e.stop_when_converged, freeze_converged=e.freeze_converged,
         scheduler=scheduler, reg_norm=cfg.reg.norm, reg_word=cfg.reg.word,
         word_vectors=facts.word_vectors, curve_every=e.curve_every,
@@ -276,56 +223,6 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     print(format_table(df, cfg.print_rows, summary))
     print(f"run directory: {run_dir}")
     return summary
-
-
-def log_summary(loggers: list[Logger], summary: dict[str, float], df: pd.DataFrame,
-                step: int, run_dir: Path) -> None:
-    for lg in loggers:
-        lg.log_metrics(summary, step=step)
-        if isinstance(lg, WandbLogger):
-            lg.experiment.summary.update(summary)
-            cols = ["target_id", "sites", "target_word", "objective", "most_activating_word",
-                    "most_activating_word_activation", "closest_words", "closest_cos"]
-            table = df[cols].head(1000).copy()
-            table["sites"] = table["sites"].map(lambda s: " ".join(s[:5]))
-            table["closest_words"] = table["closest_words"].map(lambda s: ", ".join(s[:5]))
-            table["closest_cos"] = table["closest_cos"].map(lambda s: round(s[0], 4))
-            lg.log_table("results/targets", dataframe=table)
-            log_inputs_artifact(lg, run_dir)
-        lg.finalize("success")
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish()
-
-
-def log_inputs_artifact(lg: WandbLogger, run_dir: Path) -> None:
-    """The optimized inputs and their table as a W&B artifact (uploaded on sync when offline)."""
-    import wandb
-
-    art = wandb.Artifact(f"textualization-{lg.experiment.id}", type="textualization",
-                         metadata={"run_dir": str(run_dir)})
-    for name in (TARGETS, INPUTS, CONFIG):
-        art.add_file(str(run_dir / name))
-    lg.experiment.log_artifact(art)
-
-
-def format_table(df: pd.DataFrame, max_rows: int, summary: dict[str, float]) -> str:
-    """The short results table printed at the end of a run."""
-    lines = [f"{'target':<28} {'act':>8} {'most activating word':>26} {'closest words (cos)'}"]
-    for _, r in df.head(max_rows).iterrows():
-        name = r.target_word and f"{r.target_word} ({r.selection} k={r.k})" or r.sites[0]
-        maw = f"{r.most_activating_word} {r.most_activating_word_activation:.2f}"
-        close = ", ".join(f"{w} ({c:.2f})" for w, c in zip(r.closest_words[:3], r.closest_cos[:3],
-                                                            strict=True))
-        lines.append(f"{name:<28} {r.objective:>8.2f} {maw:>26} {close}")
-    if len(df) > max_rows:
-        lines.append(f"... {len(df) - max_rows} more rows in targets.parquet")
-    keys = ["final/activation_mean", "final/maw_activation_mean", "final/activation_ratio",
-            "final/closest_cos_mean", "final/closest_is_maw_rate", "group/target_top1_rate",
-            "group/target_top20_rate"]
-    lines.append("  ".join(f"{k.split('/')[1]}={summary[k]:.3f}" for k in keys if k in summary))
-    return "\n".join(lines)
 
 
 def run_name_from_overrides(experiment: str, overrides: list[str]) -> str:

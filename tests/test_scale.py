@@ -42,3 +42,18 @@ def test_two_cpu_processes_equal_one(tiny_dir, tmp_path):
     rel = ((one.objective - two.objective).abs() / one.objective.abs().clip(lower=1e-6)).max()
     assert rel <= 1e-4, rel
     assert (two.steps == 15).all()
+
+
+def test_memory_budget_sets_chunk_rows(tiny, tiny_dir, tmp_path):
+    from ft.module import rows_for_budget
+    from ft.train import run
+    from tests.test_train import compose_cfg, tiny_overrides
+
+    cfg = tiny.model.config
+    small, big = rows_for_budget(cfg, 1, 1), rows_for_budget(cfg, 1, 1024)
+    assert 1 <= small < big and rows_for_budget(cfg, 1, 1024, input_row_floats=10**6) < big
+    base = tiny_overrides(tiny_dir, "default", 6) + ["logger.wandb.mode=disabled"]
+    run(compose_cfg(base + ["engine.chunk_size=auto", "engine.memory_budget_mb=0.05"]), tmp_path / "a")
+    run(compose_cfg(base + ["engine.chunk_size=256"]), tmp_path / "b")
+    a, b = read_targets(tmp_path / "a"), read_targets(tmp_path / "b")
+    assert ((a.objective - b.objective).abs() <= 1e-4 * b.objective.abs().clip(lower=1e-6)).all()

@@ -1,0 +1,116 @@
+"""Experiment tracking: the CSV and W&B loggers of a run, its summary, tables and artifact."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pandas as pd
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger, WandbLogger
+
+from ft.results import CONFIG, INPUTS, TARGETS, atomic_write
+
+WANDB_ID = "wandb_id"  # file in the run directory: a resumed run continues the same W&B run
+
+
+def wandb_mode(requested: str) -> str:
+    """auto -> WANDB_MODE if set, online when an API key is available, else offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if wandb_logged_in() else "offline"
+
+
+
+def wandb_logged_in() -> bool:
+    """An API key in the environment or in ~/.netrc for the W&B host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
+    """CSV + W&B loggers; the W&B run id is kept in the run directory so a resume continues it."""
+    loggers: list[Logger] = []
+    lcfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    if lcfg.get("csv"):
+        loggers.append(instantiate(lcfg["csv"], save_dir=str(run_dir)))
+    wcfg = lcfg.get("wandb")
+    if wcfg:
+        mode = wandb_mode(wcfg.pop("mode", "auto"))
+        if mode != "disabled":
+            id_file = run_dir / WANDB_ID
+            run_id = id_file.read_text().strip() if id_file.exists() else None
+            wandb_logger = instantiate(
+                wcfg, save_dir=str(run_dir), name=run_name, offline=mode == "offline",
+                id=run_id, resume="allow" if run_id else None,
+            )
+            if pl.utilities.rank_zero_only.rank == 0:
+                wandb_logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+                atomic_write(id_file, lambda p: p.write_text(wandb_logger.experiment.id))
+            loggers.append(wandb_logger)
+    return loggers
+
+
+
+def log_summary(loggers: list[Logger], summary: dict[str, float], df: pd.DataFrame,
+                step: int, run_dir: Path) -> None:
+    for lg in loggers:
+        lg.log_metrics(summary, step=step)
+        if isinstance(lg, WandbLogger):
+            lg.experiment.summary.update(summary)
+            cols = ["target_id", "sites", "target_word", "objective", "most_activating_word",
+                    "most_activating_word_activation", "closest_words", "closest_cos"]
+            table = df[cols].head(1000).copy()
+            table["sites"] = table["sites"].map(lambda s: " ".join(s[:5]))
+            table["closest_words"] = table["closest_words"].map(lambda s: ", ".join(s[:5]))
+            table["closest_cos"] = table["closest_cos"].map(lambda s: round(s[0], 4))
+            lg.log_table("results/targets", dataframe=table)
+            log_inputs_artifact(lg, run_dir)
+        lg.finalize("success")
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+
+def log_inputs_artifact(lg: WandbLogger, run_dir: Path) -> None:
+    """The optimized inputs and their table as a W&B artifact (uploaded on sync when offline)."""
+    import wandb
+
+    art = wandb.Artifact(f"textualization-{lg.experiment.id}", type="textualization",
+                         metadata={"run_dir": str(run_dir)})
+    for name in (TARGETS, INPUTS, CONFIG):
+        art.add_file(str(run_dir / name))
+    lg.experiment.log_artifact(art)
+
+
+
+def format_table(df: pd.DataFrame, max_rows: int, summary: dict[str, float]) -> str:
+    """The short results table printed at the end of a run."""
+    lines = [f"{'target':<28} {'act':>8} {'most activating word':>26} {'closest words (cos)'}"]
+    for _, r in df.head(max_rows).iterrows():
+        name = r.target_word and f"{r.target_word} ({r.selection} k={r.k})" or r.sites[0]
+        maw = f"{r.most_activating_word} {r.most_activating_word_activation:.2f}"
+        close = ", ".join(f"{w} ({c:.2f})" for w, c in zip(r.closest_words[:3], r.closest_cos[:3],
+                                                            strict=True))
+        lines.append(f"{name:<28} {r.objective:>8.2f} {maw:>26} {close}")
+    if len(df) > max_rows:
+        lines.append(f"... {len(df) - max_rows} more rows in targets.parquet")
+    keys = ["final/activation_mean", "final/maw_activation_mean", "final/activation_ratio",
+            "final/closest_cos_mean", "final/closest_is_maw_rate", "group/target_top1_rate",
+            "group/target_top20_rate"]
+    lines.append("  ".join(f"{k.split('/')[1]}={summary[k]:.3f}" for k in keys if k in summary))
+    return "\n".join(lines)
