@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.functional import pairwise_cosine_similarity
 
@@ -163,9 +164,11 @@ def evaluate(
     maw_act, maw_row = facts.word_objective.max(dim=0)
     raw_norm = embeds[:, tok].norm(dim=-1)
     word_raw_max = module.word_embeddings.detach().float().norm(dim=-1).max().cpu()
-    diverged = ~torch.isfinite(obj) | ~torch.isfinite(raw_norm) | (
-        raw_norm > runaway_factor * word_raw_max
-    ) | module.diverged.cpu()
+    diverged = ~torch.isfinite(obj) | ~torch.isfinite(raw_norm) | module.diverged.cpu()
+    runaway = raw_norm > runaway_factor * word_raw_max  # still a result, but flagged and logged
+    if bool(runaway.any()):
+        rank_zero_warn(f"{int(runaway.sum())} of {len(runaway)} inputs ran away: raw norm above "
+                       f"{runaway_factor:g}x the largest word embedding norm (see raw_norm, runaway)")
     converged = module.converged().cpu()
     steps = module.steps_per_target().cpu()
     snapped_rows, snapped_act = snap(module, facts, analysis)
@@ -204,6 +207,7 @@ def evaluate(
             "steps": int(steps[t]),
             "converged": bool(converged[t]),
             "diverged": bool(diverged[t]),
+            "runaway": bool(runaway[t]),
         }
         if target.target_word is not None:
             w = row_of[target.target_word]
@@ -249,6 +253,7 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
     )
     out = summary.compute() if len(ok) else {}
     out["final/diverged_count"] = float(df["diverged"].astype(bool).sum())
+    out["final/runaway_count"] = float(df["runaway"].astype(bool).sum()) if "runaway" in df else 0.0
     out["final/num_targets"] = float(len(df))
     out["final/steps_mean"] = float(df["steps"].mean())
     out["final/converged_rate"] = float(df["converged"].astype(bool).mean())
