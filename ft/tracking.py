@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -40,6 +41,19 @@ def wandb_logged_in() -> bool:
 
 
 
+def start_wandb(logger: WandbLogger, wait_s: float = 60.0) -> object:
+    """Start (or resume) the W&B run. After a crash, the killed run's W&B service may hold its
+    id for a few seconds ("run ID ... is in use"): wait for it instead of failing the resume."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return logger.experiment
+        except Exception as e:  # wandb raises its own error types through several layers
+            if "in use" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
     """CSV + W&B loggers; the W&B run id is kept in the run directory so a resume continues it."""
     loggers: list[Logger] = []
@@ -57,8 +71,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]
                 id=run_id, resume="allow" if run_id else None,
             )
             if pl.utilities.rank_zero_only.rank == 0:
+                experiment = start_wandb(wandb_logger)
                 wandb_logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-                atomic_write(id_file, lambda p: p.write_text(wandb_logger.experiment.id))
+                atomic_write(id_file, lambda p: p.write_text(experiment.id))
             loggers.append(wandb_logger)
     return loggers
 

@@ -48,13 +48,14 @@ def cli(tiny_dir, run_dir, *extra):
 def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cli(tiny_dir, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli(tiny_dir, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     ckpt = killed / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, as a scheduler would: W&B's service too
     proc.wait()
     assert ckpt.exists() and not (killed / "targets.parquet").exists(), "killed too late or too early"
     first_id = (killed / "wandb_id").read_text()
