@@ -55,8 +55,10 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, as a scheduler would: W&B's service too
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, as a scheduler kills it ...
     proc.wait()
+    # ... W&B's service included (it runs in a session of its own and names its parent's pid)
+    subprocess.run(["pkill", "-KILL", "-f", f"wandb-core .*--pid {proc.pid}$"], check=False)
     assert ckpt.exists() and not (killed / "targets.parquet").exists(), "killed too late or too early"
     first_id = (killed / "wandb_id").read_text()
     done = subprocess.run(cli(tiny_dir, killed), env=env, capture_output=True, text=True, timeout=600)
