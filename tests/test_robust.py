@@ -46,7 +46,8 @@ def cli(tiny_dir, run_dir, *extra):
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    # a fresh job: not attached to the W&B service that earlier in-process tests started
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"}
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cli(tiny_dir, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
