@@ -8,13 +8,20 @@ Runs, on the same machine and in the same process:
 3. the engine again in bf16 mixed precision (drift reported against fp32);
 4. both on a bert-base-shaped model with random weights (the hub is unreachable here).
 
-FLOPs are the work the engine does, counted analytically per optimization step:
-for each chunk of c rows whose highest needed layer is L, with sequence length S = l + 2,
-hidden H, intermediate I, and 4 matmuls of H×H plus 2 of H×I per layer,
+FLOPs are the work the engine does, counted analytically per optimization step (matmuls
+only: 2 FLOPs per multiply-add). Sequence length S = l + 2, hidden H, intermediate I.
+With the lean forward (ft.fastforward), for each chunk and each layer j, n_j rows reach
+layer j and g_j of them go on above it (the other e_j = n_j - g_j end there and need only
+the read position):
 
-    forward  = c · S · (L + 1) · (2·(4·H² + 2·H·I) + 4·S·H)
-    backward = forward            (gradients w.r.t. activations only: the encoder is frozen)
-    fast-path preconditioner = 2 · c · l · H²   (∇e · WᵀW)
+    forward_j = 2 · ( n_j·S·3H²                   fused Q, K, V
+                    + 2·H·(g_j·S² + e_j·S)         scores and weighted values
+                    + (g_j·S + e_j)·(H² + 2·H·I) ) attention output, FFN in and out
+    backward  = forward                            (activation gradients only: the encoder is frozen)
+    fast-path preconditioner = 2 · c · l · H²      (∇e · WᵀW)
+
+With the hook-based forward every row of a chunk runs every position of layers
+0..L (L = the chunk's highest layer): forward = 2 · c · (L + 1) · (S·(4H² + 2·H·I) + 2·S²·H).
 
 The matmul rate is the best of several [c·S, H] × [H, I] products in the same precision,
 measured in the same run. The last line printed is one JSON object.
@@ -79,7 +86,14 @@ def engine_flops(module: TextualizationModule, cfg: BertConfig, length: int = 1)
     total = 0.0
     for rows, index in module.plan:
         c = rows.stop - rows.start
-        fwd = c * S * (index.max_layer + 1) * (2 * (4 * H * H + 2 * H * inter) + 4 * S * H)
+        if module.fast:
+            fwd = 0.0
+            for j in range(index.max_layer + 1):
+                n, g = int((index.row_top >= j).sum()), int((index.row_top > j).sum())
+                e = n - g
+                fwd += 2 * (n * S * 3 * H * H + 2 * H * (g * S * S + e * S) + (g * S + e) * (H * H + 2 * H * inter))
+        else:
+            fwd = 2 * c * (index.max_layer + 1) * (S * (4 * H * H + 2 * H * inter) + 2 * S * S * H)
         total += 2 * fwd + 2 * c * length * H * H
     return total
 
@@ -193,7 +207,7 @@ def random_bert_base(tokenizer: object) -> Encoder:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=50, help="optimization steps for every engine")
+    p.add_argument("--steps", type=int, default=100, help="optimization steps for every engine")
     p.add_argument("--naive-per-layer", type=int, default=2, help="neurons per layer for the naive loop")
     p.add_argument("--bert-base-steps", type=int, default=3)
     p.add_argument("--chunk-size", type=int, default=4096)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from ft.fastforward import FastSiteReader, supports
 from ft.inputs import InputParam
 from ft.sites import Site, SiteIndex, SiteReader
 from ft.strategy import shard_rows
@@ -39,28 +40,46 @@ def full_sequence(
     return torch.cat([cls, embeds, sep], dim=1)
 
 
+def use_fast_forward(model: torch.nn.Module, fast: bool | None = None) -> bool:
+    """`fast`=None: the lean forward (ft.fastforward) whenever the model's layers allow it."""
+    if fast is None:
+        fast = supports(model)
+    elif fast and not supports(model):
+        from ft.errors import ConfigError
+
+        raise ConfigError(f"engine.fast_forward=true, but {type(model).__name__} does not have the standard "
+                          "BERT layer structure; valid: auto or false for this model")
+    return bool(fast)
+
+
 def objective(
-    model: torch.nn.Module, index: SiteIndex, inputs_embeds: torch.Tensor, position: int
+    model: torch.nn.Module, index: SiteIndex, inputs_embeds: torch.Tensor, position: int,
+    fast: bool | None = None,
 ) -> torch.Tensor:
     """Mean activation over each row's sites at `position` (the quantity to maximize).
 
-    `index` describes exactly the rows of `inputs_embeds`; the forward pass stops after
-    `index.max_layer`.
+    `index` describes exactly the rows of `inputs_embeds`. The forward stops after
+    `index.max_layer`; with the lean forward (`fast`, default: when supported) each row
+    also stops at its own highest layer, reading there only `position`.
     """
-    reader = SiteReader(model, index.points, index.max_layer, position)
-    flat = index.flatten(reader.read(inputs_embeds=inputs_embeds))
+    if use_fast_forward(model, fast):
+        acts = FastSiteReader(model, index.points, index.max_layer, position).read(inputs_embeds, index.row_top)
+    else:
+        acts = SiteReader(model, index.points, index.max_layer, position).read(inputs_embeds=inputs_embeds)
+    flat = index.flatten(acts)
     idx = index.index.to(flat.device)
     w = index.weight.to(flat.device, flat.dtype)
     return (flat.gather(1, idx) * w).sum(1)
 
 
-def plan_chunks(site_lists: Sequence[Sequence[Site]], chunk_size: int) -> list[slice]:
-    """Contiguous chunks of at most `chunk_size` rows, cut where the highest needed layer
-    changes, so each chunk's forward pass stops as early as its rows allow."""
+def plan_chunks(site_lists: Sequence[Sequence[Site]], chunk_size: int, by_layer: bool = True) -> list[slice]:
+    """Contiguous chunks of at most `chunk_size` rows. `by_layer` (for the hook-based forward,
+    which stops a whole chunk at once) also cuts where the highest needed layer changes, so
+    each chunk stops as early as its rows allow; the lean forward stops each row by itself."""
     top = [max(s.layer for s in sites) for sites in site_lists]
     chunks, start = [], 0
     for i in range(1, len(top) + 1):
-        if i == len(top) or i - start >= chunk_size or top[i] != top[start]:
+        if i == len(top) or i - start >= chunk_size or (by_layer and top[i] != top[start]):
             chunks.append(slice(start, i))
             start = i
     return chunks
@@ -104,6 +123,7 @@ class TextualizationModule(pl.LightningModule):
         reg_word: float = 0.0,
         word_vectors: torch.Tensor | None = None,
         curve_every: int = 10,
+        fast_forward: bool | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -125,6 +145,7 @@ class TextualizationModule(pl.LightningModule):
                 raise ValueError("reg_word > 0 needs the analysis-space word vectors")
             unit = torch.nn.functional.normalize(word_vectors.float(), dim=-1)
             self.register_buffer("word_unit", unit, persistent=False)
+        self.fast = use_fast_forward(encoder, fast_forward)
         self.all_site_lists = [list(s) for s in site_lists]
         self.rows = slice(0, len(site_lists))  # the rows this process optimizes
         self._plan_rows()
@@ -143,7 +164,8 @@ class TextualizationModule(pl.LightningModule):
         lists = self.all_site_lists[self.rows]
         self.num_targets = len(lists)
         self.index = SiteIndex(self.encoder, lists)  # validates every site
-        self.plan = [(c, SiteIndex(self.encoder, lists[c])) for c in plan_chunks(lists, self.chunk_size)]
+        self.plan = [(c, SiteIndex(self.encoder, lists[c]))
+                     for c in plan_chunks(lists, self.chunk_size, by_layer=not self.fast)]
 
     # -- the frozen part -------------------------------------------------------------
     @property
@@ -225,7 +247,7 @@ class TextualizationModule(pl.LightningModule):
         """(objective [rows], regularization penalty: a scalar summed over rows)."""
         e = self.embeds(rows)
         seq = full_sequence(e, self.word_embeddings, self.cls_id, self.sep_id)
-        obj = objective(self.encoder, index, seq, self.position)
+        obj = objective(self.encoder, index, seq, self.position, self.fast)
         penalty = obj.new_zeros((), dtype=torch.float32)
         if self.reg_norm:  # keep the raw input at word-like magnitudes
             penalty = penalty + self.reg_norm * e.float().pow(2).sum()

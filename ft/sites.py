@@ -161,6 +161,8 @@ class SiteIndex:
                 idx[row, j] = self.flat(s)
                 weight[row, j] = 1.0 / len(sites)
         self.index, self.weight = idx, weight
+        # highest layer each row needs: where a shared forward may let the row stop
+        self.row_top = torch.tensor([max(s.layer for s in sites) for sites in site_lists], dtype=torch.long)
 
     def flat(self, s: Site) -> int:
         return self.offsets[s.point] + s.layer * self.width[s.point] + s.unit

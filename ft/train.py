@@ -130,13 +130,16 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
         chunk = rows_for_budget(encoder.model.config, cfg.input.length, e.memory_budget_mb, row)
     elif not isinstance(chunk, int) or chunk < 1:
         raise ConfigError(f"engine.chunk_size={chunk!r}; valid: auto or an integer >= 1")
+    fast = {"auto": None, True: True, False: False}.get(e.get("fast_forward", "auto"), "bad")
+    if fast == "bad":
+        raise ConfigError(f"engine.fast_forward={e.fast_forward!r}; valid: auto, true, false")
     return TextualizationModule(
         encoder.model, [t.sites for t in targets], inputs, optimizer,
         cls_id=facts.vocab.cls_id, sep_id=facts.vocab.sep_id, position=cfg.position,
         chunk_size=chunk, converge_window=e.converge_window, converge_tol=e.converge_tol,
         stop_when_converged=e.stop_when_converged, freeze_converged=e.freeze_converged,
         scheduler=scheduler, reg_norm=cfg.reg.norm, reg_word=cfg.reg.word,
-        word_vectors=facts.word_vectors, curve_every=e.curve_every,
+        word_vectors=facts.word_vectors, curve_every=e.curve_every, fast_forward=fast,
     )
 
 

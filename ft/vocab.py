@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ft.encoder import Encoder
+from ft.fastforward import FastSiteReader, supports
 from ft.sites import Site, SiteIndex, SiteReader, num_layers
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ def sweep_vocabulary(
 ) -> torch.Tensor:
     """Activations [V', layers, width] of `point` at `position` for every `[CLS] w [SEP]`."""
     model = encoder.model
-    reader = SiteReader(model, [point], num_layers(model) - 1, position)
+    reader: SiteReader | FastSiteReader = SiteReader(model, [point], num_layers(model) - 1, position)
+    if supports(model):  # same values, a fraction of the work (ft.fastforward)
+        reader = FastSiteReader(model, [point], num_layers(model) - 1, position)
     device = encoder.word_embeddings.device
     out = []
     for start in tqdm(range(0, len(vocab), batch_size), desc=f"vocabulary sweep ({point})"):

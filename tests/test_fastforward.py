@@ -1,0 +1,83 @@
+"""The lean forward (ft.fastforward) reproduces Hugging Face's layers, row by row."""
+
+from functools import partial
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from ft.errors import ConfigError
+from ft.fastforward import FastSiteReader, supports
+from ft.inputs import build_input
+from ft.module import TextualizationModule
+from ft.sites import POINTS, SiteReader
+from ft.vocab import Vocabulary
+from tests.test_module import fit
+
+
+@pytest.fixture(scope="module")
+def three_layers():
+    torch.manual_seed(1)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=16)
+    return BertModel(cfg).eval()
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_mixed_row_tops_match_the_hooks(three_layers, length):
+    """Every row, stopped at its own layer in one shared pass, equals a hook read of that row alone."""
+    torch.manual_seed(0)
+    n = 9
+    x = torch.randn(n, length + 2, 32)
+    top = torch.tensor([2, 0, 1, 1, 2, 0, 0, 2, 1])
+    fast = FastSiteReader(three_layers, POINTS, 2, 1).read(x, top)
+    for i in range(n):
+        ref = SiteReader(three_layers, POINTS, int(top[i]), 1).read(inputs_embeds=x[i : i + 1])
+        for p in POINTS:
+            torch.testing.assert_close(fast[p][i, : int(top[i]) + 1], ref[p][0], rtol=1e-5, atol=1e-5)
+            assert fast[p][i, int(top[i]) + 1 :].abs().sum() == 0  # never computed, never read
+
+
+def test_gradients_match_the_hooks(three_layers):
+    x = torch.randn(4, 3, 32)
+    top = torch.tensor([0, 2, 1, 2])
+    grads = []
+    for fast in (True, False):
+        xi = x.clone().requires_grad_(True)
+        if fast:
+            out = FastSiteReader(three_layers, ["ffn_out"], 2, 1).read(xi, top)["ffn_out"]
+            val = out[torch.arange(4), top, 5].sum()
+        else:
+            val = sum(SiteReader(three_layers, ["ffn_out"], int(t), 1).read(inputs_embeds=xi[i : i + 1])
+                      ["ffn_out"][0, int(t), 5] for i, t in enumerate(top))
+        val.backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_engine_trajectory_is_the_same_with_either_forward(tiny, tmp_path):
+    from tests.test_module import SITES
+
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    finals = []
+    for fast in (True, False):
+        opt = partial(torch.optim.SGD, lr=10.0)
+        inputs = build_input("onehot", range(len(SITES)), tiny.word_embeddings, seed=0, optimizer=opt)
+        m = TextualizationModule(tiny.model, SITES, inputs, opt, vocab.cls_id, vocab.sep_id,
+                                 stop_when_converged=False, fast_forward=fast)
+        assert m.fast is fast and len(m.plan) == (1 if fast else 2)  # one shared pass vs per-layer chunks
+        fit(m, 15, tmp_path)
+        finals.append(m.forward().detach())
+    assert finals[0].gt(-1e9).all()
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_models_fall_back_or_refuse(tiny):
+    class Odd(torch.nn.Module):
+        config = tiny.model.config
+
+    assert supports(tiny.model) and not supports(Odd())
+    with pytest.raises(ConfigError, match="fast_forward"):
+        from ft.module import use_fast_forward
+
+        use_fast_forward(Odd(), True)
