@@ -14,14 +14,18 @@ With the lean forward (ft.fastforward), for each chunk and each layer j, n_j row
 layer j and g_j of them go on above it (the other e_j = n_j - g_j end there and need only
 the read position):
 
-    forward_j = 2 · ( n_j·S·3H²                   fused Q, K, V
+    forward_j = 2 · ( n_j·S·3H²                   fused Q, K, V (layer 0: n_0·(S-2)·3H² + 2·3H²,
+                                                   [CLS]/[SEP] are the same in every row)
                     + 2·H·(g_j·S² + e_j·S)         scores and weighted values
                     + (g_j·S + e_j)·(H² + 2·H·I) ) attention output, FFN in and out
-    backward  = forward                            (activation gradients only: the encoder is frozen)
-    fast-path preconditioner = 2 · c · l · H²      (∇e · WᵀW)
+    backward  = forward, except the attention products: 2x (both operands are activations);
+                only activation gradients: the encoder is frozen
+    fast-path preconditioner = 2 · T · l · H² per chunk   (∇e · WᵀW on the whole gradient of
+                the T rows, once per chunk's backward)
 
 With the hook-based forward every row of a chunk runs every position of layers
 0..L (L = the chunk's highest layer): forward = 2 · c · (L + 1) · (S·(4H² + 2·H·I) + 2·S²·H).
+A test checks the formula against torch's FLOP counter.
 
 The matmul rate is the best of several [c·S, H] × [H, I] products in the same precision,
 measured in the same run. The last line printed is one JSON object.
@@ -86,15 +90,19 @@ def engine_flops(module: TextualizationModule, cfg: BertConfig, length: int = 1)
     total = 0.0
     for rows, index in module.plan:
         c = rows.stop - rows.start
+        linear = attention = ends = 0.0
         if module.fast:
-            fwd = 0.0
             for j in range(index.max_layer + 1):
                 n, g = int((index.row_top >= j).sum()), int((index.row_top > j).sum())
                 e = n - g
-                fwd += 2 * (n * S * 3 * H * H + 2 * H * (g * S * S + e * S) + (g * S + e) * (H * H + 2 * H * inter))
+                qkv_tokens = n * S if j else n * (S - 2)  # layer 0: [CLS]/[SEP] projected once
+                linear += 2 * (qkv_tokens * 3 * H * H + (g * S + e) * (H * H + 2 * H * inter))
+                attention += 4 * H * (g * S * S + e * S)
+            ends = 2 * 2 * 3 * H * H  # forward only: constants need no gradient
         else:
-            fwd = 2 * c * (index.max_layer + 1) * (S * (4 * H * H + 2 * H * inter) + 2 * S * S * H)
-        total += 2 * fwd + 2 * c * length * H * H
+            linear = 2 * c * (index.max_layer + 1) * S * (4 * H * H + 2 * H * inter)
+            attention = 4 * c * (index.max_layer + 1) * S * S * H
+        total += 2 * linear + 3 * attention + ends + 2 * module.num_targets * length * H * H
     return total
 
 

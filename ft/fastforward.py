@@ -96,7 +96,9 @@ class FastSiteReader:
             raise ValueError(f"layer {max_layer} out of range; valid 0..{num_layers(model) - 1}")
 
     def read(self, inputs_embeds: torch.Tensor | None = None, row_top: torch.Tensor | None = None,
-             input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+             input_ids: torch.Tensor | None = None, const_ends: bool = False) -> dict[str, torch.Tensor]:
+        """`const_ends`: the first and last positions are the same in every row and need no
+        gradient ([CLS] ... [SEP] from fixed embeddings), so layer 0 projects them once."""
         given = inputs_embeds if inputs_embeds is not None else input_ids
         n, p, device = given.shape[0], self.position, given.device
         if row_top is None:
@@ -115,7 +117,13 @@ class FastSiteReader:
         for layer, L in enumerate(_layers(self.model)[: self.max_layer + 1]):
             n_all, n_go = alive[layer], alive[layer + 1]  # rows at this layer; rows going on
             h = h[:n_all]
-            q, k, v = F.linear(h, L.wqkv, L.bqkv).chunk(3, dim=-1)
+            if layer == 0 and const_ends and S > 2:
+                ends = F.linear(h[:1, [0, S - 1]].detach(), L.wqkv, L.bqkv)
+                mid = F.linear(h[:, 1:-1], L.wqkv, L.bqkv)
+                qkv = torch.cat([ends[:, :1].expand(n_all, 1, -1), mid, ends[:, 1:].expand(n_all, 1, -1)], 1)
+            else:
+                qkv = F.linear(h, L.wqkv, L.bqkv)
+            q, k, v = qkv.chunk(3, dim=-1)
             # rows going on need every position; rows ending here only the read position
             ctx_go = _attend(q[:n_go], k[:n_go], v[:n_go], L.heads)
             ctx_end = _attend(q[n_go:, p : p + 1], k[n_go:], v[n_go:], L.heads)

@@ -58,12 +58,14 @@ def objective(
 ) -> torch.Tensor:
     """Mean activation over each row's sites at `position` (the quantity to maximize).
 
-    `index` describes exactly the rows of `inputs_embeds`. The forward stops after
-    `index.max_layer`; with the lean forward (`fast`, default: when supported) each row
-    also stops at its own highest layer, reading there only `position`.
+    `index` describes exactly the rows of `inputs_embeds`, a `[CLS] ... [SEP]` sequence as
+    `full_sequence` builds it. The forward stops after `index.max_layer`; with the lean
+    forward (`fast`, default: when supported) each row also stops at its own highest layer,
+    reading there only `position`.
     """
     if use_fast_forward(model, fast):
-        acts = FastSiteReader(model, index.points, index.max_layer, position).read(inputs_embeds, index.row_top)
+        reader = FastSiteReader(model, index.points, index.max_layer, position)
+        acts = reader.read(inputs_embeds, index.row_top, const_ends=True)
     else:
         acts = SiteReader(model, index.points, index.max_layer, position).read(inputs_embeds=inputs_embeds)
     flat = index.flatten(acts)

@@ -29,8 +29,9 @@ def test_mixed_row_tops_match_the_hooks(three_layers, length):
     torch.manual_seed(0)
     n = 9
     x = torch.randn(n, length + 2, 32)
+    x[:, 0], x[:, -1] = torch.randn(32), torch.randn(32)  # [CLS] and [SEP]: the same in every row
     top = torch.tensor([2, 0, 1, 1, 2, 0, 0, 2, 1])
-    fast = FastSiteReader(three_layers, POINTS, 2, 1).read(x, top)
+    fast = FastSiteReader(three_layers, POINTS, 2, 1).read(x, top, const_ends=True)
     for i in range(n):
         ref = SiteReader(three_layers, POINTS, int(top[i]), 1).read(inputs_embeds=x[i : i + 1])
         for p in POINTS:
@@ -81,3 +82,27 @@ def test_unsupported_models_fall_back_or_refuse(tiny):
         from ft.module import use_fast_forward
 
         use_fast_forward(Odd(), True)
+
+
+def test_bench_flop_formula_matches_counted_flops(tiny):
+    """ft.bench's analytic FLOPs == what torch's FLOP counter sees in one step (fwd + bwd)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ft.bench import engine_flops
+    from tests.test_module import SITES
+
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    for fast in (True, False):
+        opt = partial(torch.optim.SGD, lr=1.0)
+        inputs = build_input("onehot", range(len(SITES)), tiny.word_embeddings, seed=0, optimizer=opt)
+        m = TextualizationModule(tiny.model, SITES, inputs, opt, vocab.cls_id, vocab.sep_id, fast_forward=fast)
+        with FlopCounterMode(display=False) as counter:
+            for rows, index in m.plan:
+                obj, _ = m.chunk_loss_terms(rows, index)
+                obj.sum().backward()
+        counted = counter.get_total_flops()
+        if fast:  # torch's counter does not see the CPU flash-attention kernel: add its analytic share
+            S, H = 3, tiny.model.config.hidden_size
+            counted += 3 * 4 * H * sum(int((i.row_top > j).sum()) * S * S + int((i.row_top == j).sum()) * S
+                                       for _, i in m.plan for j in range(i.max_layer + 1))
+        assert counted == pytest.approx(engine_flops(m, tiny.model.config), rel=1e-6)
