@@ -166,6 +166,7 @@ class TextualizationModule(pl.LightningModule):
         lists = self.all_site_lists[self.rows]
         self.num_targets = len(lists)
         self.index = SiteIndex(self.encoder, lists)  # validates every site
+        self._active: tuple[int, list] | None = None  # see active_plan
         self.plan = [(c, SiteIndex(self.encoder, lists[c]))
                      for c in plan_chunks(lists, self.chunk_size, by_layer=not self.fast)]
 
@@ -263,18 +264,34 @@ class TextualizationModule(pl.LightningModule):
         """Objective of the current input for every row of this process: [rows]."""
         return torch.cat([self.chunk_objective(rows, index) for rows, index in self.plan])
 
+    def active_plan(self) -> list[tuple[slice | torch.Tensor, SiteIndex]]:
+        """The chunks still to optimize. Frozen (converged or diverged) rows drop out: the plan
+        is rebuilt over the active rows once they are at most 90% of the last plan's."""
+        frozen = self.frozen.cpu()
+        n_active = int((~frozen).sum())
+        if n_active == self.num_targets:
+            return self.plan
+        if self._active is None or n_active <= 0.9 * self._active[0]:
+            lists = self.all_site_lists[self.rows]
+            active = (~frozen).nonzero().squeeze(1)
+            sub = [lists[i] for i in active.tolist()]
+            plan = [(active[c].to(self.frozen.device), SiteIndex(self.encoder, sub[c]))
+                    for c in plan_chunks(sub, self.chunk_size, by_layer=not self.fast)] if sub else []
+            self._active = (n_active, plan)
+        return self._active[1]
+
     def training_step(self, batch: int, batch_idx: int) -> None:
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
-        values = []
-        for rows, index in self.plan:
+        step = int(self.steps_done)
+        values = self.history[(step - 1) % self.history.shape[0]].clone()  # frozen rows keep theirs
+        for rows, index in self.active_plan():
             if self.frozen[rows].all():  # converged and frozen: no forward needed
-                values.append(self.history[(int(self.steps_done) - 1) % self.history.shape[0], rows])
                 continue
             obj, penalty = self.chunk_loss_terms(rows, index)
             ok = torch.isfinite(obj.detach())  # a diverged row must not poison the others' loss
             self.manual_backward(-torch.where(ok, obj, 0).float().sum() + penalty)  # the only sign flip
-            values.append(obj.detach().float())
+            values[rows] = obj.detach().float()
         param = self.inputs.param
         keep = param.detach()[self.frozen].clone() if self.frozen.any() else None
         opt.step()
@@ -284,8 +301,8 @@ class TextualizationModule(pl.LightningModule):
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
-        self.last_objective = torch.cat(values)
-        self.record(self.last_objective)
+        self.last_objective = values
+        self.record(values)
 
     def record(self, values: torch.Tensor) -> None:
         """Keep the objective history; stop the run when every target has converged."""

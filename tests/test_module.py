@@ -99,3 +99,16 @@ def test_convergence_stops_the_run(tiny, tmp_path):
     fit(m, 50, tmp_path)
     assert int(m.steps_done) == 4  # nothing moves: converged after window + 1 steps
     assert m.converged().all()
+
+
+def test_frozen_rows_drop_out_of_the_plan(tiny, tmp_path):
+    """Once most rows are frozen, the step runs only the others; frozen inputs never move."""
+    m = make(tiny, stop_when_converged=False)
+    m.frozen[[0, 2]] = True
+    plan = m.active_plan()
+    assert sorted(int(r) for rows, _ in plan for r in rows) == [1]
+    before = m.inputs.param.detach().clone()
+    fit(m, 3, tmp_path)
+    after = m.inputs.param.detach()
+    assert torch.equal(after[[0, 2]], before[[0, 2]]) and not torch.equal(after[1], before[1])
+    assert torch.isfinite(m.last_objective[1]) and m.last_objective[1] > m.history[0, 1]
