@@ -8,7 +8,7 @@ its sites there, as in the objective):
 2. a minimal activating example (Foote): from the best sentence, with the anchor token
    where it peaks, cut tokens from the end, then from the start, keeping the shortest span
    whose anchor activation dropped by at most `mae_drop` (paper: 60%), `window` tokens
-   around the anchor always kept;
+   around the anchor always kept; cuts fall between words, never inside one;
 3. local search (Foote): every non-stopword token of the MAE replaced by each of n
    substitutes (a masked LM's predictions, or nearest embeddings when no masked LM is
    available); a variant is *positive* when the anchor activation dropped by less than
@@ -154,18 +154,23 @@ def passes(value: float, reference: float, max_drop: float) -> bool:
 
 
 def prune(measure: Callable[[list[list[int]], list[int]], torch.Tensor], tokens: Sequence[int], anchor: int,
-          max_drop: float = 0.6, window: int = 0) -> Span:
-    """Foote's minimal activating example: the shortest end, then the latest start, that pass."""
+          max_drop: float = 0.6, window: int = 0, can_cut: Callable[[int], bool] | None = None) -> Span:
+    """Foote's minimal activating example: the shortest end, then the latest start, that pass.
+
+    `can_cut(i)`: whether a span may begin at token i or end just before it (e.g. not
+    inside a word); every position by default.
+    """
     tokens = list(tokens)
+    can_cut = can_cut or (lambda i: True)
     reference = float(measure([tokens], [anchor])[0])
-    ends = list(range(min(anchor + 1 + window, len(tokens)), len(tokens)))
+    ends = [e for e in range(min(anchor + 1 + window, len(tokens)), len(tokens)) if can_cut(e)]
     end, act = len(tokens), reference
     if ends:
         vals = measure([tokens[:e] for e in ends], [anchor] * len(ends))
         ok = [(e, float(v)) for e, v in zip(ends, vals, strict=True) if passes(float(v), reference, max_drop)]
         if ok:
             end, act = ok[0]
-    starts = list(range(1, max(anchor - window, 0) + 1))
+    starts = [s for s in range(1, max(anchor - window, 0) + 1) if can_cut(s)]
     start = 0
     if starts:
         vals = measure([tokens[s:end] for s in starts], [anchor - s for s in starts])
@@ -250,7 +255,8 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
                 rows.append({**base, "kind": "ngram", "rank": r, "tokens": list(found[int(which[j, r])]),
                              "anchor": int(cfg.position) - 1, "activation": float(gscores[j, r])})
         best = text.ids[int(sent[j, 0])]
-        span = prune(measure, best, int(anchor[j, 0]), mae_drop, window)
+        span = prune(measure, best, int(anchor[j, 0]), mae_drop, window,
+                     lambda i, best=best: not tokens[best[i]].startswith("##"))  # whole words only
         mae, mae_anchor = best[span.start : span.end], int(anchor[j, 0]) - span.start
         rows.append({**base, "kind": "mae", "rank": 0, "tokens": mae, "anchor": mae_anchor,
                      "activation": span.activation, "sentence": int(sent[j, 0]),
@@ -261,6 +267,7 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
             rows.append({**base, **ex, "rank": r, "substitutes_from": subs.name})
         compare.append({
             "target_id": int(t.target_id), "optimized": float(t.objective),
+            "optimized_snapped": float(getattr(t, "snapped_activation", float("nan"))),
             "best_sentence": float(scores[j, 0]),
             "best_ngram": float(grams[1][j, 0]) if grams else float("nan"),
             "mae": span.activation, "mae_tokens": len(mae), "sentence_tokens": len(best),
@@ -288,9 +295,10 @@ def tokens_of(tokens: Sequence[str], ids: Sequence[int]) -> list[str]:
 
 
 def summarize(compare: pd.DataFrame) -> dict[str, float]:
-    keys = ["optimized", "best_sentence", "best_ngram", "mae", "most_activating_word"]
+    keys = ["optimized", "optimized_snapped", "best_sentence", "best_ngram", "mae", "most_activating_word"]
     out = {f"examples/{k}_mean": float(compare[k].mean()) for k in keys}
     out["examples/optimized_beats_sentence_rate"] = float((compare.optimized > compare.best_sentence).mean())
+    out["examples/snapped_beats_ngram_rate"] = float((compare.optimized_snapped > compare.best_ngram).mean())
     out["examples/mae_tokens_mean"] = float(compare.mae_tokens.mean())
     out["examples/sentence_tokens_mean"] = float(compare.sentence_tokens.mean())
     out["examples/positives_mean"] = float(compare.positives.mean())

@@ -267,8 +267,11 @@ def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> st
                     parts.append(chart({"objective": (list(c.step), list(c.objective))},
                                        f"{name}", "step", "activation"))
             if examples is not None and "target_id" in examples:
-                ex = examples[examples.target_id == r.target_id].head(10)
-                parts.append(table(ex.to_dict("records"), list(ex.columns)) if len(ex) else "")
+                ex = examples[examples.target_id == r.target_id].groupby("kind", sort=False).head(3)
+                cols = [c for c in ("kind", "rank", "activation", "anchor_token", "text", "drop", "replaced",
+                                    "substitutes_from") if c in ex]
+                if len(ex):
+                    parts.append("<p>dataset examples</p>" + table(ex[cols].to_dict("records"), cols))
             out.append(f"<details><summary>{escape(Path(p).name)} · {escape(name)}</summary>{''.join(parts)}</details>")
     return "".join(out) or '<p class="note">No targets.</p>'
 

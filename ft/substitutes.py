@@ -63,12 +63,17 @@ class MaskedLM:
 
 def _load_mlm(name_or_path: str) -> tuple[torch.nn.Module, dict]:
     from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
 
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a missing head is expected and reported by ft, in one line
     try:
         return AutoModelForMaskedLM.from_pretrained(resolve(name_or_path), output_loading_info=True)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(f"masked LM {name_or_path!r} could not be loaded ({type(e).__name__}); "
                                  "valid: auto, nearest, or a *ForMaskedLM name/path available offline") from e
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def build_substitutes(spec: str, encoder: Encoder, model_name: str) -> MaskedLM | NearestEmbeddings:

@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from ft.corpus import load_corpus, split_sentences
 from ft.errors import ConfigError, ModelNotFoundError
-from ft.examples import TargetScorer, corpus_search, is_stopword, main, passes, prune, run_examples
+from ft.examples import TargetScorer, corpus_search, is_stopword, main, passes, prune
 from ft.sites import Site, SiteReader
 from ft.substitutes import MaskedLM, NearestEmbeddings, build_substitutes
 from ft.train import run
@@ -94,16 +94,19 @@ def test_pruning_keeps_the_threshold_and_returns_the_shortest_span(tiny, corpus_
             a = int(acts.argmax())
             ref = float(acts[a])
             for drop, window in ((0.6, 0), (0.3, 1)):
-                span = prune(measure, ids, a, drop, window)
+                span = prune(measure, ids, a, drop, window, lambda i, ids=ids: i % 2 == 0 or i == len(ids))
                 value = float(hook_activation(tiny, SITES[j], ids[span.start : span.end])[a - span.start])
                 assert span.activation == pytest.approx(value, rel=1e-4, abs=1e-5)
                 assert passes(value, ref, drop + 1e-4)  # never below the threshold
                 assert span.start <= a - window or span.start == 0
                 assert span.end >= min(a + 1 + window, len(ids))
                 # brute force: no shorter end passes, then no later start passes
-                for e in range(min(a + 1 + window, len(ids)), span.end):
+                assert span.start % 2 == 0 and (span.end % 2 == 0 or span.end == len(ids))  # allowed cuts only
+                for e in range(min(a + 1 + window, len(ids)), span.end, 1):
+                    if e % 2:
+                        continue
                     assert not passes(float(hook_activation(tiny, SITES[j], ids[:e])[a]), ref, drop - 1e-4)
-                for s in range(span.start + 1, max(a - window, 0) + 1):
+                for s in range(span.start + 2, max(a - window, 0) + 1, 2):
                     v = float(hook_activation(tiny, SITES[j], ids[s : span.end])[a - s])
                     assert not passes(v, ref, drop - 1e-4)
                 checked += span.end - span.start < len(ids)
