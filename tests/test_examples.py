@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -176,6 +178,16 @@ def test_examples_cli_writes_the_table_and_feeds_the_report(tiny_dir, corpus_fil
     assert (mae >= best - 0.6 * best.abs() - 1e-4).all()
     summary = json.loads((tmp_path / "run" / "examples_summary.json").read_text())
     assert summary["examples/best_sentence_mean"] == pytest.approx(best.mean(), rel=1e-5)
+    # the same W&B run (same id) got the tables and the summary
+    run_id = (tmp_path / "run" / "wandb_id").read_text().strip()
+    files = sorted((tmp_path / "run").glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2  # the training run and its resumption by ft.examples
+    wandb = Path(sys.executable).with_name("wandb")
+    out = subprocess.run([str(wandb), "leet", "inspect", "--summary", "--json", str(files[-1])],
+                         capture_output=True, text=True, timeout=120, check=True)
+    s = json.loads(out.stdout)["summary"]
+    assert s["examples/best_sentence_mean"] == pytest.approx(best.mean(), rel=1e-5)
+    assert s["examples/examples"]["_type"] == "table-file" and s["examples/comparison"]["nrows"] == len(targets)
     from ft.report import build_report
 
     html = build_report([str(tmp_path / "run")], tmp_path / "r.html", words=0).read_text()
