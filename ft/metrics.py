@@ -17,7 +17,7 @@ from torchmetrics.functional import pairwise_cosine_similarity
 
 from ft.module import TextualizationModule, full_sequence, objective
 from ft.targets import Target
-from ft.vocab import Vocabulary
+from ft.vocab import Vocabulary, WordStats, word_stats
 
 TOP_N = 20
 
@@ -28,7 +28,14 @@ class VocabFacts:
 
     vocab: Vocabulary
     word_vectors: torch.Tensor  # [V', hidden]: words through the embedding layer (analysis space)
-    word_objective: torch.Tensor  # [V', targets]: each target's objective for each single word
+    words: WordStats  # per target: most activating word, target word's activation
+
+    @classmethod
+    def build(cls, vocab: Vocabulary, word_vectors: torch.Tensor, sweeps: dict[str, torch.Tensor],
+              model: torch.nn.Module, targets: Sequence[Target]) -> VocabFacts:
+        row_of = vocab.row_of()
+        rows = [None if t.target_word is None else row_of[t.target_word] for t in targets]
+        return cls(vocab, word_vectors, word_stats(sweeps, model, [t.sites for t in targets], rows))
 
 
 class TextualizationSummary(Metric):
@@ -99,6 +106,23 @@ def closest_words(
     return cos, top.values, top.indices
 
 
+def closest_in_chunks(
+    analysis: torch.Tensor, word_vectors: torch.Tensor, target_rows: Sequence[int | None],
+    n: int = TOP_N, chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`closest_words` a chunk of targets at a time (never [targets, V'] at once): top-n
+    cosines and rows, and each target word's cosine and rank (NaN / 0 without one)."""
+    tops, rows, tw_cos, tw_rank = [], [], [], []
+    for start in range(0, len(analysis), chunk):
+        cos, top_cos, top_rows = closest_words(analysis[start : start + chunk], word_vectors, n)
+        tops.append(top_cos)
+        rows.append(top_rows)
+        for j, w in enumerate(target_rows[start : start + chunk]):
+            tw_cos.append(float("nan") if w is None else float(cos[j, w]))
+            tw_rank.append(0 if w is None else int((cos[j] > cos[j, w]).sum()) + 1)
+    return torch.cat(tops), torch.cat(rows), torch.tensor(tw_cos), torch.tensor(tw_rank)
+
+
 @torch.no_grad()
 def measure_inputs(module: TextualizationModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 (embeds [T, l, H], analysis [T, l, H], objective [T]) by a fresh forward pass."""
@@ -160,8 +184,10 @@ def evaluate(
     embeds, analysis, obj = measure_inputs(module)
     tok = module.position - 1  # which optimized token the metrics look at
     a_tok = analysis[:, tok]
-    cos, top_cos, top_rows = closest_words(a_tok, facts.word_vectors)
-    maw_act, maw_row = facts.word_objective.max(dim=0)
+    row_of = facts.vocab.row_of()
+    word_rows = [None if t.target_word is None else row_of[t.target_word] for t in targets]
+    top_cos, top_rows, tw_cos, tw_rank = closest_in_chunks(a_tok, facts.word_vectors, word_rows)
+    maw_act, maw_row = facts.words.max_activation, facts.words.max_row
     raw_norm = embeds[:, tok].norm(dim=-1)
     word_raw_max = module.word_embeddings.detach().float().norm(dim=-1).max().cpu()
     diverged = ~torch.isfinite(obj) | ~torch.isfinite(raw_norm) | module.diverged.cpu()
@@ -173,7 +199,6 @@ def evaluate(
     steps = module.steps_per_target().cpu()
     snapped_rows, snapped_act = snap(module, facts, analysis)
     entropy = token_entropy(module)
-    row_of = facts.vocab.row_of()
     tokens = facts.vocab.tokens
     rows = []
     for t, target in enumerate(targets):
@@ -210,11 +235,10 @@ def evaluate(
             "runaway": bool(runaway[t]),
         }
         if target.target_word is not None:
-            w = row_of[target.target_word]
-            rank = int((cos[t] > cos[t, w]).sum()) + 1
+            rank = int(tw_rank[t])
             row.update(
-                target_word_activation=float(facts.word_objective[w, t]),
-                target_word_cos=float(cos[t, w]),
+                target_word_activation=float(facts.words.at_target_word[t]),
+                target_word_cos=float(tw_cos[t]),
                 target_word_rank=rank,
                 target_in_top1=rank == 1,
                 target_in_top20=rank <= TOP_N,

@@ -29,7 +29,7 @@ from ft.sites import POINTS
 from ft.strategy import choose_strategy, shard_rows
 from ft.targets import Target, group_targets, neuron_targets, number_targets, with_restarts
 from ft.tracking import build_loggers, format_table, log_summary
-from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
+from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep
 
 log = logging.getLogger("ft")
 
@@ -187,11 +187,9 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     point = cfg.target.point
     sweep = load_or_sweep(encoder, vocab, point, position=1, use_cache=cfg.cache)
     targets = select_targets(cfg, build_targets(cfg, encoder, vocab, sweep))
-    facts = VocabFacts(
-        vocab=vocab,
-        word_vectors=analysis_vectors(encoder, vocab, cfg.position),
-        word_objective=vocab_objective({point: sweep}, encoder.model, [t.sites for t in targets]),
-    )
+    facts = VocabFacts.build(vocab, analysis_vectors(encoder, vocab, cfg.position), {point: sweep},
+                             encoder.model, targets)
+    del sweep  # ~1 GB for bert-base: not needed past this point
     module = build_module(cfg, encoder, targets, facts)
     module.facts = facts
     rank0 = pl.utilities.rank_zero_only.rank == 0

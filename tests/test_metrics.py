@@ -7,7 +7,7 @@ from ft.inputs import build_input
 from ft.metrics import VocabFacts, evaluate, summarize
 from ft.module import TextualizationModule
 from ft.targets import group_targets, neuron_targets
-from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
+from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep
 
 
 @pytest.fixture
@@ -20,8 +20,7 @@ def finished(tiny, tmp_path):
     targets = neuron_targets(tiny.model, sites=["layer.0.ffn_out.5", "layer.1.ffn_out.9"])
     targets += group_targets(tiny.model, vocab, tiny.tokenizer, sweep, k=6, words=["sofa", "river"])
     lists = [t.sites for t in targets]
-    facts = VocabFacts(vocab, analysis_vectors(tiny, vocab), vocab_objective({"ffn_out": sweep},
-                                                                             tiny.model, lists))
+    facts = VocabFacts.build(vocab, analysis_vectors(tiny, vocab), {"ffn_out": sweep}, tiny.model, targets)
     inputs = build_input("embedding", range(len(targets)), tiny.word_embeddings)
     m = TextualizationModule(tiny.model, lists, inputs, partial(torch.optim.Adam, lr=0.05),
                              vocab.cls_id, vocab.sep_id, stop_when_converged=False)

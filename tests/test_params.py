@@ -76,15 +76,16 @@ def test_snapped_activation_equals_fresh_forward(tiny, tmp_path, kind):
     vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
     sweep = load_or_sweep(tiny, vocab, "ffn_out")
     word_obj = vocab_objective({"ffn_out": sweep}, tiny.model, SITES)
-    facts = VocabFacts(vocab, analysis_vectors(tiny, vocab), word_obj)
-    m = fit(module(tiny, kind, partial(torch.optim.Adam, lr=0.1)), 10, tmp_path)
     from ft.targets import Target
 
-    df, _ = evaluate(m, [Target("neuron", s) for s in SITES], facts)
+    targets = [Target("neuron", s) for s in SITES]
+    facts = VocabFacts.build(vocab, analysis_vectors(tiny, vocab), {"ffn_out": sweep}, tiny.model, targets)
+    m = fit(module(tiny, kind, partial(torch.optim.Adam, lr=0.1)), 10, tmp_path)
+    df, _ = evaluate(m, targets, facts)
     for t, row in df.iterrows():
         r = vocab.tokens.index(row.snapped_tokens[0])
         # independent: the vocabulary sweep's activation for that single word
-        assert row.snapped_activation == pytest.approx(float(facts.word_objective[r, t]), rel=1e-4, abs=1e-5)
+        assert row.snapped_activation == pytest.approx(float(word_obj[r, t]), rel=1e-4, abs=1e-5)
         assert row.snap_gap == pytest.approx(row.objective - row.snapped_activation, abs=1e-6)
         if kind == "softmax":
             assert row.snapped_tokens[0] == vocab.tokens[int(m.inputs.x[t, 0, vocab.ids].argmax())]

@@ -1,5 +1,6 @@
 import logging
 
+import pytest
 import torch
 
 from ft.sites import Site
@@ -59,3 +60,32 @@ def test_vocab_objective_is_mean_over_sites(tiny):
     obj = vocab_objective({"ffn_out": sweep}, tiny.model, lists)
     torch.testing.assert_close(obj[:, 0], sweep[:, 0, 1])
     torch.testing.assert_close(obj[:, 1], (sweep[:, 1, 2] + sweep[:, 0, 4]) / 2)
+
+
+def test_word_stats_in_chunks_equal_the_full_matrix(tiny):
+    """Bounded memory changes nothing: chunked reductions == the full [V', targets] matrix."""
+    from ft.metrics import closest_in_chunks, closest_words
+    from ft.sites import Site
+    from ft.vocab import word_stats
+
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    sweep = load_or_sweep(tiny, vocab, "ffn_out")
+    lists = [[Site(layer, "ffn_out", u)] for layer in (0, 1) for u in range(0, 32, 3)]
+    lists += [[Site(0, "ffn_out", 1), Site(1, "ffn_out", 2)]]
+    rows = [None if i % 3 else i for i in range(len(lists))]
+    full = vocab_objective({"ffn_out": sweep}, tiny.model, lists)
+    stats = word_stats({"ffn_out": sweep}, tiny.model, lists, rows, budget_bytes=4 * len(vocab) * 2 * 3)
+    torch.testing.assert_close(stats.max_activation, full.max(0).values)
+    assert torch.equal(stats.max_row, full.max(0).indices)
+    for t, w in enumerate(rows):
+        assert (w is None and stats.at_target_word[t].isnan()) or float(stats.at_target_word[t]) == float(full[w, t])
+    a = torch.randn(len(lists), tiny.hidden_size)
+    vecs = analysis_vectors(tiny, vocab)
+    top_cos, top_rows, tw_cos, tw_rank = closest_in_chunks(a, vecs, rows, n=5, chunk=4)
+    cos, ref_cos, ref_rows = closest_words(a, vecs, 5)
+    torch.testing.assert_close(top_cos, ref_cos)
+    assert torch.equal(top_rows, ref_rows)
+    for t, w in enumerate(rows):
+        if w is not None:
+            assert float(tw_cos[t]) == pytest.approx(float(cos[t, w]))
+            assert int(tw_rank[t]) == int((cos[t] > cos[t, w]).sum()) + 1
