@@ -153,3 +153,14 @@ def test_three_shards_merge_into_the_unsharded_run(tiny_dir, tmp_path):
 def test_scheduler_and_sgd_configs(tiny_dir, tmp_path):
     df, _ = small_run(tiny_dir, tmp_path, "sched", "scheduler=cosine", "optim=sgd", "input=onehot")
     assert len(df) == 4 and df.steps.eq(12).all()
+
+
+def test_active_target_count_is_logged(tiny_dir, tmp_path):
+    """Freezing converged targets shows in the logged curve of active targets."""
+    import pandas as pd
+
+    small_run(tiny_dir, tmp_path, "frz", "engine.freeze_converged=true", "engine.converge_window=2",
+              "engine.converge_tol=10.0", "engine.stop_when_converged=false", "trainer.log_every_n_steps=1")
+    hist = pd.read_csv(next((tmp_path / "frz" / "csv").rglob("metrics.csv"))).dropna(subset=["engine/active_targets"])
+    active = hist["engine/active_targets"].tolist()
+    assert active[0] == 4 and active[-1] == 0  # default on the tiny model: 2 per layer x 2 layers

@@ -6,7 +6,8 @@ import pytorch_lightning as pl
 
 
 class ActivationCurves(pl.Callback):
-    """Logs `act/mean|min|max` every step and `act_target/tNNNN` for the first targets."""
+    """Logs `act/mean|min|max` every step, `act_target/tNNNN` for the first targets, and
+    `engine/active_targets`: how many still move (the rest converged and were frozen, or diverged)."""
 
     def __init__(self, max_targets: int = 16):
         self.max_targets = max_targets
@@ -19,5 +20,8 @@ class ActivationCurves(pl.Callback):
         metrics = {"act/mean": obj.mean(), "act/min": obj.min(), "act/max": obj.max()}
         for t in range(min(self.max_targets, obj.numel())):
             metrics[f"act_target/t{t:04d}"] = obj[t]
+        frozen = getattr(pl_module, "frozen", None)
+        if frozen is not None:
+            metrics["engine/active_targets"] = (~frozen).sum().float()
         pl_module.log("act/mean", metrics.pop("act/mean"), prog_bar=True, on_step=True)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
