@@ -119,7 +119,9 @@ class FastSiteReader:
             h = h[:n_all]
             if layer == 0 and const_ends and S > 2:
                 ends = F.linear(h[:1, [0, S - 1]].detach(), L.wqkv, L.bqkv)
-                mid = F.linear(h[:, 1:-1], L.wqkv, L.bqkv)
+                # a 2-D matmul: a strided 3-D slice would make F.linear fall back to a batched
+                # matmul with the weight repeated per row (~30x slower)
+                mid = F.linear(h[:, 1:-1].reshape(-1, H), L.wqkv, L.bqkv).view(n_all, S - 2, -1)
                 qkv = torch.cat([ends[:, :1].expand(n_all, 1, -1), mid, ends[:, 1:].expand(n_all, 1, -1)], 1)
             else:
                 qkv = F.linear(h, L.wqkv, L.bqkv)
