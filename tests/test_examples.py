@@ -136,6 +136,8 @@ def test_local_search_labels_follow_thresholds_and_mlm_path(tiny, tiny_dir, corp
     assert isinstance(subs, MaskedLM) and subs.name == f"mlm:{mlm_dir}"
     auto = build_substitutes("auto", tiny, str(tiny_dir))  # the tiny BertModel has no MLM head
     assert isinstance(auto, NearestEmbeddings)
+    own = build_substitutes("auto", tiny, str(mlm_dir))  # an analysed model with its own MLM head
+    assert isinstance(own, MaskedLM) and own.name == f"mlm:{mlm_dir}"
     with pytest.raises(ModelNotFoundError):
         build_substitutes(str(tmp_path / "nope"), tiny, str(tiny_dir))
     small = tmp_path / "small"
