@@ -25,6 +25,7 @@ import json
 import logging
 import string
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,7 +317,12 @@ def log_to_wandb(run_dir: Path, df: pd.DataFrame, compare: pd.DataFrame, summary
         return None
     import wandb
 
-    run = wandb.init(id=id_file.read_text().strip(), resume="allow", dir=str(run_dir), mode=mode, project="ft")
+    run_id = id_file.read_text().strip()
+    # W&B names an offline run's folder by its start second: a resumption within the same second
+    # would reuse the training run's folder, so wait for the next second
+    if any(time.time() - d.stat().st_mtime < 2 for d in (run_dir / "wandb").glob(f"*-{run_id}")):
+        time.sleep(2)
+    run = wandb.init(id=run_id, resume="allow", dir=str(run_dir), mode=mode, project="ft")
     try:
         table = df.drop(columns=["tokens"]).head(5000).astype({"drop": float})
         run.log({"examples/examples": wandb.Table(dataframe=table),

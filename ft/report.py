@@ -62,6 +62,26 @@ function drawCompare(){const xs=document.getElementById('cmp-x').value,ys=docume
 """
 
 
+
+_NAMES: dict[str, str] = {}
+
+
+def name_runs(paths: list[str]) -> None:
+    """Short, unique display names: the folder name, with as many parent folders as it
+    takes to tell runs apart (two sweeps both have a run `000`)."""
+    _NAMES.clear()
+    parts = {p: Path(p).resolve().parts for p in paths}
+    for p, pp in parts.items():
+        for n in range(1, len(pp) + 1):
+            name = "/".join(pp[-n:])
+            if sum("/".join(q[-n:]) == name for q in parts.values()) == 1:
+                break
+        _NAMES[p] = name
+
+
+def run_name(path: str) -> str:
+    return _NAMES.get(str(path), Path(path).name)
+
 def fmt(v: object, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "—"
@@ -107,7 +127,7 @@ def section_table1(targets: pd.DataFrame, runs: pd.DataFrame) -> str:
     rows, keys = [], {}
     for i, (run, d) in enumerate(neurons.groupby("run", sort=False)):
         info = runs.set_index("run").loc[run]
-        rows.append({"run": Path(run).name, "experiment": info.experiment, "input": info.input,
+        rows.append({"run": run_name(run), "experiment": info.experiment, "input": info.input,
                      "optimizer": info.optimizer, "neurons": len(d),
                      "activation (optimized)": ms(d.objective),
                      "activation (most activating word)": ms(d.most_activating_word_activation),
@@ -134,12 +154,12 @@ def section_layers(targets: pd.DataFrame) -> str:
         layers = list(per.groups)
         act = chart({"optimized input": (layers, list(per.objective.mean())),
                      "most activating word": (layers, list(per.most_activating_word_activation.mean()))},
-                    f"Fig. 2-3 activation per layer — {Path(run).name}", "layer", "activation",
-                    chart_id=f"fig3-{Path(run).name}")
+                    f"Fig. 2-3 activation per layer — {run_name(run)}", "layer", "activation",
+                    chart_id=f"fig3-{run_name(run)}")
         cos = chart({"closest-word cosine": (layers, list(per.closest_cos.apply(
             lambda s: float(np.mean([c[0] for c in s])))))},
-            f"Fig. 4 closest-word cosine per layer — {Path(run).name}", "layer", "cosine",
-            chart_id=f"fig4-{Path(run).name}")
+            f"Fig. 4 closest-word cosine per layer — {run_name(run)}", "layer", "cosine",
+            chart_id=f"fig4-{run_name(run)}")
         first = d.closest_cos.map(lambda c: c[0])
         figs.append(f'<div class="figs">{act}{cos}</div><p>optimized: {regression(d.layer, d.objective)}; '
                     f"most activating word: {regression(d.layer, d.most_activating_word_activation)}; "
@@ -166,7 +186,7 @@ def section_groups(targets: pd.DataFrame) -> str:
     rows, keys = [], {}
     for i, ((run, sel, k), d) in enumerate(groups.groupby(["run", "selection", "k"], sort=False)):
         paper = PAPER_TABLE4.get((sel, int(k)), (None, None))
-        rows.append({"run": Path(run).name, "selection": sel, "k": int(k), "groups": len(d),
+        rows.append({"run": run_name(run), "selection": sel, "k": int(k), "groups": len(d),
                      "cos(optimized, target word)": ms(d.target_word_cos),
                      "activation (optimized)": ms(d.objective),
                      "activation (target word)": ms(d.target_word_activation),
@@ -227,7 +247,7 @@ def section_curves(runs: pd.DataFrame) -> str:
         c = read_curves(p)
         if c is not None and len(c):
             m = c.groupby("step").objective.mean()
-            series[Path(p).name] = (list(m.index), list(m.values))
+            series[run_name(p)] = (list(m.index), list(m.values))
     if not series:
         return '<p class="note">No activation curves recorded in these runs.</p>'
     return chart(series, "Mean activation over steps", "step", "activation", chart_id="curves")
@@ -243,7 +263,7 @@ def section_compare(runs: pd.DataFrame) -> str:
     svg = '<svg id="compare-svg" viewBox="0 0 560 320" width="560" height="320" xmlns="http://www.w3.org/2000/svg"></svg>'
     rows = runs[["run", *configs, *metrics]].to_dict("records")
     for r in rows:
-        r["run"] = Path(r["run"]).name
+        r["run"] = run_name(r["run"])
     return controls + "<br>" + svg + table(rows, ["run", *configs, *metrics], "runs-table")
 
 
@@ -272,7 +292,7 @@ def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> st
                                     "substitutes_from") if c in ex]
                 if len(ex):
                     parts.append("<p>dataset examples</p>" + table(ex[cols].to_dict("records"), cols))
-            out.append(f"<details><summary>{escape(Path(p).name)} · {escape(name)}</summary>{''.join(parts)}</details>")
+            out.append(f"<details><summary>{escape(run_name(p))} · {escape(name)}</summary>{''.join(parts)}</details>")
     return "".join(out) or '<p class="note">No targets.</p>'
 
 
@@ -281,6 +301,7 @@ def build_report(paths: list[str], out: str | Path = "report.html", words: int =
     targets, runs = load_runs(paths)
     if runs.empty:
         raise SystemExit(f"error: no run directories under {paths}")
+    name_runs([str(p) for p in runs.path])
     runs_json = runs.replace({np.nan: None}).to_json(orient="records")
     body = [f"<h1>ft report</h1><p>{len(runs)} runs, {len(targets)} targets · {time.strftime('%Y-%m-%d %H:%M')}</p>",
             '<pre id="js-errors"></pre>',

@@ -83,3 +83,12 @@ def test_wandb_workspace_builds_offline():
     assert "final/activation_mean" in text and "group/target_top1_rate" in text
     report = build_wandb_report("someone", "ft")
     assert len(report.blocks) > 5
+
+
+def test_runs_of_two_sweeps_get_distinct_names():
+    from ft.report import name_runs, run_name
+
+    paths = ["/r/sweep-a/000", "/r/sweep-b/000", "/r/sweep-a/001", "/r/default"]
+    name_runs(paths)
+    names = [run_name(p) for p in paths]
+    assert names == ["sweep-a/000", "sweep-b/000", "001", "default"] and len(set(names)) == 4
