@@ -237,6 +237,9 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
     text = load_corpus(corpus, encoder.tokenizer, max_tokens)
     subs = build_substitutes(mlm, encoder, cfg.model.name_or_path) if substitutes else None
     ngram = int(cfg.input.length) if ngram is None else ngram
+    if ngram and not 1 <= int(cfg.position) <= ngram:
+        raise ConfigError(f"ngram={ngram}: the run reads position {cfg.position}; valid: 0 (off) or "
+                          f">= {cfg.position}")
     scores, sent, anchor = corpus_search(scorer, text, top_n)
     grams = ngram_search(scorer, text, ngram, int(cfg.position), top_n, tokens) if ngram else None
     rows: list[dict] = []
