@@ -99,23 +99,25 @@ class TargetScorer:
         return torch.cat(out)
 
 
+def merge_top(scores: torch.Tensor, payloads: list[torch.Tensor], new_scores: torch.Tensor,
+              new_payloads: list[torch.Tensor], n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Keep the n best per row of `scores` [targets, m] (and their payloads) after adding a batch."""
+    scores = torch.cat([scores, new_scores], 1)
+    scores, keep = scores.topk(min(n, scores.shape[1]), dim=1)
+    return scores, [torch.cat([p, q], 1).gather(1, keep) for p, q in zip(payloads, new_payloads, strict=True)]
+
+
 def corpus_search(scorer: TargetScorer, corpus: Corpus, top_n: int) -> tuple[torch.Tensor, ...]:
     """Per target the top-n sentences by max over positions: (scores, sentence, anchor) [targets, n]."""
     n_targets = scorer.M.shape[1]
     scores = torch.full((n_targets, 0), -float("inf"))
-    sent = torch.zeros((n_targets, 0), dtype=torch.long)
-    anchor = torch.zeros((n_targets, 0), dtype=torch.long)
+    kept = [torch.zeros((n_targets, 0), dtype=torch.long)] * 2  # sentence, anchor
     order = sorted(range(len(corpus)), key=lambda i: len(corpus.ids[i]))  # little padding
     for i in tqdm(range(0, len(order), scorer.batch_size), desc="corpus search", unit="batch"):
         idx = order[i : i + scorer.batch_size]
         best, pos = scorer.batch([corpus.ids[j] for j in idx]).max(dim=1)  # [B, targets]
-        scores = torch.cat([scores, best.T], 1)
-        sent = torch.cat([sent, torch.tensor(idx).expand(n_targets, -1)], 1)
-        anchor = torch.cat([anchor, pos.T], 1)
-        k = min(top_n, scores.shape[1])
-        scores, keep = scores.topk(k, dim=1)
-        sent, anchor = sent.gather(1, keep), anchor.gather(1, keep)
-    return scores, sent, anchor
+        scores, kept = merge_top(scores, kept, best.T, [torch.tensor(idx).expand(n_targets, -1), pos.T], top_n)
+    return scores, kept[0], kept[1]
 
 
 def ngram_search(scorer: TargetScorer, corpus: Corpus, n: int, position: int, top_n: int,
@@ -130,16 +132,15 @@ def ngram_search(scorer: TargetScorer, corpus: Corpus, n: int, position: int, to
     found = list(grams)
     if not found:
         raise ConfigError(f"the corpus has no whole-word {n}-grams; use a larger corpus or ngram=0")
-    scores = torch.full((scorer.M.shape[1], 0), -float("inf"))
-    which = torch.zeros((scorer.M.shape[1], 0), dtype=torch.long)
+    n_targets = scorer.M.shape[1]
+    scores = torch.full((n_targets, 0), -float("inf"))
+    which = [torch.zeros((n_targets, 0), dtype=torch.long)]
     step = scorer.batch_size * 4
     for i in tqdm(range(0, len(found), step), desc=f"{n}-gram search", unit="batch"):
         vals = scorer.batch(found[i : i + step])[:, position - 1]  # [B, targets]
-        scores = torch.cat([scores, vals.T], 1)
-        which = torch.cat([which, torch.arange(i, i + len(vals)).expand(len(scores), -1)], 1)
-        scores, keep = scores.topk(min(top_n, scores.shape[1]), dim=1)  # memory stays bounded
-        which = which.gather(1, keep)
-    return found, scores, which
+        scores, which = merge_top(scores, which, vals.T, [torch.arange(i, i + len(vals)).expand(n_targets, -1)],
+                                  top_n)  # memory stays bounded
+    return found, scores, which[0]
 
 
 @dataclass

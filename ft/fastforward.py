@@ -104,8 +104,9 @@ class FastSiteReader:
         if row_top is None:
             row_top = torch.full((n,), self.max_layer, dtype=torch.long)
         order = torch.argsort(row_top.cpu(), descending=True, stable=True)
-        tops = row_top.cpu()[order].tolist()
-        alive = [sum(t >= layer for t in tops) for layer in range(self.max_layer + 2)]
+        # rows that reach each layer (and 0 past the top): a suffix sum of per-layer counts
+        counts = torch.bincount(row_top.cpu(), minlength=self.max_layer + 1)[: self.max_layer + 1]
+        alive = counts.flip(0).cumsum(0).flip(0).tolist() + [0]
         if not bool((order == torch.arange(n)).all()):
             given = given[order.to(device)]
         store: dict[str, list[torch.Tensor]] = {pt: [] for pt in self.points}

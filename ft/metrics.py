@@ -152,8 +152,7 @@ def snap(module: TextualizationModule, facts: VocabFacts,
         rows = logits.float().cpu()[..., facts.vocab.ids].argmax(dim=-1)
     else:
         flat = analysis.reshape(-1, analysis.shape[-1])
-        rows = torch.cat([closest_words(flat[i : i + 1024], facts.word_vectors, 1)[2]
-                          for i in range(0, len(flat), 1024)]).reshape(analysis.shape[:2])
+        rows = closest_in_chunks(flat, facts.word_vectors, [None] * len(flat), n=1)[1].reshape(analysis.shape[:2])
     ids = facts.vocab.ids[rows].to(module.word_embeddings.device)
     W = module.word_embeddings.float()
     acts = []

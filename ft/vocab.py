@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,19 +117,27 @@ def load_or_sweep(
     return acts
 
 
+def objective_chunks(
+    sweeps: dict[str, torch.Tensor], model: torch.nn.Module, site_lists: Sequence[Sequence[Site]],
+    budget_bytes: int = 2**27,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first target, [V', chunk]): each target's objective (mean over its sites) for every
+    single word, a chunk of targets at a time so the [V', chunk, sites] gather fits `budget_bytes`."""
+    index = SiteIndex(model, site_lists, max_layer=num_layers(model) - 1)
+    if len(index.points) == 1:  # a view of the sweep, not a copy
+        flat = sweeps[index.points[0]].flatten(1)
+    else:
+        flat = index.flatten({p: sweeps[p] for p in index.points})
+    step = max(1, budget_bytes // (4 * flat.shape[0] * index.index.shape[1]))
+    for start in range(0, len(site_lists), step):
+        yield start, (flat[:, index.index[start : start + step]] * index.weight[start : start + step]).sum(-1)
+
+
 def vocab_objective(
     sweeps: dict[str, torch.Tensor], model: torch.nn.Module, site_lists: Sequence[Sequence[Site]]
 ) -> torch.Tensor:
-    """[V', targets]: each target's objective (mean over its sites) for every single word."""
-    index = SiteIndex(model, site_lists, max_layer=num_layers(model) - 1)
-    flat = index.flatten({p: sweeps[p] for p in index.points})  # [V', total]
-    cols = []
-    step = max(1, 2**24 // (flat.shape[0] * index.index.shape[1]))  # bounds the [V', chunk, k] gather
-    for start in range(0, len(site_lists), step):
-        idx = index.index[start : start + step]
-        w = index.weight[start : start + step]
-        cols.append((flat[:, idx] * w).sum(-1))  # [V', chunk]
-    return torch.cat(cols, dim=1)
+    """[V', targets]: the whole matrix (small models and tests; runs use `word_stats`)."""
+    return torch.cat([obj for _, obj in objective_chunks(sweeps, model, site_lists)], dim=1)
 
 
 @dataclass
@@ -147,20 +155,12 @@ def word_stats(
 ) -> WordStats:
     """`vocab_objective` reduced target chunk by target chunk: memory stays at `budget_bytes`
     however many targets (the full [V', targets] matrix is 1.1 GB for bert-base's 9,216 neurons)."""
-    index = SiteIndex(model, site_lists, max_layer=num_layers(model) - 1)
-    if len(index.points) == 1:  # a view of the sweep, not a copy
-        flat = sweeps[index.points[0]].flatten(1)
-    else:
-        flat = index.flatten({p: sweeps[p] for p in index.points})
-    V, k = flat.shape[0], index.index.shape[1]
-    step = max(1, budget_bytes // (4 * V * k))
     best, rows, at_word = [], [], []
-    for start in range(0, len(site_lists), step):
-        obj = (flat[:, index.index[start : start + step]] * index.weight[start : start + step]).sum(-1)
+    for start, obj in objective_chunks(sweeps, model, site_lists, budget_bytes):
         value, row = obj.max(dim=0)
         best.append(value)
         rows.append(row)
-        for j, w in enumerate(target_rows[start : start + step]):
+        for j, w in enumerate(target_rows[start : start + obj.shape[1]]):
             at_word.append(float("nan") if w is None else float(obj[w, j]))
     return WordStats(torch.cat(best), torch.cat(rows), torch.tensor(at_word))
 

@@ -10,8 +10,7 @@ from ft.dashboard import build_report as build_wandb_report
 from ft.dashboard import build_workspace
 from ft.report import build_report
 from ft.results import load_runs, read_targets
-from ft.train import run
-from tests.test_train import compose_cfg, tiny_overrides
+from tests.test_train import compose_cfg, run_isolated, tiny_overrides
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -20,12 +19,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 @pytest.fixture(scope="module")
 def runs(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FT_CACHE_DIR", str(root / "cache"))
-    mp.setenv("WANDB_MODE", "offline")
-    for exp, extra in (("default", []), ("group_k10", []), ("group_k10_abs", [])):
-        run(compose_cfg(tiny_overrides(tiny_dir, exp, steps=8) + extra), root / exp)
-    mp.undo()
+    for exp in ("default", "group_k10", "group_k10_abs"):
+        run_isolated(compose_cfg(tiny_overrides(tiny_dir, exp, steps=8)), root / exp, root)
     return root
 
 

@@ -52,16 +52,20 @@ def test_experiment_smoke(experiment, tiny_dir, tmp_path):
         assert df.kind.eq("neuron").all() and set(df.layer) == {0, 1}
 
 
+def run_isolated(cfg, run_dir: Path, cache_root: Path) -> dict:
+    """`run` for module-scoped fixtures, which the per-test isolation fixture does not reach:
+    its own cache, W&B offline."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FT_CACHE_DIR", str(cache_root / "cache"))
+        mp.setenv("WANDB_MODE", "offline")
+        return run(cfg, run_dir)
+
+
 @pytest.fixture(scope="module")
 def group_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("grouprun")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FT_CACHE_DIR", str(out / "cache"))
-    mp.setenv("WANDB_MODE", "offline")
     cfg = compose_cfg(tiny_overrides(tiny_dir, "group_k10", steps=30) + ["target.words=[sofa,river,piano]"])
-    summary = run(cfg, out / "run")
-    mp.undo()
-    return out / "run", summary
+    return out / "run", run_isolated(cfg, out / "run", out)
 
 
 def test_run_directory_contract(group_run):
