@@ -16,7 +16,7 @@ the read position):
 
     forward_j = 2 · ( n_j·S·3H²                   fused Q, K, V (layer 0: n_0·(S-2)·3H² + 2·3H²,
                                                    [CLS]/[SEP] are the same in every row)
-                    + 2·H·(g_j·S² + e_j·S)         scores and weighted values
+                    + 2·H·n_j·S²                   scores and weighted values (all positions)
                     + (g_j·S + e_j)·(H² + 2·H·I) ) attention output, FFN in and out
     backward  = forward, except the attention products: 2x (both operands are activations);
                 only activation gradients: the encoder is frozen
@@ -97,7 +97,7 @@ def engine_flops(module: TextualizationModule, cfg: BertConfig, length: int = 1)
                 e = n - g
                 qkv_tokens = n * S if j else n * (S - 2)  # layer 0: [CLS]/[SEP] projected once
                 linear += 2 * (qkv_tokens * 3 * H * H + (g * S + e) * (H * H + 2 * H * inter))
-                attention += 4 * H * (g * S * S + e * S)
+                attention += 4 * H * n * S * S  # every query position of every row
             ends = 2 * 2 * 3 * H * H  # forward only: constants need no gradient
         else:
             linear = 2 * c * (index.max_layer + 1) * S * (4 * H * H + 2 * H * inter)

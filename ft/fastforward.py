@@ -4,8 +4,10 @@ Same arithmetic as Hugging Face's `BertLayer` (eval mode, no padding mask), orga
 activation maximization on short inputs:
 - the query, key and value projections run as one fused matmul;
 - each row stops at its own highest needed layer, and in that layer only the read
-  position needs its attention output and FFN (the other positions only give keys and
-  values): about 55% less work in a row's top layer;
+  position goes on to the attention output and FFN (the other positions only give keys
+  and values): about 55% less work in a row's top layer;
+- short inputs attend by broadcasting (no per-(row, head) kernel set-up), and the sites
+  are gathered straight from each layer's activations (`read_sites`);
 - rows that stop at different layers share one pass whose batch shrinks as it climbs,
   so every matmul is as large as the batch allows.
 
@@ -15,13 +17,13 @@ a model has the standard BERT layer structure this relies on (otherwise use the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ft.sites import POINTS, num_layers
+from ft.sites import POINTS, SiteIndex, num_layers
 
 
 def supports(model: nn.Module) -> bool:
@@ -68,15 +70,80 @@ def _layers(model: nn.Module) -> list[_Layer]:
     return cache[1]
 
 
-def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    n, s, h = t.shape
-    return t.view(n, s, heads, h // heads).transpose(1, 2)
+def _attend(qkv: torch.Tensor, heads: int, sdpa: bool) -> torch.Tensor:
+    """Self-attention of every position, from fused [n, S, 3H] projections: [n, S, H].
+    For short sequences plain broadcasting beats the fused kernel's per-(row, head) setup."""
+    n, S, H3 = qkv.shape
+    H = H3 // 3
+    d = H // heads
+    t = qkv.view(n, S, 3, heads, d)
+    if sdpa:
+        q, k, v = t.permute(2, 0, 3, 1, 4).unbind(0)  # [n, heads, S, d] each
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, S, H)
+    q, k, v = t.unbind(2)  # [n, S, heads, d] each
+    scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * d**-0.5  # [n, S_q, S_k, heads]
+    weights = scores.softmax(dim=2)
+    return (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2).reshape(n, S, H)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    ctx = F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads))
-    n, _, s, d = ctx.shape
-    return ctx.transpose(1, 2).reshape(n, s, heads * d)
+# up to this many positions the broadcast attention is faster than the fused kernel
+SHORT_SEQUENCE = 8
+
+
+class _Plan:
+    """How a batch of rows with these top layers flows through the layers (built once).
+
+    Rows are sorted by top layer, highest first. At layer j the first n_j rows are present;
+    the first g_j = n_{j+1} go on (they need every position), the other rows end there and
+    need only the read position. The tokens kept after attention are all positions of the
+    go rows, then the read position of the ending rows; `at_p[j]` is each present row's read
+    position in that token list.
+    """
+
+    def __init__(self, row_top: torch.Tensor, max_layer: int, S: int, p: int, device: torch.device):
+        top = row_top.cpu()
+        self.n = len(top)
+        order = torch.argsort(top, descending=True, stable=True)
+        self.sorted = bool((order == torch.arange(self.n)).all())
+        self.order = order.to(device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(self.n)
+        self.inverse = inverse.to(device)
+        counts = torch.bincount(top, minlength=max_layer + 1)[: max_layer + 1]
+        self.alive = counts.flip(0).cumsum(0).flip(0).tolist() + [0]
+        self.keep: list[torch.Tensor | None] = []
+        self.at_p: list[torch.Tensor] = []
+        for j in range(max_layer + 1):
+            n_all, n_go = self.alive[j], self.alive[j + 1]
+            ends = torch.arange(n_go, n_all) * S + p
+            self.keep.append(None if n_go == n_all else
+                             torch.cat([torch.arange(n_go * S), ends]).to(device))
+            self.at_p.append(torch.cat([torch.arange(n_go) * S + p,
+                                        torch.arange(n_go * S, n_go * S + n_all - n_go)]).to(device))
+
+
+class _SiteGather:
+    """Where each site of a `SiteIndex` is found in the lean pass: for every (point, layer),
+    flat offsets into that layer's [tokens, width] activations and the [rows, k] slots they fill."""
+
+    def __init__(self, index: SiteIndex, plan: _Plan, device: torch.device):
+        n, k = index.index.shape
+        real = index.weight > 0
+        rows = torch.arange(n).unsqueeze(1).expand(n, k)[real]
+        slots = (rows * k + torch.arange(k).expand(n, k)[real])
+        flat = index.index[real]
+        sorted_pos = plan.inverse.cpu()[rows]  # each row's place in the sorted batch
+        self.parts: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for pt in index.points:
+            off, width = index.offsets[pt], index.width[pt]
+            inside = (flat >= off) & (flat < off + (index.max_layer + 1) * width)
+            layer, unit = (flat[inside] - off) // width, (flat[inside] - off) % width
+            for j in layer.unique().tolist():
+                sel = layer == j
+                tok = plan.at_p[j].cpu()[sorted_pos[inside][sel]]
+                self.parts[pt, j] = ((tok * width + unit[sel]).to(device), slots[inside][sel].to(device))
+        self.size = n * k
+        self.shape = (n, k)
 
 
 class FastSiteReader:
@@ -84,7 +151,8 @@ class FastSiteReader:
 
     Rows may stop at different layers (`row_top`): they share every layer's matmuls up to
     their own top, so a mixed batch of targets runs as one pass whose batch shrinks as it
-    climbs. Values above a row's top layer are zeros (never read by a `SiteIndex`).
+    climbs. `read` returns whole points (zeros above a row's top layer); `read_sites` only
+    the sites of a `SiteIndex`, which is what optimization needs.
     """
 
     def __init__(self, model: nn.Module, points: Iterable[str], max_layer: int, position: int):
@@ -95,54 +163,68 @@ class FastSiteReader:
         if not 0 <= max_layer < num_layers(model):
             raise ValueError(f"layer {max_layer} out of range; valid 0..{num_layers(model) - 1}")
 
-    def read(self, inputs_embeds: torch.Tensor | None = None, row_top: torch.Tensor | None = None,
-             input_ids: torch.Tensor | None = None, const_ends: bool = False) -> dict[str, torch.Tensor]:
-        """`const_ends`: the first and last positions are the same in every row and need no
-        gradient ([CLS] ... [SEP] from fixed embeddings), so layer 0 projects them once."""
-        given = inputs_embeds if inputs_embeds is not None else input_ids
-        n, p, device = given.shape[0], self.position, given.device
-        if row_top is None:
-            row_top = torch.full((n,), self.max_layer, dtype=torch.long)
-        order = torch.argsort(row_top.cpu(), descending=True, stable=True)
-        # rows that reach each layer (and 0 past the top): a suffix sum of per-layer counts
-        counts = torch.bincount(row_top.cpu(), minlength=self.max_layer + 1)[: self.max_layer + 1]
-        alive = counts.flip(0).cumsum(0).flip(0).tolist() + [0]
-        if not bool((order == torch.arange(n)).all()):
-            given = given[order.to(device)]
-        store: dict[str, list[torch.Tensor]] = {pt: [] for pt in self.points}
-        if inputs_embeds is not None:
-            h = self.model.embeddings(inputs_embeds=given)
-        else:
-            h = self.model.embeddings(input_ids=given)
+    def _pass(self, given: torch.Tensor, plan: _Plan, ids: bool, const_ends: bool
+              ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Run the layers; yield (layer, {point: [kept tokens, width]}) for each layer."""
+        if not plan.sorted:
+            given = given[plan.order]
+        h = self.model.embeddings(input_ids=given) if ids else self.model.embeddings(inputs_embeds=given)
         S, H = h.shape[1], h.shape[2]
         for layer, L in enumerate(_layers(self.model)[: self.max_layer + 1]):
-            n_all, n_go = alive[layer], alive[layer + 1]  # rows at this layer; rows going on
-            h = h[:n_all]
+            n_all, n_go = plan.alive[layer], plan.alive[layer + 1]  # rows here; rows going on
             if layer == 0 and const_ends and S > 2:
-                ends = F.linear(h[:1, [0, S - 1]].detach(), L.wqkv, L.bqkv)
-                # a 2-D matmul: a strided 3-D slice would make F.linear fall back to a batched
+                # [CLS]/[SEP] are the same in every row and need no gradient: project them once.
+                # A 2-D matmul: a strided 3-D slice would make F.linear fall back to a batched
                 # matmul with the weight repeated per row (~30x slower)
+                ends = F.linear(h[:1, [0, S - 1]].detach(), L.wqkv, L.bqkv)
                 mid = F.linear(h[:, 1:-1].reshape(-1, H), L.wqkv, L.bqkv).view(n_all, S - 2, -1)
                 qkv = torch.cat([ends[:, :1].expand(n_all, 1, -1), mid, ends[:, 1:].expand(n_all, 1, -1)], 1)
             else:
                 qkv = F.linear(h, L.wqkv, L.bqkv)
-            q, k, v = qkv.chunk(3, dim=-1)
-            # rows going on need every position; rows ending here only the read position
-            ctx_go = _attend(q[:n_go], k[:n_go], v[:n_go], L.heads)
-            ctx_end = _attend(q[n_go:, p : p + 1], k[n_go:], v[n_go:], L.heads)
-            tokens = torch.cat([ctx_go.reshape(-1, H), ctx_end.reshape(-1, H)])
-            resid = torch.cat([h[:n_go].reshape(-1, H), h[n_go:, p]])
-            a = L.ln1(L.attn_out(tokens) + resid)
+            ctx = _attend(qkv, L.heads, sdpa=S > SHORT_SEQUENCE).reshape(-1, H)
+            resid = h.reshape(-1, H)
+            keep = plan.keep[layer]
+            if keep is not None:  # rows ending here: only their read position goes on
+                ctx, resid = ctx.index_select(0, keep), resid.index_select(0, keep)
+            a = L.ln1(L.attn_out(ctx) + resid)
             act = L.act(L.inter(a))
             out = L.out(act)
             h_tok = L.ln2(out + a)
-            at_p = torch.cat([torch.arange(n_go) * S + p, torch.arange(n_go * S, n_go * S + n_all - n_go)])
-            at_p = at_p.to(device)
-            for pt, t in (("ffn_act", act), ("ffn_out", out), ("resid", h_tok)):
-                if pt in store:
-                    store[pt].append(F.pad(t[at_p], (0, 0, 0, n - n_all)))
-            h = h_tok[: n_go * S].view(n_go, S, H)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(n)
-        inverse = inverse.to(device)
-        return {pt: torch.stack(v, dim=1)[inverse] for pt, v in store.items()}
+            yield layer, {"ffn_act": act, "ffn_out": out, "resid": h_tok}
+            if n_go:
+                h = h_tok[: n_go * S].view(n_go, S, H)
+
+    def read(self, inputs_embeds: torch.Tensor | None = None, row_top: torch.Tensor | None = None,
+             input_ids: torch.Tensor | None = None, const_ends: bool = False) -> dict[str, torch.Tensor]:
+        """{point: [rows, layers, width]}. `const_ends`: the first and last positions are the same
+        in every row and need no gradient ([CLS] ... [SEP] from fixed embeddings)."""
+        given = inputs_embeds if inputs_embeds is not None else input_ids
+        n = given.shape[0]
+        if row_top is None:
+            row_top = torch.full((n,), self.max_layer, dtype=torch.long)
+        plan = _Plan(row_top, self.max_layer, given.shape[1], self.position, given.device)
+        store: dict[str, list[torch.Tensor]] = {pt: [] for pt in self.points}
+        for layer, acts in self._pass(given, plan, inputs_embeds is None, const_ends):
+            for pt in self.points:
+                store[pt].append(F.pad(acts[pt][plan.at_p[layer]], (0, 0, 0, n - plan.alive[layer])))
+        return {pt: torch.stack(v, dim=1)[plan.inverse] for pt, v in store.items()}
+
+    def read_sites(self, inputs_embeds: torch.Tensor, index: SiteIndex, const_ends: bool = False
+                   ) -> torch.Tensor:
+        """[rows, k]: the activation at each of `index`'s sites (0 in its padding slots)."""
+        key = (inputs_embeds.shape[1], self.position, inputs_embeds.device)
+        cache = index.__dict__.setdefault("_fast_plans", {})
+        if key not in cache:
+            plan = _Plan(index.row_top, self.max_layer, key[0], self.position, key[2])
+            cache[key] = (plan, _SiteGather(index, plan, key[2]))
+        plan, gather = cache[key]
+        values, slots = [], []
+        for layer, acts in self._pass(inputs_embeds, plan, False, const_ends):
+            for pt in self.points:
+                if (pt, layer) in gather.parts:
+                    src, dst = gather.parts[pt, layer]
+                    values.append(acts[pt].reshape(-1).index_select(0, src))
+                    slots.append(dst)
+        flat = torch.cat(values)
+        out = flat.new_zeros(gather.size).index_copy(0, torch.cat(slots), flat)
+        return out.view(gather.shape)

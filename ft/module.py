@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from ft.fastforward import FastSiteReader, supports
 from ft.inputs import InputParam
 from ft.sites import Site, SiteIndex, SiteReader
-from ft.strategy import shard_rows
+from ft.strategy import interleave, rank_rows
 
 
 class StepIndices(Dataset):
@@ -63,15 +63,14 @@ def objective(
     forward (`fast`, default: when supported) each row also stops at its own highest layer,
     reading there only `position`.
     """
+    w = index.weight.to(inputs_embeds.device, inputs_embeds.dtype)
     if use_fast_forward(model, fast):
         reader = FastSiteReader(model, index.points, index.max_layer, position)
-        acts = reader.read(inputs_embeds, index.row_top, const_ends=True)
-    else:
-        acts = SiteReader(model, index.points, index.max_layer, position).read(inputs_embeds=inputs_embeds)
+        values = reader.read_sites(inputs_embeds, index, const_ends=True)
+        return (values * w.to(values.dtype)).sum(1)
+    acts = SiteReader(model, index.points, index.max_layer, position).read(inputs_embeds=inputs_embeds)
     flat = index.flatten(acts)
-    idx = index.index.to(flat.device)
-    w = index.weight.to(flat.device, flat.dtype)
-    return (flat.gather(1, idx) * w).sum(1)
+    return (flat.gather(1, index.index.to(flat.device)) * w.to(flat.dtype)).sum(1)
 
 
 def plan_chunks(site_lists: Sequence[Sequence[Site]], chunk_size: int, by_layer: bool = True) -> list[slice]:
@@ -203,7 +202,7 @@ class TextualizationModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         world, rank = self.trainer.world_size, self.trainer.global_rank
         if world > 1 and self.rows == slice(0, len(self.all_site_lists)):
-            self.rows = shard_rows(len(self.all_site_lists), rank, world)
+            self.rows = rank_rows(len(self.all_site_lists), rank, world)
             self.inputs.set_rows(self.inputs.param[self.rows])
             self.history = self.history[:, self.rows].clone()
             self.frozen = self.frozen[self.rows].clone()
@@ -224,12 +223,12 @@ class TextualizationModule(pl.LightningModule):
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
         device = self.inputs.param.device
-        self.inputs.set_rows(torch.cat([p[0] for p in parts]).to(device))
-        self.history = torch.cat([p[1] for p in parts], dim=1).to(device)
-        self.frozen = torch.cat([p[2] for p in parts]).to(device)
-        self.stopped_at = torch.cat([p[3] for p in parts]).to(device)
-        self.curve_values = list(torch.cat([p[4] for p in parts], dim=1))
-        self.diverged = torch.cat([p[5] for p in parts]).to(device)
+        self.inputs.set_rows(interleave([p[0] for p in parts]).to(device))
+        self.history = interleave([p[1] for p in parts], dim=1).to(device)
+        self.frozen = interleave([p[2] for p in parts]).to(device)
+        self.stopped_at = interleave([p[3] for p in parts]).to(device)
+        self.curve_values = list(interleave([p[4] for p in parts], dim=1))
+        self.diverged = interleave([p[5] for p in parts]).to(device)
         self.rows = slice(0, len(self.all_site_lists))
         self._plan_rows()
 

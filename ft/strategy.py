@@ -3,12 +3,13 @@
 Stock DDP is wrong for ft: it broadcasts rank 0's parameters and averages gradients,
 while every rank must optimize different rows of the input. This strategy keeps
 Lightning's process launching and process group, and skips the DDP wrapper (so there is
-no gradient all-reduce). The module takes its shard of rows in `setup` and gathers all
+no gradient all-reduce). The module takes its rows (`rank_rows`) in `setup` and gathers all
 rows back at the end of fit (`TextualizationModule.gather_rows`).
 """
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 from pytorch_lightning.strategies import DDPStrategy, Strategy
 
@@ -29,6 +30,22 @@ def shard_rows(num_rows: int, shard: int, num_shards: int) -> slice:
     base, extra = divmod(num_rows, num_shards)
     start = shard * base + min(shard, extra)
     return slice(start, start + base + (1 if shard < extra else 0))
+
+
+def rank_rows(num_rows: int, rank: int, world: int) -> slice:
+    """The rows rank `rank` of `world` optimizes: every world-th row from `rank`. Targets come
+    sorted by layer, so interleaving gives every rank the same mix of layers (and work)."""
+    return slice(rank, num_rows, world)
+
+
+def interleave(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Inverse of `rank_rows`: part r holds rows r, r + world, ... along `dim`."""
+    world = len(parts)
+    n = sum(p.shape[dim] for p in parts)
+    out = parts[0].new_empty(*parts[0].shape[:dim], n, *parts[0].shape[dim + 1:])
+    for r, p in enumerate(parts):
+        out.narrow(dim, 0, n)[(slice(None),) * dim + (slice(r, n, world),)] = p
+    return out
 
 
 def choose_strategy(trainer_cfg: DictConfig) -> str | Strategy:

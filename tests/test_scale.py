@@ -57,3 +57,16 @@ def test_memory_budget_sets_chunk_rows(tiny, tiny_dir, tmp_path):
     run(compose_cfg(base + ["engine.chunk_size=256"]), tmp_path / "b")
     a, b = read_targets(tmp_path / "a"), read_targets(tmp_path / "b")
     assert ((a.objective - b.objective).abs() <= 1e-4 * b.objective.abs().clip(lower=1e-6)).all()
+
+
+@pytest.mark.parametrize("n,world", [(10, 3), (2, 2), (7, 1), (5, 4), (228, 2)])
+def test_rank_rows_interleave_back_to_target_order(n, world):
+    import torch
+
+    from ft.strategy import interleave, rank_rows
+
+    x = torch.arange(n * 3).view(n, 3)
+    parts = [x[rank_rows(n, r, world)] for r in range(world)]
+    assert sorted(len(p) for p in parts)[-1] - sorted(len(p) for p in parts)[0] <= 1
+    assert torch.equal(interleave(parts), x)
+    assert torch.equal(interleave([p.T for p in parts], dim=1), x.T)
