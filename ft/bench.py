@@ -17,7 +17,10 @@ the read position):
     forward_j = 2 · ( n_j·S·3H²                   fused Q, K, V (layer 0: n_0·(S-2)·3H² + 2·3H²,
                                                    [CLS]/[SEP] are the same in every row)
                     + 2·H·n_j·S²                   scores and weighted values (all positions)
-                    + (g_j·S + e_j)·(H² + 2·H·I) ) attention output, FFN in and out
+                    + (g_j·S + e_j)·(H² + H·I)     attention output, FFN in
+                    + g_j·S·H·I + u_j·I )          FFN out: in their top layer rows ending there
+                                                   need only the u_j units they read (when
+                                                   they read no residual stream)
     backward  = forward, except the attention products: 2x (both operands are activations);
                 only activation gradients: the encoder is frozen
     fast-path preconditioner = 2 · T · l · H² per chunk   (∇e · WᵀW on the whole gradient of
@@ -46,6 +49,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from ft.encoder import Encoder, from_model, load_encoder
+from ft.fastforward import site_plan
 from ft.inputs import build_input, initial_row
 from ft.metrics import measure_inputs
 from ft.module import TextualizationModule, full_sequence
@@ -92,11 +96,16 @@ def engine_flops(module: TextualizationModule, cfg: BertConfig, length: int = 1)
         c = rows.stop - rows.start
         linear = attention = ends = 0.0
         if module.fast:
+            _, gather = site_plan(index, S, module.position, torch.device("cpu"))
             for j in range(index.max_layer + 1):
                 n, g = int((index.row_top >= j).sum()), int((index.row_top > j).sum())
                 e = n - g
                 qkv_tokens = n * S if j else n * (S - 2)  # layer 0: [CLS]/[SEP] projected once
-                linear += 2 * (qkv_tokens * 3 * H * H + (g * S + e) * (H * H + 2 * H * inter))
+                units = gather.end_units[j]  # trimmed top layer: the FFN output at read units only
+                out_tokens = g * S + e if units is None else g * S
+                out_units = 0 if units is None else len(units[0])
+                linear += 2 * (qkv_tokens * 3 * H * H + (g * S + e) * (H * H + H * inter)
+                               + out_tokens * H * inter + out_units * inter)
                 attention += 4 * H * n * S * S  # every query position of every row
             ends = 2 * 2 * 3 * H * H  # forward only: constants need no gradient
         else:

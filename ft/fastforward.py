@@ -123,27 +123,65 @@ class _Plan:
 
 
 class _SiteGather:
-    """Where each site of a `SiteIndex` is found in the lean pass: for every (point, layer),
-    flat offsets into that layer's [tokens, width] activations and the [rows, k] slots they fill."""
+    """Where each site of a `SiteIndex` is found in the lean pass, and what the rows that end
+    at each layer need there.
 
-    def __init__(self, index: SiteIndex, plan: _Plan, device: torch.device):
+    `parts[(source, layer)]` = (flat offsets into that source's [tokens, width] activations,
+    the [rows, k] slots they fill). In a row's top layer the FFN output is only computed for
+    the units it reads (`end_units[layer]`: kept-token index and unit of each, read from the
+    source "ffn_out_end"), unless some row ending there reads the residual stream or many
+    units of the FFN output (then `end_units[layer]` is None: the whole layer is computed).
+    """
+
+    def __init__(self, index: SiteIndex, plan: _Plan, device: torch.device, max_units_per_row: int = 8):
         n, k = index.index.shape
         real = index.weight > 0
         rows = torch.arange(n).unsqueeze(1).expand(n, k)[real]
-        slots = (rows * k + torch.arange(k).expand(n, k)[real])
+        slots = rows * k + torch.arange(k).expand(n, k)[real]
         flat = index.index[real]
-        sorted_pos = plan.inverse.cpu()[rows]  # each row's place in the sorted batch
-        self.parts: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        for pt in index.points:
+        pos = plan.inverse.cpu()[rows]  # each site's row's place in the sorted batch
+        point, layer, unit = torch.zeros_like(flat), torch.zeros_like(flat), torch.zeros_like(flat)
+        for i, pt in enumerate(index.points):
             off, width = index.offsets[pt], index.width[pt]
             inside = (flat >= off) & (flat < off + (index.max_layer + 1) * width)
-            layer, unit = (flat[inside] - off) // width, (flat[inside] - off) % width
-            for j in layer.unique().tolist():
-                sel = layer == j
-                tok = plan.at_p[j].cpu()[sorted_pos[inside][sel]]
-                self.parts[pt, j] = ((tok * width + unit[sel]).to(device), slots[inside][sel].to(device))
+            point[inside] = i
+            layer[inside], unit[inside] = (flat[inside] - off) // width, (flat[inside] - off) % width
+        ends = pos >= torch.tensor(plan.alive[1:])[layer]  # the site's row ends at the site's layer
+        code = {pt: i for i, pt in enumerate(index.points)}
+        self.end_units: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self.parts: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for j in range(len(plan.alive) - 1):
+            tok = plan.at_p[j].cpu()
+            n_end = plan.alive[j] - plan.alive[j + 1]
+            ending = ends & (layer == j)
+            end_out = ending & (point == code.get("ffn_out", -1))
+            trim = (n_end > 0 and not (ending & (point == code.get("resid", -1))).any()
+                    and int(end_out.sum()) <= max_units_per_row * n_end)
+            if trim:
+                self.end_units.append((tok[pos[end_out]].to(device), unit[end_out].to(device)))
+                if end_out.any():
+                    self.parts["ffn_out_end", j] = (torch.arange(int(end_out.sum()), device=device),
+                                                    slots[end_out].to(device))
+            else:
+                self.end_units.append(None)
+                end_out = torch.zeros_like(end_out)
+            for pt, i in code.items():
+                take = (layer == j) & (point == i) & ~end_out
+                if take.any():
+                    offset = tok[pos[take]] * index.width[pt] + unit[take]
+                    self.parts[pt, j] = (offset.to(device), slots[take].to(device))
         self.size = n * k
         self.shape = (n, k)
+
+
+def site_plan(index: SiteIndex, length: int, position: int, device: torch.device) -> tuple[_Plan, _SiteGather]:
+    """The pass plan and site gather of `index` for inputs of `length` (built once per index)."""
+    cache = index.__dict__.setdefault("_fast_plans", {})
+    key = (length, position, torch.device(device))
+    if key not in cache:
+        plan = _Plan(index.row_top, index.max_layer, length, position, device)
+        cache[key] = (plan, _SiteGather(index, plan, device))
+    return cache[key]
 
 
 class FastSiteReader:
@@ -163,9 +201,12 @@ class FastSiteReader:
         if not 0 <= max_layer < num_layers(model):
             raise ValueError(f"layer {max_layer} out of range; valid 0..{num_layers(model) - 1}")
 
-    def _pass(self, given: torch.Tensor, plan: _Plan, ids: bool, const_ends: bool
-              ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """Run the layers; yield (layer, {point: [kept tokens, width]}) for each layer."""
+    def _pass(self, given: torch.Tensor, plan: _Plan, ids: bool, const_ends: bool,
+              end_units: list | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Run the layers; yield (layer, {source: activations}) for each layer: whole points
+        over the kept tokens, except where `end_units[layer]` = (kept token, unit) pairs: there
+        the FFN output and residual cover only the rows going on, and "ffn_out_end" holds the
+        FFN output of the ending rows at just those units."""
         if not plan.sorted:
             given = given[plan.order]
         h = self.model.embeddings(input_ids=given) if ids else self.model.embeddings(inputs_embeds=given)
@@ -188,9 +229,18 @@ class FastSiteReader:
                 ctx, resid = ctx.index_select(0, keep), resid.index_select(0, keep)
             a = L.ln1(L.attn_out(ctx) + resid)
             act = L.act(L.inter(a))
-            out = L.out(act)
-            h_tok = L.ln2(out + a)
-            yield layer, {"ffn_act": act, "ffn_out": out, "resid": h_tok}
+            pairs = None if end_units is None or keep is None else end_units[layer]
+            if pairs is None:
+                out = L.out(act)
+                h_tok = L.ln2(out + a)
+                yield layer, {"ffn_act": act, "ffn_out": out, "resid": h_tok}
+            else:  # only the rows going on need the whole FFN output and residual
+                go = n_go * S
+                out = L.out(act[:go])
+                h_tok = L.ln2(out + a[:go])
+                tok, unit = pairs
+                end = (act.index_select(0, tok) * L.out.weight[unit]).sum(-1) + L.out.bias[unit]
+                yield layer, {"ffn_act": act, "ffn_out": out, "resid": h_tok, "ffn_out_end": end}
             if n_go:
                 h = h_tok[: n_go * S].view(n_go, S, H)
 
@@ -212,18 +262,13 @@ class FastSiteReader:
     def read_sites(self, inputs_embeds: torch.Tensor, index: SiteIndex, const_ends: bool = False
                    ) -> torch.Tensor:
         """[rows, k]: the activation at each of `index`'s sites (0 in its padding slots)."""
-        key = (inputs_embeds.shape[1], self.position, inputs_embeds.device)
-        cache = index.__dict__.setdefault("_fast_plans", {})
-        if key not in cache:
-            plan = _Plan(index.row_top, self.max_layer, key[0], self.position, key[2])
-            cache[key] = (plan, _SiteGather(index, plan, key[2]))
-        plan, gather = cache[key]
+        plan, gather = site_plan(index, inputs_embeds.shape[1], self.position, inputs_embeds.device)
         values, slots = [], []
-        for layer, acts in self._pass(inputs_embeds, plan, False, const_ends):
-            for pt in self.points:
-                if (pt, layer) in gather.parts:
-                    src, dst = gather.parts[pt, layer]
-                    values.append(acts[pt].reshape(-1).index_select(0, src))
+        for layer, acts in self._pass(inputs_embeds, plan, False, const_ends, gather.end_units):
+            for source, t in acts.items():
+                if (source, layer) in gather.parts:
+                    src, dst = gather.parts[source, layer]
+                    values.append(t.reshape(-1).index_select(0, src))
                     slots.append(dst)
         flat = torch.cat(values)
         out = flat.new_zeros(gather.size).index_copy(0, torch.cat(slots), flat)

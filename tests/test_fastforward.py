@@ -20,7 +20,12 @@ def three_layers():
     torch.manual_seed(1)
     cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=16)
-    return BertModel(cfg).eval()
+    model = BertModel(cfg).eval()
+    with torch.no_grad():  # HF initializes biases to zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
 
 
 @pytest.mark.parametrize("length", [1, 3])
@@ -53,6 +58,32 @@ def test_gradients_match_the_hooks(three_layers):
                       ["ffn_out"][0, int(t), 5] for i, t in enumerate(top))
         val.backward()
         grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_site_objectives_and_gradients_match_the_hooks(three_layers):
+    """`objective` with the lean forward (sites gathered per layer; the FFN output of a row's top
+    layer only at the units it reads, or whole when it reads many units or the residual) equals
+    the hook-based forward, in value and in gradient."""
+    from ft.module import objective
+    from ft.sites import Site, SiteIndex
+
+    lists = [[Site(2, "ffn_out", 5)], [Site(0, "ffn_act", 9)], [Site(1, "ffn_out", 3), Site(0, "resid", 4)],
+             [Site(1, "resid", 2)], [Site(0, "ffn_out", u) for u in range(12)],  # many units: whole layer
+             [Site(2, "ffn_out", 5), Site(2, "ffn_out", 6)], [Site(1, "ffn_act", 1), Site(2, "ffn_act", 60)],
+             [Site(0, "ffn_out", 31)]]
+    index = SiteIndex(three_layers, lists)
+    torch.manual_seed(2)
+    x = torch.randn(len(lists), 3, 32)
+    x[:, 0], x[:, -1] = torch.randn(32), torch.randn(32)
+    values, grads = [], []
+    for fast in (True, False):
+        xi = x.clone().requires_grad_(True)
+        val = objective(three_layers, index, xi, 1, fast)
+        (val * torch.arange(1.0, len(lists) + 1)).sum().backward()
+        values.append(val.detach())
+        grads.append(xi.grad[:, 1:-1])  # [CLS]/[SEP] are constants to the lean forward
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
@@ -89,6 +120,7 @@ def test_bench_flop_formula_matches_counted_flops(tiny):
     from torch.utils.flop_counter import FlopCounterMode
 
     from ft.bench import engine_flops
+    from ft.fastforward import site_plan
     from tests.test_module import SITES
 
     vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
@@ -105,4 +137,8 @@ def test_bench_flop_formula_matches_counted_flops(tiny):
             S, H = 3, tiny.model.config.hidden_size
             counted += 3 * 4 * H * sum(int((i.row_top >= j).sum()) * S * S
                                        for _, i in m.plan for j in range(i.max_layer + 1))
+            # and the FFN output of a row's top layer at its read units only (mul and sum)
+            inter = tiny.model.config.intermediate_size
+            counted += 2 * 2 * inter * sum(len(u[0]) for _, i in m.plan
+                                           for u in site_plan(i, S, 1, torch.device("cpu"))[1].end_units if u)
         assert counted == pytest.approx(engine_flops(m, tiny.model.config), rel=1e-6)
