@@ -142,3 +142,22 @@ def test_bench_flop_formula_matches_counted_flops(tiny):
             counted += 2 * 2 * inter * sum(len(u[0]) for _, i in m.plan
                                            for u in site_plan(i, S, 1, torch.device("cpu"))[1].end_units if u)
         assert counted == pytest.approx(engine_flops(m, tiny.model.config), rel=1e-6)
+
+
+def test_bf16_autocast_stays_close_to_fp32(three_layers):
+    """Under bf16 autocast the lean forward runs (mixed dtypes meet in the site gather) and the
+    objective stays within bf16 rounding of the fp32 one."""
+    from ft.module import objective
+    from ft.sites import Site, SiteIndex
+
+    lists = [[Site(2, "ffn_out", 5)], [Site(0, "ffn_act", 9)], [Site(1, "resid", 2), Site(2, "ffn_out", 1)]]
+    index = SiteIndex(three_layers, lists)
+    torch.manual_seed(3)
+    x = torch.randn(len(lists), 3, 32)
+    ref = objective(three_layers, index, x, 1, True)
+    xi = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = objective(three_layers, index, xi, 1, True)
+    low.float().sum().backward()
+    assert torch.isfinite(xi.grad).all() and xi.grad[:, 1].abs().sum() > 0
+    torch.testing.assert_close(low.float(), ref, rtol=5e-2, atol=5e-2)
