@@ -241,8 +241,9 @@ class FastSiteReader:
                 tok, unit = pairs
                 end = (act.index_select(0, tok) * L.out.weight[unit]).sum(-1) + L.out.bias[unit]
                 yield layer, {"ffn_act": act, "ffn_out": out, "resid": h_tok, "ffn_out_end": end}
-            if n_go:
-                h = h_tok[: n_go * S].view(n_go, S, H)
+            if not n_go:  # every row has ended
+                return
+            h = h_tok[: n_go * S].view(n_go, S, H)
 
     def read(self, inputs_embeds: torch.Tensor | None = None, row_top: torch.Tensor | None = None,
              input_ids: torch.Tensor | None = None, const_ends: bool = False) -> dict[str, torch.Tensor]:
@@ -257,6 +258,8 @@ class FastSiteReader:
         for layer, acts in self._pass(given, plan, inputs_embeds is None, const_ends):
             for pt in self.points:
                 store[pt].append(F.pad(acts[pt][plan.at_p[layer]], (0, 0, 0, n - plan.alive[layer])))
+        for v in store.values():  # layers above every row's top
+            v.extend(torch.zeros_like(v[0]) for _ in range(self.max_layer + 1 - len(v)))
         return {pt: torch.stack(v, dim=1)[plan.inverse] for pt, v in store.items()}
 
     def read_sites(self, inputs_embeds: torch.Tensor, index: SiteIndex, const_ends: bool = False

@@ -44,7 +44,7 @@ def interleave(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     n = sum(p.shape[dim] for p in parts)
     out = parts[0].new_empty(*parts[0].shape[:dim], n, *parts[0].shape[dim + 1:])
     for r, p in enumerate(parts):
-        out.narrow(dim, 0, n)[(slice(None),) * dim + (slice(r, n, world),)] = p
+        out[(slice(None),) * dim + (slice(r, n, world),)] = p
     return out
 
 

@@ -44,6 +44,15 @@ def test_mixed_row_tops_match_the_hooks(three_layers, length):
             assert fast[p][i, int(top[i]) + 1 :].abs().sum() == 0  # never computed, never read
 
 
+def test_layers_above_every_rows_top_are_zeros(three_layers):
+    x = torch.randn(3, 3, 32)
+    fast = FastSiteReader(three_layers, POINTS, 2, 1).read(x, torch.tensor([0, 1, 0]))
+    ref = SiteReader(three_layers, POINTS, 1, 1).read(inputs_embeds=x)
+    for p in POINTS:
+        assert fast[p].shape[1] == 3 and fast[p][:, 2].abs().sum() == 0
+        torch.testing.assert_close(fast[p][1, :2], ref[p][1], rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_match_the_hooks(three_layers):
     x = torch.randn(4, 3, 32)
     top = torch.tensor([0, 2, 1, 2])
