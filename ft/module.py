@@ -102,7 +102,7 @@ class TextualizationModule(pl.LightningModule):
     Exactly one trainable tensor: the input parameterization. Optimization is manual so
     that rows can be processed in chunks (gradient accumulation is exact: rows are
     independent and the loss is a sum, never a mean over targets). Under several
-    processes each rank optimizes its own contiguous block of rows.
+    processes each rank optimizes every world-th row (`ft.strategy.rank_rows`).
     """
 
     def __init__(
