@@ -34,7 +34,9 @@ The matmul rate is the best of several [c·S, H] × [H, I] products in the same 
 measured in the same run (fp32: before and after the timed runs, the better of the two, since
 this VM's speed drifts). The naive neurons run half before and half after the engine, so that
 drift does not bias the speedup either. The engine's rate counts the steps after its first
-(which builds the pass plan); `speedup_vs_naive_whole_fit` counts the whole `trainer.fit`.
+(which builds the pass plan); `speedup_vs_naive_whole_fit` counts the whole `trainer.fit`, and
+`speedup_vs_naive_one_thread` compares with the naive loop on one thread (at batch 1 it can be
+faster there than on the default threads).
 The last line printed is one JSON object.
 """
 
@@ -187,6 +189,14 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
         t = time.perf_counter()
         naive.update({i: naive_textualize(enc, sites[i][0], i, steps, lr, vocab) for i in part})
         naive_s += time.perf_counter() - t
+    # the naive loop at batch 1 may do better on one thread: measure that too (on half its neurons)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    for i in common[::2]:
+        naive_textualize(enc, sites[i][0], i, steps, lr, vocab)
+    naive_one_thread_rate = len(common[::2]) * steps / (time.perf_counter() - t)
+    torch.set_num_threads(threads)
     _, _, final = measure_inputs(module)
     rel = [abs(float(final[i]) - v) / max(abs(v), 1e-6) for i, v in naive.items()]
     flops_step = engine_flops(module, cfg)
@@ -201,6 +211,8 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
         "speedup_vs_naive": rate / naive_rate,
         # the same, counting the whole fit (Trainer set-up, the first step) against the engine
         "speedup_vs_naive_whole_fit": len(sites) * steps / timing["fit_seconds"] / naive_rate,
+        "naive_one_thread_neuron_steps_per_s": naive_one_thread_rate,
+        "speedup_vs_naive_one_thread": rate / naive_one_thread_rate,
         "achieved_gflops": flops_step * timing["steps"] / timing["seconds"] / 1e9, "matmul_gflops": mm,
         "max_rel_diff_vs_naive": max(rel), "engine_seconds": timing["seconds"],
         "engine_timed_steps": timing["steps"], "engine_fit_seconds": timing["fit_seconds"],
@@ -298,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"HTML in {r['report_s']:.2f} s")
     head = results["minilm"]
     line = {k: head[k] for k in ("neuron_steps_per_s", "naive_neuron_steps_per_s", "speedup_vs_naive",
-                                 "speedup_vs_naive_whole_fit",
+                                 "speedup_vs_naive_whole_fit", "speedup_vs_naive_one_thread",
                                  "achieved_gflops", "matmul_gflops", "flop_efficiency",
                                  "max_rel_diff_vs_naive", "model", "device", "precision")}
     line["peak_rss_mb"] = peak_rss_mb()
