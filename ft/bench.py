@@ -176,26 +176,26 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     # naive: the first `naive_per_layer` sampled neurons of every layer
     common = [i for layer in range(enc.num_layers)
               for i in [j for j, t in enumerate(targets) if t.layer == layer][:naive_per_layer]]
-    # naive, engine, naive: half the naive neurons on each side of the engine run, so that a
-    # drift in the machine's speed during the benchmark does not bias the ratio
     cfg = enc.model.config
     mm_shape = (min(chunk_size, len(sites)) * 3, cfg.hidden_size, cfg.intermediate_size)
     mm_before = matmul_gflops(*mm_shape, torch.float32)
-    naive, naive_s = {}, 0.0
-    for part in (common[::2], None, common[1::2]):
-        if part is None:
-            module, timing = run_engine(enc, sites, steps, lr, "32-true", chunk_size)
-            continue
+
+    def naive_run(part: list[int]) -> tuple[dict[int, float], float]:
         t = time.perf_counter()
-        naive.update({i: naive_textualize(enc, sites[i][0], i, steps, lr, vocab) for i in part})
-        naive_s += time.perf_counter() - t
+        finals = {i: naive_textualize(enc, sites[i][0], i, steps, lr, vocab) for i in part}
+        return finals, time.perf_counter() - t
+
+    # naive, engine, naive: half the naive neurons on each side of the engine run, so that a
+    # drift in the machine's speed during the benchmark does not bias the ratio
+    naive, before_s = naive_run(common[::2])
+    module, timing = run_engine(enc, sites, steps, lr, "32-true", chunk_size)
+    after, after_s = naive_run(common[1::2])
+    naive.update(after)
+    naive_s = before_s + after_s
     # the naive loop at batch 1 may do better on one thread: measure that too (on half its neurons)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    t = time.perf_counter()
-    for i in common[::2]:
-        naive_textualize(enc, sites[i][0], i, steps, lr, vocab)
-    naive_one_thread_rate = len(common[::2]) * steps / (time.perf_counter() - t)
+    naive_one_thread_rate = len(common[::2]) * steps / naive_run(common[::2])[1]
     torch.set_num_threads(threads)
     _, _, final = measure_inputs(module)
     rel = [abs(float(final[i]) - v) / max(abs(v), 1e-6) for i, v in naive.items()]

@@ -126,11 +126,12 @@ class _SiteGather:
     """Where each site of a `SiteIndex` is found in the lean pass, and what the rows that end
     at each layer need there.
 
-    `parts[(source, layer)]` = (flat offsets into that source's [tokens, width] activations,
-    the [rows, k] slots they fill). In a row's top layer the FFN output is only computed for
-    the units it reads (`end_units[layer]`: kept-token index and unit of each, read from the
-    source "ffn_out_end"), unless some row ending there reads the residual stream or many
-    units of the FFN output (then `end_units[layer]` is None: the whole layer is computed).
+    `reads[layer]` = [(source, flat offsets into that source's [tokens, width] activations)];
+    `slots` = the [rows, k] slots those values fill, in the same order. In a row's top layer
+    the FFN output is only computed for the units it reads (`end_units[layer]`: kept-token
+    index and unit of each, read from the source "ffn_out_end"), unless some row ending there
+    reads the residual stream or many units of the FFN output (then `end_units[layer]` is
+    None: the whole layer is computed).
     """
 
     def __init__(self, index: SiteIndex, plan: _Plan, device: torch.device, max_units_per_row: int = 8):
@@ -149,8 +150,10 @@ class _SiteGather:
         ends = pos >= torch.tensor(plan.alive[1:])[layer]  # the site's row ends at the site's layer
         code = {pt: i for i, pt in enumerate(index.points)}
         self.end_units: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        self.parts: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reads: list[list[tuple[str, torch.Tensor]]] = []
+        fills: list[torch.Tensor] = []
         for j in range(len(plan.alive) - 1):
+            reads: list[tuple[str, torch.Tensor]] = []
             tok = plan.at_p[j].cpu()
             n_end = plan.alive[j] - plan.alive[j + 1]
             ending = ends & (layer == j)
@@ -159,17 +162,19 @@ class _SiteGather:
                     and int(end_out.sum()) <= max_units_per_row * n_end)
             if trim:
                 self.end_units.append((tok[pos[end_out]].to(device), unit[end_out].to(device)))
-                if end_out.any():
-                    self.parts["ffn_out_end", j] = (torch.arange(int(end_out.sum()), device=device),
-                                                    slots[end_out].to(device))
             else:
                 self.end_units.append(None)
                 end_out = torch.zeros_like(end_out)
             for pt, i in code.items():
                 take = (layer == j) & (point == i) & ~end_out
                 if take.any():
-                    offset = tok[pos[take]] * index.width[pt] + unit[take]
-                    self.parts[pt, j] = (offset.to(device), slots[take].to(device))
+                    reads.append((pt, (tok[pos[take]] * index.width[pt] + unit[take]).to(device)))
+                    fills.append(slots[take])
+            if end_out.any():
+                reads.append(("ffn_out_end", torch.arange(int(end_out.sum()), device=device)))
+                fills.append(slots[end_out])
+            self.reads.append(reads)
+        self.slots = torch.cat(fills).to(device)
         self.size = n * k
         self.shape = (n, k)
 
@@ -266,13 +271,9 @@ class FastSiteReader:
                    ) -> torch.Tensor:
         """[rows, k]: the activation at each of `index`'s sites (0 in its padding slots)."""
         plan, gather = site_plan(index, inputs_embeds.shape[1], self.position, inputs_embeds.device)
-        values, slots = [], []
-        for layer, acts in self._pass(inputs_embeds, plan, False, const_ends, gather.end_units):
-            for source, t in acts.items():
-                if (source, layer) in gather.parts:
-                    src, dst = gather.parts[source, layer]
-                    values.append(t.reshape(-1).index_select(0, src))
-                    slots.append(dst)
+        values = [acts[source].reshape(-1).index_select(0, offsets)
+                  for layer, acts in self._pass(inputs_embeds, plan, False, const_ends, gather.end_units)
+                  for source, offsets in gather.reads[layer]]
         flat = torch.cat(values)
-        out = flat.new_zeros(gather.size).index_copy(0, torch.cat(slots), flat)
+        out = flat.new_zeros(gather.size).index_copy(0, gather.slots, flat)
         return out.view(gather.shape)

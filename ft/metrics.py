@@ -22,6 +22,12 @@ from ft.vocab import Vocabulary, WordStats, word_stats
 TOP_N = 20
 
 
+def target_word_rows(vocab: Vocabulary, targets: Sequence[Target]) -> list[int | None]:
+    """Each target's target word as a Vocabulary row (None for a target without one)."""
+    row_of = vocab.row_of()
+    return [None if t.target_word is None else row_of[t.target_word] for t in targets]
+
+
 @dataclass
 class VocabFacts:
     """Vocabulary-side facts a run is measured against."""
@@ -33,8 +39,7 @@ class VocabFacts:
     @classmethod
     def build(cls, vocab: Vocabulary, word_vectors: torch.Tensor, sweeps: dict[str, torch.Tensor],
               model: torch.nn.Module, targets: Sequence[Target]) -> VocabFacts:
-        row_of = vocab.row_of()
-        rows = [None if t.target_word is None else row_of[t.target_word] for t in targets]
+        rows = target_word_rows(vocab, targets)
         return cls(vocab, word_vectors, word_stats(sweeps, model, [t.sites for t in targets], rows))
 
 
@@ -183,8 +188,7 @@ def evaluate(
     embeds, analysis, obj = measure_inputs(module)
     tok = module.position - 1  # which optimized token the metrics look at
     a_tok = analysis[:, tok]
-    row_of = facts.vocab.row_of()
-    word_rows = [None if t.target_word is None else row_of[t.target_word] for t in targets]
+    word_rows = target_word_rows(facts.vocab, targets)
     top_cos, top_rows, tw_cos, tw_rank = closest_in_chunks(a_tok, facts.word_vectors, word_rows)
     maw_act, maw_row = facts.words.max_activation, facts.words.max_row
     raw_norm = embeds[:, tok].norm(dim=-1)

@@ -63,14 +63,14 @@ def objective(
     forward (`fast`, default: when supported) each row also stops at its own highest layer,
     reading there only `position`.
     """
-    w = index.weight.to(inputs_embeds.device, inputs_embeds.dtype)
     if use_fast_forward(model, fast):
         reader = FastSiteReader(model, index.points, index.max_layer, position)
         values = reader.read_sites(inputs_embeds, index, const_ends=True)
-        return (values * w.to(values.dtype)).sum(1)
-    acts = SiteReader(model, index.points, index.max_layer, position).read(inputs_embeds=inputs_embeds)
-    flat = index.flatten(acts)
-    return (flat.gather(1, index.index.to(flat.device)) * w.to(flat.dtype)).sum(1)
+    else:
+        acts = SiteReader(model, index.points, index.max_layer, position).read(inputs_embeds=inputs_embeds)
+        flat = index.flatten(acts)
+        values = flat.gather(1, index.index.to(flat.device))
+    return (values * index.weight.to(values.device, values.dtype)).sum(1)
 
 
 def plan_chunks(site_lists: Sequence[Sequence[Site]], chunk_size: int, by_layer: bool = True) -> list[slice]:

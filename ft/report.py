@@ -62,7 +62,6 @@ function drawCompare(){const xs=document.getElementById('cmp-x').value,ys=docume
 """
 
 
-
 _NAMES: dict[str, str] = {}
 
 
@@ -81,6 +80,7 @@ def name_runs(paths: list[str]) -> None:
 
 def run_name(path: str) -> str:
     return _NAMES.get(str(path), Path(path).name)
+
 
 def fmt(v: object, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):

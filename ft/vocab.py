@@ -72,9 +72,8 @@ def sweep_vocabulary(
 ) -> torch.Tensor:
     """Activations [V', layers, width] of `point` at `position` for every `[CLS] w [SEP]`."""
     model = encoder.model
-    reader: SiteReader | FastSiteReader = SiteReader(model, [point], num_layers(model) - 1, position)
-    if supports(model):  # same values, a fraction of the work (ft.fastforward)
-        reader = FastSiteReader(model, [point], num_layers(model) - 1, position)
+    # the lean forward, where the model allows it: same values, a fraction of the work
+    reader = (FastSiteReader if supports(model) else SiteReader)(model, [point], num_layers(model) - 1, position)
     device = encoder.word_embeddings.device
     out: torch.Tensor | None = None  # filled in place: no second copy of a ~1 GB sweep (bert-base)
     for start in tqdm(range(0, len(vocab), batch_size), desc=f"vocabulary sweep ({point})"):

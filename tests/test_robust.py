@@ -138,6 +138,7 @@ BAD = [
     ("position=3", "position=3; valid 1..input.length=1"),
     ("target.shard=3 target.num_shards=3", "target.shard=3"),
     ("engine.restarts=0", "engine.restarts=0"),
+    ("engine.fast_forward=sometimes", "engine.fast_forward='sometimes'; valid: auto, true, false"),
     ("ckpt_path=/no/such.ckpt", "ckpt_path='/no/such.ckpt'"),
 ]
 
