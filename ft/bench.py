@@ -54,7 +54,7 @@ import pytorch_lightning as pl
 import torch
 from transformers import BertConfig, BertModel
 
-from ft.encoder import Encoder, from_model, load_encoder
+from ft.encoder import PACKAGED, Encoder, from_model, load_encoder
 from ft.fastforward import site_plan
 from ft.inputs import build_input, initial_row
 from ft.metrics import measure_inputs
@@ -72,7 +72,7 @@ def naive_textualize(enc: Encoder, site: Site, tid: int, steps: int, lr: float, 
                      init_std: float = 0.01, seed: int = 0) -> float:
     """One neuron, literal protocol: SGD on x in R^vocab; full forward; returns final activation."""
     model, W = enc.model, enc.word_embeddings
-    x = initial_row(tid, 1, W.shape[0], init_std, seed).unsqueeze(0).requires_grad_(True)
+    x = initial_row(tid, 1, W.shape[0], init_std, seed).unsqueeze(0).to(W.device).requires_grad_(True)
     opt = torch.optim.SGD([x], lr=lr)
     seen: dict[str, torch.Tensor] = {}
 
@@ -121,15 +121,25 @@ def engine_flops(module: TextualizationModule, cfg: BertConfig, length: int = 1)
     return total
 
 
-def matmul_gflops(rows: int, H: int, inter: int, dtype: torch.dtype, repeat: int = 20) -> float:
-    a, b = torch.randn(rows, H, dtype=dtype), torch.randn(H, inter, dtype=dtype)
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(rows: int, H: int, inter: int, dtype: torch.dtype, device: torch.device,
+                  repeat: int = 20) -> float:
+    a = torch.randn(rows, H, dtype=dtype, device=device)
+    b = torch.randn(H, inter, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(repeat):
+        sync(device)
         t = time.perf_counter()
         for _ in range(5):
             a @ b
+        sync(device)
         best = min(best, (time.perf_counter() - t) / 5)
     return 2 * rows * H * inter / best / 1e9
 
@@ -144,14 +154,16 @@ class StepTimer(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: object,
                              batch_idx: int) -> None:
         if trainer.global_step == self.warmup:
+            sync(module.device)
             self.start = time.perf_counter()
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        sync(module.device)
         self.seconds = time.perf_counter() - self.start
 
 
 def run_engine(enc: Encoder, sites: list[list[Site]], steps: int, lr: float, precision: str,
-               chunk_size: int) -> tuple[TextualizationModule, dict]:
+               chunk_size: int, device: torch.device) -> tuple[TextualizationModule, dict]:
     """Fit the protocol; returns the module and timings (steps after the first, whole fit)."""
     vocab = Vocabulary.from_tokenizer(enc.tokenizer)
     opt = partial(torch.optim.SGD, lr=lr)
@@ -161,9 +173,11 @@ def run_engine(enc: Encoder, sites: list[list[Site]], steps: int, lr: float, pre
     timer = StepTimer()
     trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         precision=precision, accelerator="cpu", devices=1, callbacks=[timer])
+                         precision=precision, accelerator="gpu" if device.type == "cuda" else "cpu",
+                         devices=1, callbacks=[timer])
     t = time.perf_counter()
     trainer.fit(module)
+    sync(device)
     fit_s = time.perf_counter() - t
     return module, {"steps": steps - timer.warmup, "seconds": timer.seconds, "fit_seconds": fit_s}
 
@@ -176,9 +190,9 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     # naive: the first `naive_per_layer` sampled neurons of every layer
     common = [i for layer in range(enc.num_layers)
               for i in [j for j, t in enumerate(targets) if t.layer == layer][:naive_per_layer]]
-    cfg = enc.model.config
-    mm_shape = (min(chunk_size, len(sites)) * 3, cfg.hidden_size, cfg.intermediate_size)
-    mm_before = matmul_gflops(*mm_shape, torch.float32)
+    cfg, device = enc.model.config, enc.word_embeddings.device
+    mm_shape = (min(chunk_size, len(sites)) * 3, cfg.hidden_size, cfg.intermediate_size, torch.float32, device)
+    mm_before = matmul_gflops(*mm_shape)
 
     def naive_run(part: list[int]) -> tuple[dict[int, float], float]:
         t = time.perf_counter()
@@ -188,31 +202,34 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     # naive, engine, naive: half the naive neurons on each side of the engine run, so that a
     # drift in the machine's speed during the benchmark does not bias the ratio
     naive, before_s = naive_run(common[::2])
-    module, timing = run_engine(enc, sites, steps, lr, "32-true", chunk_size)
+    module, timing = run_engine(enc, sites, steps, lr, "32-true", chunk_size, device)
     after, after_s = naive_run(common[1::2])
     naive.update(after)
     naive_s = before_s + after_s
-    # the naive loop at batch 1 may do better on one thread: measure that too (on half its neurons)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    naive_one_thread_rate = len(common[::2]) * steps / naive_run(common[::2])[1]
-    torch.set_num_threads(threads)
+    # on a CPU, the naive loop at batch 1 may do better on one thread: measure that too (on half
+    # its neurons)
+    naive_one_thread_rate = None  # (JSON null on a GPU)
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        naive_one_thread_rate = len(common[::2]) * steps / naive_run(common[::2])[1]
+        torch.set_num_threads(threads)
     _, _, final = measure_inputs(module)
     rel = [abs(float(final[i]) - v) / max(abs(v), 1e-6) for i, v in naive.items()]
     flops_step = engine_flops(module, cfg)
     # the machine's speed drifts: the better of two measurements, before and after the runs
-    mm = max(mm_before, matmul_gflops(*mm_shape, torch.float32))
+    mm = max(mm_before, matmul_gflops(*mm_shape))
     rate = len(sites) * timing["steps"] / timing["seconds"]
     naive_rate = len(common) * steps / naive_s
     out = {
-        "model": name, "device": "cpu", "precision": "32-true", "targets": len(sites),
+        "model": name, "device": device_name(device), "precision": "32-true", "targets": len(sites),
         "steps": steps, "naive_neurons": len(common),
         "neuron_steps_per_s": rate, "naive_neuron_steps_per_s": naive_rate,
         "speedup_vs_naive": rate / naive_rate,
         # the same, counting the whole fit (Trainer set-up, the first step) against the engine
         "speedup_vs_naive_whole_fit": len(sites) * steps / timing["fit_seconds"] / naive_rate,
         "naive_one_thread_neuron_steps_per_s": naive_one_thread_rate,
-        "speedup_vs_naive_one_thread": rate / naive_one_thread_rate,
+        "speedup_vs_naive_one_thread": naive_one_thread_rate and rate / naive_one_thread_rate,
         "achieved_gflops": flops_step * timing["steps"] / timing["seconds"] / 1e9, "matmul_gflops": mm,
         "max_rel_diff_vs_naive": max(rel), "engine_seconds": timing["seconds"],
         "engine_timed_steps": timing["steps"], "engine_fit_seconds": timing["fit_seconds"],
@@ -220,9 +237,9 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     }
     out["flop_efficiency"] = out["achieved_gflops"] / mm
     if bf16:
-        mod16, t16 = run_engine(enc, sites, steps, lr, "bf16-mixed", chunk_size)
+        mod16, t16 = run_engine(enc, sites, steps, lr, "bf16-mixed", chunk_size, device)
         _, _, final16 = measure_inputs(mod16)
-        mm16 = matmul_gflops(*mm_shape, torch.bfloat16)
+        mm16 = matmul_gflops(*mm_shape[:3], torch.bfloat16, device)
         drift = ((final16 - final).abs() / final.abs().clamp_min(1e-6))
         rate16 = len(sites) * t16["steps"] / t16["seconds"]
         gflops16 = flops_step * t16["steps"] / t16["seconds"] / 1e9
@@ -232,7 +249,13 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
             "median_rel_drift_vs_fp32": float(drift.median()), "max_rel_drift_vs_fp32": float(drift.max()),
         }
     out["peak_rss_mb"] = peak_rss_mb()
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+def device_name(device: torch.device) -> str:
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
 
 
 def bench_report(n_runs: int) -> dict:
@@ -264,13 +287,17 @@ def bench_report(n_runs: int) -> dict:
     return {"runs": len(runs), "targets": len(targets), "load_s": load_s, "report_s": report_s}
 
 
-def random_bert_base(tokenizer: object) -> Encoder:
+def random_bert_base(tokenizer: object, device: torch.device) -> Encoder:
     torch.manual_seed(0)
-    return from_model(BertModel(BertConfig()), tokenizer, "bert-base-shaped (random weights)")
+    return from_model(BertModel(BertConfig()).to(device), tokenizer, "bert-base-shaped (random weights)")
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=PACKAGED,
+                   help=f"encoder: {PACKAGED} (default) or a local model directory")
+    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="auto: the GPU when torch sees one, else the CPU")
     p.add_argument("--steps", type=int, default=100, help="optimization steps for every engine")
     p.add_argument("--naive-per-layer", type=int, default=2, help="neurons per layer for the naive loop")
     p.add_argument("--bert-base-steps", type=int, default=3)
@@ -284,15 +311,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps < 2 or args.bert_base_steps < 2:
         p.error(f"--steps={args.steps}, --bert-base-steps={args.bert_base_steps}; valid: >= 2 "
                 "(the first step is not timed)")
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        p.error("--accelerator=gpu, but torch sees no CUDA device; valid here: auto, cpu")
+    gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if gpu else "cpu")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    enc = load_encoder()
-    results = {"minilm": bench_model("all-MiniLM-L6-v2", enc, args.steps, args.naive_per_layer,
+    enc = load_encoder(args.model)
+    enc.model.to(device)
+    name = "all-MiniLM-L6-v2" if args.model == PACKAGED else args.model
+    results = {"minilm": bench_model(name, enc, args.steps, args.naive_per_layer,
                                      args.lr, args.chunk_size, args.bf16)}
     if not args.no_bert_base:
         results["bert_base_random"] = bench_model(
-            "bert-base-shaped random", random_bert_base(enc.tokenizer), args.bert_base_steps, 1,
-            args.lr, args.chunk_size, False)
+            "bert-base-shaped random", random_bert_base(enc.tokenizer, device), args.bert_base_steps, 1,
+            args.lr, args.chunk_size, args.bf16 and gpu)
     if args.report_runs:
         results["report"] = bench_report(args.report_runs)
     print(f"{'model':<28}{'prec':>10}{'targets':>8}{'nsteps/s':>11}{'naive':>9}{'speedup':>9}"
