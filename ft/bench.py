@@ -183,9 +183,9 @@ def run_engine(enc: Encoder, sites: list[list[Site]], steps: int, lr: float, pre
 
 
 def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: float,
-                chunk_size: int, bf16: bool) -> dict:
+                chunk_size: int, bf16: bool, fraction: float = 0.1) -> dict:
     vocab = Vocabulary.from_tokenizer(enc.tokenizer)
-    targets = neuron_targets(enc.model, fraction=0.1, seed=0)
+    targets = neuron_targets(enc.model, fraction=fraction, seed=0)
     sites = [t.sites for t in targets]
     # naive: the first `naive_per_layer` sampled neurons of every layer
     common = [i for layer in range(enc.num_layers)
@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: the GPU when torch sees one, else the CPU")
     p.add_argument("--steps", type=int, default=100, help="optimization steps for every engine")
+    p.add_argument("--fraction", type=float, default=0.1,
+                   help="share of every layer's neurons to textualize (the paper: 0.1; 1: an atlas)")
     p.add_argument("--naive-per-layer", type=int, default=2, help="neurons per layer for the naive loop")
     p.add_argument("--bert-base-steps", type=int, default=3)
     p.add_argument("--chunk-size", type=int, default=4096)
@@ -308,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-bert-base", action="store_true")
     p.add_argument("--report-runs", type=int, default=100, help="runs to load and report (0: skip)")
     args = p.parse_args(argv)
+    if not 0 < args.fraction <= 1:
+        p.error(f"--fraction={args.fraction}; valid: 0 < fraction <= 1")
     if args.steps < 2 or args.bert_base_steps < 2:
         p.error(f"--steps={args.steps}, --bert-base-steps={args.bert_base_steps}; valid: >= 2 "
                 "(the first step is not timed)")
@@ -321,11 +325,11 @@ def main(argv: list[str] | None = None) -> dict:
     enc.model.to(device)
     name = "all-MiniLM-L6-v2" if args.model == PACKAGED else args.model
     results = {"minilm": bench_model(name, enc, args.steps, args.naive_per_layer,
-                                     args.lr, args.chunk_size, args.bf16)}
+                                     args.lr, args.chunk_size, args.bf16, args.fraction)}
     if not args.no_bert_base:
         results["bert_base_random"] = bench_model(
             "bert-base-shaped random", random_bert_base(enc.tokenizer, device), args.bert_base_steps, 1,
-            args.lr, args.chunk_size, args.bf16 and gpu)
+            args.lr, args.chunk_size, args.bf16 and gpu, args.fraction)
     if args.report_runs:
         results["report"] = bench_report(args.report_runs)
     print(f"{'model':<28}{'prec':>10}{'targets':>8}{'nsteps/s':>11}{'naive':>9}{'speedup':>9}"
