@@ -16,7 +16,8 @@ the read position):
 
     forward_j = 2 · ( n_j·S·3H²                   fused Q, K, V (layer 0: n_0·(S-2)·3H² + 2·3H²,
                                                    [CLS]/[SEP] are the same in every row)
-                    + 2·H·n_j·S²                   scores and weighted values (all positions)
+                    + 2·H·(g_j·S + e_j)·S          scores and weighted values (rows ending here:
+                                                   the read position's query only)
                     + (g_j·S + e_j)·(H² + H·I)     attention output, FFN in
                     + g_j·S·H·I + u_j·I )          FFN out: in their top layer rows ending there
                                                    need only the u_j units they read (when
@@ -112,7 +113,7 @@ def engine_flops(module: TextualizationModule, cfg: BertConfig, length: int = 1)
                 out_units = 0 if units is None else len(units[0])
                 linear += 2 * (qkv_tokens * 3 * H * H + (g * S + e) * (H * H + H * inter)
                                + out_tokens * H * inter + out_units * inter)
-                attention += 4 * H * n * S * S  # every query position of every row
+                attention += 4 * H * (g * S + e) * S  # ending rows: the read position's query only
             ends = 2 * 2 * 3 * H * H  # forward only: constants need no gradient
         else:
             linear = 2 * c * (index.max_layer + 1) * S * (4 * H * H + 2 * H * inter)

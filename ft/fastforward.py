@@ -70,20 +70,25 @@ def _layers(model: nn.Module) -> list[_Layer]:
     return cache[1]
 
 
-def _attend(qkv: torch.Tensor, heads: int, sdpa: bool) -> torch.Tensor:
-    """Self-attention of every position, from fused [n, S, 3H] projections: [n, S, H].
-    For short sequences plain broadcasting beats the fused kernel's per-(row, head) setup."""
+def _attend(qkv: torch.Tensor, heads: int, sdpa: bool, query: int | None = None) -> torch.Tensor:
+    """Self-attention from fused [n, S, 3H] projections: [n * S, H] for every query position,
+    or [n, H] for the one position `query`. For short sequences plain broadcasting beats the
+    fused kernel's per-(row, head) setup."""
     n, S, H3 = qkv.shape
     H = H3 // 3
     d = H // heads
     t = qkv.view(n, S, 3, heads, d)
     if sdpa:
         q, k, v = t.permute(2, 0, 3, 1, 4).unbind(0)  # [n, heads, S, d] each
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, S, H)
+        if query is not None:
+            q = q[:, :, query : query + 1]
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, H)
     q, k, v = t.unbind(2)  # [n, S, heads, d] each
+    if query is not None:
+        q = q[:, query : query + 1]
     scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * d**-0.5  # [n, S_q, S_k, heads]
     weights = scores.softmax(dim=2)
-    return (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2).reshape(n, S, H)
+    return (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2).reshape(-1, H)
 
 
 # up to this many positions the broadcast attention is faster than the fused kernel
@@ -95,14 +100,14 @@ class _Plan:
 
     Rows are sorted by top layer, highest first. At layer j the first n_j rows are present;
     the first g_j = n_{j+1} go on (they need every position), the other rows end there and
-    need only the read position. The tokens kept after attention are all positions of the
-    go rows, then the read position of the ending rows; `at_p[j]` is each present row's read
-    position in that token list.
+    need only the read position (as a query; every position still gives keys and values).
+    The tokens kept after attention are all positions of the go rows, then the read position
+    of the ending rows; `at_p[j]` is each present row's read position in that token list.
     """
 
     def __init__(self, row_top: torch.Tensor, max_layer: int, S: int, p: int, device: torch.device):
         top = row_top.cpu()
-        self.n = len(top)
+        self.n, self.S = len(top), S
         order = torch.argsort(top, descending=True, stable=True)
         self.sorted = bool((order == torch.arange(self.n)).all())
         self.order = order.to(device)
@@ -111,13 +116,9 @@ class _Plan:
         self.inverse = inverse.to(device)
         counts = torch.bincount(top, minlength=max_layer + 1)[: max_layer + 1]
         self.alive = counts.flip(0).cumsum(0).flip(0).tolist() + [0]
-        self.keep: list[torch.Tensor | None] = []
         self.at_p: list[torch.Tensor] = []
         for j in range(max_layer + 1):
             n_all, n_go = self.alive[j], self.alive[j + 1]
-            ends = torch.arange(n_go, n_all) * S + p
-            self.keep.append(None if n_go == n_all else
-                             torch.cat([torch.arange(n_go * S), ends]).to(device))
             self.at_p.append(torch.cat([torch.arange(n_go) * S + p,
                                         torch.arange(n_go * S, n_go * S + n_all - n_go)]).to(device))
 
@@ -128,8 +129,9 @@ class _SiteGather:
 
     `reads[layer]` = [(source, flat offsets into that source's [tokens, width] activations)];
     `slots` = the [rows, k] slots those values fill, in the same order. In a row's top layer
-    the FFN output is only computed for the units it reads (`end_units[layer]`: kept-token
-    index and unit of each, read from the source "ffn_out_end"), unless some row ending there
+    the FFN output is only computed for the units it reads (`end_units[layer]`: the index
+    among the ending rows' tokens and the unit of each, read from the source "ffn_out_end"),
+    unless some row ending there
     reads the residual stream or many units of the FFN output (then `end_units[layer]` is
     None: the whole layer is computed).
     """
@@ -161,7 +163,8 @@ class _SiteGather:
             trim = (n_end > 0 and not (ending & (point == code.get("resid", -1))).any()
                     and int(end_out.sum()) <= max_units_per_row * n_end)
             if trim:
-                self.end_units.append((tok[pos[end_out]].to(device), unit[end_out].to(device)))
+                go = plan.alive[j + 1] * plan.S
+                self.end_units.append(((tok[pos[end_out]] - go).to(device), unit[end_out].to(device)))
             else:
                 self.end_units.append(None)
                 end_out = torch.zeros_like(end_out)
@@ -209,9 +212,10 @@ class FastSiteReader:
     def _pass(self, given: torch.Tensor, plan: _Plan, ids: bool, const_ends: bool,
               end_units: list | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Run the layers; yield (layer, {source: activations}) for each layer: whole points
-        over the kept tokens, except where `end_units[layer]` = (kept token, unit) pairs: there
+        over the kept tokens, except where `end_units[layer]` = (ending token, unit) pairs: there
         the FFN output and residual cover only the rows going on, and "ffn_out_end" holds the
-        FFN output of the ending rows at just those units."""
+        FFN output of the ending rows at just those units. Splits rather than gathers or slices
+        divide the rows: their gradients are concatenated, never zero-filled and scattered."""
         if not plan.sorted:
             given = given[plan.order]
         h = self.model.embeddings(input_ids=given) if ids else self.model.embeddings(inputs_embeds=given)
@@ -227,28 +231,34 @@ class FastSiteReader:
                 qkv = torch.cat([ends[:, :1].expand(n_all, 1, -1), mid, ends[:, 1:].expand(n_all, 1, -1)], 1)
             else:
                 qkv = F.linear(h, L.wqkv, L.bqkv)
-            ctx = _attend(qkv, L.heads, sdpa=S > SHORT_SEQUENCE).reshape(-1, H)
-            resid = h.reshape(-1, H)
-            keep = plan.keep[layer]
-            if keep is not None:  # rows ending here: only their read position goes on
-                ctx, resid = ctx.index_select(0, keep), resid.index_select(0, keep)
+            sdpa, n_end, go = S > SHORT_SEQUENCE, n_all - n_go, n_go * S
+            if not n_end:
+                ctx, resid = _attend(qkv, L.heads, sdpa), h.reshape(-1, H)
+            else:  # rows ending here: only their read position goes on, as the only query
+                qkv_go, qkv_end = qkv.split([n_go, n_end])
+                h_go, h_end = h.split([n_go, n_end])
+                ctx = _attend(qkv_end, L.heads, sdpa, query=self.position)
+                resid = h_end[:, self.position]
+                if n_go:
+                    ctx = torch.cat([_attend(qkv_go, L.heads, sdpa), ctx])
+                    resid = torch.cat([h_go.reshape(-1, H), resid])
             a = L.ln1(L.attn_out(ctx) + resid)
             act = L.act(L.inter(a))
-            pairs = None if end_units is None or keep is None else end_units[layer]
+            pairs = None if end_units is None or not n_end else end_units[layer]
             if pairs is None:
                 out = L.out(act)
                 h_tok = L.ln2(out + a)
                 yield layer, {"ffn_act": act, "ffn_out": out, "resid": h_tok}
             else:  # only the rows going on need the whole FFN output and residual
-                go = n_go * S
-                out = L.out(act[:go])
-                h_tok = L.ln2(out + a[:go])
+                act_go, act_end = act.split([go, n_end])
                 tok, unit = pairs
-                end = (act.index_select(0, tok) * L.out.weight[unit]).sum(-1) + L.out.bias[unit]
+                end = (act_end.index_select(0, tok) * L.out.weight[unit]).sum(-1) + L.out.bias[unit]
+                out = L.out(act_go)
+                h_tok = L.ln2(out + a.split([go, n_end])[0])
                 yield layer, {"ffn_act": act, "ffn_out": out, "resid": h_tok, "ffn_out_end": end}
             if not n_go:  # every row has ended
                 return
-            h = h_tok[: n_go * S].view(n_go, S, H)
+            h = (h_tok if h_tok.shape[0] == go else h_tok.split([go, n_end])[0]).view(n_go, S, H)
 
     def read(self, inputs_embeds: torch.Tensor | None = None, row_top: torch.Tensor | None = None,
              input_ids: torch.Tensor | None = None, const_ends: bool = False) -> dict[str, torch.Tensor]:
