@@ -4,8 +4,8 @@ Same arithmetic as Hugging Face's `BertLayer` (eval mode, no padding mask), orga
 activation maximization on short inputs:
 - the query, key and value projections run as one fused matmul;
 - each row stops at its own highest needed layer, and in that layer only the read
-  position goes on to the attention output and FFN (the other positions only give keys
-  and values): about 55% less work in a row's top layer;
+  position is a query and goes on to the attention output and FFN (the other positions only
+  give keys and values): about 55% less work in a row's top layer;
 - short inputs attend by broadcasting (no per-(row, head) kernel set-up), and the sites
   are gathered straight from each layer's activations (`read_sites`);
 - rows that stop at different layers share one pass whose batch shrinks as it climbs,
