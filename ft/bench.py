@@ -55,6 +55,7 @@ import pytorch_lightning as pl
 import torch
 from transformers import BertConfig, BertModel
 
+from ft.cpualloc import keep_freed_memory
 from ft.encoder import PACKAGED, Encoder, from_model, load_encoder
 from ft.fastforward import site_plan
 from ft.inputs import build_input, initial_row
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if gpu else "cpu")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    keep_freed_memory()  # what the engine does on a CPU: here before the naive loop too, for both
     enc = load_encoder(args.model)
     enc.model.to(device)
     name = "all-MiniLM-L6-v2" if args.model == PACKAGED else args.model

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from ft.cpualloc import keep_freed_memory
 from ft.fastforward import FastSiteReader, supports
 from ft.inputs import InputParam
 from ft.sites import Site, SiteIndex, SiteReader
@@ -209,6 +210,10 @@ class TextualizationModule(pl.LightningModule):
             self.stopped_at = self.stopped_at[self.rows].clone()
             self.diverged = self.diverged[self.rows].clone()
             self._plan_rows()
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cpu":  # no page faults on the same activations every step
+            keep_freed_memory()
 
     def on_train_end(self) -> None:
         self.gather_rows()
