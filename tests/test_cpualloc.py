@@ -29,7 +29,9 @@ def faults_per_step(mode: str) -> float:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
 def test_freed_activations_stay_in_the_heap():
+    # A step writes 30 x 4 MB = 30,720 pages. glibc's defaults give most of them back on free
+    # and fault 6,000-30,000 in again every step (on this machine); once tuned, at most a chunk
+    # that landed outside the heap (address-space layout) is faulted in again: 0 or 1,024.
+    pages = 30 * (4 << 20) // 4096
     tuned = faults_per_step("tuned")
-    assert tuned < 50, f"{tuned} page faults per step after keep_freed_memory()"
-    # the default allocator gives the memory back and faults it in again (what the tuning is for)
-    assert faults_per_step("plain") > 20 * max(tuned, 1)
+    assert tuned < 0.05 * pages, f"{tuned} page faults per step after keep_freed_memory()"
