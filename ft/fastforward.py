@@ -131,9 +131,8 @@ class _SiteGather:
     `slots` = the [rows, k] slots those values fill, in the same order. In a row's top layer
     the FFN output is only computed for the units it reads (`end_units[layer]`: the index
     among the ending rows' tokens and the unit of each, read from the source "ffn_out_end"),
-    unless some row ending there
-    reads the residual stream or many units of the FFN output (then `end_units[layer]` is
-    None: the whole layer is computed).
+    unless some row ending there reads the residual stream or many units of the FFN output
+    (then `end_units[layer]` is None: the whole layer is computed).
     """
 
     def __init__(self, index: SiteIndex, plan: _Plan, device: torch.device, max_units_per_row: int = 8):
