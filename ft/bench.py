@@ -193,8 +193,9 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     common = [i for layer in range(enc.num_layers)
               for i in [j for j, t in enumerate(targets) if t.layer == layer][:naive_per_layer]]
     cfg, device = enc.model.config, enc.word_embeddings.device
-    mm_shape = (min(chunk_size, len(sites)) * 3, cfg.hidden_size, cfg.intermediate_size, torch.float32, device)
-    mm_before = matmul_gflops(*mm_shape)
+    mm_rate = partial(matmul_gflops, min(chunk_size, len(sites)) * 3, cfg.hidden_size, cfg.intermediate_size,
+                      device=device)
+    mm_before = mm_rate(torch.float32)
 
     def naive_run(part: list[int]) -> tuple[dict[int, float], float]:
         t = time.perf_counter()
@@ -220,7 +221,7 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     rel = [abs(float(final[i]) - v) / max(abs(v), 1e-6) for i, v in naive.items()]
     flops_step = engine_flops(module, cfg)
     # the machine's speed drifts: the better of two measurements, before and after the runs
-    mm = max(mm_before, matmul_gflops(*mm_shape))
+    mm = max(mm_before, mm_rate(torch.float32))
     rate = len(sites) * timing["steps"] / timing["seconds"]
     naive_rate = len(common) * steps / naive_s
     out = {
@@ -231,7 +232,7 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
         # the same, counting the whole fit (Trainer set-up, the first step) against the engine
         "speedup_vs_naive_whole_fit": len(sites) * steps / timing["fit_seconds"] / naive_rate,
         "naive_one_thread_neuron_steps_per_s": naive_one_thread_rate,
-        "speedup_vs_naive_one_thread": naive_one_thread_rate and rate / naive_one_thread_rate,
+        "speedup_vs_naive_one_thread": None if naive_one_thread_rate is None else rate / naive_one_thread_rate,
         "achieved_gflops": flops_step * timing["steps"] / timing["seconds"] / 1e9, "matmul_gflops": mm,
         "max_rel_diff_vs_naive": max(rel), "engine_seconds": timing["seconds"],
         "engine_timed_steps": timing["steps"], "engine_fit_seconds": timing["fit_seconds"],
@@ -241,7 +242,7 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     if bf16:
         mod16, t16 = run_engine(enc, sites, steps, lr, "bf16-mixed", chunk_size, device)
         _, _, final16 = measure_inputs(mod16)
-        mm16 = matmul_gflops(*mm_shape[:3], torch.bfloat16, device)
+        mm16 = mm_rate(torch.bfloat16)
         drift = ((final16 - final).abs() / final.abs().clamp_min(1e-6))
         rate16 = len(sites) * t16["steps"] / t16["seconds"]
         gflops16 = flops_step * t16["steps"] / t16["seconds"] / 1e9

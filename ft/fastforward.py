@@ -46,14 +46,11 @@ def supports(model: nn.Module) -> bool:
 
 
 class _Layer:
-    """The weights of one layer, with Q, K, V (and K, V alone) concatenated once."""
+    """The weights of one layer, with Q, K and V concatenated once."""
 
     def __init__(self, block: nn.Module):
         s = block.attention.self
         self.heads = int(s.num_attention_heads)
-        self.wq, self.bq = s.query.weight, s.query.bias
-        self.wkv = torch.cat([s.key.weight, s.value.weight]).detach()
-        self.bkv = torch.cat([s.key.bias, s.value.bias]).detach()
         self.wqkv = torch.cat([s.query.weight, s.key.weight, s.value.weight]).detach()
         self.bqkv = torch.cat([s.query.bias, s.key.bias, s.value.bias]).detach()
         self.attn_out, self.ln1 = block.attention.output.dense, block.attention.output.LayerNorm
@@ -236,11 +233,9 @@ class FastSiteReader:
             else:  # rows ending here: only their read position goes on, as the only query
                 qkv_go, qkv_end = qkv.split([n_go, n_end])
                 h_go, h_end = h.split([n_go, n_end])
-                ctx = _attend(qkv_end, L.heads, sdpa, query=self.position)
-                resid = h_end[:, self.position]
-                if n_go:
-                    ctx = torch.cat([_attend(qkv_go, L.heads, sdpa), ctx])
-                    resid = torch.cat([h_go.reshape(-1, H), resid])
+                ctx_end, resid_end = _attend(qkv_end, L.heads, sdpa, query=self.position), h_end[:, self.position]
+                ctx = torch.cat([_attend(qkv_go, L.heads, sdpa), ctx_end]) if n_go else ctx_end
+                resid = torch.cat([h_go.reshape(-1, H), resid_end]) if n_go else resid_end
             a = L.ln1(L.attn_out(ctx) + resid)
             act = L.act(L.inter(a))
             pairs = None if end_units is None or not n_end else end_units[layer]

@@ -130,10 +130,10 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
         chunk = rows_for_budget(encoder.model.config, cfg.input.length, e.memory_budget_mb, row)
     elif not isinstance(chunk, int) or chunk < 1:
         raise ConfigError(f"engine.chunk_size={chunk!r}; valid: auto or an integer >= 1")
-    fast_choices = {"auto": None, True: True, False: False}
-    if e.get("fast_forward", "auto") not in fast_choices:
-        raise ConfigError(f"engine.fast_forward={e.fast_forward!r}; valid: auto, true, false")
-    fast = fast_choices[e.get("fast_forward", "auto")]
+    fast_choices, fast = {"auto": None, True: True, False: False}, e.get("fast_forward", "auto")
+    if fast not in fast_choices:
+        raise ConfigError(f"engine.fast_forward={fast!r}; valid: auto, true, false")
+    fast = fast_choices[fast]
     return TextualizationModule(
         encoder.model, [t.sites for t in targets], inputs, optimizer,
         cls_id=facts.vocab.cls_id, sep_id=facts.vocab.sep_id, position=cfg.position,
