@@ -33,11 +33,12 @@ A test checks the formula against torch's FLOP counter.
 
 The matmul rate is the best of several [c·S, H] × [H, I] products in the same precision,
 measured in the same run (fp32: before and after the timed runs, the better of the two, since
-this VM's speed drifts). The naive neurons run half before and half after the engine, so that
-drift does not bias the speedup either. The engine's rate counts the steps after its first
-(which builds the pass plan); `speedup_vs_naive_whole_fit` counts the whole `trainer.fit`, and
-`speedup_vs_naive_one_thread` compares with the naive loop on one thread (at batch 1 it can be
-faster there than on the default threads).
+this VM's speed drifts). The naive neurons run in `--rounds` + 1 parts around `--rounds` engine
+runs (default: half before and half after one run), so that drift does not bias the speedup
+either; more rounds average it over a longer time. The engine's rate counts the steps after
+its first (which builds the pass plan); `speedup_vs_naive_whole_fit` counts the whole
+`trainer.fit`, and `speedup_vs_naive_one_thread` compares with the naive loop on one thread (at
+batch 1 it can be faster there than on the default threads).
 The last line printed is one JSON object.
 """
 
@@ -185,7 +186,7 @@ def run_engine(enc: Encoder, sites: list[list[Site]], steps: int, lr: float, pre
 
 
 def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: float,
-                chunk_size: int, bf16: bool, fraction: float = 0.1) -> dict:
+                chunk_size: int, bf16: bool, fraction: float = 0.1, rounds: int = 1) -> dict:
     vocab = Vocabulary.from_tokenizer(enc.tokenizer)
     targets = neuron_targets(enc.model, fraction=fraction, seed=0)
     sites = [t.sites for t in targets]
@@ -202,13 +203,19 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
         finals = {i: naive_textualize(enc, sites[i][0], i, steps, lr, vocab) for i in part}
         return finals, time.perf_counter() - t
 
-    # naive, engine, naive: half the naive neurons on each side of the engine run, so that a
-    # drift in the machine's speed during the benchmark does not bias the ratio
-    naive, before_s = naive_run(common[::2])
-    module, timing = run_engine(enc, sites, steps, lr, "32-true", chunk_size, device)
-    after, after_s = naive_run(common[1::2])
-    naive.update(after)
-    naive_s = before_s + after_s
+    # naive, engine, naive, ...: the naive neurons in `rounds` + 1 parts around `rounds` engine
+    # runs, so that a drift in the machine's speed during the benchmark does not bias the ratio
+    naive: dict[int, float] = {}
+    naive_s, module = 0.0, None
+    timing = {"steps": 0, "seconds": 0.0, "fit_seconds": 0.0}
+    for r in range(rounds + 1):
+        finals, seconds = naive_run(common[r :: rounds + 1])
+        naive.update(finals)
+        naive_s += seconds
+        if r < rounds:  # every round is the same deterministic fit: the first one's finals are kept
+            fitted, t = run_engine(enc, sites, steps, lr, "32-true", chunk_size, device)
+            module = module or fitted
+            timing = {k: timing[k] + t[k] for k in timing}
     # on a CPU, the naive loop at batch 1 may do better on one thread: measure that too (on half
     # its neurons)
     naive_one_thread_rate = None  # (JSON null on a GPU)
@@ -226,11 +233,11 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     naive_rate = len(common) * steps / naive_s
     out = {
         "model": name, "device": device_name(device), "precision": "32-true", "targets": len(sites),
-        "steps": steps, "naive_neurons": len(common),
+        "steps": steps, "rounds": rounds, "naive_neurons": len(naive),
         "neuron_steps_per_s": rate, "naive_neuron_steps_per_s": naive_rate,
         "speedup_vs_naive": rate / naive_rate,
         # the same, counting the whole fit (Trainer set-up, the first step) against the engine
-        "speedup_vs_naive_whole_fit": len(sites) * steps / timing["fit_seconds"] / naive_rate,
+        "speedup_vs_naive_whole_fit": len(sites) * steps * rounds / timing["fit_seconds"] / naive_rate,
         "naive_one_thread_neuron_steps_per_s": naive_one_thread_rate,
         "speedup_vs_naive_one_thread": None if naive_one_thread_rate is None else rate / naive_one_thread_rate,
         "achieved_gflops": flops_step * timing["steps"] / timing["seconds"] / 1e9, "matmul_gflops": mm,
@@ -308,6 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--bert-base-steps", type=int, default=3)
     p.add_argument("--chunk-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=100.0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="engine runs, interleaved with the naive loop's neurons (more: less drift)")
     p.add_argument("--bf16", action="store_true",
                    help="also run bf16-mixed (slow on CPUs without bf16 matmul units)")
     p.add_argument("--no-bert-base", action="store_true")
@@ -315,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if not 0 < args.fraction <= 1:
         p.error(f"--fraction={args.fraction}; valid: 0 < fraction <= 1")
+    if args.rounds < 1:
+        p.error(f"--rounds={args.rounds}; valid: >= 1")
     if args.steps < 2 or args.bert_base_steps < 2:
         p.error(f"--steps={args.steps}, --bert-base-steps={args.bert_base_steps}; valid: >= 2 "
                 "(the first step is not timed)")
@@ -329,11 +340,11 @@ def main(argv: list[str] | None = None) -> dict:
     enc.model.to(device)
     name = "all-MiniLM-L6-v2" if args.model == PACKAGED else args.model
     results = {"minilm": bench_model(name, enc, args.steps, args.naive_per_layer,
-                                     args.lr, args.chunk_size, args.bf16, args.fraction)}
+                                     args.lr, args.chunk_size, args.bf16, args.fraction, args.rounds)}
     if not args.no_bert_base:
         results["bert_base_random"] = bench_model(
             "bert-base-shaped random", random_bert_base(enc.tokenizer, device), args.bert_base_steps, 1,
-            args.lr, args.chunk_size, args.bf16 and gpu, args.fraction)
+            args.lr, args.chunk_size, args.bf16 and gpu, args.fraction, args.rounds)
     if args.report_runs:
         results["report"] = bench_report(args.report_runs)
     print(f"{'model':<28}{'prec':>10}{'targets':>8}{'nsteps/s':>11}{'naive':>9}{'speedup':>9}"

@@ -26,3 +26,26 @@ def test_gpu_asked_for_without_one(capsys):
     with pytest.raises(SystemExit):
         main(["--accelerator", "gpu"])
     assert "--accelerator=gpu" in capsys.readouterr().err
+
+
+def test_rounds_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["--rounds", "0"])
+    assert "--rounds=0" in capsys.readouterr().err
+
+
+def test_bench_model_agrees_with_the_naive_loop_over_rounds(tiny):
+    """The engine's finals equal the naive loop's on the common neurons, every round's steps
+    are timed, and every naive neuron runs once, split around the engine rounds."""
+    from ft.bench import bench_model
+
+    steps, rounds = 4, 2
+    out = bench_model("tiny", tiny, steps, naive_per_layer=2, lr=1.0, chunk_size=64, bf16=False,
+                      fraction=0.2, rounds=rounds)
+    assert out["max_rel_diff_vs_naive"] < 1e-3
+    assert out["naive_neurons"] == 2 * tiny.num_layers
+    assert out["engine_timed_steps"] == rounds * (steps - 1)
+    rate = out["targets"] * out["engine_timed_steps"] / out["engine_seconds"]
+    assert out["neuron_steps_per_s"] == pytest.approx(rate)
+    assert out["speedup_vs_naive"] == pytest.approx(rate / out["naive_neuron_steps_per_s"])
+    assert 0 < out["flop_efficiency"] and out["peak_rss_mb"] > 0
