@@ -48,6 +48,7 @@ import argparse
 import json
 import logging
 import resource
+import sys
 import time
 import warnings
 from functools import partial
@@ -65,6 +66,11 @@ from ft.module import TextualizationModule, full_sequence
 from ft.sites import Site, point_module
 from ft.targets import neuron_targets
 from ft.vocab import Vocabulary
+
+
+def progress(message: str) -> None:
+    """One line of progress on stderr (stdout ends with the JSON line)."""
+    print(f"[ft.bench] {message}", file=sys.stderr, flush=True)
 
 
 def peak_rss_mb() -> float:
@@ -196,12 +202,18 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     cfg, device = enc.model.config, enc.word_embeddings.device
     mm_rate = partial(matmul_gflops, min(chunk_size, len(sites)) * 3, cfg.hidden_size, cfg.intermediate_size,
                       device=device)
+    progress(f"{name}: {len(sites)} targets for the engine, {len(common)} neurons for the naive loop, "
+             f"{steps} steps, {rounds} round(s)")
     mm_before = mm_rate(torch.float32)
 
     def naive_run(part: list[int]) -> tuple[dict[int, float], float]:
         t = time.perf_counter()
         finals = {i: naive_textualize(enc, sites[i][0], i, steps, lr, vocab) for i in part}
-        return finals, time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        rate = len(part) * steps / max(seconds, 1e-9)
+        progress(f"naive loop: {len(part)} neuron(s) x {steps} steps in {seconds:.1f} s "
+                 f"({rate:.1f} neuron-steps/s on {torch.get_num_threads()} thread(s))")
+        return finals, seconds
 
     # naive, engine, naive, ...: the naive neurons in `rounds` + 1 parts around `rounds` engine
     # runs, so that a drift in the machine's speed during the benchmark does not bias the ratio
@@ -214,6 +226,7 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
         naive_s += seconds
         if r < rounds:  # every round is the same deterministic fit: the first one's finals are kept
             fitted, t = run_engine(enc, sites, steps, lr, "32-true", chunk_size, device)
+            progress(f"engine round {r + 1}/{rounds}: {len(sites) * t['steps'] / t['seconds']:,.0f} neuron-steps/s")
             module = module or fitted
             timing = {k: timing[k] + t[k] for k in timing}
     # on a CPU, the naive loop at batch 1 may do better on one thread: measure that too (on half
@@ -248,6 +261,7 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     out["flop_efficiency"] = out["achieved_gflops"] / mm
     if bf16:
         mod16, t16 = run_engine(enc, sites, steps, lr, "bf16-mixed", chunk_size, device)
+        progress(f"engine bf16-mixed: {len(sites) * t16['steps'] / t16['seconds']:,.0f} neuron-steps/s")
         _, _, final16 = measure_inputs(mod16)
         mm16 = mm_rate(torch.bfloat16)
         drift = ((final16 - final).abs() / final.abs().clamp_min(1e-6))
@@ -346,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
             "bert-base-shaped random", random_bert_base(enc.tokenizer, device), args.bert_base_steps, 1,
             args.lr, args.chunk_size, args.bf16 and gpu, args.fraction, args.rounds)
     if args.report_runs:
+        progress(f"report: {args.report_runs} run directories")
         results["report"] = bench_report(args.report_runs)
     print(f"{'model':<28}{'prec':>10}{'targets':>8}{'nsteps/s':>11}{'naive':>9}{'speedup':>9}"
           f"{'GFLOP/s':>9}{'mm GF/s':>9}{'eff':>6}{'maxrel':>10}")

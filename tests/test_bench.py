@@ -34,9 +34,10 @@ def test_rounds_must_be_positive(capsys):
     assert "--rounds=0" in capsys.readouterr().err
 
 
-def test_bench_model_agrees_with_the_naive_loop_over_rounds(tiny):
+def test_bench_model_agrees_with_the_naive_loop_over_rounds(tiny, capsys):
     """The engine's finals equal the naive loop's on the common neurons, every round's steps
-    are timed, and every naive neuron runs once, split around the engine rounds."""
+    are timed, every naive neuron runs once, split around the engine rounds, and progress
+    goes to stderr."""
     from ft.bench import bench_model
 
     steps, rounds = 4, 2
@@ -49,3 +50,5 @@ def test_bench_model_agrees_with_the_naive_loop_over_rounds(tiny):
     assert out["neuron_steps_per_s"] == pytest.approx(rate)
     assert out["speedup_vs_naive"] == pytest.approx(rate / out["naive_neuron_steps_per_s"])
     assert 0 < out["flop_efficiency"] and out["peak_rss_mb"] > 0
+    captured = capsys.readouterr()
+    assert f"engine round {rounds}/{rounds}" in captured.err and "[ft.bench]" not in captured.out
