@@ -227,7 +227,8 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
         if r < rounds:  # every round is the same deterministic fit: the first one's finals are kept
             fitted, t = run_engine(enc, sites, steps, lr, "32-true", chunk_size, device)
             progress(f"engine round {r + 1}/{rounds}: {len(sites) * t['steps'] / t['seconds']:,.0f} neuron-steps/s")
-            module = module or fitted
+            if module is None:
+                module = fitted
             timing = {k: timing[k] + t[k] for k in timing}
     # on a CPU, the naive loop at batch 1 may do better on one thread: measure that too (on half
     # its neurons)
@@ -243,7 +244,7 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     # the machine's speed drifts: the better of two measurements, before and after the runs
     mm = max(mm_before, mm_rate(torch.float32))
     rate = len(sites) * timing["steps"] / timing["seconds"]
-    naive_rate = len(common) * steps / naive_s
+    naive_rate = len(naive) * steps / naive_s
     out = {
         "model": name, "device": device_name(device), "precision": "32-true", "targets": len(sites),
         "steps": steps, "rounds": rounds, "naive_neurons": len(naive),
