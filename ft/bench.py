@@ -31,14 +31,15 @@ With the hook-based forward every row of a chunk runs every position of layers
 0..L (L = the chunk's highest layer): forward = 2 · c · (L + 1) · (S·(4H² + 2·H·I) + 2·S²·H).
 A test checks the formula against torch's FLOP counter.
 
-The matmul rate is the best of several [c·S, H] × [H, I] products in the same precision,
-measured in the same run (fp32: before and after the timed runs, the better of the two, since
-this VM's speed drifts). The naive neurons run in `--rounds` + 1 parts around `--rounds` engine
-runs (default: half before and half after one run), so that drift does not bias the speedup
-either; more rounds average it over a longer time. The engine's rate counts the steps after
-its first (which builds the pass plan); `speedup_vs_naive_whole_fit` counts the whole
-`trainer.fit`, and `speedup_vs_naive_one_thread` compares with the naive loop on one thread (at
-batch 1 it can be faster there than on the default threads).
+The matmul rate is the best of several [c·S, H] × [H, I] products (`F.linear`, as the engine
+multiplies) in the same precision, measured in the same run (fp32: before and after the timed
+runs, the better of the two, since this VM's speed drifts). The naive neurons run in
+`--rounds` + 1 parts around `--rounds` engine runs (default: half before and half after one
+run), so that drift does not bias the speedup either; more rounds average it over a longer
+time. The engine's rate counts the steps after its first (which builds the pass plan);
+`speedup_vs_naive_whole_fit` counts the whole `trainer.fit`, and `speedup_vs_naive_one_thread`
+compares with the naive loop on one thread (at batch 1 it can be faster there than on the
+default threads).
 The last line printed is one JSON object.
 """
 
@@ -55,6 +56,7 @@ from functools import partial
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
 from ft.cpualloc import keep_freed_memory
@@ -138,16 +140,18 @@ def sync(device: torch.device) -> None:
 
 def matmul_gflops(rows: int, H: int, inter: int, dtype: torch.dtype, device: torch.device,
                   repeat: int = 20) -> float:
+    """Best rate of `F.linear` on [rows, H] by an [inter, H] weight: the layout of the engine's
+    linear layers (on CPUs without bf16 units, a bf16 `a @ b` takes a path ~10x slower)."""
     a = torch.randn(rows, H, dtype=dtype, device=device)
-    b = torch.randn(H, inter, dtype=dtype, device=device)
+    w = torch.randn(inter, H, dtype=dtype, device=device)
     for _ in range(3):
-        a @ b
+        F.linear(a, w)
     best = float("inf")
     for _ in range(repeat):
         sync(device)
         t = time.perf_counter()
         for _ in range(5):
-            a @ b
+            F.linear(a, w)
         sync(device)
         best = min(best, (time.perf_counter() - t) / 5)
     return 2 * rows * H * inter / best / 1e9
@@ -206,6 +210,9 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
              f"{steps} steps, {rounds} round(s)")
     mm_before = mm_rate(torch.float32)
 
+    def engine_rate(timing: dict) -> float:  # neuron-steps per second over the timed steps
+        return len(sites) * timing["steps"] / timing["seconds"]
+
     def naive_run(part: list[int]) -> tuple[dict[int, float], float]:
         t = time.perf_counter()
         finals = {i: naive_textualize(enc, sites[i][0], i, steps, lr, vocab) for i in part}
@@ -226,7 +233,7 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
         naive_s += seconds
         if r < rounds:  # every round is the same deterministic fit: the first one's finals are kept
             fitted, t = run_engine(enc, sites, steps, lr, "32-true", chunk_size, device)
-            progress(f"engine round {r + 1}/{rounds}: {len(sites) * t['steps'] / t['seconds']:,.0f} neuron-steps/s")
+            progress(f"engine round {r + 1}/{rounds}: {engine_rate(t):,.0f} neuron-steps/s")
             if module is None:
                 module = fitted
             timing = {k: timing[k] + t[k] for k in timing}
@@ -243,7 +250,7 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     flops_step = engine_flops(module, cfg)
     # the machine's speed drifts: the better of two measurements, before and after the runs
     mm = max(mm_before, mm_rate(torch.float32))
-    rate = len(sites) * timing["steps"] / timing["seconds"]
+    rate = engine_rate(timing)
     naive_rate = len(naive) * steps / naive_s
     out = {
         "model": name, "device": device_name(device), "precision": "32-true", "targets": len(sites),
@@ -262,11 +269,11 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     out["flop_efficiency"] = out["achieved_gflops"] / mm
     if bf16:
         mod16, t16 = run_engine(enc, sites, steps, lr, "bf16-mixed", chunk_size, device)
-        progress(f"engine bf16-mixed: {len(sites) * t16['steps'] / t16['seconds']:,.0f} neuron-steps/s")
+        rate16 = engine_rate(t16)
+        progress(f"engine bf16-mixed: {rate16:,.0f} neuron-steps/s")
         _, _, final16 = measure_inputs(mod16)
         mm16 = mm_rate(torch.bfloat16)
         drift = ((final16 - final).abs() / final.abs().clamp_min(1e-6))
-        rate16 = len(sites) * t16["steps"] / t16["seconds"]
         gflops16 = flops_step * t16["steps"] / t16["seconds"] / 1e9
         out["bf16"] = {
             "neuron_steps_per_s": rate16, "speedup_vs_naive": rate16 / naive_rate,

@@ -1,4 +1,5 @@
-"""`python -m ft.bench` refuses bad arguments before it loads anything."""
+"""`python -m ft.bench`: bad arguments are refused before anything loads; on the tiny model the
+benchmark's engine agrees with its naive loop and its figures add up."""
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from ft.bench import main
     (["--fraction", "0"], "--fraction=0.0"),
     (["--fraction", "1.5"], "--fraction=1.5"),
     (["--accelerator", "tpu"], "invalid choice: 'tpu'"),
+    (["--rounds", "0"], "--rounds=0"),
 ])
 def test_bad_arguments_name_the_value(argv, named, capsys):
     with pytest.raises(SystemExit) as e:
@@ -26,12 +28,6 @@ def test_gpu_asked_for_without_one(capsys):
     with pytest.raises(SystemExit):
         main(["--accelerator", "gpu"])
     assert "--accelerator=gpu" in capsys.readouterr().err
-
-
-def test_rounds_must_be_positive(capsys):
-    with pytest.raises(SystemExit):
-        main(["--rounds", "0"])
-    assert "--rounds=0" in capsys.readouterr().err
 
 
 def test_bench_model_agrees_with_the_naive_loop_over_rounds(tiny, capsys):
