@@ -27,6 +27,7 @@ def faults_per_step(mode: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
 def test_freed_activations_stay_in_the_heap():
     # A step writes 30 x 4 MB = 30,720 pages. glibc's defaults give most of them back on free

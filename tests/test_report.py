@@ -56,6 +56,7 @@ def test_report_numbers_equal_the_tables(runs, report):
         assert cell(html, f"table4:{runs / exp}:top20") == pytest.approx(g.target_in_top20.mean())
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium_without_js_errors(report, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Chromium is missing: the README's test command installs Debian's chromium"

@@ -45,6 +45,7 @@ def cli(tiny_dir, run_dir, *extra):
             "+trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}", *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
     # a fresh job: not attached to the W&B service that earlier in-process tests started
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"}
@@ -170,6 +171,7 @@ def test_checkpoint_from_another_model_is_refused(tiny_dir, tmp_path):
     (["experiment=nope"], "experiment='nope' is not an option; valid: atlas, default, group_k10"),
     (["input=logits"], "input='logits' is not an option; valid: embedding, gumbel, onehot, softmax"),
 ])
+@pytest.mark.slow
 def test_cli_unknown_config_option(args, message):
     proc = subprocess.run([sys.executable, "-m", "ft.train", *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]

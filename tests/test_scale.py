@@ -34,6 +34,7 @@ def cli_run(tiny_dir, run_dir, *extra):
     return read_targets(run_dir)
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_equal_one(tiny_dir, tmp_path):
     one = cli_run(tiny_dir, tmp_path / "one")
     two = cli_run(tiny_dir, tmp_path / "two", "trainer.devices=2")

@@ -39,6 +39,7 @@ def test_sweep_is_valid_for_wandb_engine(path):
     assert sweeps.next_run(cfg, []) is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_agent_command_runs(path, tiny_dir, tmp_path):
     import sweeps
@@ -90,6 +91,7 @@ def test_offline_grid_sweep_leaves_one_run_per_point(tiny_dir, tmp_path, monkeyp
         assert read_config(d).logger.wandb.group == "sweep-lr"
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_sweep_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: grdi\nprogram: ft.train\nparameters: {optim.lr: {values: [1]}}\n")

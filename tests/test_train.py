@@ -141,6 +141,7 @@ def test_wandb_offline_run_reads_back(group_run):
     ("experiment=group_k10 target.words=[zebra]", "'zebra' is not in the vocabulary"),
     ("experiment=group_k10 target.words=[sofa] target.k=1000", "target.k=1000; valid 1..64"),
 ])
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_error(override, message, tiny_dir, tmp_path):
     run_dir = tmp_path / "out"
     cmd = [sys.executable, "-m", "ft.train", f"model.name_or_path={tiny_dir}",
