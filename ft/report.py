@@ -112,12 +112,15 @@ def ms(s: pd.Series) -> str:
     return f"{s.mean():.3f} (σ={s.std(ddof=0):.3f})"
 
 
-def regression(x: pd.Series, y: pd.Series) -> str:
+def regression(x: pd.Series, y: pd.Series, key: str = "") -> str:
+    """Least-squares slope of y on x with its t statistic and two-sided p value (exact values in
+    the span's data attributes, under data-key `key`)."""
     if x.nunique() < 2 or len(x) < 3:
         return "regression: needs at least two layers"
     r = stats.linregress(x.astype(float), y.astype(float))
     t = r.slope / r.stderr if r.stderr else float("inf")
-    return f"β={r.slope:.3f}, t({len(x) - 2})={t:.2f}, p={r.pvalue:.2g}"
+    return (f'<span class="reg" data-key="{escape(key)}" data-slope="{r.slope}" data-t="{t}" '
+            f'data-p="{r.pvalue}">β={r.slope:.3f}, t({len(x) - 2})={t:.2f}, p={r.pvalue:.2g}</span>')
 
 
 def section_table1(targets: pd.DataFrame, runs: pd.DataFrame) -> str:
@@ -161,9 +164,11 @@ def section_layers(targets: pd.DataFrame) -> str:
             f"Fig. 4 closest-word cosine per layer — {run_name(run)}", "layer", "cosine",
             chart_id=f"fig4-{run_name(run)}")
         first = d.closest_cos.map(lambda c: c[0])
-        figs.append(f'<div class="figs">{act}{cos}</div><p>optimized: {regression(d.layer, d.objective)}; '
-                    f"most activating word: {regression(d.layer, d.most_activating_word_activation)}; "
-                    f"cosine: {regression(d.layer, first)}</p>")
+        key = f"reg:{run}"
+        figs.append(f'<div class="figs">{act}{cos}</div><p>optimized: '
+                    f'{regression(d.layer, d.objective, f"{key}:objective")}; most activating word: '
+                    f"{regression(d.layer, d.most_activating_word_activation, f'{key}:maw')}; "
+                    f"cosine: {regression(d.layer, first, f'{key}:cos')}</p>")
     return "".join(figs)
 
 

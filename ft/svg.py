@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from html import escape
 
@@ -24,13 +25,16 @@ def _bounds(values: Sequence[float]) -> tuple[float, float]:
 
 def chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str,
           ylabel: str, kind: str = "line", chart_id: str = "") -> str:
-    """Lines or scatter points, one color per series, with axes, ticks and a legend."""
+    """Lines or scatter points, one color per series, with axes, ticks and a legend. The data
+    itself rides along as JSON in `data-series` (name -> [xs, ys]) for readers and tests."""
     xs = [x for sx, _ in series.values() for x in sx]
     ys = [y for _, sy in series.values() for y in sy]
     (x0, x1), (y0, y1) = _bounds(xs), _bounds(ys)
     fx, fy = _scale(x0, x1, PAD, W - 12), _scale(y0, y1, H - PAD, 24)
-    out = [f'<svg class="chart" id="{escape(chart_id)}" viewBox="0 0 {W} {H}" width="{W}" height="{H}" '
-           f'xmlns="http://www.w3.org/2000/svg" role="img"><title>{escape(title)}</title>',
+    data = escape(json.dumps({name: [[float(x) for x in sx], [float(y) for y in sy]]
+                              for name, (sx, sy) in series.items()}), quote=True)
+    out = [f'<svg class="chart" id="{escape(chart_id)}" data-series="{data}" viewBox="0 0 {W} {H}" '
+           f'width="{W}" height="{H}" xmlns="http://www.w3.org/2000/svg" role="img"><title>{escape(title)}</title>',
            f'<text x="{W / 2}" y="14" text-anchor="middle" class="t">{escape(title)}</text>',
            f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - 12}" y2="{H - PAD}" stroke="#444"/>',
            f'<line x1="{PAD}" y1="24" x2="{PAD}" y2="{H - PAD}" stroke="#444"/>']

@@ -25,7 +25,9 @@ PIECES = ["##s", "##ed", "##ing", "##ly", "##er", "##est", "##ion", "##al", "1",
 VOCAB = SPECIAL + WORDS + PIECES
 
 
-def build_tiny(path: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+def build_tiny(path: Path, layers: int = 2, hidden: int = 32, seed: int = 0, pos_std: float | None = None) -> Path:
+    """`pos_std`: position embeddings as large as the word embeddings, so that the analysis
+    space differs from one position to the next (a wrong read position then shows)."""
     torch.manual_seed(seed)
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
@@ -37,6 +39,8 @@ def build_tiny(path: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> 
     model = BertModel(cfg)
     with torch.no_grad():  # spread the embeddings a little so words differ clearly
         model.embeddings.word_embeddings.weight.normal_(0, 0.5)
+        if pos_std is not None:
+            model.embeddings.position_embeddings.weight.normal_(0, pos_std)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -45,6 +49,12 @@ def build_tiny(path: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def pos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT whose positions matter in the analysis space."""
+    return build_tiny(tmp_path_factory.mktemp("tiny_pos"), seed=1, pos_std=0.5)
 
 
 @pytest.fixture(scope="session")

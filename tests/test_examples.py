@@ -195,3 +195,30 @@ def test_examples_cli_writes_the_table_and_feeds_the_report(tiny_dir, corpus_fil
     html = build_report([str(tmp_path / "run")], tmp_path / "r.html", words=0).read_text()
     assert "anchor_token" in html and df.text.iloc[0] in html
     assert main([str(tmp_path / "run"), "--corpus", str(tmp_path / "nope.txt")]) == 2  # one-line error
+
+
+def test_a_batch_of_unequal_lengths_masks_padding_and_sep(tiny):
+    """Each sequence of a mixed-length batch scores as it does alone: its tokens only ([CLS],
+    [SEP] and padding never count), and a target that peaks at [SEP] is not read there."""
+    scorer = TargetScorer(tiny, [[Site(layer, "ffn_out", u)] for layer in (0, 1) for u in range(32)])
+    texts = ["the cat", "music from the piano and the violin filled the house", "water ran"]
+    seqs = [tiny.tokenizer(s, add_special_tokens=False)["input_ids"] for s in texts]
+    out = scorer.batch(seqs)  # [B, T, targets]
+    sep_peaks = 0
+    for b, ids in enumerate(seqs):
+        alone = scorer.batch([ids])[0]
+        torch.testing.assert_close(out[b, : len(ids)], alone, rtol=1e-4, atol=1e-5)
+        assert torch.isinf(out[b, len(ids):]).all() and (out[b, len(ids):] < 0).all()
+        seq = torch.tensor([[tiny.tokenizer.cls_token_id, *ids, tiny.tokenizer.sep_token_id]])
+        acts = SiteReader(tiny.model, {"ffn_out"}, 1, slice(None)).read(input_ids=seq)["ffn_out"][0]  # [L, S, 32]
+        tokens_max = acts[:, 1:-1].max(1).values.flatten()  # [64]: layer-major, as the targets
+        sep_peaks += int((acts[:, -1].flatten() > tokens_max).sum())
+        torch.testing.assert_close(out[b, : len(ids)].max(0).values, tokens_max, rtol=1e-4, atol=1e-5)
+    assert sep_peaks > 0  # some targets peak at [SEP]: counting it as a token would show
+    # corpus search over one mixed-length batch: each sentence's score is its own tokens' max
+    from ft.corpus import Corpus
+
+    scores, sent, _ = corpus_search(scorer, Corpus("mixed", ["a", "b", "c"], seqs), top_n=3)
+    for j in range(scores.shape[0]):
+        for s, i in zip(scores[j].tolist(), sent[j].tolist(), strict=True):
+            assert s == pytest.approx(float(out[i, :, j].max()), rel=1e-5)

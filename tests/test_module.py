@@ -112,3 +112,80 @@ def test_frozen_rows_drop_out_of_the_plan(tiny, tmp_path):
     after = m.inputs.param.detach()
     assert torch.equal(after[[0, 2]], before[[0, 2]]) and not torch.equal(after[1], before[1])
     assert torch.isfinite(m.last_objective[1]) and m.last_objective[1] > m.history[0, 1]
+
+
+def planted(tiny, values: list[list[float]], window: int, tol: float, **kw) -> tuple:
+    """A module whose objective history is `values` (one list per step, a value per target),
+    recorded through `record` as the training step does, under a real (idle) Trainer."""
+    import pytorch_lightning as pl
+
+    sites = [[Site(0, "ffn_out", i)] for i in range(len(values[0]))]
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    inputs = build_input("embedding", range(len(sites)), tiny.word_embeddings)
+    m = TextualizationModule(tiny.model, sites, inputs, partial(torch.optim.Adam, lr=0.1), vocab.cls_id,
+                             vocab.sep_id, converge_window=window, converge_tol=tol, **kw)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    m.trainer = trainer
+    stops = []
+    for v in values:
+        m.record(torch.tensor(v))
+        stops.append(bool(trainer.should_stop))
+    return m, stops
+
+
+def test_convergence_is_relative_to_the_value_and_over_exactly_the_window(tiny):
+    # target 0: 1000 -> 1000.5 (relative 5e-4 <= 1e-3: converged although it moved 0.5);
+    # target 1: 1e-3 -> 2e-3 (moved 1e-3 <= tol in absolute terms, but doubled: not converged);
+    # target 2: moves 1.0 once, at the second step, then stays: converged only once that change
+    #           is more than `window` steps old.
+    steps = [[1000.0, 1e-3, 5.0], [1000.2, 1.2e-3, 6.0], [1000.4, 1.6e-3, 6.0], [1000.5, 2e-3, 6.0],
+             [1000.5, 2e-3, 6.0]]
+    m, stops = planted(tiny, steps[:4], window=3, tol=1e-3, stop_when_converged=False)
+    # after 4 records: now = step 3, before = step 0
+    assert m.converged().tolist() == [True, False, False]
+    m.record(torch.tensor(steps[4]))  # now = step 4, before = step 1
+    assert m.converged().tolist() == [True, False, True]
+    short, _ = planted(tiny, steps[:3], window=3, tol=1e-3, stop_when_converged=False)
+    assert not short.converged().any()  # fewer than window + 1 values: nothing has converged yet
+
+
+def test_the_run_stops_when_all_targets_converged_not_any(tiny):
+    flat, moving = [2.0] * 8, [float(i) for i in range(8)]
+    _, stops = planted(tiny, [[a, b] for a, b in zip(flat, moving, strict=True)], window=2, tol=1e-4)
+    assert not any(stops)  # one target still moves
+    _, stops = planted(tiny, [[a, a] for a in flat], window=2, tol=1e-4)
+    assert stops == [False, False, True, True, True, True, True, True]  # once window + 1 values are in
+
+
+def test_freezing_marks_only_converged_targets_at_their_step(tiny):
+    flat, moving = [2.0] * 6, [float(i) for i in range(6)]
+    m, stops = planted(tiny, [[a, b] for a, b in zip(flat, moving, strict=True)], window=2, tol=1e-4,
+                       freeze_converged=True, stop_when_converged=False)
+    assert m.frozen.tolist() == [True, False] and not any(stops)
+    assert m.stopped_at.tolist() == [3, -1] and m.steps_per_target().tolist() == [3, 6]
+
+
+def test_resumed_module_takes_the_optimizer_state_from_the_checkpoint(tiny, tmp_path):
+    """Fit 5 steps with a checkpoint, resume a fresh module to 10: equal to 10 uninterrupted
+    steps (Adam's moments restored, not restarted), and the moments equal the saved ones."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def trainer(steps, ck=None):
+        cbs = [ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, save_top_k=0,
+                               every_n_train_steps=5)] if ck else []
+        return pl.Trainer(max_steps=steps, logger=False, callbacks=cbs, enable_checkpointing=bool(ck),
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+
+    first = make(tiny, stop_when_converged=False)
+    trainer(5, ck=True).fit(first)
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["optimizer_states"][0]["state"][0]
+    resumed = make(tiny, stop_when_converged=False)
+    t = trainer(10)
+    t.fit(resumed, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    straight = make(tiny, stop_when_converged=False)
+    fit(straight, 10, tmp_path)
+    assert int(resumed.steps_done) == 10
+    torch.testing.assert_close(resumed.embeds(), straight.embeds(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(resumed.history, straight.history, equal_nan=True)
+    assert float(t.optimizers[0].state_dict()["state"][0]["step"]) == 10 and float(saved["step"]) == 5

@@ -164,3 +164,92 @@ def test_active_target_count_is_logged(tiny_dir, tmp_path):
     hist = pd.read_csv(next((tmp_path / "frz" / "csv").rglob("metrics.csv"))).dropna(subset=["engine/active_targets"])
     active = hist["engine/active_targets"].tolist()
     assert active[0] == 4 and active[-1] == 0  # default on the tiny model: 2 per layer x 2 layers
+
+
+def test_gumbel_is_read_noise_free_at_its_final_temperature(tiny, tmp_path):
+    """After the schedule, evaluation reads softmax(x / tau_end) · W: the saved embeds, the
+    entropy and the snapped argmax are all that distribution's, with no Gumbel noise."""
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    sweep = load_or_sweep(tiny, vocab, "ffn_out")
+    from ft.targets import Target
+
+    targets = [Target("neuron", s) for s in SITES]
+    facts = VocabFacts.build(vocab, analysis_vectors(tiny, vocab), {"ffn_out": sweep}, tiny.model, targets)
+    m = fit(module(tiny, "gumbel", partial(torch.optim.Adam, lr=0.5), inp=dict(tau_start=2.0, tau_end=0.25)),
+            6, tmp_path, [TemperatureSchedule()])
+    assert float(m.inputs.tau) == pytest.approx(0.25)
+    df, tensors = evaluate(m, targets, facts)
+    x = m.inputs.x.detach().float()
+    p = torch.softmax(x / 0.25, dim=-1)  # independent: the final temperature, no noise
+    torch.testing.assert_close(tensors["embeds"], p @ tiny.word_embeddings.detach(), rtol=1e-5, atol=1e-6)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1)
+    assert df.entropy.tolist() == pytest.approx(entropy.tolist(), rel=1e-5)
+    assert torch.softmax(x, dim=-1).ne(p).any()  # tau matters here: tau = 1 would read otherwise
+    df2, tensors2 = evaluate(m, targets, facts)  # deterministic: no noise drawn at evaluation
+    assert torch.equal(tensors["embeds"], tensors2["embeds"])
+
+
+def test_word_regularizer_is_measured_in_the_analysis_space(tiny):
+    """reg.word's penalty = w · sum over tokens of (1 - max cosine to a word), both sides taken
+    through the embedding layer (LayerNorm(e + position + segment)), recomputed by hand."""
+    from tests.reference import analysis_by_hand
+
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    vecs = analysis_vectors(tiny, vocab)
+    m = module(tiny, "embedding", partial(torch.optim.Adam, lr=0.1), reg_word=3.0, word_vectors=vecs)
+    obj, penalty = m.chunk_loss_terms(slice(None), m.index)
+    a = analysis_by_hand(tiny.model, m.embeds().detach(), 1)[:, 0]  # [T, H]
+    W = tiny.word_embeddings.detach()[vocab.ids]
+    words = analysis_by_hand(tiny.model, W[:, None], 1)[:, 0]
+    cos = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(words, dim=-1).T
+    assert float(penalty.detach()) == pytest.approx(3.0 * float((1 - cos.max(-1).values).sum()), rel=1e-5)
+    raw = torch.nn.functional.normalize(m.embeds().detach()[:, 0], dim=-1) @ torch.nn.functional.normalize(W, dim=-1).T
+    assert float((1 - raw.max(-1).values).sum()) != pytest.approx(float((1 - cos.max(-1).values).sum()), rel=1e-3)
+    norm = module(tiny, "embedding", partial(torch.optim.Adam, lr=0.1), reg_norm=0.5)
+    _, pen = norm.chunk_loss_terms(slice(None), norm.index)
+    assert float(pen) == pytest.approx(0.5 * float(norm.embeds().detach().pow(2).sum()), rel=1e-5)
+
+
+def test_a_run_pulls_toward_words_with_the_analysis_vectors(tiny_dir, tmp_path):
+    """What `run` hands the module for reg.word is the analysis-space word vectors of the run's
+    position, and a configured scheduler really changes the learning rate."""
+    from ft.encoder import load_encoder
+    from ft.train import build_module, build_targets, select_targets
+
+    cfg = compose_cfg(tiny_overrides(tiny_dir, "default", steps=4) + ["reg=word", "reg.word=2.0"])
+    enc = load_encoder(str(tiny_dir))
+    vocab = Vocabulary.from_tokenizer(enc.tokenizer)
+    sweep = load_or_sweep(enc, vocab, "ffn_out")
+    targets = select_targets(cfg, build_targets(cfg, enc, vocab, sweep))
+    vecs = analysis_vectors(enc, vocab, cfg.position)
+    facts = VocabFacts.build(vocab, vecs, {"ffn_out": sweep}, enc.model, targets)
+    m = build_module(cfg, enc, targets, facts)
+    torch.testing.assert_close(m.word_unit, torch.nn.functional.normalize(vecs, dim=-1))
+    assert m.reg_word == 2.0 and m.reg_norm == 0.0
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "exponential"])
+def test_the_configured_scheduler_sets_the_learning_rate(tiny_dir, tmp_path, scheduler):
+    """The last learning rate of a run equals the schedule's own value after max_steps steps."""
+    from hydra.utils import instantiate
+
+    from ft.encoder import load_encoder
+    from ft.train import build_module, build_targets, select_targets
+
+    cfg = compose_cfg(tiny_overrides(tiny_dir, "default", steps=6) + [f"scheduler={scheduler}",
+                                                                       "engine.stop_when_converged=false"])
+    enc = load_encoder(str(tiny_dir))
+    vocab = Vocabulary.from_tokenizer(enc.tokenizer)
+    sweep = load_or_sweep(enc, vocab, "ffn_out")
+    targets = select_targets(cfg, build_targets(cfg, enc, vocab, sweep))
+    facts = VocabFacts.build(vocab, analysis_vectors(enc, vocab), {"ffn_out": sweep}, enc.model, targets)
+    m = build_module(cfg, enc, targets, facts)
+    fit(m, 6, tmp_path)
+    # independent: the same schedule on a throwaway optimizer, stepped 6 times
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=float(cfg.optim.lr))
+    sched = instantiate(cfg.scheduler)(probe)
+    for _ in range(6):
+        probe.step()
+        sched.step()
+    lr = m.trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(probe.param_groups[0]["lr"], rel=1e-9) and lr < float(cfg.optim.lr)

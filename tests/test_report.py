@@ -1,15 +1,21 @@
 """The offline report: numbers equal the run tables; it renders in real headless Chromium."""
 
+import json
 import re
 import shutil
 import subprocess
+from html import unescape
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
+from scipy.stats import t as scipy_t
 
 from ft.dashboard import build_report as build_wandb_report
 from ft.dashboard import build_workspace
 from ft.report import build_report
-from ft.results import load_runs, read_targets
+from ft.results import load_runs, read_curves, read_inputs, read_targets
 from tests.test_train import compose_cfg, run_isolated, tiny_overrides
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -88,3 +94,83 @@ def test_runs_of_two_sweeps_get_distinct_names():
     name_runs(paths)
     names = [run_name(p) for p in paths]
     assert names == ["sweep-a/000", "sweep-b/000", "001", "default"] and len(set(names)) == 4
+
+
+def series(html: str, chart_id: str) -> dict[str, list[list[float]]]:
+    m = re.search(rf'<svg class="chart" id="{re.escape(chart_id)}" data-series="([^"]*)"', html)
+    assert m, chart_id
+    return json.loads(unescape(m.group(1)))
+
+
+def table_rows(html: str, table_id: str) -> list[list[str]]:
+    body = re.search(rf'<table class="sortable" id="{table_id}">.*?<tbody>(.*?)</tbody>', html, re.S).group(1)
+    return [[unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", tr)] for tr in re.findall(r"<tr>(.*?)</tr>", body)]
+
+
+def test_figures_and_regressions_are_the_runs_data(runs, report):
+    """Figs. 2-4 per layer, the curves, and each regression's slope, t and p recomputed from the
+    tables (least squares by hand; p from Student's t)."""
+    html = report.read_text()
+    d = read_targets(runs / "default")
+    per = d.groupby("layer")
+    fig3 = series(html, "fig3-default")
+    assert fig3["optimized input"] == [list(per.groups), pytest.approx(list(per.objective.mean()))]
+    assert fig3["most activating word"][1] == pytest.approx(list(per.most_activating_word_activation.mean()))
+    first = d.closest_cos.map(lambda c: c[0])
+    assert series(html, "fig4-default")["closest-word cosine"][1] == pytest.approx(list(first.groupby(d.layer).mean()))
+    curves = read_curves(runs / "default").groupby("step").objective.mean()
+    assert series(html, "curves")["default"] == [list(curves.index), pytest.approx(list(curves.values))]
+    for what, y in (("objective", d.objective), ("maw", d.most_activating_word_activation), ("cos", first)):
+        m = re.search(rf'data-key="reg:{re.escape(str(runs / "default"))}:{what}" data-slope="([^"]+)" '
+                      r'data-t="([^"]+)" data-p="([^"]+)"', html)
+        assert m, what
+        x, yv = d.layer.to_numpy(float), y.to_numpy(float)
+        slope = ((x - x.mean()) * (yv - yv.mean())).sum() / ((x - x.mean()) ** 2).sum()
+        resid = yv - (yv.mean() + slope * (x - x.mean()))
+        se = np.sqrt((resid ** 2).sum() / (len(x) - 2) / ((x - x.mean()) ** 2).sum())
+        p = 2 * scipy_t.sf(abs(slope / se), len(x) - 2)
+        assert float(m.group(1)) == pytest.approx(slope, rel=1e-6)
+        assert float(m.group(2)) == pytest.approx(slope / se, rel=1e-6)
+        assert float(m.group(3)) == pytest.approx(p, rel=1e-6)
+
+
+def test_pca_is_of_the_saved_analysis_vectors_and_the_words(runs, report, tiny):
+    """Fig. 5: the principal components of every run's saved analysis vectors with a seeded
+    sample of the words in the analysis space, recomputed (up to each axis's sign)."""
+    from tests.reference import analysis_by_hand
+
+    html = report.read_text()
+    _, table = load_runs([str(runs)])
+    opt = np.concatenate([read_inputs(p)["analysis"][:, 0].numpy() for p in table.path])
+    special = set(tiny.tokenizer.all_special_ids)
+    ids = torch.tensor(sorted(i for i in tiny.tokenizer.get_vocab().values() if i not in special))
+    words = analysis_by_hand(tiny.model, tiny.word_embeddings.detach()[ids][:, None], 1)[:, 0].numpy()
+    idx = np.random.default_rng(0).choice(len(words), size=min(200, len(words)), replace=False)
+    data = np.concatenate([opt, words[idx]])
+    centered = data - data.mean(0)
+    xy = centered @ np.linalg.svd(centered, full_matrices=False)[2][:2].T
+    got = series(html, "fig5")
+    pts = np.array([got["optimized inputs"][0] + got["words"][0], got["optimized inputs"][1] + got["words"][1]]).T
+    assert len(got["optimized inputs"][0]) == len(opt) and len(got["words"][0]) == len(idx)
+    for axis in range(2):
+        sign = np.sign(pts[0, axis]) * np.sign(xy[0, axis])
+        np.testing.assert_allclose(pts[:, axis], sign * xy[:, axis], rtol=1e-4, atol=1e-4)
+
+
+def test_tables_2_and_5_show_the_runs_rows(runs, report):
+    html = report.read_text()
+    d = read_targets(runs / "default")
+    lo, hi = d.layer.min(), d.layer.max()
+    sample = pd.concat([d[d.layer == lo].head(3), d[d.layer == hi].head(3)])
+    rows = table_rows(html, "table2")
+    assert [r[0] for r in rows] == [s[0] for s in sample.sites]
+    assert [r[3] for r in rows] == list(sample.most_activating_word)
+    for r, (_, s) in zip(rows, sample.iterrows(), strict=True):
+        assert r[2] == ", ".join(f"{w} ({c:.2f})" for w, c in zip(s.closest_words[:3], s.closest_cos[:3], strict=True))
+    t5 = table_rows(html, "table5")
+    expect = []
+    for exp in ("group_k10", "group_k10_abs"):
+        g = read_targets(runs / exp).head(3)
+        expect += [[r.target_word, r.selection, str(r.k), ", ".join(f"{w} ({c:.2f})" for w, c in zip(
+            r.closest_words[:5], r.closest_cos[:5], strict=True)), str(r.target_word_rank)] for r in g.itertuples()]
+    assert sorted(t5) == sorted(expect)

@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ft.module import plan_chunks
-from ft.results import read_targets
+from ft.results import read_inputs, read_targets
 from ft.sites import Site
 from ft.strategy import shard_rows
 
@@ -35,14 +36,23 @@ def cli_run(tiny_dir, run_dir, *extra):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_equal_one(tiny_dir, tmp_path):
-    one = cli_run(tiny_dir, tmp_path / "one")
-    two = cli_run(tiny_dir, tmp_path / "two", "trainer.devices=2")
+@pytest.mark.parametrize("extra", [
+    [],  # embedding + Adam
+    # the one-hot fast path: its preconditioning hook must follow the rows each rank keeps
+    ["input=onehot", "optim=sgd", "optim.lr=20", "input.save_raw=true"],
+], ids=["embedding-adam", "onehot-fast-sgd"])
+def test_two_cpu_processes_equal_one(tiny_dir, tmp_path, extra):
+    one = cli_run(tiny_dir, tmp_path / "one", *extra)
+    two = cli_run(tiny_dir, tmp_path / "two", "trainer.devices=2", *extra)
     assert len(one) == len(two) == 10
     assert list(one.sites) == list(two.sites)
     rel = ((one.objective - two.objective).abs() / one.objective.abs().clip(lower=1e-6)).max()
     assert rel <= 1e-4, rel
     assert (two.steps == 15).all()
+    a, b = read_inputs(tmp_path / "one"), read_inputs(tmp_path / "two")
+    assert set(a) == set(b)
+    for name in a:  # embeds, analysis and, for one-hot, the recovered input-space vectors
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
 
 
 def test_memory_budget_sets_chunk_rows(tiny, tiny_dir, tmp_path):

@@ -50,6 +50,32 @@ def test_experiment_smoke(experiment, tiny_dir, tmp_path):
         assert len(df) == 6 and "group/target_top20_rate" in summary
     else:
         assert df.kind.eq("neuron").all() and set(df.layer) == {0, 1}
+    assert_values_hold(df, read_inputs(tmp_path / "run"), summary, tiny_dir)
+
+
+def assert_values_hold(df, tensors, summary, model_dir, max_steps: int = 4) -> None:
+    """Values, not names: the saved inputs reproduce `objective` by plain HF hooks; the summary
+    is the table's aggregate; flags agree with the columns they summarize."""
+    from transformers import BertModel, BertTokenizerFast
+
+    from tests.reference import frame, hf_points, site_mean
+
+    model = BertModel.from_pretrained(str(model_dir)).eval()
+    tok = BertTokenizerFast.from_pretrained(str(model_dir))
+    acts = hf_points(model, inputs_embeds=frame(model, tok, tensors["embeds"]))
+    for row in df.itertuples():
+        assert row.objective == pytest.approx(float(site_mean(acts, row.sites, 1)[row.Index]), rel=1e-4, abs=1e-5)
+        assert row.closest_is_most_activating == (row.closest_words[0] == row.most_activating_word)
+        assert list(row.closest_cos) == sorted(row.closest_cos, reverse=True) and len(row.closest_words) == 20
+        assert 0 < row.steps <= max_steps
+        assert row.analysis_norm == pytest.approx(float(tensors["analysis"][row.Index, 0].norm()), rel=1e-5)
+        if row.kind == "group":
+            assert len(set(row.sites)) == row.k and row.most_activating_word_activation >= row.target_word_activation
+            assert (row.target_in_top1, row.target_in_top20) == (row.target_word_rank == 1, row.target_word_rank <= 20)
+    ok = df[~df.diverged]
+    assert summary["final/activation_mean"] == pytest.approx(ok.objective.mean(), rel=1e-5)
+    assert summary["final/activation_ratio"] == pytest.approx(
+        ok.objective.mean() / ok.most_activating_word_activation.mean(), rel=1e-5)
 
 
 def run_isolated(cfg, run_dir: Path, cache_root: Path) -> dict:
@@ -68,7 +94,7 @@ def group_run(tiny_dir, tmp_path_factory):
     return out / "run", run_isolated(cfg, out / "run", out)
 
 
-def test_run_directory_contract(group_run):
+def test_run_directory_contract(group_run, tiny_dir):
     run_dir, summary = group_run
     assert find_runs([run_dir.parent]) == [run_dir]
     df = read_targets(run_dir)
@@ -84,6 +110,7 @@ def test_run_directory_contract(group_run):
     assert t["embeds"].shape == t["analysis"].shape == (3, 1, 32)
     assert read_summary(run_dir) == pytest.approx(summary)
     assert not list(run_dir.glob(".*.tmp"))
+    assert_values_hold(df, t, summary, tiny_dir, max_steps=30)
 
 
 def test_saved_embeds_reproduce_objective(group_run, tiny):

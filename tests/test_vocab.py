@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +90,36 @@ def test_word_stats_in_chunks_equal_the_full_matrix(tiny):
         if w is not None:
             assert float(tw_cos[t]) == pytest.approx(float(cos[t, w]))
             assert int(tw_rank[t]) == int((cos[t] > cos[t, w]).sum()) + 1
+
+
+def test_cache_keeps_points_positions_and_models_apart(tiny, tmp_path, monkeypatch):
+    """One cache folder holds sweeps of two points, two positions and two models (same config,
+    other weights); each is read back as its own, equal to single-word forwards by hooks, and
+    each cache file arrives by rename."""
+    import ft.vocab
+    from ft.encoder import load_encoder
+    from tests.conftest import build_tiny
+    from tests.reference import word_points
+
+    renamed = []
+    real = ft.vocab.os.replace
+    monkeypatch.setattr(ft.vocab.os, "replace", lambda s, d: (renamed.append(Path(d).name), real(s, d)))
+    other = load_encoder(str(build_tiny(tmp_path / "other", seed=5)))
+    cases = [(tiny, "ffn_out", 1), (tiny, "ffn_act", 1), (tiny, "ffn_out", 2), (other, "ffn_out", 1)]
+    first = {}
+    for enc, point, pos in cases:
+        vocab = Vocabulary.from_tokenizer(enc.tokenizer)
+        got = load_or_sweep(enc, vocab, point, position=pos)
+        ref = word_points(enc.model, enc.tokenizer, vocab.ids)[point]
+        torch.testing.assert_close(got, torch.stack([r[:, pos] for r in ref], 1), rtol=1e-4, atol=1e-5)
+        first[enc is tiny, point, pos] = got
+    files = sorted((cache_dir() / "vocab_sweep").glob("*.safetensors"))
+    assert len(files) == 4 and sorted(renamed) == [f.name for f in files]
+
+    def no_sweep(*a, **k):
+        raise AssertionError("a cached sweep was recomputed")
+
+    monkeypatch.setattr(ft.vocab, "sweep_vocabulary", no_sweep)
+    for enc, point, pos in cases:
+        again = load_or_sweep(enc, Vocabulary.from_tokenizer(enc.tokenizer), point, position=pos)
+        assert torch.equal(again, first[enc is tiny, point, pos])

@@ -1,0 +1,60 @@
+"""The run directory's files arrive whole: written under a temporary name, then renamed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ft import results
+from ft.results import atomic_write, read_inputs, read_summary, read_targets, write_run
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+
+    def half_then_crash(tmp: Path) -> None:
+        assert tmp.parent == path.parent and tmp != path  # same folder: the rename is atomic
+        tmp.write_text("half")
+        assert path.read_text() == "old"  # the final name is untouched while writing
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, half_then_crash)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    atomic_write(path, lambda tmp: tmp.write_text("new"))
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_every_run_file_arrives_by_rename(tmp_path, monkeypatch):
+    """write_run renames each file into place from a temporary in the run directory; nothing
+    is ever opened under its final name."""
+    from omegaconf import OmegaConf
+
+    renames: list[tuple[Path, Path]] = []
+    real = os.replace
+
+    def spy(src, dst):
+        src, dst = Path(src), Path(dst)
+        assert src.exists() and not dst.exists() and src.parent == dst.parent
+        renames.append((src, dst))
+        real(src, dst)
+
+    monkeypatch.setattr(results.os, "replace", spy)
+    df = pd.DataFrame({"target_id": [0, 1], "objective": [1.5, 2.5]})
+    tensors = {"embeds": torch.arange(6.0).view(2, 1, 3), "analysis": torch.ones(2, 1, 3)}
+    curves = pd.DataFrame({"step": [0, 0], "target_id": [0, 1], "objective": [0.1, 0.2]})
+    run_dir = write_run(tmp_path / "run", OmegaConf.create({"seed": 3}), df, tensors, {"final/x": 1.0}, curves)
+    written = {p.name for p in run_dir.iterdir()}
+    assert written == {"config.yaml", "curves.parquet", "inputs.safetensors", "targets.parquet", "summary.json"}
+    assert {dst.name for _, dst in renames} == written and len(renames) == len(written)
+    assert all(src.name.endswith(".tmp") for src, _ in renames)
+    pd.testing.assert_frame_equal(read_targets(run_dir), df)
+    assert torch.equal(read_inputs(run_dir)["embeds"], tensors["embeds"])
+    assert read_summary(run_dir) == {"final/x": 1.0}
+    assert json.loads((run_dir / "summary.json").read_text()) == {"final/x": 1.0}
