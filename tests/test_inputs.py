@@ -61,3 +61,28 @@ def test_fast_path_choice_and_errors(tiny):
         build_input("logits", [0], W)
     with pytest.raises(ConfigError, match="input.length=0"):
         build_input("embedding", [0], W, length=0)
+
+
+def test_set_rows_keeps_one_parameter_and_the_fast_paths_preconditioning(tiny):
+    """A rank's block of rows (and the gathered rows afterwards) replaces the trainable tensor;
+    the one-hot fast path's gradient is still multiplied by WᵀW afterwards."""
+    W = tiny.word_embeddings.detach()
+    fast = build_input("onehot", range(4), W, fast=True, optimizer=partial(torch.optim.SGD, lr=1.0))
+    fast.set_rows(fast.param.detach()[1::2] * 2)
+    assert len(list(fast.parameters())) == 1 and fast.param.shape[0] == 2 and fast.param.requires_grad
+    fast.embeds(W).sum().backward()
+    torch.testing.assert_close(fast.param.grad, torch.ones(2, 1, W.shape[1]) @ (W.T @ W), rtol=1e-5, atol=1e-5)
+    plain = build_input("embedding", range(4), W)
+    value = torch.randn(3, 1, W.shape[1])
+    plain.set_rows(value)
+    assert torch.equal(plain.param.detach(), value) and plain.param.data_ptr() != value.data_ptr()
+
+
+def test_gumbel_accepts_a_constant_temperature_and_refuses_bad_ones(tiny):
+    from ft.inputs import GumbelInput
+
+    x0 = torch.zeros(1, 1, 5)
+    assert GumbelInput(x0, tau_start=0.5, tau_end=0.5).tau_at(3, 10) == pytest.approx(0.5)
+    for start, end in ((0.1, 0.5), (1.0, 0.0), (1.0, -1.0)):
+        with pytest.raises(ConfigError, match=f"input.tau_start={start}, tau_end={end}; valid: 0 < end <= start"):
+            GumbelInput(x0, tau_start=start, tau_end=end)

@@ -226,6 +226,12 @@ def test_a_run_pulls_toward_words_with_the_analysis_vectors(tiny_dir, tmp_path):
     m = build_module(cfg, enc, targets, facts)
     torch.testing.assert_close(m.word_unit, torch.nn.functional.normalize(vecs, dim=-1))
     assert m.reg_word == 2.0 and m.reg_norm == 0.0
+    # a config written before engine.fast_forward existed still builds, on the lean forward
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        del cfg.engine["fast_forward"]
+    assert build_module(cfg, enc, targets, facts).fast is True
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "exponential"])

@@ -58,3 +58,34 @@ def test_every_run_file_arrives_by_rename(tmp_path, monkeypatch):
     assert torch.equal(read_inputs(run_dir)["embeds"], tensors["embeds"])
     assert read_summary(run_dir) == {"final/x": 1.0}
     assert json.loads((run_dir / "summary.json").read_text()) == {"final/x": 1.0}
+
+
+def test_runs_table_holds_each_config_value(tmp_path):
+    """load_runs: one row per run with the config columns people compare (values planted in the
+    config), the summary beside them, and every target once with a fresh index."""
+    from omegaconf import OmegaConf
+
+    from ft.results import load_runs
+
+    cfg = OmegaConf.create({
+        "experiment_name": "exp", "model": {"name_or_path": "/m"}, "seed": 5,
+        "target": {"kind": "group", "k": 7, "selection": "absolute", "shard": 1},
+        "input": {"kind": "softmax"}, "optim": {"_target_": "torch.optim.Adam", "lr": 0.3},
+        "scheduler": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR"},
+        "reg": {"norm": 0.1, "word": 0.2}, "trainer": {"max_steps": 9, "precision": "bf16-mixed"}})
+    df = pd.DataFrame({"target_id": [0, 1], "objective": [1.0, 2.0]})
+    tensors = {"embeds": torch.zeros(2, 1, 3)}
+    write_run(tmp_path / "a", cfg, df, tensors, {"final/activation_mean": 1.5})
+    neurons = OmegaConf.merge(cfg, {"target": {"kind": "neuron"}, "scheduler": None})
+    write_run(tmp_path / "b", neurons, df, tensors, {"final/activation_mean": 2.5})
+    targets, runs = load_runs([tmp_path])
+    a = runs.set_index("path").loc[str(tmp_path / "a")]
+    expect = {"experiment": "exp", "model": "/m", "target_kind": "group", "k": 7, "selection": "absolute",
+              "input": "softmax", "optimizer": "Adam", "lr": 0.3, "scheduler": "CosineAnnealingLR",
+              "reg_norm": 0.1, "reg_word": 0.2, "max_steps": 9, "precision": "bf16-mixed", "seed": 5, "shard": 1,
+              "final/activation_mean": 1.5, "run": str(tmp_path / "a")}
+    assert {k: a[k] for k in expect} == expect
+    b = runs.set_index("path").loc[str(tmp_path / "b")]
+    assert pd.isna(b.k) and pd.isna(b.selection) and pd.isna(b.scheduler) and b["final/activation_mean"] == 2.5
+    assert len(targets) == 4 and list(targets.index) == [0, 1, 2, 3]
+    assert sorted(set(targets.run)) == [str(tmp_path / "a"), str(tmp_path / "b")]

@@ -63,6 +63,11 @@ def test_memory_budget_sets_chunk_rows(tiny, tiny_dir, tmp_path):
     cfg = tiny.model.config
     small, big = rows_for_budget(cfg, 1, 1), rows_for_budget(cfg, 1, 1024)
     assert 1 <= small < big and rows_for_budget(cfg, 1, 1024, input_row_floats=10**6) < big
+    # the documented estimate, by hand: half the budget over 4 bytes x the floats a row keeps
+    S, L, H, inter, heads = 3, 2, 32, 64, 2
+    per_row = 4 * (S * L * (12 * H + 4 * inter + 2 * heads * S) + 2 * 100)
+    assert rows_for_budget(cfg, 1, 64, input_row_floats=100) == 64 * 2**20 // 2 // per_row
+    assert rows_for_budget(cfg, 1, 1e-9) == 1  # never zero rows
     base = tiny_overrides(tiny_dir, "default", 6) + ["logger.wandb.mode=disabled"]
     run(compose_cfg(base + ["engine.chunk_size=auto", "engine.memory_budget_mb=0.05"]), tmp_path / "a")
     run(compose_cfg(base + ["engine.chunk_size=256"]), tmp_path / "b")
@@ -81,3 +86,23 @@ def test_rank_rows_interleave_back_to_target_order(n, world):
     assert sorted(len(p) for p in parts)[-1] - sorted(len(p) for p in parts)[0] <= 1
     assert torch.equal(interleave(parts), x)
     assert torch.equal(interleave([p.T for p in parts], dim=1), x.T)
+
+
+def test_several_devices_get_ft_strategy_and_one_device_keeps_its_own():
+    from omegaconf import OmegaConf
+
+    from ft.errors import ConfigError
+    from ft.strategy import IndependentRowsStrategy, choose_strategy
+
+    cfg = OmegaConf.create
+    assert choose_strategy(cfg({})) == "auto"
+    assert choose_strategy(cfg({"devices": 1, "strategy": "single_device"})) == "single_device"
+    assert choose_strategy(cfg({"devices": "auto"})) == "auto"
+    for many in ({"devices": 2, "accelerator": "cpu"}, {"devices": [0, 1], "accelerator": "cpu", "strategy": "ddp"},
+                 {"devices": 3, "accelerator": "cpu", "strategy": "ft_independent"}):
+        s = choose_strategy(cfg(many))
+        assert isinstance(s, IndependentRowsStrategy) and s.process_group_backend == "gloo"
+    assert choose_strategy(cfg({"devices": 2, "accelerator": "gpu"})).process_group_backend is None
+    assert choose_strategy(cfg({"devices": [0], "strategy": "ddp"})) == "ddp"  # one device in a list
+    with pytest.raises(ConfigError, match="trainer.strategy='fsdp' with several devices; valid: auto, ddp"):
+        choose_strategy(cfg({"devices": 2, "strategy": "fsdp"}))

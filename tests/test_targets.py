@@ -76,3 +76,34 @@ def test_pick_words_random_plus_frequent(setup):
 
     assert set(words[10:]) <= set(top_n_list("en", 300))
     assert words == pick_words(vocab, num_random=10, num_frequent=5, seed=1)
+
+
+def test_bounds_are_inclusive_and_messages_name_the_value(setup):
+    """k and per_layer accept exactly 1..width (both ends), refuse one past them, and refuse a
+    non-integer k by name; every message names the value and what is valid."""
+    tiny, vocab, sweep = setup
+    kw = dict(model=tiny.model, vocab=vocab, tokenizer=tiny.tokenizer, sweep=sweep, words=["sofa"])
+    assert len(group_targets(**kw, k=64, selection="absolute")[0].sites) == 64
+    assert len(group_targets(**kw, k=1)[0].sites) == 1
+    for bad in ("3", 2.5, None):
+        with pytest.raises(TargetError, match=rf"target.k={bad!r}; valid 1\.\.64 \(all neurons of ffn_out\)"):
+            group_targets(**kw, k=bad)
+    assert [len(neuron_targets(tiny.model, per_layer=n)) for n in (1, 32)] == [2, 64]
+    with pytest.raises(TargetError, match=r"target.per_layer=33; valid 1\.\.32"):
+        neuron_targets(tiny.model, per_layer=33)
+    assert len(neuron_targets(tiny.model, per_layer=None, fraction=1.0)) == 64
+    with pytest.raises(TargetError, match=r"target.selection='best'; valid: \['absolute', 'relative'\]"):
+        select_group(torch.ones(4), torch.ones(4), 1, "best")
+    with pytest.raises(TargetError, match=r"layer 2 out of range; valid 0\.\.1"):
+        neuron_targets(tiny.model, per_layer=1, layers=[0, 2])
+
+
+def test_group_words_follow_the_seed(setup):
+    """Without target.words, the words are pick_words' for the run's seed (not a fixed one)."""
+    tiny, vocab, sweep = setup
+    kw = dict(model=tiny.model, vocab=vocab, tokenizer=tiny.tokenizer, sweep=sweep, k=3,
+              num_random=4, num_frequent=2)
+    for seed in (0, 7):
+        got = [g.target_word for g in group_targets(**kw, seed=seed)]
+        assert got == pick_words(vocab, 4, 2, seed=seed)
+    assert [g.target_word for g in group_targets(**kw, seed=0)] != [g.target_word for g in group_targets(**kw, seed=7)]

@@ -178,3 +178,24 @@ def test_cli_bad_input_is_one_line_error(override, message, tiny_dir, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
     assert not (run_dir / "targets.parquet").exists()
+
+
+def test_unknown_group_option_exits_with_the_valid_ones(capsys):
+    from ft.train import check_choices
+
+    check_choices(["experiment=default", "input=onehot", "scheduler=null", "trainer.max_steps=3", "+tags=[a]"])
+    for arg, valid in (("experiment=nope", "atlas, default, group_k10"), ("+optim=rmsprop", "adam, paper_sgd, sgd")):
+        with pytest.raises(SystemExit) as e:
+            check_choices([arg])
+        assert e.value.code == 2
+        key, value = arg.lstrip("+").split("=")
+        assert f"error: {key}={value!r} is not an option; valid: {valid}" in capsys.readouterr().err
+
+
+def test_run_name_is_the_experiment_and_the_key_overrides():
+    from ft.train import run_name_from_overrides
+
+    name = run_name_from_overrides("group_k10", ["experiment=group_k10", "optim.lr=0.5", "hydra.run.dir=x",
+                                                 "+hydra.job.name=y", "seed=3"])
+    assert name == "group_k10-optim.lr=0.5-seed=3"
+    assert run_name_from_overrides("e", [f"target.words=[{'w' * 300}]"]) == ("e-target.words=[" + "w" * 300)[:128]
