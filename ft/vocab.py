@@ -133,10 +133,11 @@ def objective_chunks(
 
 
 def vocab_objective(
-    sweeps: dict[str, torch.Tensor], model: torch.nn.Module, site_lists: Sequence[Sequence[Site]]
+    sweeps: dict[str, torch.Tensor], model: torch.nn.Module, site_lists: Sequence[Sequence[Site]],
+    budget_bytes: int = 2**27,
 ) -> torch.Tensor:
     """[V', targets]: the whole matrix (small models and tests; runs use `word_stats`)."""
-    return torch.cat([obj for _, obj in objective_chunks(sweeps, model, site_lists)], dim=1)
+    return torch.cat([obj for _, obj in objective_chunks(sweeps, model, site_lists, budget_bytes)], dim=1)
 
 
 @dataclass

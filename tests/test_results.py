@@ -68,11 +68,11 @@ def test_runs_table_holds_each_config_value(tmp_path):
     from ft.results import load_runs
 
     cfg = OmegaConf.create({
-        "experiment_name": "exp", "model": {"name_or_path": "/m"}, "seed": 5,
+        "experiment_name": "exp", "model": {"name_or_path": "/m"}, "seed": 5, "steps": 9,
         "target": {"kind": "group", "k": 7, "selection": "absolute", "shard": 1},
         "input": {"kind": "softmax"}, "optim": {"_target_": "torch.optim.Adam", "lr": 0.3},
         "scheduler": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR"},
-        "reg": {"norm": 0.1, "word": 0.2}, "trainer": {"max_steps": 9, "precision": "bf16-mixed"}})
+        "reg": {"norm": 0.1, "word": 0.2}, "trainer": {"max_steps": "${steps}", "precision": "bf16-mixed"}})
     df = pd.DataFrame({"target_id": [0, 1], "objective": [1.0, 2.0]})
     tensors = {"embeds": torch.zeros(2, 1, 3)}
     write_run(tmp_path / "a", cfg, df, tensors, {"final/activation_mean": 1.5})
@@ -85,6 +85,10 @@ def test_runs_table_holds_each_config_value(tmp_path):
               "reg_norm": 0.1, "reg_word": 0.2, "max_steps": 9, "precision": "bf16-mixed", "seed": 5, "shard": 1,
               "final/activation_mean": 1.5, "run": str(tmp_path / "a")}
     assert {k: a[k] for k in expect} == expect
+    columns = ["run", "experiment", "model", "target_kind", "k", "selection", "input", "optimizer", "lr",
+               "scheduler", "reg_norm", "reg_word", "max_steps", "precision", "seed", "shard",
+               "final/activation_mean", "path"]
+    assert list(runs.columns) == columns
     b = runs.set_index("path").loc[str(tmp_path / "b")]
     assert pd.isna(b.k) and pd.isna(b.selection) and pd.isna(b.scheduler) and b["final/activation_mean"] == 2.5
     assert len(targets) == 4 and list(targets.index) == [0, 1, 2, 3]

@@ -195,3 +195,18 @@ def test_no_pickle_in_ft():
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, (path, line)
+
+
+def test_a_live_owner_keeps_its_lock_and_is_left_alone(tmp_path):
+    """A lock held by a live process on this host is refused, and asking never signals it."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(f"{owner.pid}@{os.uname().nodename}")
+        with pytest.raises(FtError, match=f"in use by process {owner.pid}@"):
+            with RunLock(tmp_path):
+                pass
+        time.sleep(0.2)
+        assert owner.poll() is None and (tmp_path / ".lock").read_text().startswith(str(owner.pid))
+    finally:
+        owner.kill()
+        owner.wait()

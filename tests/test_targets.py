@@ -43,6 +43,20 @@ def test_absolute_group_is_topk_of_word_activations(setup):
     assert g.target_word == "sofa" and g.k == 5 and g.selection == "absolute"
 
 
+def test_the_log_counts_the_neurons_relative_selection_skipped(setup, caplog):
+    import logging
+
+    tiny, vocab, sweep = setup
+    sweep = sweep.clone()
+    sweep[:, 0, :5] = -1.0  # five neurons never fire positively
+    kw = dict(model=tiny.model, vocab=vocab, tokenizer=tiny.tokenizer, sweep=sweep, k=3, words=["sofa"])
+    with caplog.at_level(logging.INFO, logger="ft.targets"):
+        group_targets(**kw, selection="absolute")
+        assert "skipped" not in caplog.text
+        group_targets(**kw, selection="relative")
+    assert "relative selection skipped 5 neurons with a_max <= 0" in caplog.text
+
+
 def test_relative_group_divides_by_amax_and_skips_nonpositive():
     word = torch.tensor([1.0, 0.5, 0.4, -3.0])
     a_max = torch.tensor([10.0, 0.5, -1.0, 2.0])  # neuron 2 has a_max <= 0: skipped

@@ -61,6 +61,9 @@ def test_vocab_objective_is_mean_over_sites(tiny):
     obj = vocab_objective({"ffn_out": sweep}, tiny.model, lists)
     torch.testing.assert_close(obj[:, 0], sweep[:, 0, 1])
     torch.testing.assert_close(obj[:, 1], (sweep[:, 1, 2] + sweep[:, 0, 4]) / 2)
+    # a budget of one target per chunk: the chunks join along the target axis
+    small = vocab_objective({"ffn_out": sweep}, tiny.model, lists, budget_bytes=4 * len(vocab) * 2)
+    assert torch.equal(small, obj) and small.shape == (len(vocab), 2)
 
 
 def test_word_stats_in_chunks_equal_the_full_matrix(tiny):
