@@ -189,3 +189,29 @@ def test_resumed_module_takes_the_optimizer_state_from_the_checkpoint(tiny, tmp_
     torch.testing.assert_close(resumed.embeds(), straight.embeds(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(resumed.history, straight.history, equal_nan=True)
     assert float(t.optimizers[0].state_dict()["state"][0]["step"]) == 10 and float(saved["step"]) == 5
+
+
+def test_gather_rows_puts_every_row_back_in_target_order(tiny, tmp_path):
+    """Under a (one-process) process group, a module holding rank 0's interleaved rows gathers
+    them back: the same inputs and per-row state, all rows owned again, the plan rebuilt."""
+    import socket
+
+    import torch.distributed as dist
+
+    m = make(tiny, stop_when_converged=False)
+    fit(m, 3, tmp_path)
+    before = (m.inputs.param.detach().clone(), m.history.clone(), m.stopped_at.clone())
+    m.rows = slice(0, len(SITES), 1)  # rank 0 of 1: the same rows, as a rank's slice
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        m.gather_rows()
+    finally:
+        dist.destroy_process_group()
+    assert m.rows == slice(0, len(SITES)) and m.num_targets == len(SITES)
+    assert torch.equal(m.inputs.param.detach(), before[0]) and m.inputs.param.requires_grad
+    assert torch.equal(m.history.nan_to_num(-7.0), before[1].nan_to_num(-7.0)) and torch.equal(m.stopped_at, before[2])
+    assert len(m.curve_values) == len(m.curve_steps) and m.curves().shape == (len(m.curve_steps), len(SITES))
+    assert sum(c.stop - c.start for c, _ in m.plan) == len(SITES)

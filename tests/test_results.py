@@ -78,6 +78,7 @@ def test_runs_table_holds_each_config_value(tmp_path):
     write_run(tmp_path / "a", cfg, df, tensors, {"final/activation_mean": 1.5})
     neurons = OmegaConf.merge(cfg, {"target": {"kind": "neuron"}, "scheduler": None})
     write_run(tmp_path / "b", neurons, df, tensors, {"final/activation_mean": 2.5})
+    write_run(tmp_path / "c", OmegaConf.create({"experiment_name": "old"}), df, tensors, {})  # a bare config
     targets, runs = load_runs([tmp_path])
     a = runs.set_index("path").loc[str(tmp_path / "a")]
     expect = {"experiment": "exp", "model": "/m", "target_kind": "group", "k": 7, "selection": "absolute",
@@ -91,5 +92,7 @@ def test_runs_table_holds_each_config_value(tmp_path):
     assert list(runs.columns) == columns
     b = runs.set_index("path").loc[str(tmp_path / "b")]
     assert pd.isna(b.k) and pd.isna(b.selection) and pd.isna(b.scheduler) and b["final/activation_mean"] == 2.5
-    assert len(targets) == 4 and list(targets.index) == [0, 1, 2, 3]
-    assert sorted(set(targets.run)) == [str(tmp_path / "a"), str(tmp_path / "b")]
+    c = runs.set_index("path").loc[str(tmp_path / "c")]
+    assert c.experiment == "old" and c[columns[2:16]].isna().all()  # missing sections read as empty
+    assert len(targets) == 6 and list(targets.index) == list(range(6))
+    assert sorted(set(targets.run)) == [str(tmp_path / n) for n in "abc"]

@@ -76,6 +76,25 @@ def assert_values_hold(df, tensors, summary, model_dir, max_steps: int = 4) -> N
     assert summary["final/activation_mean"] == pytest.approx(ok.objective.mean(), rel=1e-5)
     assert summary["final/activation_ratio"] == pytest.approx(
         ok.objective.mean() / ok.most_activating_word_activation.mean(), rel=1e-5)
+    assert set(CONTRACT) <= set(df.columns) and all(c == c.lower() for c in df.columns)
+    first = ok.closest_cos.map(lambda c: c[0])
+    for layer, d in ok[ok.kind == "neuron"].groupby("layer"):  # Figs. 2-4 per layer
+        assert summary[f"layer_{layer}/activation_mean"] == pytest.approx(d.objective.mean(), rel=1e-5)
+        assert summary[f"layer_{layer}/maw_activation_mean"] == pytest.approx(
+            d.most_activating_word_activation.mean(), rel=1e-5)
+        assert summary[f"layer_{layer}/closest_cos_mean"] == pytest.approx(first[d.index].mean(), rel=1e-5)
+    groups = ok[ok.kind == "group"]
+    if len(groups):  # Tables 3-4
+        for key, col in (("target_top1_rate", "target_in_top1"), ("target_top20_rate", "target_in_top20"),
+                         ("target_cos_mean", "target_word_cos"),
+                         ("target_word_activation_mean", "target_word_activation")):
+            assert summary[f"group/{key}"] == pytest.approx(groups[col].astype(float).mean(), rel=1e-5, abs=1e-7)
+
+
+CONTRACT = ("target_id kind sites layer target_word k selection objective most_activating_word "
+            "most_activating_word_activation target_word_activation closest_words closest_cos "
+            "closest_is_most_activating target_word_cos target_word_rank target_in_top1 "
+            "target_in_top20 analysis_norm raw_norm steps converged diverged").split()
 
 
 def run_isolated(cfg, run_dir: Path, cache_root: Path) -> dict:
