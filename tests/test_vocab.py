@@ -126,3 +126,11 @@ def test_cache_keeps_points_positions_and_models_apart(tiny, tmp_path, monkeypat
     for enc, point, pos in cases:
         again = load_or_sweep(enc, Vocabulary.from_tokenizer(enc.tokenizer), point, position=pos)
         assert torch.equal(again, first[enc is tiny, point, pos])
+
+
+def test_cache_lives_under_ft_cache_dir_or_the_home_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FT_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.delenv("FT_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / ".cache" / "ft"  # the README's default
