@@ -185,12 +185,19 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     pl.seed_everything(cfg.seed, verbose=False)
     encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     vocab = Vocabulary.from_tokenizer(encoder.tokenizer)
-    point = cfg.target.point
-    sweep = load_or_sweep(encoder, vocab, point, position=1, use_cache=cfg.cache)
-    targets = select_targets(cfg, build_targets(cfg, encoder, vocab, sweep))
-    facts = VocabFacts.build(vocab, analysis_vectors(encoder, vocab, cfg.position), {point: sweep},
+    sweeps: dict[str, torch.Tensor] = {}  # point -> vocabulary sweep, each computed (or read) once
+
+    def sweep_of(point: str) -> torch.Tensor:
+        if point not in sweeps:
+            sweeps[point] = load_or_sweep(encoder, vocab, point, position=1, use_cache=cfg.cache)
+        return sweeps[point]
+
+    groups = cfg.target.kind == "group"  # groups are selected from the sweep of target.point
+    targets = select_targets(cfg, build_targets(cfg, encoder, vocab, sweep_of(cfg.target.point) if groups else None))
+    used = sorted({s.point for t in targets for s in t.sites})  # sites may mix points
+    facts = VocabFacts.build(vocab, analysis_vectors(encoder, vocab, cfg.position), {p: sweep_of(p) for p in used},
                              encoder.model, targets)
-    del sweep  # ~1 GB for bert-base: not needed past this point
+    sweeps.clear()  # ~1 GB each for bert-base: not needed past this point
     module = build_module(cfg, encoder, targets, facts)
     module.facts = facts
     rank0 = pl.utilities.rank_zero_only.rank == 0

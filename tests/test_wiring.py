@@ -26,6 +26,8 @@ RUNS = {  # name -> overrides on top of tiny_overrides(experiment)
     "act_p2": ("default", ["input.length=3", "position=2", "target.point=ffn_act"]),
     # the layer output, two tokens read at the first, three restarts per target
     "resid_restarts": ("default", ["input.length=2", "target.point=resid", "engine.restarts=3"]),
+    # sites of every point in one run (the README's example shape), none of them target.point's
+    "mixed": ("default", ["target.point=ffn_out", "target.sites=[layer.1.ffn_act.17,layer.0.resid.3,layer.1.resid.5]"]),
 }
 
 
@@ -81,7 +83,7 @@ def test_group_runs_use_the_selection_they_report(runs, hf):
 
 
 @pytest.mark.parametrize("name,point", [("relative", "ffn_out"), ("act_p2", "ffn_act"),
-                                        ("resid_restarts", "resid")])
+                                        ("resid_restarts", "resid"), ("mixed", None)])
 def test_objective_and_word_facts_recomputed(runs, hf, name, point):
     """`objective` from the saved embeds at the configured position; the most activating word
     and the target word's activation from single-word forwards (position 1, `[CLS] w [SEP]`)."""
@@ -89,7 +91,9 @@ def test_objective_and_word_facts_recomputed(runs, hf, name, point):
     df, t = read_targets(runs[name]), read_inputs(runs[name])
     position = 2 if name == "act_p2" else 1
     length = {"act_p2": 3, "resid_restarts": 2}.get(name, 1)
-    assert t["embeds"].shape[1] == length and all(s.split(".")[2] == point for s in df.sites.sum())
+    assert t["embeds"].shape[1] == length
+    points = {s.split(".")[2] for sites in df.sites for s in sites}
+    assert points == ({point} if point else {"ffn_act", "resid"})
     acts = hf_points(model, inputs_embeds=frame(model, tok, t["embeds"]))
     for row in df.itertuples():
         got = float(site_mean(acts, row.sites, position)[row.Index])
