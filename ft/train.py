@@ -173,17 +173,9 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     return path
 
 
-def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) -> dict[str, float]:
-    """Textualize the targets of `cfg`; write the run directory; return the summary metrics.
-
-    A run directory that holds a checkpoint resumes from it (`ckpt_path=auto`), W&B run included.
-    """
-    run_dir = Path(run_dir)
-    check_config(cfg)
-    quiet_expected_warnings()
-    resume_from = checkpoint_to_resume(cfg, run_dir)
-    pl.seed_everything(cfg.seed, verbose=False)
-    encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
+def prepare_targets(cfg: DictConfig, encoder: Encoder) -> tuple[list[Target], VocabFacts]:
+    """This run's targets (numbered, sharded, restarts repeated) and the vocabulary facts they are
+    measured against: the sweep of every point their sites use, the analysis vectors at `position`."""
     vocab = Vocabulary.from_tokenizer(encoder.tokenizer)
     sweeps: dict[str, torch.Tensor] = {}  # point -> vocabulary sweep, each computed (or read) once
 
@@ -197,7 +189,21 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     used = sorted({s.point for t in targets for s in t.sites})  # sites may mix points
     facts = VocabFacts.build(vocab, analysis_vectors(encoder, vocab, cfg.position), {p: sweep_of(p) for p in used},
                              encoder.model, targets)
-    sweeps.clear()  # ~1 GB each for bert-base: not needed past this point
+    return targets, facts  # the sweeps (~1 GB each for bert-base) go out of scope here
+
+
+def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) -> dict[str, float]:
+    """Textualize the targets of `cfg`; write the run directory; return the summary metrics.
+
+    A run directory that holds a checkpoint resumes from it (`ckpt_path=auto`), W&B run included.
+    """
+    run_dir = Path(run_dir)
+    check_config(cfg)
+    quiet_expected_warnings()
+    resume_from = checkpoint_to_resume(cfg, run_dir)
+    pl.seed_everything(cfg.seed, verbose=False)
+    encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    targets, facts = prepare_targets(cfg, encoder)
     module = build_module(cfg, encoder, targets, facts)
     module.facts = facts
     rank0 = pl.utilities.rank_zero_only.rank == 0

@@ -210,24 +210,28 @@ def test_word_regularizer_is_measured_in_the_analysis_space(tiny):
     assert float(pen) == pytest.approx(0.5 * float(norm.embeds().detach().pow(2).sum()), rel=1e-5)
 
 
+def module_as_run_builds_it(cfg):
+    """The module `run` would fit for `cfg` (its own preparation and construction, no fit)."""
+    from ft.encoder import load_encoder
+    from ft.train import build_module, prepare_targets
+
+    enc = load_encoder(cfg.model.name_or_path)
+    targets, facts = prepare_targets(cfg, enc)
+    return enc, targets, facts, build_module(cfg, enc, targets, facts)
+
+
 def test_a_run_pulls_toward_words_with_the_analysis_vectors(tiny_dir, tmp_path):
     """What `run` hands the module for reg.word is the analysis-space word vectors of the run's
-    position, and a configured scheduler really changes the learning rate."""
-    from ft.encoder import load_encoder
-    from ft.train import build_module, build_targets, select_targets
-
+    position."""
     cfg = compose_cfg(tiny_overrides(tiny_dir, "default", steps=4) + ["reg=word", "reg.word=2.0"])
-    enc = load_encoder(str(tiny_dir))
-    vocab = Vocabulary.from_tokenizer(enc.tokenizer)
-    sweep = load_or_sweep(enc, vocab, "ffn_out")
-    targets = select_targets(cfg, build_targets(cfg, enc, vocab, sweep))
-    vecs = analysis_vectors(enc, vocab, cfg.position)
-    facts = VocabFacts.build(vocab, vecs, {"ffn_out": sweep}, enc.model, targets)
-    m = build_module(cfg, enc, targets, facts)
+    enc, targets, facts, m = module_as_run_builds_it(cfg)
+    vecs = analysis_vectors(enc, Vocabulary.from_tokenizer(enc.tokenizer), cfg.position)
     torch.testing.assert_close(m.word_unit, torch.nn.functional.normalize(vecs, dim=-1))
     assert m.reg_word == 2.0 and m.reg_norm == 0.0
     # a config written before engine.fast_forward existed still builds, on the lean forward
     from omegaconf import open_dict
+
+    from ft.train import build_module
 
     with open_dict(cfg):
         del cfg.engine["fast_forward"]
@@ -239,17 +243,9 @@ def test_the_configured_scheduler_sets_the_learning_rate(tiny_dir, tmp_path, sch
     """The last learning rate of a run equals the schedule's own value after max_steps steps."""
     from hydra.utils import instantiate
 
-    from ft.encoder import load_encoder
-    from ft.train import build_module, build_targets, select_targets
-
     cfg = compose_cfg(tiny_overrides(tiny_dir, "default", steps=6) + [f"scheduler={scheduler}",
                                                                        "engine.stop_when_converged=false"])
-    enc = load_encoder(str(tiny_dir))
-    vocab = Vocabulary.from_tokenizer(enc.tokenizer)
-    sweep = load_or_sweep(enc, vocab, "ffn_out")
-    targets = select_targets(cfg, build_targets(cfg, enc, vocab, sweep))
-    facts = VocabFacts.build(vocab, analysis_vectors(enc, vocab), {"ffn_out": sweep}, enc.model, targets)
-    m = build_module(cfg, enc, targets, facts)
+    m = module_as_run_builds_it(cfg)[3]
     fit(m, 6, tmp_path)
     # independent: the same schedule on a throwaway optimizer, stepped 6 times
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=float(cfg.optim.lr))
