@@ -64,29 +64,40 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def not_found(name_or_path: str, path: str, error: Exception) -> ModelNotFoundError:
+    hint = (
+        "the directory exists but holds no loadable model"
+        if Path(path).exists()
+        else "it is neither a local directory nor reachable on the Hugging Face hub; "
+        "download it where the hub is reachable and pass model.name_or_path=/local/dir, "
+        f"or use model=minilm_l6 ({PACKAGED}, shipped with pip)"
+    )
+    return ModelNotFoundError(f"cannot load model {name_or_path!r}: {hint}")
+
+
+def load_model_config(name_or_path: str = PACKAGED, trust_remote_code: bool = False) -> object:
+    """The model's config alone (no weights): what the checks before a run need."""
+    path = resolve(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                          local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+    except (OSError, ValueError) as e:
+        raise not_found(name_or_path, path, e) from e
+
+
 def load_encoder(name_or_path: str = PACKAGED, trust_remote_code: bool = False) -> Encoder:
     """Load `name_or_path` (the packaged alias, a hub name, or a local directory), frozen."""
     path = resolve(name_or_path)
-    local = Path(path).exists()
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    config = load_model_config(name_or_path, trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(
-            path, trust_remote_code=trust_remote_code, local_files_only=offline
-        )
         model = AutoModel.from_pretrained(
             path, config=config, trust_remote_code=trust_remote_code,
             local_files_only=offline, attn_implementation="eager",
         )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
     except (OSError, ValueError) as e:
-        hint = (
-            "the directory exists but holds no loadable model"
-            if local
-            else "it is neither a local directory nor reachable on the Hugging Face hub; "
-            "download it where the hub is reachable and pass model.name_or_path=/local/dir, "
-            f"or use model=minilm_l6 ({PACKAGED}, shipped with pip)"
-        )
-        raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {hint}") from e
+        raise not_found(name_or_path, path, e) from e
     if not hasattr(model, "encoder") or not hasattr(model, "embeddings"):
         raise ModelNotFoundError(
             f"model {name_or_path!r} is a {type(model).__name__}; ft needs a BERT-family "

@@ -200,6 +200,7 @@ def evaluate(
                        f"{runaway_factor:g}x the largest word embedding norm (see raw_norm, runaway)")
     converged = module.converged().cpu()
     steps = module.steps_per_target().cpu()
+    kept = torch.where(module.kept_step.cpu() >= 0, module.kept_step.cpu(), steps)  # engine.keep
     snapped_rows, snapped_act = snap(module, facts, analysis)
     entropy = token_entropy(module)
     tokens = facts.vocab.tokens
@@ -233,6 +234,7 @@ def evaluate(
             "snap_gap": float(obj[t] - snapped_act[t]),
             "entropy": None if entropy is None else float(entropy[t]),
             "steps": int(steps[t]),
+            "kept_step": int(kept[t]),
             "converged": bool(converged[t]),
             "diverged": bool(diverged[t]),
             "runaway": bool(runaway[t]),

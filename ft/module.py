@@ -126,6 +126,7 @@ class TextualizationModule(pl.LightningModule):
         word_vectors: torch.Tensor | None = None,
         curve_every: int = 10,
         fast_forward: bool | None = None,
+        keep: str = "last",
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -157,6 +158,13 @@ class TextualizationModule(pl.LightningModule):
         self.register_buffer("frozen", torch.zeros(self.num_targets, dtype=torch.bool))
         self.register_buffer("stopped_at", torch.full((self.num_targets,), -1, dtype=torch.long))
         self.register_buffer("diverged", torch.zeros(self.num_targets, dtype=torch.bool))
+        if keep not in ("last", "best"):
+            raise ValueError(f"keep={keep!r}; valid: last, best")
+        self.keep_best = keep == "best"
+        self.register_buffer("kept_step", torch.full((self.num_targets,), -1, dtype=torch.long))
+        if self.keep_best:  # the best input seen so far per row, and its objective
+            self.register_buffer("best_value", torch.full((self.num_targets,), -math.inf))
+            self.register_buffer("best_param", inputs.param.detach().clone())
         self.last_objective: torch.Tensor | None = None
         self.curve_every = max(1, int(curve_every))
         self.curve_steps: list[int] = []  # per-target activation curves, every curve_every steps
@@ -209,6 +217,10 @@ class TextualizationModule(pl.LightningModule):
             self.frozen = self.frozen[self.rows].clone()
             self.stopped_at = self.stopped_at[self.rows].clone()
             self.diverged = self.diverged[self.rows].clone()
+            self.kept_step = self.kept_step[self.rows].clone()
+            if self.keep_best:
+                self.best_value = self.best_value[self.rows].clone()
+                self.best_param = self.best_param[self.rows].clone()
             self._plan_rows()
 
     def on_fit_start(self) -> None:
@@ -217,14 +229,17 @@ class TextualizationModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self.gather_rows()
+        if self.keep_best:
+            self.restore_best()
 
     def gather_rows(self) -> None:
         """After a multi-process fit: every rank gets every row back, in target order."""
         if self.rows == slice(0, len(self.all_site_lists)) or not dist.is_initialized():
             return
         curves = torch.stack(self.curve_values) if self.curve_values else torch.empty(0, self.num_targets)
+        best = (self.best_value.cpu(), self.best_param.cpu()) if self.keep_best else (None, None)
         mine = (self.inputs.param.detach().cpu(), self.history.cpu(), self.frozen.cpu(),
-                self.stopped_at.cpu(), curves, self.diverged.cpu())
+                self.stopped_at.cpu(), curves, self.diverged.cpu(), self.kept_step.cpu(), *best)
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
         device = self.inputs.param.device
@@ -234,6 +249,10 @@ class TextualizationModule(pl.LightningModule):
         self.stopped_at = interleave([p[3] for p in parts]).to(device)
         self.curve_values = list(interleave([p[4] for p in parts], dim=1))
         self.diverged = interleave([p[5] for p in parts]).to(device)
+        self.kept_step = interleave([p[6] for p in parts]).to(device)
+        if self.keep_best:
+            self.best_value = interleave([p[7] for p in parts]).to(device)
+            self.best_param = interleave([p[8] for p in parts]).to(device)
         self.rows = slice(0, len(self.all_site_lists))
         self._plan_rows()
 
@@ -296,6 +315,8 @@ class TextualizationModule(pl.LightningModule):
             ok = torch.isfinite(obj.detach())  # a diverged row must not poison the others' loss
             self.manual_backward(-torch.where(ok, obj, 0).float().sum() + penalty)  # the only sign flip
             values[rows] = obj.detach().float()
+        if self.keep_best:
+            self.remember_best(values)
         param = self.inputs.param
         keep = param.detach()[self.frozen].clone() if self.frozen.any() else None
         opt.step()
@@ -307,6 +328,26 @@ class TextualizationModule(pl.LightningModule):
             sched.step()
         self.last_objective = values
         self.record(values)
+
+    def remember_best(self, values: torch.Tensor) -> None:
+        """`values` [rows] were measured on the current input (before this step's update)."""
+        better = torch.isfinite(values) & (values > self.best_value)
+        if bool(better.any()):
+            self.best_value[better] = values[better].to(self.best_value.dtype)
+            self.best_param[better] = self.inputs.param.detach()[better].to(self.best_param.dtype)
+            self.kept_step[better] = int(self.steps_done)
+
+    @torch.no_grad()
+    def restore_best(self) -> None:
+        """engine.keep=best: each row's input becomes the best one seen, unless the last input
+        (after the final update, never measured during training) is at least as good."""
+        last = self.forward().float()
+        better = self.best_value > torch.nan_to_num(last, nan=-math.inf)
+        if bool(better.any()):
+            param = self.inputs.param.detach().clone()
+            param[better] = self.best_param[better].to(param.dtype)
+            self.inputs.set_rows(param)
+        self.kept_step = torch.where(better, self.kept_step, -1)  # -1: the last input
 
     def record(self, values: torch.Tensor) -> None:
         """Keep the objective history; stop the run when every target has converged."""

@@ -70,6 +70,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]
                 wcfg, save_dir=str(run_dir), name=run_name, offline=mode == "offline",
                 id=run_id, resume="allow" if run_id else None,
             )
+            if wandb_logger._wandb_init.get("anonymous", 0) is None:  # Lightning passes it; wandb warns on it
+                del wandb_logger._wandb_init["anonymous"]
             if pl.utilities.rank_zero_only.rank == 0:
                 experiment = start_wandb(wandb_logger)
                 wandb_logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

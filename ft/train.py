@@ -20,12 +20,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from ft.callbacks.progress import StepProgress
+from ft.chatter import configure_output
 from ft.encoder import Encoder, load_encoder
-from ft.errors import ConfigError, FtError, SiteError
+from ft.errors import ConfigError, FtError
 from ft.metrics import VocabFacts, evaluate, summarize
 from ft.module import TextualizationModule, rows_for_budget
+from ft.preflight import preflight
 from ft.results import CONFIG, RunLock, write_config, write_run
-from ft.sites import POINTS
+from ft.schema import check_config, check_model
 from ft.strategy import choose_strategy, shard_rows
 from ft.targets import Target, group_targets, neuron_targets, number_targets, with_restarts
 from ft.tracking import build_loggers, format_table, log_summary
@@ -55,21 +58,6 @@ def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep) -
             num_frequent=t.num_frequent, seed=t.seed,
         )
     raise ConfigError(f"target.kind={t.kind!r}; valid: ['neuron', 'group']")
-
-
-def check_config(cfg: DictConfig) -> None:
-    if cfg.target.point not in POINTS:
-        raise SiteError(f"target.point: unknown point {cfg.target.point!r}; valid: {list(POINTS)}")
-    steps = cfg.trainer.max_steps
-    if not isinstance(steps, int) or steps <= 0:
-        raise ConfigError(f"trainer.max_steps={steps!r}; valid: an integer > 0")
-    lr = cfg.optim.get("lr")
-    if lr is not None and not (isinstance(lr, int | float) and 0 < float(lr) < float("inf")):
-        raise ConfigError(f"optim.lr={lr!r}; valid: a finite number > 0")
-    if cfg.input.length < 1:
-        raise ConfigError(f"input.length={cfg.input.length!r}; valid: an integer >= 1")
-    if not 1 <= cfg.position <= cfg.input.length:
-        raise ConfigError(f"position={cfg.position!r}; valid 1..input.length={cfg.input.length}")
 
 
 def quiet_expected_warnings() -> None:
@@ -141,11 +129,13 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
         stop_when_converged=e.stop_when_converged, freeze_converged=e.freeze_converged,
         scheduler=scheduler, reg_norm=cfg.reg.norm, reg_word=cfg.reg.word,
         word_vectors=facts.word_vectors, curve_every=e.curve_every, fast_forward=fast,
+        keep=e.get("keep", "last"),
     )
 
 
 SAME_RUN_KEYS = ("model.name_or_path", "target", "input.kind", "input.length", "position", "seed",
-                 "engine.restarts")
+                 "engine.restarts", "engine.keep")
+SAME_RUN_DEFAULTS = {"engine.keep": "last"}  # what a run directory made before the key existed had
 
 
 def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -166,7 +156,7 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     if old_file.exists():
         old = OmegaConf.load(old_file)
         for key in SAME_RUN_KEYS:
-            a, b = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
+            a, b = (OmegaConf.select(c, key, default=SAME_RUN_DEFAULTS.get(key)) for c in (old, cfg))
             if a != b:
                 raise ConfigError(f"checkpoint {path} was made with {key}={a}, this run has {key}={b}; "
                                   "it belongs to another run: use a new hydra.run.dir or ckpt_path=none")
@@ -199,10 +189,12 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     """
     run_dir = Path(run_dir)
     check_config(cfg)
+    configure_output(cfg.get("log_level", "info"))
     quiet_expected_warnings()
     resume_from = checkpoint_to_resume(cfg, run_dir)
     pl.seed_everything(cfg.seed, verbose=False)
     encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    check_model(cfg, encoder.model.config)
     targets, facts = prepare_targets(cfg, encoder)
     module = build_module(cfg, encoder, targets, facts)
     module.facts = facts
@@ -216,6 +208,8 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
             dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
             every_n_train_steps=cfg.engine.checkpoint_every_n_steps,
         ))
+        if cfg.trainer.get("enable_progress_bar", True):
+            callbacks.append(StepProgress())
         trainer: pl.Trainer = instantiate(
             cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
             strategy=choose_strategy(cfg.trainer),
@@ -260,19 +254,6 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-def check_choices(argv: list[str]) -> None:
-    """Before Hydra: an unknown config-group option is a one-line error, not a traceback."""
-    root = Path(CONFIG_DIR)
-    for arg in argv:
-        key, eq, value = arg.lstrip("+~").partition("=")
-        if not eq or "." in key or not (root / key).is_dir():
-            continue
-        options = sorted(p.stem for p in (root / key).glob("*.yaml"))
-        if value not in options and value != "null":
-            print(f"error: {key}={value!r} is not an option; valid: {', '.join(options)}", file=sys.stderr)
-            sys.exit(2)
-
-
 if __name__ == "__main__":
-    check_choices(sys.argv[1:])
+    preflight(sys.argv[1:])  # one-line errors (exit 2) before Hydra writes anything
     main()

@@ -2,6 +2,7 @@
 
 from ft.callbacks.curves import ActivationCurves
 from ft.callbacks.nearest import NearestWords
+from ft.callbacks.progress import StepProgress
 from ft.callbacks.temperature import TemperatureSchedule
 
-__all__ = ["ActivationCurves", "NearestWords", "TemperatureSchedule"]
+__all__ = ["ActivationCurves", "NearestWords", "StepProgress", "TemperatureSchedule"]

@@ -1,0 +1,343 @@
+"""Types and ranges of every config value, declared once as dataclass schemas, and the checks
+that refuse a bad value before anything is written.
+
+Each schema field is `Annotated[type, Rule(...)]`: the type (int, float, bool, str, None,
+Literal[...], list[...] and unions of these) and the range or shape the value must have. A node
+of the composed config is checked against its schema key by key: a key the schema does not
+declare is left alone in nodes that pass through to third-party code (trainer, optim, logger),
+and refused in ft's own nodes, where it can only be a typo. `check_config` runs the schemas and
+the checks that relate several keys; `check_model` the ones that need the model's config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Annotated, Any, Literal, Union
+
+from omegaconf import DictConfig, OmegaConf
+
+from ft.errors import ConfigError
+from ft.inputs import KINDS
+from ft.sites import POINTS, Site
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must satisfy beyond its type. Bounds apply to numbers, `unique` to lists."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    unique: bool = False
+
+    def problem(self, value: Any) -> bool:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value) and self.bounded:
+                return True
+            return ((self.ge is not None and not value >= self.ge) or (self.gt is not None and not value > self.gt)
+                    or (self.le is not None and not value <= self.le) or (self.lt is not None and not value < self.lt))
+        if isinstance(value, list) and self.unique:
+            return len({repr(v) for v in value}) != len(value)
+        return False
+
+    @property
+    def bounded(self) -> bool:
+        return any(b is not None for b in (self.ge, self.gt, self.le, self.lt))
+
+    def describe(self) -> str:
+        parts = [f"{op} {_num(b)}" for op, b in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                 if b is not None]
+        return (" " + " and ".join(parts) if parts else "") + (" without repeats" if self.unique else "")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 2**53 else repr(x)
+
+
+def Int(**bounds: float) -> Any:  # noqa: N802 - reads like a type in the schemas
+    return Annotated[int, Rule(**bounds)]
+
+
+def Num(**bounds: float) -> Any:  # noqa: N802
+    return Annotated[float, Rule(**bounds)]
+
+
+def Choice(*values: object) -> Any:  # noqa: N802
+    return Literal[values]  # type: ignore[valid-type]
+
+
+Unique = Rule(unique=True)
+PRECISIONS = (64, 32, 16, "64", "32", "16", "bf16", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true",
+              "64-true", "transformer-engine", "transformer-engine-float16")  # Lightning 2.x's _PRECISION_INPUT
+
+
+# -- the schemas ----------------------------------------------------------------------------------
+@dataclass
+class ModelSchema:
+    name_or_path: str
+    trust_remote_code: bool
+
+
+@dataclass
+class TargetSchema:
+    """configs/target/*: neuron targets use sites..layers, group targets k..num_frequent."""
+
+    kind: Choice("neuron", "group")
+    point: Choice(*POINTS)
+    sites: Annotated[list[str], Unique] | None
+    fraction: Num(gt=0, le=1) | None
+    per_layer: Int(ge=1) | None
+    layers: Annotated[list[Int(ge=0)], Unique] | None
+    seed: Int(ge=0, lt=2**32)
+    shard: Int(ge=0)
+    num_shards: Int(ge=1)
+    k: Int(ge=1)
+    selection: Choice("absolute", "relative")
+    words: Annotated[list[str], Unique] | None
+    num_random: Int(ge=0)
+    num_frequent: Int(ge=0)
+
+
+@dataclass
+class InputSchema:
+    _target_: str
+    _partial_: bool
+    kind: Choice(*KINDS)
+    length: Int(ge=1)
+    init_std: Num(ge=0)
+    tau_start: Num(gt=0)
+    tau_end: Num(gt=0)
+    anneal_steps: Int(ge=1) | None
+    save_raw: bool
+    fast: Choice("auto") | bool
+
+
+@dataclass
+class OptimSchema:  # the other keys go to the optimizer as they are
+    _target_: str
+    lr: Num(gt=0)
+    momentum: Num(ge=0)
+    weight_decay: Num(ge=0)
+
+
+@dataclass
+class SchedulerSchema:
+    _target_: str
+    T_max: Int(ge=1)
+    gamma: Num(gt=0)
+
+
+@dataclass
+class RegSchema:
+    norm: Num(ge=0)
+    word: Num(ge=0)
+
+
+@dataclass
+class TrainerSchema:  # the other keys go to pl.Trainer as they are
+    max_steps: Int(gt=0)
+    log_every_n_steps: Int(ge=1)
+    precision: Choice(*PRECISIONS)
+    accelerator: Choice("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
+    devices: Int(ge=1) | Choice("auto", -1) | Annotated[list[Int(ge=0)], Unique]
+    num_nodes: Int(ge=1)
+    num_sanity_val_steps: Int(ge=0)
+    enable_model_summary: bool
+    use_distributed_sampler: bool
+    strategy: str
+
+
+@dataclass
+class EngineSchema:
+    chunk_size: Choice("auto") | Int(ge=1)
+    fast_forward: Choice("auto") | bool
+    memory_budget_mb: Num(gt=0)
+    converge_window: Int(ge=1)
+    converge_tol: Num(ge=0)
+    stop_when_converged: bool
+    runaway_factor: Num(gt=0)
+    checkpoint_every_n_steps: Int(ge=1)
+    freeze_converged: bool
+    restarts: Int(ge=1)
+    curve_every: Int(ge=1)
+    keep: Choice("last", "best")
+
+
+@dataclass
+class WandbSchema:
+    mode: Choice("auto", "online", "offline", "disabled")
+    project: str
+
+
+@dataclass
+class CurvesSchema:
+    max_targets: Int(ge=0)
+
+
+@dataclass
+class NearestSchema:
+    every_n_steps: Int(ge=1)
+    top_n: Int(ge=1)
+    max_rows: Int(ge=1)
+
+
+@dataclass
+class RootSchema:
+    seed: Int(ge=0, lt=2**32)
+    position: Int(ge=1)
+    experiment_name: str
+    run_name: str | None
+    tags: list[str]
+    cache: bool
+    print_rows: Int(ge=0)
+    ckpt_path: str
+    log_level: Choice("debug", "info", "warning", "error")
+
+
+# node path -> (schema, closed: unknown keys are refused)
+NODES: dict[str, tuple[type, bool]] = {
+    "": (RootSchema, False), "model": (ModelSchema, True), "target": (TargetSchema, True),
+    "input": (InputSchema, True), "optim": (OptimSchema, False), "scheduler": (SchedulerSchema, False),
+    "reg": (RegSchema, True), "trainer": (TrainerSchema, False), "engine": (EngineSchema, True),
+    "logger.wandb": (WandbSchema, False), "callbacks.curves": (CurvesSchema, False),
+    "callbacks.nearest": (NearestSchema, False),
+}
+
+
+# -- checking one value against a type -------------------------------------------------------------
+def accepts(tp: Any, value: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return accepts(args[0], value) and not args[1].problem(value)
+    if origin in (Union, types.UnionType):
+        return any(accepts(a, value) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(accepts(args[0], v) for v in value)
+    if tp is type(None) or tp is None:
+        return value is None
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def describe(tp: Any) -> str:
+    """`tp` in words, for the `valid:` part of an error."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        finite = "a finite number" if args[0] is float and args[1].bounded else describe(args[0])
+        return finite + args[1].describe()
+    if origin in (Union, types.UnionType):  # words first (null, auto, true, false), then the rest
+        words = [describe(a) for a in args if a is type(None) or a is bool or typing.get_origin(a) is Literal]
+        rest = [describe(a) for a in args if describe(a) not in words]
+        return " or ".join([", ".join(words)] * bool(words) + rest)
+    if origin is Literal:
+        return ", ".join(dict.fromkeys(str(a).lower() if isinstance(a, bool) else str(a) for a in args))
+    if origin is list:
+        return f"a list of {describe(args[0]).replace('an integer', 'integers').replace('a string', 'strings')}"
+    names = {int: "an integer", float: "a number", bool: "true, false", str: "a string", type(None): "null"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else OmegaConf.to_yaml(value).strip() if isinstance(
+        value, dict) else str(value).replace("True", "true").replace("False", "false").replace("None", "null")
+
+
+def fail(key: str, value: Any, valid: str) -> ConfigError:
+    return ConfigError(f"{key}={show(value)}; valid: {valid}")
+
+
+def check_node(path: str, node: Any, schema: type, closed: bool) -> None:
+    if node is None:
+        return
+    if not isinstance(node, dict):
+        raise fail(path, node, f"a config group ({path}=<option>) or its keys ({path}.<key>=<value>)")
+    hints = typing.get_type_hints(schema, include_extras=True)
+    for key, value in node.items():
+        full = f"{path}.{key}" if path else key
+        if key not in hints:
+            if closed:
+                raise ConfigError(f"{full}: unknown key; valid: {', '.join(f.name for f in fields(schema))}")
+            continue
+        if not accepts(hints[key], value):
+            raise fail(full, value, describe(hints[key]))
+
+
+# -- the whole config ------------------------------------------------------------------------------
+def resolve_target(path: str, key: str) -> object:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"{key}={path!r}: no such class") from None
+
+
+def check_class(cfg: dict, node: str, base: type, valid: str) -> None:
+    sub = cfg.get(node)
+    if not isinstance(sub, dict) or "_target_" not in sub:
+        return
+    cls = resolve_target(str(sub["_target_"]), f"{node}._target_")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise fail(f"{node}._target_", sub["_target_"], valid)
+
+
+def check_config(cfg: DictConfig | dict) -> None:
+    """Every value of a composed config has its declared type and range; keys that must agree do.
+    Raises ConfigError (a one-line message naming the key, the value and what is valid)."""
+    import torch
+
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    for path, (schema, closed) in NODES.items():
+        node: Any = c
+        for part in path.split(".") if path else []:
+            node = node.get(part) if isinstance(node, dict) else None
+        check_node(path, node, schema, closed)
+    check_class(c, "optim", torch.optim.Optimizer, "a torch.optim optimizer class, e.g. torch.optim.Adam")
+    check_class(c, "scheduler", torch.optim.lr_scheduler.LRScheduler,
+                "a torch.optim.lr_scheduler class, e.g. torch.optim.lr_scheduler.CosineAnnealingLR")
+    length, position = c["input"]["length"], c["position"]
+    if position > length:
+        raise ConfigError(f"position={position}; valid 1..input.length={length}")
+    t = c["target"]
+    if t.get("shard", 0) >= t.get("num_shards", 1):
+        raise ConfigError(f"target.shard={t['shard']}, target.num_shards={t['num_shards']}; "
+                          "valid: 0 <= shard < num_shards")
+    if t.get("sites"):
+        seen: dict[Site, str] = {}
+        for text in t["sites"]:
+            site = Site.parse(text)
+            if site in seen:
+                raise ConfigError(f"target.sites: {text!r} repeats {seen[site]!r}; valid: each site once")
+            seen[site] = text
+
+
+def max_positions(model_config: object) -> int | None:
+    n = getattr(model_config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_model(cfg: DictConfig | dict, model_config: object) -> None:
+    """The checks that need the model's config: the input fits its positions; its embeddings
+    live in the hidden space (ft optimizes inputs there)."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    name = c["model"]["name_or_path"]
+    hidden = int(model_config.hidden_size)
+    emb = int(getattr(model_config, "embedding_size", None) or hidden)
+    if emb != hidden:
+        raise ConfigError(f"model.name_or_path={name!r} has embedding_size={emb} != hidden_size={hidden} "
+                          f"({type(model_config).__name__}); valid: a model whose embeddings are hidden-sized "
+                          "(support for factorized embeddings is planned)")
+    n = max_positions(model_config)
+    length = c["input"]["length"]
+    if n is not None and length + 2 > n:
+        raise ConfigError(f"input.length={length}; valid 1..{n - 2} for {name!r} "
+                          f"(max_position_embeddings={n}, [CLS] and [SEP] take 2)")
