@@ -228,6 +228,10 @@ class TextualizationModule(pl.LightningModule):
             keep_freed_memory()
 
     def on_train_end(self) -> None:
+        last = int(self.steps_done) - 1
+        if self.last_objective is not None and (not self.curve_steps or self.curve_steps[-1] < last):
+            self.curve_steps.append(last)  # curves end at the final step, whatever curve_every is
+            self.curve_values.append(self.last_objective.detach().cpu())
         self.gather_rows()
         if self.keep_best:
             self.restore_best()

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ft.results import expand, load_runs, read_config, read_curves, read_inputs
+from ft.results import CONFIG, expand, load_runs, read_config, read_curves, read_inputs
 from ft.svg import chart
 
 # The paper's numbers (Baeumel et al. 2023, bert-base-uncased), shown beside ft's.
@@ -31,9 +31,10 @@ CONFIG_COLUMNS = ["experiment", "model", "target_kind", "k", "selection", "input
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1250px;color:#222}
 table{border-collapse:collapse;margin:8px 0 20px;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px}
 th{background:#f2f2f2;cursor:pointer}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.t{font-size:13px;font-weight:600}.k{font-size:10px;fill:#444}.note{color:#777;font-style:italic}
+.t{font-size:13px;font-weight:600}.k{font-size:10px;fill:#444}.legend{font-size:10px}.note{color:#777;font-style:italic}
 details{margin:4px 0}summary{cursor:pointer}.figs{display:flex;flex-wrap:wrap;gap:12px}
-#js-errors{color:#b00}"""
+#js-errors{color:#b00}.scroll{overflow-x:auto;max-width:100%}#runs-table th{white-space:normal;max-width:9em}
+#runs-table td:first-child{max-width:24em;overflow-wrap:anywhere}.filter{margin:6px 0 10px}"""
 
 JS = r"""
 window.__errors=[];window.addEventListener('error',e=>{window.__errors.push(String(e.message));
@@ -59,15 +60,24 @@ function drawCompare(){const xs=document.getElementById('cmp-x').value,ys=docume
   txt(55,285,lo(Y).toPrecision(3),'end');txt(55,35,hi(Y).toPrecision(3),'end');}
  txt(295,316,xs,'middle');txt(295,14,ys+' by '+xs+' ('+pts.length+' runs)','middle');}
 ['cmp-x','cmp-y'].forEach(id=>document.getElementById(id).addEventListener('change',drawCompare));drawCompare();
+function filterAtlas(){const L=document.getElementById('atlas-layer'),S=document.getElementById('atlas-search');
+ if(!L)return;const q=S.value.trim().toLowerCase();let n=0;const all=document.querySelectorAll('details.atlas');
+ all.forEach(d=>{const ok=(!L.value||d.dataset.layer===L.value)&&(!q||d.dataset.text.includes(q));
+  d.style.display=ok?'':'none';n+=ok;});document.getElementById('atlas-count').textContent=n+' of '+all.length;}
+const H=new URLSearchParams(location.hash.slice(1));  // report.html#layer=3&q=bank opens filtered
+if(document.getElementById('atlas-layer')){if(H.has('layer'))document.getElementById('atlas-layer').value=H.get('layer');
+ if(H.has('q'))document.getElementById('atlas-search').value=H.get('q');document.getElementById('atlas-layer').addEventListener('change',filterAtlas);
+ document.getElementById('atlas-search').addEventListener('input',filterAtlas);filterAtlas();}
 """
 
 
-_NAMES: dict[str, str] = {}
+_NAMES: dict[str, str] = {}  # path -> short unique folder name (stable: chart ids use it)
+_LABELS: dict[str, str] = {}  # path -> what the page calls the run
 
 
 def name_runs(paths: list[str]) -> None:
-    """Short, unique display names: the folder name, with as many parent folders as it
-    takes to tell runs apart (two sweeps both have a run `000`)."""
+    """Short, unique folder names: the folder name, with as many parent folders as it takes to
+    tell runs apart (two sweeps both have a run `000`); and the runs' labels (`label_runs`)."""
     _NAMES.clear()
     parts = {p: Path(p).resolve().parts for p in paths}
     for p, pp in parts.items():
@@ -76,9 +86,63 @@ def name_runs(paths: list[str]) -> None:
             if sum("/".join(q[-n:]) == name for q in parts.values()) == 1:
                 break
         _NAMES[p] = name
+    _LABELS.clear()
+    _LABELS.update(label_runs(paths))
+
+
+def flat(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+def user_set_run_name(path: str) -> str | None:
+    """`run_name` when the user gave it (on the command line, in an experiment, or through the
+    API); None when ft.train made it up from the overrides (Hydra's overrides.yaml tells)."""
+    from omegaconf import OmegaConf
+
+    if not (Path(path) / CONFIG).exists():
+        return None
+    cfg = read_config(path)
+    name = cfg.get("run_name")
+    overrides = Path(path) / ".hydra" / "overrides.yaml"
+    if name and overrides.exists():
+        given = [str(o) for o in OmegaConf.load(overrides)]
+        return name if any(o.lstrip("+").startswith("run_name=") for o in given) else None
+    return name or None
+
+
+def label_runs(paths: list[str]) -> dict[str, str]:
+    """Each run's label: its run_name if the user set one, else the config values that tell the
+    runs apart (`optim.lr=0.1 seed=2`), else the experiment; the folder name where two collide."""
+    from omegaconf import OmegaConf
+
+    configs = {p: flat(OmegaConf.to_container(read_config(p), resolve=False)) if (Path(p) / CONFIG).exists()
+               else {} for p in paths}
+    skip = ("run_name", "hydra", "ckpt_path", "cache", "print_rows", "log_level", "target.seed")
+    labels = {}
+    for exp in dict.fromkeys(c.get("experiment_name", "") for c in configs.values()):
+        group = {p: c for p, c in configs.items() if c.get("experiment_name", "") == exp}
+        keys = sorted({k for c in group.values() for k in c if not k.startswith(skip)})
+        differ = [k for k in keys if len({c.get(k) for c in group.values()}) > 1]  # within the experiment
+        for p, c in group.items():
+            labels[p] = user_set_run_name(p) or " ".join([exp, *(f"{k}={c.get(k)}" for k in differ)]).strip() \
+                or Path(p).name
+    counts = pd.Series(list(labels.values())).value_counts()
+    return {p: f"{lab} ({_NAMES.get(p, Path(p).name)})" if counts[lab] > 1 else lab for p, lab in labels.items()}
 
 
 def run_name(path: str) -> str:
+    """The run's label on the page (see label_runs)."""
+    return _LABELS.get(str(path)) or _NAMES.get(str(path), Path(path).name)
+
+
+def run_key(path: str) -> str:
+    """The run's short folder name, for element ids."""
     return _NAMES.get(str(path), Path(path).name)
 
 
@@ -158,11 +222,11 @@ def section_layers(targets: pd.DataFrame) -> str:
         act = chart({"optimized input": (layers, list(per.objective.mean())),
                      "most activating word": (layers, list(per.most_activating_word_activation.mean()))},
                     f"Fig. 2-3 activation per layer — {run_name(run)}", "layer", "activation",
-                    chart_id=f"fig3-{run_name(run)}")
+                    chart_id=f"fig3-{run_key(run)}")
         cos = chart({"closest-word cosine": (layers, list(per.closest_cos.apply(
             lambda s: float(np.mean([c[0] for c in s])))))},
             f"Fig. 4 closest-word cosine per layer — {run_name(run)}", "layer", "cosine",
-            chart_id=f"fig4-{run_name(run)}")
+            chart_id=f"fig4-{run_key(run)}")
         first = d.closest_cos.map(lambda c: c[0])
         key = f"reg:{run}"
         figs.append(f'<div class="figs">{act}{cos}</div><p>optimized: '
@@ -269,7 +333,8 @@ def section_compare(runs: pd.DataFrame) -> str:
     rows = runs[["run", *configs, *metrics]].to_dict("records")
     for r in rows:
         r["run"] = run_name(r["run"])
-    return controls + "<br>" + svg + table(rows, ["run", *configs, *metrics], "runs-table")
+    return controls + "<br>" + svg + '<div class="scroll">' + table(rows, ["run", *configs, *metrics],
+                                                                      "runs-table") + "</div>"
 
 
 def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> str:
@@ -297,8 +362,18 @@ def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> st
                                     "substitutes_from") if c in ex]
                 if len(ex):
                     parts.append("<p>dataset examples</p>" + table(ex[cols].to_dict("records"), cols))
-            out.append(f"<details><summary>{escape(run_name(p))} · {escape(name)}</summary>{''.join(parts)}</details>")
-    return "".join(out) or '<p class="note">No targets.</p>'
+            layer = "" if r.layer is None or r.layer != r.layer else int(r.layer)
+            text = " ".join([name, r.most_activating_word, *r.closest_words[:10], *list(r.sites)[:20]]).lower()
+            out.append(f'<details class="atlas" data-layer="{layer}" data-text="{escape(text)}">'
+                       f"<summary>{escape(run_name(p))} · {escape(name)}</summary>{''.join(parts)}</details>")
+    if not out:
+        return '<p class="note">No targets.</p>'
+    layers = sorted({int(v) for v in targets.layer.dropna()}) if "layer" in targets else []
+    options = "".join(f'<option value="{v}">layer {v}</option>' for v in layers)
+    controls = ('<div class="filter"><label>layer <select id="atlas-layer"><option value="">all</option>'
+                f'{options}</select></label> <label>search <input id="atlas-search" type="search" '
+                'placeholder="word, site or target word"></label> <span id="atlas-count"></span></div>')
+    return controls + "".join(out)
 
 
 def build_report(paths: list[str], out: str | Path = "report.html", words: int = 3000,

@@ -88,11 +88,11 @@ def test_wandb_workspace_builds_offline():
 
 
 def test_runs_of_two_sweeps_get_distinct_names():
-    from ft.report import name_runs, run_name
+    from ft.report import name_runs, run_key
 
     paths = ["/r/sweep-a/000", "/r/sweep-b/000", "/r/sweep-a/001", "/r/default"]
     name_runs(paths)
-    names = [run_name(p) for p in paths]
+    names = [run_key(p) for p in paths]
     assert names == ["sweep-a/000", "sweep-b/000", "001", "default"] and len(set(names)) == 4
 
 
@@ -174,3 +174,105 @@ def test_tables_2_and_5_show_the_runs_rows(runs, report):
         expect += [[r.target_word, r.selection, str(r.k), ", ".join(f"{w} ({c:.2f})" for w, c in zip(
             r.closest_words[:5], r.closest_cos[:5], strict=True)), str(r.target_word_rank)] for r in g.itertuples()]
     assert sorted(t5) == sorted(expect)
+
+
+def fake_run(path, overrides: list[str] | None, **values):
+    """A run directory's config.yaml (and Hydra's overrides.yaml): all the labels read."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"experiment_name": "default", "run_name": None, "seed": 0,
+                            "optim": {"lr": 0.1}, "target": {"kind": "neuron", "seed": "${seed}"}})
+    for key, value in values.items():
+        OmegaConf.update(cfg, key.replace("__", "."), value)
+    path.mkdir(parents=True)
+    OmegaConf.save(cfg, path / "config.yaml")
+    if overrides is not None:
+        (path / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create(overrides), path / ".hydra" / "overrides.yaml")
+    return str(path)
+
+
+def test_runs_are_labelled_by_run_name_or_the_values_that_differ(tmp_path):
+    from ft.report import name_runs, run_key, run_name
+
+    a = fake_run(tmp_path / "m" / "0", ["optim.lr=0.1"], run_name="default-optim.lr=0.1")
+    b = fake_run(tmp_path / "m" / "1", ["optim.lr=0.3", "seed=2"], run_name="default-optim.lr=0.3-seed=2",
+                 optim__lr=0.3, seed=2)
+    c = fake_run(tmp_path / "n" / "0", ["run_name=baseline"], run_name="baseline")
+    d = fake_run(tmp_path / "g" / "0", None, experiment_name="group_k10", target__kind="group")
+    e = fake_run(tmp_path / "g" / "1", None, experiment_name="group_k10", target__kind="group", run_name="mine")
+    name_runs([a, b, c, d, e])
+    assert [run_name(p) for p in (a, b, c, d, e)] == [
+        "default optim.lr=0.1 seed=0", "default optim.lr=0.3 seed=2", "baseline", "group_k10", "mine"]
+    assert run_key(a) == "m/0" and run_key(d) == "g/0"  # element ids stay the folder names
+    twins = [fake_run(tmp_path / "t" / str(i), []) for i in range(2)]
+    name_runs(twins)
+    assert [run_name(p) for p in twins] == ["default (0)", "default (1)"]
+
+
+def svg_of(html: str, chart_id: str) -> str:
+    start = html.index(f'id="{chart_id}"')
+    return html[start:html.index("</svg>", start)]
+
+
+def ticks(svg: str, axis: str) -> list[float]:
+    return [float(v) for v in re.findall(rf'class="k t{axis}">([^<]+)</text>', svg)]
+
+
+def test_charts_have_coloured_legends_and_round_ticks(report, runs):
+    html = report.read_text()
+    assert not re.search(r"\.legend\{[^}]*fill", html)  # no CSS rule greys the legend out
+    for chart_id in ("curves", "fig3-default", "fig5"):
+        svg = svg_of(html, chart_id)
+        legend = re.findall(r'<text [^>]*style="fill:(#[0-9a-f]{6})" class="legend"[^>]*>([^<]+)</text>', svg)
+        names = list(series(html, chart_id))
+        assert [n for _, n in legend] == names and len({c for c, _ in legend}) == len(names)
+        lines = re.findall(r'stroke="(#[0-9a-f]{6})" stroke-width', svg) or re.findall(r'fill="(#[0-9a-f]{6})"', svg)
+        assert set(lines) == {c for c, _ in legend}  # each curve has its legend's colour
+        for axis in ("x", "y"):
+            t = ticks(svg, axis)
+            steps = np.diff(t)
+            assert len(t) >= 2 and np.allclose(steps, steps[0])
+            mantissa = steps[0] / 10 ** np.floor(np.log10(steps[0]))
+            assert any(np.isclose(mantissa, m) for m in (1, 2, 2.5, 5))
+            values = [v for xs_ys in series(html, chart_id).values() for v in xs_ys["xy".index(axis)]]
+            assert t[0] <= min(values) and t[-1] >= max(values)
+    assert ticks(svg_of(html, "fig3-default"), "x") == [0.0, 1.0]  # the tiny model's two layers
+
+
+def test_one_layer_chart_has_sane_axes():
+    from ft.svg import chart
+
+    svg = chart({"a": ([5], [2.0]), "b": ([5], [7.5])}, "one layer", "layer", "activation")
+    assert ticks(svg, "x") == [4.0, 5.0, 6.0]
+    y = ticks(svg, "y")
+    assert y[0] <= 2.0 and y[-1] >= 7.5 and "nan" not in svg.lower() and len(y) <= 7
+
+
+def test_curves_end_at_the_final_step(runs):
+    for exp in ("default", "group_k10"):
+        curves, targets = read_curves(runs / exp), read_targets(runs / exp)
+        assert curves.step.max() == targets.steps.max() - 1 == 7  # 8 steps, curve_every=10
+        assert sorted(curves.step.unique()) == [0, 7]
+
+
+@pytest.mark.slow
+def test_atlas_filters_by_layer_and_search(report, runs, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    d = read_targets(runs / "default")
+    word = d.most_activating_word.iloc[0]
+
+    def visible(fragment: str) -> tuple[list[str], str]:
+        dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                              "--virtual-time-budget=5000", "--dump-dom", report.as_uri() + fragment],
+                             capture_output=True, text=True, timeout=120).stdout
+        shown = re.findall(r'<details class="atlas" data-layer="(\d*)" data-text="([^"]*)"(?! style="display: none;")',
+                           dom)
+        count = re.search(r'<span id="atlas-count">([^<]*)</span>', dom).group(1)
+        return shown, count
+
+    shown, count = visible("#layer=1")
+    total = len(re.findall(r'<details class="atlas"', report.read_text()))
+    assert shown and {layer for layer, _ in shown} == {"1"} and count == f"{len(shown)} of {total}"
+    shown, _ = visible(f"#q={word}")
+    assert shown and all(word.lower() in unescape(text) for _, text in shown) and len(shown) < total

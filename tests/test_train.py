@@ -216,3 +216,30 @@ def test_run_name_is_the_experiment_and_the_key_overrides():
                                                  "+hydra.job.name=y", "seed=3"])
     assert name == "group_k10-optim.lr=0.5-seed=3"
     assert run_name_from_overrides("e", [f"target.words=[{'w' * 300}]"]) == ("e-target.words=[" + "w" * 300)[:128]
+
+
+def test_keep_best_keeps_the_best_input_seen_and_remeasures_it(tiny_dir, tmp_path):
+    """Adam at lr 2 with a strong norm penalty: the objective rises, then falls (planted). keep=best
+    keeps each target's best input; its objective is re-measured by a fresh forward of the saved input."""
+    import pandas as pd
+
+    out = {}
+    for keep in ("last", "best"):
+        cfg = compose_cfg(tiny_overrides(tiny_dir, "default", 40) + [
+            "logger.wandb.mode=disabled", "optim.lr=2", "reg.norm=1", "engine.curve_every=1",
+            "engine.stop_when_converged=false", f"engine.keep={keep}"])
+        summary = run(cfg, tmp_path / keep)
+        out[keep] = (read_targets(tmp_path / keep), pd.read_parquet(tmp_path / keep / "curves.parquet"))
+    last, (best, curves) = out["last"][0], out["best"]
+    assert_values_hold(best, read_inputs(tmp_path / "best"), summary, tiny_dir, max_steps=40)
+    assert (best.objective >= last.objective - 1e-5).all()
+    assert (best.objective > last.objective + 1e-3).any()  # the planted fall happened and was undone
+    seen = curves.pivot(index="step", columns="target_id", values="objective")
+    for row, lrow in zip(best.itertuples(), last.itertuples(), strict=True):
+        if row.kept_step < row.steps:  # an input from during the run: the curve's maximum, at that step
+            assert row.objective == pytest.approx(seen[row.target_id].max(), rel=1e-3, abs=1e-5)
+            assert seen[row.target_id].idxmax() == row.kept_step
+        else:  # the last input was the best
+            assert row.objective == pytest.approx(lrow.objective, rel=1e-4, abs=1e-6)
+            assert row.objective >= seen[row.target_id].max() - 1e-5
+    assert (last.kept_step == last.steps).all()
