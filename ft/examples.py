@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from ft.bars import bar
 from ft.corpus import DEFAULT_CORPUS, Corpus, load_corpus
 from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
@@ -113,7 +113,7 @@ def corpus_search(scorer: TargetScorer, corpus: Corpus, top_n: int) -> tuple[tor
     scores = torch.full((n_targets, 0), -float("inf"))
     kept = [torch.zeros((n_targets, 0), dtype=torch.long)] * 2  # sentence, anchor
     order = sorted(range(len(corpus)), key=lambda i: len(corpus.ids[i]))  # little padding
-    for i in tqdm(range(0, len(order), scorer.batch_size), desc="corpus search", unit="batch"):
+    for i in bar(range(0, len(order), scorer.batch_size), desc="corpus search", unit="batch"):
         idx = order[i : i + scorer.batch_size]
         best, pos = scorer.batch([corpus.ids[j] for j in idx]).max(dim=1)  # [B, targets]
         scores, kept = merge_top(scores, kept, best.T, [torch.tensor(idx).expand(n_targets, -1), pos.T], top_n)
@@ -136,7 +136,7 @@ def ngram_search(scorer: TargetScorer, corpus: Corpus, n: int, position: int, to
     scores = torch.full((n_targets, 0), -float("inf"))
     which = [torch.zeros((n_targets, 0), dtype=torch.long)]
     step = scorer.batch_size * 4
-    for i in tqdm(range(0, len(found), step), desc=f"{n}-gram search", unit="batch"):
+    for i in bar(range(0, len(found), step), desc=f"{n}-gram search", unit="batch"):
         vals = scorer.batch(found[i : i + step])[:, position - 1]  # [B, targets]
         scores, which = merge_top(scores, which, vals.T, [torch.arange(i, i + len(vals)).expand(n_targets, -1)],
                                   top_n)  # memory stays bounded
@@ -245,7 +245,7 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
     grams = ngram_search(scorer, text, ngram, int(cfg.position), top_n, tokens) if ngram else None
     rows: list[dict] = []
     compare: list[dict] = []
-    for j, t in enumerate(tqdm(list(targets.itertuples()), desc="minimal examples + local search", unit="target")):
+    for j, t in enumerate(bar(list(targets.itertuples()), desc="minimal examples + local search", unit="target")):
         def measure(seqs: list[list[int]], anchors: list[int], j: int = j) -> torch.Tensor:
             return scorer.at(seqs, anchors, j)
 
@@ -337,6 +337,13 @@ def log_to_wandb(run_dir: Path, df: pd.DataFrame, compare: pd.DataFrame, summary
         run.finish()
 
 
+def target_labels(targets: pd.DataFrame) -> dict[int, str]:
+    """target_id -> what a reader knows the target by: its site, or its target word and group."""
+    return {int(t.target_id): f"{t.target_word} ({t.selection} k={t.k})" if t.target_word else
+            str(t.sites[0]) + (f" +{len(t.sites) - 1}" if len(t.sites) > 1 else "")
+            for t in targets.itertuples()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ft.examples", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="a finished ft run directory")
@@ -367,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     log_to_wandb(run_dir, df, compare, summary)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(compare.drop(columns=["target_id"]).describe().loc[["mean", "std"]].round(3).to_string())
-        show = df[df.kind != "ngram"].groupby(["target_id", "kind"]).head(1).head(12)
-        print(show[["target_id", "kind", "activation", "anchor_token", "text"]].to_string(index=False))
+        show = df[df.kind != "ngram"].groupby(["target_id", "kind"]).head(1).head(12).copy()
+        show.insert(0, "target", show.target_id.map(target_labels(read_targets(run_dir))))
+        print(show[["target", "kind", "activation", "anchor_token", "text"]].to_string(index=False))
     print(" ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in summary.items()))
     print(f"examples: {run_dir / EXAMPLES}")
     return 0

@@ -89,7 +89,7 @@ def build_substitutes(spec: str, encoder: Encoder, model_name: str) -> MaskedLM 
     no_head = mlm is None or any("predictions" in k or k.startswith("cls.") for k in info["missing_keys"])
     if spec == "auto" and no_head:
         log.warning("the analysed model has no masked-LM head: local search uses nearest-embedding "
-                    "substitutes (pass mlm=NAME for a masked LM with the same vocabulary)")
+                    "substitutes (pass --mlm NAME for a masked LM with the same vocabulary)")
         return NearestEmbeddings(encoder)
     if int(mlm.config.vocab_size) != encoder.vocab_size:
         raise ConfigError(f"masked LM {name!r} has a vocabulary of {mlm.config.vocab_size} tokens, the analysed "

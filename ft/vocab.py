@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from ft.bars import bar
 from ft.encoder import Encoder
 from ft.fastforward import FastSiteReader, supports
 from ft.sites import Site, SiteIndex, SiteReader, num_layers
@@ -76,7 +76,7 @@ def sweep_vocabulary(
     reader = (FastSiteReader if supports(model) else SiteReader)(model, [point], num_layers(model) - 1, position)
     device = encoder.word_embeddings.device
     out: torch.Tensor | None = None  # filled in place: no second copy of a ~1 GB sweep (bert-base)
-    for start in tqdm(range(0, len(vocab), batch_size), desc=f"vocabulary sweep ({point})"):
+    for start in bar(range(0, len(vocab), batch_size), desc=f"vocabulary sweep ({point})"):
         ids = vocab.ids[start : start + batch_size]
         n = len(ids)
         input_ids = torch.stack(

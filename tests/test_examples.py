@@ -166,10 +166,14 @@ def test_local_search_labels_follow_thresholds_and_mlm_path(tiny, tiny_dir, corp
                 assert len(changed) == 1 and not is_stopword(tokens[ids[changed[0]]])
 
 
-def test_examples_cli_writes_the_table_and_feeds_the_report(tiny_dir, corpus_file, tmp_path, monkeypatch):
+def test_examples_cli_writes_the_table_and_feeds_the_report(tiny_dir, corpus_file, tmp_path, monkeypatch, capsys):
     cfg = compose_cfg(tiny_overrides(tiny_dir, "default", steps=10))
     run(cfg, tmp_path / "run")
+    capsys.readouterr()
     assert main([str(tmp_path / "run"), "--corpus", str(corpus_file), "--top-n", "2", "--substitutes", "3"]) == 0
+    printed = capsys.readouterr().out
+    sites = [s[0] for s in pd.read_parquet(tmp_path / "run" / "targets.parquet").sites]
+    assert printed.count("layer.") >= 2 and all(s in printed for s in sites[:2])  # sites, not target ids
     df = pd.read_parquet(tmp_path / "run" / "examples.parquet")
     targets = pd.read_parquet(tmp_path / "run" / "targets.parquet")
     assert set(df.target_id) == set(targets.target_id)

@@ -10,11 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 
-
-def refresh_interval(stream: Any = None) -> float:
-    """Seconds between bar updates: smooth on a terminal, a line every 30 s in a redirected log."""
-    stream = stream or sys.stderr
-    return 0.1 if getattr(stream, "isatty", lambda: False)() else 30.0
+from ft.bars import refresh_interval
 
 
 class StepProgress(TQDMProgressBar):
@@ -23,7 +19,7 @@ class StepProgress(TQDMProgressBar):
 
     def __init__(self) -> None:
         super().__init__(refresh_rate=1)
-        self._last = 0.0
+        self._last = time.monotonic()  # the bar's first line is written when it is made
         self._interval = refresh_interval()
 
     def init_train_tqdm(self) -> Tqdm:
