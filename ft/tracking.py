@@ -81,8 +81,20 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]
 
 
 
+def wandb_note(lg: WandbLogger) -> str:
+    """Where the W&B run is: its URL, or the offline folder and how to upload it."""
+    exp = lg.experiment
+    url = getattr(exp, "url", None)
+    if url:
+        return f"W&B run: {url}"
+    folder = Path(exp.dir).parent
+    return f"W&B run (offline): {folder}; upload with `wandb sync {folder}`"
+
+
 def log_summary(loggers: list[Logger], summary: dict[str, float], df: pd.DataFrame,
-                step: int, run_dir: Path) -> None:
+                step: int, run_dir: Path) -> str:
+    """Log the summary and tables, finish the loggers; returns the line saying where W&B's run is."""
+    note = ""
     for lg in loggers:
         lg.log_metrics(summary, step=step)
         if isinstance(lg, WandbLogger):
@@ -95,11 +107,13 @@ def log_summary(loggers: list[Logger], summary: dict[str, float], df: pd.DataFra
             table["closest_cos"] = table["closest_cos"].map(lambda s: round(s[0], 4))
             lg.log_table("results/targets", dataframe=table)
             log_inputs_artifact(lg, run_dir)
+            note = wandb_note(lg)
         lg.finalize("success")
     import wandb
 
     if wandb.run is not None:
         wandb.finish()
+    return note
 
 
 
@@ -130,4 +144,6 @@ def format_table(df: pd.DataFrame, max_rows: int, summary: dict[str, float]) -> 
             "final/closest_cos_mean", "final/closest_is_maw_rate", "group/target_top1_rate",
             "group/target_top20_rate"]
     lines.append("  ".join(f"{k.split('/')[1]}={summary[k]:.3f}" for k in keys if k in summary))
+    lines.append(f"{int(df.converged.sum())}/{len(df)} targets converged, {int(df.diverged.sum())} diverged; "
+                 f"steps: max {int(df.steps.max())}, median {int(df.steps.median())}")
     return "\n".join(lines)

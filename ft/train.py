@@ -228,9 +228,11 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         summary = summarize(df)
         summary["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
         write_run(run_dir, cfg, df, tensors, summary, curve_table(module, targets, df))
-        log_summary(loggers, summary, df, int(module.steps_done), run_dir)
+        note = log_summary(loggers, summary, df, int(module.steps_done), run_dir)
     print(format_table(df, cfg.print_rows, summary))
     print(f"run directory: {run_dir}")
+    if note:
+        print(note)
     return summary
 
 

@@ -243,3 +243,26 @@ def test_keep_best_keeps_the_best_input_seen_and_remeasures_it(tiny_dir, tmp_pat
             assert row.objective == pytest.approx(lrow.objective, rel=1e-4, abs=1e-6)
             assert row.objective >= seen[row.target_id].max() - 1e-5
     assert (last.kept_step == last.steps).all()
+
+
+@pytest.mark.slow
+def test_a_run_prints_one_bar_a_table_and_no_third_party_chatter(tiny_dir, tmp_path):
+    """Redirected output (no terminal): the step bar a few times, the end table, where W&B's run
+    is; no W&B banner or history, no Lightning tips, no epoch bar. log_level=debug brings them back."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    base = [sys.executable, "-m", "ft.train", f"model.name_or_path={tiny_dir}", "trainer.max_steps=40",
+            "target.per_layer=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    quiet = subprocess.run(base, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    both = quiet.stdout + quiet.stderr
+    for chatter in ("wandb:", "Tip", "GPU available", "Epoch 0", "v_num", "anonymous", "Loading weights"):
+        assert chatter not in both, (chatter, both[-3000:])
+    updates = quiet.stderr.replace("\r", "\n").count("textualizing:")
+    assert 1 <= updates <= 4, quiet.stderr  # made, (maybe one 30 s update,) the end
+    assert "40/40" in quiet.stderr and "moving=" in quiet.stderr and "act=" in quiet.stderr
+    assert "targets converged" in quiet.stdout and "W&B run (offline):" in quiet.stdout
+    debug = subprocess.run([*base, "log_level=debug", f"hydra.run.dir={tmp_path / 'run2'}"], capture_output=True,
+                           text=True, timeout=300, env=env, cwd=tmp_path)
+    assert debug.returncode == 0 and "wandb:" in debug.stdout + debug.stderr

@@ -19,12 +19,16 @@ class StepProgress(TQDMProgressBar):
 
     def __init__(self) -> None:
         super().__init__(refresh_rate=1)
-        self._last = time.monotonic()  # the bar's first line is written when it is made
+        self._last = 0.0
         self._interval = refresh_interval()
 
     def init_train_tqdm(self) -> Tqdm:
         return Tqdm(desc="textualizing", total=self.trainer.max_steps, disable=self.is_disabled, leave=True,
                     dynamic_ncols=True, file=sys.stderr, smoothing=0, unit="step", bar_format=self.BAR_FORMAT)
+
+    def on_train_start(self, *args: Any) -> None:
+        super().on_train_start(*args)
+        self._last = time.monotonic()  # the bar's first line is written when it is made
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         pass  # one bar for the whole run, made by on_train_start (Lightning's resets it per epoch)
