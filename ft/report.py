@@ -34,7 +34,7 @@ th{background:#f2f2f2;cursor:pointer}td.n{text-align:right;font-variant-numeric:
 .t{font-size:13px;font-weight:600}.k{font-size:10px;fill:#444}.legend{font-size:10px}.note{color:#777;font-style:italic}
 details{margin:4px 0}summary{cursor:pointer}.figs{display:flex;flex-wrap:wrap;gap:12px}
 #js-errors{color:#b00}.scroll{overflow-x:auto;max-width:100%}#runs-table th{white-space:normal;max-width:9em}
-#runs-table td:first-child{max-width:24em;overflow-wrap:anywhere}.filter{margin:6px 0 10px}"""
+#runs-table td:first-child{white-space:nowrap}.filter{margin:6px 0 10px}"""
 
 JS = r"""
 window.__errors=[];window.addEventListener('error',e=>{window.__errors.push(String(e.message));
@@ -327,7 +327,9 @@ def section_compare(runs: pd.DataFrame) -> str:
     configs = [c for c in CONFIG_COLUMNS if c in runs.columns and runs[c].notna().any()]
     opts = lambda cs, sel: "".join(f'<option{" selected" if c == sel else ""}>{escape(c)}</option>' for c in cs)  # noqa: E731
     y0 = "final/activation_mean" if "final/activation_mean" in metrics else (metrics or [""])[0]
-    controls = (f'<label>x <select id="cmp-x">{opts(configs, "experiment")}</select></label> '
+    varied = [c for c in configs if runs[c].astype(str).nunique() > 1]  # x: what tells the runs apart
+    x0 = (varied or ["experiment"])[0]
+    controls = (f'<label>x <select id="cmp-x">{opts(configs, x0)}</select></label> '
                 f'<label>y <select id="cmp-y">{opts(metrics, y0)}</select></label>')
     svg = '<svg id="compare-svg" viewBox="0 0 560 320" width="560" height="320" xmlns="http://www.w3.org/2000/svg"></svg>'
     rows = runs[["run", *configs, *metrics]].to_dict("records")
@@ -411,6 +413,9 @@ def main(argv: list[str] | None = None) -> None:
     if not expand(args.runs):
         print(f"error: no run directories under {args.runs}", file=sys.stderr)
         sys.exit(2)
+    from ft.chatter import configure_output
+
+    configure_output("info")  # no weight-loading bars from transformers
     t = time.perf_counter()
     out = build_report(args.runs, args.out, args.words, args.atlas_per_run)
     print(f"report: {out} ({time.perf_counter() - t:.1f} s)")
