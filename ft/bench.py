@@ -48,11 +48,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import resource
 import sys
 import time
 import warnings
 from functools import partial
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -351,6 +353,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps < 2 or args.bert_base_steps < 2:
         p.error(f"--steps={args.steps}, --bert-base-steps={args.bert_base_steps}; valid: >= 2 "
                 "(the first step is not timed)")
+    for flag in ("chunk_size", "naive_per_layer"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}; valid: an integer >= 1")
+    if args.report_runs < 0:
+        p.error(f"--report-runs={args.report_runs}; valid: >= 0")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        p.error(f"--lr={args.lr}; valid: a finite number > 0")
+    if args.model != PACKAGED and not Path(args.model).is_dir():
+        p.error(f"--model={args.model!r}: no such directory; valid: {PACKAGED} or a local model directory")
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         p.error("--accelerator=gpu, but torch sees no CUDA device; valid here: auto, cpu")
     gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and torch.cuda.is_available())

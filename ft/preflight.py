@@ -100,6 +100,24 @@ def check_command_line(overrides: list[str]) -> None:
     check_model(cfg, load_model_config(cfg.model.name_or_path, cfg.model.trust_remote_code))
 
 
+def check_writable(overrides: list[str], multirun: bool) -> None:
+    """The folder the run directory goes in can be written (Hydra writes `.hydra/` there first)."""
+    import os
+
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith(key)]
+    target = Path(given[-1]) if given else Path.cwd() / ("multirun" if multirun else "outputs")
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if os.access(existing, os.W_OK):
+        return
+    ro = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    raise PreflightError(f"cannot write the run directory {target}: {existing} is "
+                         f"{'on a read-only file system' if ro else 'not writable (permission denied)'}; "
+                         "valid: a writable hydra.run.dir=...")
+
+
 def preflight(argv: list[str]) -> None:
     """Exit 2 with one line on stderr if `argv` cannot run; return if it can. Hydra's own flags
     (--help, --cfg, --config-dir, ...) are left to Hydra, and the job checks its config again."""
@@ -110,6 +128,7 @@ def preflight(argv: list[str]) -> None:
     try:
         for line in variants(overrides, multirun=bool(flags)):
             check_command_line(line)
+        check_writable(overrides, multirun=bool(flags))
     except FtError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

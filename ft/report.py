@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ft.results import CONFIG, expand, load_runs, read_config, read_curves, read_inputs
+from ft.results import CONFIG, atomic_write, expand, load_runs, read_config, read_curves, read_inputs
 from ft.svg import chart
 
 # The paper's numbers (Baeumel et al. 2023, bert-base-uncased), shown beside ft's.
@@ -399,8 +399,27 @@ def build_report(paths: list[str], out: str | Path = "report.html", words: int =
             f"<body>{''.join(body)}<script type='application/json' id='runs-data'>{runs_json}</script>"
             f"<script>{JS}</script></body></html>")
     out = Path(out)
-    out.write_text(html)
+    atomic_write(out, lambda p: p.write_text(html))
     return out
+
+
+def unwritable(out: Path) -> str | None:
+    """Why `out` cannot be written (checked before the work), or None."""
+    import errno
+    import os
+
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        return "is a folder"
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist"
+    probe = folder / f".{out.name}.{os.getpid()}.probe"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return os.strerror(e.errno or errno.EACCES)
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -412,6 +431,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not expand(args.runs):
         print(f"error: no run directories under {args.runs}", file=sys.stderr)
+        sys.exit(2)
+    problem = unwritable(Path(args.out))
+    if problem:
+        print(f"error: -o {args.out}: {problem}; valid: a file in a writable folder", file=sys.stderr)
         sys.exit(2)
     from ft.chatter import configure_output
 

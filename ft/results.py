@@ -7,6 +7,7 @@ leaves a half-written file under a final name.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterable
@@ -17,25 +18,63 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from ft.integrity import (
+    MANIFEST,
+    RunFileError,
+    StorageError,
+    pid_alive,
+    read_manifest,
+    remove_stale_temps,
+    sha256_file,
+    storage_error,
+    strict_summary,
+    temp_name,
+    update_manifest,
+    verify,
+)
+
 CONFIG, TARGETS, INPUTS, SUMMARY = "config.yaml", "targets.parquet", "inputs.safetensors", "summary.json"
 CURVES = "curves.parquet"
+log = logging.getLogger("ft")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) and rename tmp to path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Call write(tmp), flush it to disk and rename tmp to path. A failed write (disk full,
+    read-only) leaves no temporary file and raises StorageError naming `path` and the cause."""
+    path = Path(path)
+    tmp = temp_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+    except StorageError:
+        raise
+    except OSError as e:
+        raise storage_error(path, e) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _discard(tmp)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def write_config(run_dir: Path, cfg: DictConfig) -> None:
     text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write(Path(run_dir) / CONFIG, lambda p: p.write_text(text))
+    update_manifest(Path(run_dir), CONFIG, atomic_write)  # a resumed run's record stays consistent
+
+
+RESULT_FILES = (CONFIG, CURVES, INPUTS, TARGETS, SUMMARY)
 
 
 def write_run(
@@ -46,46 +85,89 @@ def write_run(
     summary: dict[str, float],
     curves: pd.DataFrame | None = None,
 ) -> Path:
+    """All result files or none: each is written to a temporary file first, then the manifest of
+    their checksums; only when every one is on disk are they renamed into place, manifest last."""
     run_dir = Path(run_dir)
-    write_config(run_dir, cfg)
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    summary_text = json.dumps(strict_summary(summary), indent=1, allow_nan=False)
+    writers: dict[str, Callable[[Path], None]] = {
+        CONFIG: lambda p: p.write_text(config_text),
+        INPUTS: lambda p: save_file(tensors, str(p)),
+        TARGETS: lambda p: targets.to_parquet(p, index=False),
+        SUMMARY: lambda p: p.write_text(summary_text),
+    }
     if curves is not None:
-        atomic_write(run_dir / CURVES, lambda p: curves.to_parquet(p, index=False))
-    atomic_write(run_dir / INPUTS, lambda p: save_file(tensors, str(p)))
-    atomic_write(run_dir / TARGETS, lambda p: targets.to_parquet(p, index=False))
-    atomic_write(run_dir / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=1)))
+        writers[CURVES] = lambda p: curves.to_parquet(p, index=False)
+    staged: dict[str, Path] = {}
+    current = run_dir / CONFIG
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(run_dir)
+        for name, write in writers.items():
+            current = run_dir / name
+            staged[name] = temp_name(current)
+            write(staged[name])
+            _fsync(staged[name])
+        current = run_dir / MANIFEST
+        entries = {name: {"size": tmp.stat().st_size, "sha256": sha256_file(tmp)} for name, tmp in staged.items()}
+        staged[MANIFEST] = temp_name(current)
+        staged[MANIFEST].write_text(json.dumps({"version": 1, "files": entries}, indent=1))
+        _fsync(staged[MANIFEST])
+        (run_dir / MANIFEST).unlink(missing_ok=True)  # from here until the end the run reads as incomplete
+        for name, tmp in staged.items():
+            if name != MANIFEST:
+                current = run_dir / name
+                os.replace(tmp, current)
+        os.replace(staged[MANIFEST], run_dir / MANIFEST)
+    except OSError as e:
+        for tmp in staged.values():
+            _discard(tmp)
+        raise storage_error(current, e) from None
     return run_dir
 
 
+def _read(run_dir: str | Path, name: str, read: Callable[[Path], object]) -> object:
+    path = verify(run_dir, name)
+    try:
+        return read(path)
+    except RunFileError:
+        raise
+    except Exception as e:  # parquet, safetensors, yaml and json each raise their own types
+        raise RunFileError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
 def read_targets(run_dir: str | Path) -> pd.DataFrame:
-    return pd.read_parquet(Path(run_dir) / TARGETS)
+    return _read(run_dir, TARGETS, pd.read_parquet)
 
 
 def read_curves(run_dir: str | Path) -> pd.DataFrame | None:
     """Long table (step, target_id, objective), or None for runs written without curves."""
-    path = Path(run_dir) / CURVES
-    return pd.read_parquet(path) if path.exists() else None
+    if not (Path(run_dir) / CURVES).exists() and CURVES not in (read_manifest(Path(run_dir)) or {}):
+        return None
+    return _read(run_dir, CURVES, pd.read_parquet)
 
 
 def read_inputs(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(run_dir) / INPUTS))
+    return _read(run_dir, INPUTS, lambda p: load_file(str(p)))
 
 
 def read_config(run_dir: str | Path) -> DictConfig:
-    return OmegaConf.load(Path(run_dir) / CONFIG)
+    return _read(run_dir, CONFIG, OmegaConf.load)
 
 
 def read_summary(run_dir: str | Path) -> dict[str, float]:
-    return json.loads((Path(run_dir) / SUMMARY).read_text())
+    return _read(run_dir, SUMMARY, lambda p: json.loads(p.read_text()))
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     """Run directories under the given paths (a run dir itself, or any folder above runs)."""
     found: set[Path] = set()
     for p in map(Path, paths):
-        if (p / TARGETS).exists():
+        if (p / TARGETS).exists() or (p / CONFIG).exists() and p.name != ".hydra":
             found.add(p)
-        elif p.is_dir():
-            found.update(t.parent for t in p.rglob(TARGETS))
+        elif p.is_dir():  # unfinished runs (a config, no results) count too: readers skip them by name
+            found.update(t.parent for name in (TARGETS, CONFIG) for t in p.rglob(name)
+                         if not any(part.startswith(".") for part in t.relative_to(p).parts[:-1]))
     return sorted(found)
 
 
@@ -137,10 +219,14 @@ def load_runs(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     dirs = expand(paths)
     runs, tables = [], []
     for d in dirs:
-        row = run_row(d, read_config(d), read_summary(d))
+        try:  # one incomplete or damaged run is skipped, by name; the others are read
+            row = run_row(d, read_config(d), read_summary(d))
+            t = read_targets(d)
+        except RunFileError as e:
+            log.warning("skipping run %s: %s", d, e)
+            continue
         row["run"], row["path"] = str(d), str(d)
         runs.append(row)
-        t = read_targets(d)
         t.insert(0, "run", str(d))
         tables.append(t)
     runs_df = pd.DataFrame(runs)
@@ -163,7 +249,14 @@ class RunLock:
         self.mine = f"{os.getpid()}@{socket.gethostname()}"
 
     def __enter__(self) -> RunLock:
+        try:
+            return self._take()
+        except OSError as e:  # read-only or full: the run cannot write its directory
+            raise storage_error(self.path.parent, e) from None
+
+    def _take(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path.parent)  # a killed run's half-written files
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -186,10 +279,4 @@ class RunLock:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)

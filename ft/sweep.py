@@ -14,6 +14,7 @@ import argparse
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -98,6 +99,69 @@ def plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+class SweepInterrupted(Exception):  # noqa: N818 - what happened, not an error in the input
+    """SIGTERM/SIGINT reached the sweep; its running child was stopped (and checkpointed)."""
+
+    def __init__(self, signum: int, run_dir: Path, index: int):
+        self.signum, self.run_dir, self.index = signum, run_dir, index
+        super().__init__(f"{signal.Signals(signum).name} during run {index} ({run_dir}); that run saved its "
+                         "checkpoint and resumes when its command is run again with the same hydra.run.dir")
+
+
+def check_parameters(cfg: dict[str, Any], params: dict[str, Any], extra: list[str], name: str) -> None:
+    """Before the first run: every parameter is a config key (or group) and its first value is valid."""
+    from ft.preflight import check_command_line
+
+    overrides = [f"{k}={v}" for k, v in params.items()] + list(extra)
+    try:
+        check_command_line(overrides)
+    except FtError as e:
+        raise SweepError(f"{name}: the first proposed run would fail: {e} (parameters: {', '.join(params)})") from None
+
+
+def check_metric(metric: str, summary: dict[str, Any], run_dir: Path, name: str) -> None:
+    if metric not in summary:
+        keys = ", ".join(k for k in sorted(summary) if "/" in k)
+        raise SweepError(f"{name}: metric {metric!r} is not among the summary keys of {run_dir}; valid: {keys}")
+
+
+class ChildRunner:
+    """Runs one child at a time in its own session; SIGTERM/SIGINT to the sweep go on to the
+    child as SIGTERM (it checkpoints and exits), and the sweep then stops."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.signum: int | None = None
+
+    def note(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+        if self.child is not None and self.child.poll() is None:
+            try:
+                os.killpg(self.child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def run(self, cmd: list[str], env: dict[str, str]) -> int:
+        previous = {s: signal.signal(s, self.note) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.child = subprocess.Popen(cmd, env=env, start_new_session=True)
+            try:
+                return self.child.wait()
+            except BaseException:
+                self.note(signal.SIGTERM, None)
+                raise
+            finally:
+                if self.child.poll() is None:  # a child that ignores SIGTERM for 2 minutes is killed
+                    try:
+                        self.child.wait(timeout=120)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(self.child.pid, signal.SIGKILL)
+                        self.child.wait()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
 def run_sweep(path: str | Path, out: str | Path | None = None, max_runs: int | None = None,
               extra: list[str] | None = None) -> list[Path]:
     """Propose and run every point of the sweep; return the run directories."""
@@ -113,6 +177,7 @@ def run_sweep(path: str | Path, out: str | Path | None = None, max_runs: int | N
     grid = None if sw else iter(grid_points(cfg))
     dirs: list[Path] = []
     limit = max_runs if max_runs is not None else (10**6 if cfg.get("method") == "grid" else 20)
+    runner = ChildRunner()
     while len(dirs) < limit:
         if sw:
             proposal = sw.next_run(cfg, runs)
@@ -123,16 +188,23 @@ def run_sweep(path: str | Path, out: str | Path | None = None, max_runs: int | N
             params = next(grid, None)
             if params is None:
                 break
+        if not dirs:
+            check_parameters(cfg, params, extra or [], name)
         run_dir = out / f"{len(dirs):03d}"
         cmd = agent_command(cfg, params) + [f"hydra.run.dir={run_dir}", *(extra or [])]
         print(f"[ft.sweep] run {len(dirs)}: {' '.join(cmd)}", flush=True)
-        code = subprocess.run(cmd, env=env).returncode
+        code = runner.run(cmd, env)
         dirs.append(run_dir)
+        if runner.signum is not None:
+            raise SweepInterrupted(runner.signum, run_dir, len(dirs) - 1)
+        summary_file = run_dir / SUMMARY
+        summary = json.loads(summary_file.read_text()) if code == 0 and summary_file.exists() else None
+        if metric and summary is not None:
+            check_metric(metric, summary, run_dir, name)
         if sw:
             proposal.state = sw.RunState.finished if code == 0 else sw.RunState.failed
-            summary_file = run_dir / SUMMARY
-            if code == 0 and metric and summary_file.exists():
-                proposal.summary_metrics = {metric: json.loads(summary_file.read_text()).get(metric)}
+            if summary is not None and metric:
+                proposal.summary_metrics = {metric: summary.get(metric)}
             runs.append(proposal)
         if code != 0:
             print(f"[ft.sweep] run {len(dirs) - 1} failed with exit code {code}", file=sys.stderr)
@@ -157,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     except FtError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except SweepInterrupted as e:
+        print(f"[ft.sweep] interrupted: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     if not all((d / SUMMARY).exists() for d in dirs):
         sys.exit(1)
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import warnings
 from contextlib import nullcontext
@@ -18,17 +19,18 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ft.callbacks.progress import StepProgress
 from ft.chatter import configure_output
 from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
+from ft.integrity import StorageError
 from ft.metrics import VocabFacts, evaluate, summarize
 from ft.module import TextualizationModule, rows_for_budget
 from ft.preflight import preflight
-from ft.results import CONFIG, RunLock, write_config, write_run
+from ft.results import CONFIG, RunLock, atomic_write, write_config, write_run
 from ft.schema import check_config, check_model
+from ft.signals import AtomicCheckpoint, Interrupted, StopOnSignal
 from ft.strategy import choose_strategy, shard_rows
 from ft.targets import Target, group_targets, neuron_targets, number_targets, with_restarts
 from ft.tracking import build_loggers, format_table, log_summary
@@ -133,34 +135,93 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
     )
 
 
-SAME_RUN_KEYS = ("model.name_or_path", "target", "input.kind", "input.length", "position", "seed",
-                 "engine.restarts", "engine.keep")
-SAME_RUN_DEFAULTS = {"engine.keep": "last"}  # what a run directory made before the key existed had
+# What a resumed run may change: how long it runs, where and how it reports, how it slices the
+# work. Anything else (the model, targets, input, optimizer, regularizers, seeds, precision,
+# convergence rule) must equal the run directory's config.yaml.
+RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+                     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+                     "logger", "callbacks", "print_rows", "log_level", "cache", "run_name", "tags", "ckpt_path",
+                     "experiment_name", "engine.checkpoint_every_n_steps", "engine.chunk_size",
+                     "engine.memory_budget_mb", "engine.fast_forward", "engine.stop_when_converged", "hydra")
+RESUME_DEFAULTS = {"engine.keep": "last", "log_level": "info"}  # keys a run directory made before them lacks
+RESUME_LOG = "resume_log.jsonl"
 
 
-def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+def flat_config(cfg: DictConfig | dict) -> dict[str, object]:
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    out: dict[str, object] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(c, "")
+    return out
+
+
+def resume_changes(old: DictConfig, new: DictConfig, path: Path) -> dict[str, list]:
+    """The allowed changes of a resumed run ({key: [old, new]}); a change of any other key is a
+    ConfigError naming the key and both values."""
+    a, b = flat_config(old), flat_config(new)
+    changed = {}
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, RESUME_DEFAULTS.get(key)), b.get(key, RESUME_DEFAULTS.get(key))
+        if va == vb:
+            continue
+        if key.startswith(RESUME_MAY_CHANGE):
+            changed[key] = [va, vb]
+            continue
+        raise ConfigError(f"cannot resume {path}: it was made with {key}={va!r}, this run has {key}={vb!r}; "
+                          f"valid: {key}={va!r}, a new run directory (hydra.run.dir=...), or ckpt_path=none "
+                          "to start over")
+    return changed
+
+
+def read_checkpoint_step(path: Path) -> int:
+    """The checkpoint's global step; a truncated or damaged file is a one-line error naming it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt.get("global_step", 0))
+    except Exception as e:  # torch raises RuntimeError, OSError, EOFError, pickle errors...
+        cause = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ConfigError(f"checkpoint {path} is unreadable ({cause}): it was cut short or damaged; valid: "
+                          f"delete it to start over, or ckpt_path=none") from None
+
+
+def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict]:
     """`ckpt_path`: auto (last.ckpt when the run directory has one), last (required), none, or a path.
 
-    Refuses a checkpoint whose run directory was made for another model or other targets.
+    Returns the checkpoint and the allowed settings this run changes ({key: [old, new]}, recorded
+    in resume_log.jsonl). Refuses, before anything is written, a checkpoint that cannot be read
+    and one whose run directory was made with other settings.
     """
     last = run_dir / "checkpoints" / "last.ckpt"
     choice = str(cfg.get("ckpt_path", "auto"))
     if choice == "none":
-        return None
+        return None, {}
     path = last if choice in ("auto", "last") else Path(choice)
     if not path.exists():
         if choice == "auto":
-            return None
+            return None, {}
         raise ConfigError(f"ckpt_path={choice!r}: {path} does not exist; valid: auto, last, none, a .ckpt file")
+    step = read_checkpoint_step(path)
     old_file = path.parent.parent / CONFIG
-    if old_file.exists():
-        old = OmegaConf.load(old_file)
-        for key in SAME_RUN_KEYS:
-            a, b = (OmegaConf.select(c, key, default=SAME_RUN_DEFAULTS.get(key)) for c in (old, cfg))
-            if a != b:
-                raise ConfigError(f"checkpoint {path} was made with {key}={a}, this run has {key}={b}; "
-                                  "it belongs to another run: use a new hydra.run.dir or ckpt_path=none")
-    return path
+    changed = resume_changes(OmegaConf.load(old_file), cfg, path.parent.parent) if old_file.exists() else {}
+    return path, {"at_step": step, "changed": changed} if changed else {}
+
+
+def record_resume(run_dir: Path, entry: dict) -> None:
+    """Append what a resume changed to resume_log.jsonl (config.yaml then holds the new values)."""
+    import json
+    import time
+
+    path = run_dir / RESUME_LOG
+    old = path.read_text() if path.exists() else ""
+    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}, default=str)
+    atomic_write(path, lambda p: p.write_text(old + line + "\n"))
 
 
 def prepare_targets(cfg: DictConfig, encoder: Encoder) -> tuple[list[Target], VocabFacts]:
@@ -191,7 +252,7 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     check_config(cfg)
     configure_output(cfg.get("log_level", "info"))
     quiet_expected_warnings()
-    resume_from = checkpoint_to_resume(cfg, run_dir)
+    resume_from, resume_entry = checkpoint_to_resume(cfg, run_dir)
     pl.seed_everything(cfg.seed, verbose=False)
     encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     check_model(cfg, encoder.model.config)
@@ -202,12 +263,16 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     with RunLock(run_dir) if rank0 else nullcontext():
         if rank0:
             write_config(run_dir, cfg)
+            if resume_entry:
+                record_resume(run_dir, resume_entry)
         loggers = build_loggers(cfg, run_dir, cfg.run_name or cfg.experiment_name)
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-        callbacks.append(ModelCheckpoint(
+        callbacks.append(AtomicCheckpoint(
             dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
             every_n_train_steps=cfg.engine.checkpoint_every_n_steps,
         ))
+        stop = StopOnSignal(run_dir / "checkpoints" / "last.ckpt")
+        callbacks.append(stop)
         if cfg.trainer.get("enable_progress_bar", True):
             callbacks.append(StepProgress())
         trainer: pl.Trainer = instantiate(
@@ -217,7 +282,8 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         log.info("textualizing %d %s targets (x%d restarts) for up to %d steps%s",
                  len(targets) // cfg.engine.restarts, cfg.target.kind, cfg.engine.restarts,
                  cfg.trainer.max_steps, f", resuming from {resume_from}" if resume_from else "")
-        trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None)
+        with stop.installed():
+            trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None)
         if not trainer.is_global_zero:
             return {}
         df, tensors = best_restarts(*evaluate(module, targets, facts, cfg.engine.runaway_factor))
@@ -254,6 +320,15 @@ def main(cfg: DictConfig) -> None:
     except FtError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        again = " ".join(shlex.quote(o) for o in hc.overrides.task if not o.startswith("hydra.run.dir="))
+        print(f"interrupted: {e}; resume with: python -m ft.train {again} "
+              f"hydra.run.dir={shlex.quote(str(hc.runtime.output_dir))}".replace("  ", " "), file=sys.stderr)
+        sys.exit(e.exit_code)
+    except OSError as e:  # a full disk, a read-only folder: one line, the path and the cause
+        message = str(e) if isinstance(e, StorageError) else f"{e.filename or 'a file'}: {e.strerror or e}"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

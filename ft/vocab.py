@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ft.bars import bar
 from ft.encoder import Encoder
 from ft.fastforward import FastSiteReader, supports
+from ft.integrity import remove_stale_temps, sha256_bytes, temp_name
 from ft.sites import Site, SiteIndex, SiteReader, num_layers
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,15 @@ def cache_dir() -> Path:
 
 
 def model_key(encoder: Encoder) -> str:
-    """Identifies the weights, so a cache never serves another model's activations."""
+    """Identifies the weights (every parameter and buffer), the config and the tokenizer's
+    vocabulary, so a cache never serves another model's activations."""
     h = hashlib.sha256(encoder.model.config.to_json_string().encode())
-    for t in (encoder.word_embeddings, encoder.model.encoder.layer[-1].output.dense.weight):
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, t in sorted(encoder.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    tok = encoder.tokenizer
+    h.update(repr(sorted(tok.get_vocab().items())).encode())
+    h.update(repr((sorted(tok.all_special_tokens), getattr(tok, "do_lower_case", None), type(tok).__name__)).encode())
     return h.hexdigest()[:16]
 
 
@@ -95,25 +101,62 @@ def load_or_sweep(
 ) -> torch.Tensor:
     """The sweep from the on-disk cache (keyed by model, point, position), computed if absent.
 
-    A corrupted or mismatched cache file is rebuilt with a warning, never an error.
+    The cache is only ever a speed-up: a damaged file (its sha256 is in the file's metadata) is
+    rebuilt with a warning, and a cache folder that cannot be written (read-only, full) is a
+    warning, never an error. A write killed midway leaves a temporary file that the next
+    write to the folder removes.
     """
-    path = cache_dir() / "vocab_sweep" / f"{model_key(encoder)}_{point}_p{position}.safetensors"
+    folder = cache_dir() / "vocab_sweep"
+    path = folder / f"{model_key(encoder)}_{point}_p{position}.safetensors"
     expected = (len(vocab), num_layers(encoder.model))
     if use_cache and path.exists():
-        try:
-            acts = load_file(str(path))["acts"]
-            if tuple(acts.shape[:2]) == expected:
-                return acts
-            log.warning("vocabulary sweep cache %s has the wrong shape; rebuilding", path)
-        except (SafetensorError, KeyError, OSError, RuntimeError) as e:
-            log.warning("vocabulary sweep cache %s is unreadable (%s); rebuilding", path, e)
+        acts = read_cached(path, expected)
+        if acts is not None:
+            return acts
     acts = sweep_vocabulary(encoder, vocab, point, position)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({"acts": acts.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        write_cached(path, acts)
     return acts
+
+
+def read_cached(path: Path, expected: tuple[int, int]) -> torch.Tensor | None:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        acts = load_file(str(path))["acts"]
+    except (SafetensorError, KeyError, OSError, RuntimeError, ValueError) as e:
+        log.warning("vocabulary sweep cache %s is unreadable (%s); rebuilding", path, e)
+        return None
+    if tuple(acts.shape[:2]) != expected:
+        log.warning("vocabulary sweep cache %s has the wrong shape; rebuilding", path)
+        return None
+    want = meta.get("sha256")
+    if want is None:
+        log.warning("vocabulary sweep cache %s has no checksum (written by an older ft): used unverified; "
+                    "delete it to rebuild", path)
+    elif sha256_bytes(acts.contiguous().view(-1).view(torch.uint8).numpy()) != want:
+        log.warning("vocabulary sweep cache %s is damaged (sha256 of its data does not match); rebuilding", path)
+        return None
+    return acts
+
+
+def write_cached(path: Path, acts: torch.Tensor) -> None:
+    acts = acts.contiguous()
+    tmp = temp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path.parent)
+        digest = sha256_bytes(acts.view(-1).view(torch.uint8).numpy())
+        save_file({"acts": acts}, str(tmp), metadata={"sha256": digest})
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("vocabulary sweep not cached: cannot write %s (%s); the run goes on without the cache",
+                    path, e.strerror or e)
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def objective_chunks(

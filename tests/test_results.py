@@ -51,9 +51,10 @@ def test_every_run_file_arrives_by_rename(tmp_path, monkeypatch):
     curves = pd.DataFrame({"step": [0, 0], "target_id": [0, 1], "objective": [0.1, 0.2]})
     run_dir = write_run(tmp_path / "run", OmegaConf.create({"seed": 3}), df, tensors, {"final/x": 1.0}, curves)
     written = {p.name for p in run_dir.iterdir()}
-    assert written == {"config.yaml", "curves.parquet", "inputs.safetensors", "targets.parquet", "summary.json"}
+    assert written == {"config.yaml", "curves.parquet", "inputs.safetensors", "targets.parquet", "summary.json",
+                       "manifest.json"}  # the manifest last: the run's commit record
     assert {dst.name for _, dst in renames} == written and len(renames) == len(written)
-    assert all(src.name.endswith(".tmp") for src, _ in renames)
+    assert all(src.name.endswith(".tmp") for src, _ in renames) and renames[-1][1].name == "manifest.json"
     pd.testing.assert_frame_equal(read_targets(run_dir), df)
     assert torch.equal(read_inputs(run_dir)["embeds"], tensors["embeds"])
     assert read_summary(run_dir) == {"final/x": 1.0}

@@ -163,7 +163,7 @@ def test_checkpoint_from_another_model_is_refused(tiny_dir, tmp_path):
                                                                   "engine.checkpoint_every_n_steps=10"])
     run(cfg, tmp_path / "run")
     cfg2 = compose_cfg(tiny_overrides(other, "default", 30) + ["logger.wandb.mode=disabled"])
-    with pytest.raises(FtError, match="model.name_or_path=.*another run"):
+    with pytest.raises(FtError, match="made with model.name_or_path=.*valid: .*a new run directory"):
         run(cfg2, tmp_path / "run")
 
 

@@ -1,0 +1,104 @@
+"""Stopping cleanly: SIGTERM (what cluster schedulers send before they kill a job) and SIGINT
+(Ctrl-C) finish the current step, save the checkpoint and stop the run with `Interrupted`;
+checkpoints are written under a temporary name and renamed, so a kill never leaves half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from ft.integrity import StorageError, storage_error, temp_name
+
+HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(Exception):  # noqa: N818 - what happened, not an error in the input
+    """The run was stopped by a signal after saving its checkpoint; it can be resumed."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved to {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose files appear whole or not at all (temporary file, then rename); a
+    failed write names the checkpoint and the cause."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        path = Path(filepath)
+        tmp = temp_name(path) if trainer.is_global_zero else path
+        try:
+            trainer.save_checkpoint(str(tmp), self.save_weights_only)
+            if trainer.is_global_zero:
+                os.replace(tmp, path)
+        except StorageError:
+            raise
+        except OSError as e:
+            raise storage_error(path, e) from None
+        finally:
+            if trainer.is_global_zero and tmp != path:
+                tmp.unlink(missing_ok=True)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
+
+class StopOnSignal(pl.Callback):
+    """Notes SIGTERM/SIGINT; after the step in progress, saves `checkpoint` and raises Interrupted.
+    A second Ctrl-C while waiting stops at once (KeyboardInterrupt)."""
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint = Path(checkpoint)
+        self.signum: int | None = None
+
+    def note(self, signum: int, _frame: Any) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @contextmanager
+    def installed(self):
+        """Handlers for the duration of the fit (only the main thread may set them)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self.note) for s in HANDLED}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        signum = self.signum
+        if trainer.world_size > 1:  # every rank stops at the same step
+            signum = int(trainer.strategy.reduce(float(signum or 0), reduce_op="max")) or None
+        if signum is None:
+            return
+        tmp = temp_name(self.checkpoint) if trainer.is_global_zero else self.checkpoint
+        try:
+            self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(str(tmp))
+            if trainer.is_global_zero:
+                os.replace(tmp, self.checkpoint)
+        except OSError as e:
+            raise storage_error(self.checkpoint, e) from None
+        finally:
+            if trainer.is_global_zero and tmp != self.checkpoint:
+                tmp.unlink(missing_ok=True)
+        raise Interrupted(signum, int(getattr(pl_module, "steps_done", trainer.global_step)), self.checkpoint)
