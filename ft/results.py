@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ft.integrity import (
     MANIFEST,
@@ -25,6 +25,7 @@ from ft.integrity import (
     pid_alive,
     read_manifest,
     remove_stale_temps,
+    save_tensors,
     sha256_file,
     storage_error,
     strict_summary,
@@ -92,7 +93,7 @@ def write_run(
     summary_text = json.dumps(strict_summary(summary), indent=1, allow_nan=False)
     writers: dict[str, Callable[[Path], None]] = {
         CONFIG: lambda p: p.write_text(config_text),
-        INPUTS: lambda p: save_file(tensors, str(p)),
+        INPUTS: lambda p: save_tensors(tensors, p),
         TARGETS: lambda p: targets.to_parquet(p, index=False),
         SUMMARY: lambda p: p.write_text(summary_text),
     }

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ft.bars import bar
 from ft.encoder import Encoder
 from ft.fastforward import FastSiteReader, supports
-from ft.integrity import remove_stale_temps, sha256_bytes, temp_name
+from ft.integrity import remove_stale_temps, save_tensors, sha256_bytes, temp_name
 from ft.sites import Site, SiteIndex, SiteReader, num_layers
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def write_cached(path: Path, acts: torch.Tensor) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(path.parent)
         digest = sha256_bytes(acts.view(-1).view(torch.uint8).numpy())
-        save_file({"acts": acts}, str(tmp), metadata={"sha256": digest})
+        save_tensors({"acts": acts}, tmp, metadata={"sha256": digest})
         os.replace(tmp, path)
     except OSError as e:
         log.warning("vocabulary sweep not cached: cannot write %s (%s); the run goes on without the cache",
