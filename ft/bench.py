@@ -63,11 +63,10 @@ from transformers import BertConfig, BertModel
 
 from ft.cpualloc import keep_freed_memory
 from ft.encoder import PACKAGED, Encoder, from_model, load_encoder
-from ft.fastforward import site_plan
 from ft.inputs import build_input, initial_row
 from ft.metrics import measure_inputs
 from ft.module import TextualizationModule, full_sequence
-from ft.sites import Site, point_module
+from ft.sites import Site, register_point_hook
 from ft.targets import neuron_targets
 from ft.vocab import Vocabulary
 
@@ -89,10 +88,10 @@ def naive_textualize(enc: Encoder, site: Site, tid: int, steps: int, lr: float, 
     opt = torch.optim.SGD([x], lr=lr)
     seen: dict[str, torch.Tensor] = {}
 
-    def keep(_m: torch.nn.Module, _i: object, out: torch.Tensor) -> None:
-        seen["act"] = out[0, 1, site.unit]
+    def keep(t: torch.Tensor) -> None:
+        seen["act"] = t[0, 1, site.unit]
 
-    hook = point_module(model, site.layer, site.point).register_forward_hook(keep)
+    hook = register_point_hook(model, site.layer, site.point, keep)
     try:
         for _ in range(steps + 1):
             seq = full_sequence(x @ W, W, vocab.cls_id, vocab.sep_id)
@@ -107,31 +106,10 @@ def naive_textualize(enc: Encoder, site: Site, tid: int, steps: int, lr: float, 
     raise AssertionError("unreachable")
 
 
-def engine_flops(module: TextualizationModule, cfg: BertConfig, length: int = 1) -> float:
-    """Analytic FLOPs of one optimization step of the engine (see the module docstring)."""
-    H, inter, S = cfg.hidden_size, cfg.intermediate_size, length + 2
-    total = 0.0
-    for rows, index in module.plan:
-        c = rows.stop - rows.start
-        linear = attention = ends = 0.0
-        if module.fast:
-            _, gather = site_plan(index, S, module.position, torch.device("cpu"))
-            for j in range(index.max_layer + 1):
-                n, g = int((index.row_top >= j).sum()), int((index.row_top > j).sum())
-                e = n - g
-                qkv_tokens = n * S if j else n * (S - 2)  # layer 0: [CLS]/[SEP] projected once
-                units = gather.end_units[j]  # trimmed top layer: the FFN output at read units only
-                out_tokens = g * S + e if units is None else g * S
-                out_units = 0 if units is None else len(units[0])
-                linear += 2 * (qkv_tokens * 3 * H * H + (g * S + e) * (H * H + H * inter)
-                               + out_tokens * H * inter + out_units * inter)
-                attention += 4 * H * (g * S + e) * S  # ending rows: the read position's query only
-            ends = 2 * 2 * 3 * H * H  # forward only: constants need no gradient
-        else:
-            linear = 2 * c * (index.max_layer + 1) * S * (4 * H * H + 2 * H * inter)
-            attention = 4 * c * (index.max_layer + 1) * S * S * H
-        total += 2 * linear + 3 * attention + ends + 2 * module.num_targets * length * H * H
-    return total
+def engine_flops(module: TextualizationModule, cfg: object = None, length: int = 1) -> float:
+    """FLOPs of one optimization step, as the engine's readers count the work they do
+    (`FastSiteReader.step_flops`, `SiteReader.step_flops`)."""
+    return module.step_flops(length)
 
 
 def sync(device: torch.device) -> None:

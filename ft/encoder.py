@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
+from ft.arch import Adapter, UnsupportedModelError, adapter, adapter_class
 from ft.errors import ModelNotFoundError
 
 PACKAGED = "packaged:minilm_l6"
@@ -40,17 +41,27 @@ class Encoder:
     name: str
 
     @property
+    def arch(self) -> Adapter:
+        """The model family's adapter (ft.arch): layers, points, embeddings."""
+        return adapter(self.model)
+
+    @property
     def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
+        return self.arch.num_layers
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+        return self.arch.hidden_size
+
+    @property
+    def embedding_size(self) -> int:
+        """Width of the input space (the word embeddings); below hidden_size for factorized ones."""
+        return self.arch.embedding_size
 
     @property
     def word_embeddings(self) -> torch.Tensor:
-        """W_word, [vocab, hidden]: maps the one-hot input space into the embedding space."""
-        return self.model.get_input_embeddings().weight
+        """W_word, [vocab, embedding size]: maps the one-hot input space into the input space."""
+        return self.arch.word_embeddings
 
     @property
     def vocab_size(self) -> int:
@@ -76,13 +87,19 @@ def not_found(name_or_path: str, path: str, error: Exception) -> ModelNotFoundEr
 
 
 def load_model_config(name_or_path: str = PACKAGED, trust_remote_code: bool = False) -> object:
-    """The model's config alone (no weights): what the checks before a run need."""
+    """The model's config alone (no weights): what the checks before a run need. A model of a
+    family ft has no adapter for is refused here, naming the supported families."""
     path = resolve(name_or_path)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                          local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                            local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
     except (OSError, ValueError) as e:
         raise not_found(name_or_path, path, e) from e
+    try:
+        adapter_class(config)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"model {name_or_path!r}: {e}") from None
+    return config
 
 
 def load_encoder(name_or_path: str = PACKAGED, trust_remote_code: bool = False) -> Encoder:
@@ -98,14 +115,11 @@ def load_encoder(name_or_path: str = PACKAGED, trust_remote_code: bool = False) 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
     except (OSError, ValueError) as e:
         raise not_found(name_or_path, path, e) from e
-    if not hasattr(model, "encoder") or not hasattr(model, "embeddings"):
-        raise ModelNotFoundError(
-            f"model {name_or_path!r} is a {type(model).__name__}; ft needs a BERT-family "
-            "encoder with .embeddings and .encoder.layer"
-        )
+    adapter(model)  # UnsupportedModelError (one line, the supported families) for other models
     return Encoder(model=freeze(model), tokenizer=tokenizer, name=name_or_path)
 
 
 def from_model(model: PreTrainedModel, tokenizer: object, name: str) -> Encoder:
-    """Wrap an in-memory model (tests build a tiny random BERT this way)."""
+    """Wrap an in-memory model (tests build tiny random models this way)."""
+    adapter(model)
     return Encoder(model=freeze(model), tokenizer=tokenizer, name=name)

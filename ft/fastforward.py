@@ -23,46 +23,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ft.arch import adapter
+from ft.arch.base import LeanParts
+from ft.errors import FtError
 from ft.sites import POINTS, SiteIndex, num_layers
 
 
 def supports(model: nn.Module) -> bool:
-    """True for BERT-style encoders whose layers this module reproduces exactly."""
+    """True for encoders whose family has BERT's layer layout (`ft.arch`, `Adapter.lean`), which
+    this module reproduces exactly: absolute positions, no cross-attention."""
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "is_decoder", False):
         return False
-    if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+    if getattr(cfg, "position_embedding_type", "absolute") not in ("absolute", None):
         return False
     try:
-        block = model.encoder.layer[0]
-        att = block.attention
-        parts = (att.self.query, att.self.key, att.self.value, att.output.dense, att.output.LayerNorm,
-                 block.intermediate.dense, block.intermediate.intermediate_act_fn, block.output.dense,
-                 block.output.LayerNorm)
-    except AttributeError:
+        a = adapter(model)
+        block = a.layers()[0] if a.lean else None
+        a.lean_parts(0) if a.lean else None
+    except (FtError, AttributeError, IndexError):  # a family without an adapter, or not its layout
         return False
-    ok = all(isinstance(p, nn.Module) or callable(p) for p in parts)
-    return ok and not getattr(block, "add_cross_attention", False) and hasattr(model, "embeddings")
+    return block is not None and not getattr(block, "add_cross_attention", False)
 
 
 class _Layer:
     """The weights of one layer, with Q, K and V concatenated once."""
 
-    def __init__(self, block: nn.Module):
-        s = block.attention.self
-        self.heads = int(s.num_attention_heads)
-        self.wqkv = torch.cat([s.query.weight, s.key.weight, s.value.weight]).detach()
-        self.bqkv = torch.cat([s.query.bias, s.key.bias, s.value.bias]).detach()
-        self.attn_out, self.ln1 = block.attention.output.dense, block.attention.output.LayerNorm
-        self.inter, self.act = block.intermediate.dense, block.intermediate.intermediate_act_fn
-        self.out, self.ln2 = block.output.dense, block.output.LayerNorm
+    def __init__(self, parts: LeanParts):
+        self.heads = parts.heads
+        self.wqkv = torch.cat([parts.query.weight, parts.key.weight, parts.value.weight]).detach()
+        self.bqkv = torch.cat([parts.query.bias, parts.key.bias, parts.value.bias]).detach()
+        self.attn_out, self.ln1 = parts.attn_out, parts.ln1
+        self.inter, self.act = parts.inter, parts.act
+        self.out, self.ln2 = parts.out, parts.ln2
 
 
 def _layers(model: nn.Module) -> list[_Layer]:
-    key = tuple(p.data_ptr() for p in model.encoder.layer[0].attention.self.query.parameters())
+    a = adapter(model)
+    key = tuple(p.data_ptr() for p in a.lean_parts(0).query.parameters())
     cache = getattr(model, "_ft_fast_layers", None)
     if cache is None or cache[0] != key:  # built once per model (and again after a device move)
-        cache = (key, [_Layer(b) for b in model.encoder.layer])
+        cache = (key, [_Layer(a.lean_parts(i)) for i in range(a.num_layers)])
         model._ft_fast_layers = cache
     return cache[1]
 
@@ -214,7 +215,8 @@ class FastSiteReader:
         divide the rows: their gradients are concatenated, never zero-filled and scattered."""
         if not plan.sorted:
             given = given[plan.order]
-        h = self.model.embeddings(input_ids=given) if ids else self.model.embeddings(inputs_embeds=given)
+        a = adapter(self.model)
+        h = a.to_hidden(a.embed(input_ids=given) if ids else a.embed(inputs_embeds=given))
         S, H = h.shape[1], h.shape[2]
         for layer, L in enumerate(_layers(self.model)[: self.max_layer + 1]):
             n_all, n_go = plan.alive[layer], plan.alive[layer + 1]  # rows here; rows going on
@@ -281,3 +283,25 @@ class FastSiteReader:
         flat = torch.cat(values)
         out = flat.new_zeros(gather.size).index_copy(0, gather.slots, flat)
         return out.view(gather.shape)
+
+    @staticmethod
+    def step_flops(model: nn.Module, index: SiteIndex, length: int, position: int) -> float:
+        """FLOPs of one forward + backward of `index`'s rows through this reader (the rows stop at
+        their own top layer, whose FFN output is computed at the read units only; [CLS]/[SEP]
+        projected once in layer 0)."""
+        a = adapter(model)
+        H, inter, S = a.hidden_size, a.intermediate_size, length + 2
+        _, gather = site_plan(index, S, position, torch.device("cpu"))
+        linear = attention = 0.0
+        for j in range(index.max_layer + 1):
+            n, g = int((index.row_top >= j).sum()), int((index.row_top > j).sum())
+            e = n - g
+            qkv_tokens = n * S if j else n * (S - 2)
+            units = gather.end_units[j]
+            out_tokens = g * S + e if units is None else g * S
+            out_units = 0 if units is None else len(units[0])
+            linear += 2 * (qkv_tokens * 3 * H * H + (g * S + e) * (H * H + H * inter)
+                           + out_tokens * H * inter + out_units * inter)
+            attention += 4 * H * (g * S + e) * S  # ending rows: the read position's query only
+        ends = 2 * 2 * 3 * H * H  # forward only: constants need no gradient
+        return 2 * linear + 3 * attention + ends

@@ -15,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.functional import pairwise_cosine_similarity
 
+from ft.arch import adapter
 from ft.module import TextualizationModule, full_sequence, objective
 from ft.targets import Target
 from ft.vocab import Vocabulary, WordStats, word_stats
@@ -139,7 +140,7 @@ def measure_inputs(module: TextualizationModule) -> tuple[torch.Tensor, torch.Te
         seq = full_sequence(e, W, module.cls_id, module.sep_id)
         with torch.autocast(device_type=seq.device.type, enabled=False):
             obj.append(objective(enc, index, seq, module.position).float())
-            analysis.append(enc.embeddings(inputs_embeds=seq)[:, 1:-1].float())
+            analysis.append(adapter(enc).embed(inputs_embeds=seq)[:, 1:-1].float())
         embeds.append(e)
     return torch.cat(embeds).cpu(), torch.cat(analysis).cpu(), torch.cat(obj).cpu()
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from ft.arch import adapter
 from ft.cpualloc import keep_freed_memory
 from ft.fastforward import FastSiteReader, supports
 from ft.inputs import InputParam
@@ -87,12 +88,13 @@ def plan_chunks(site_lists: Sequence[Sequence[Site]], chunk_size: int, by_layer:
     return chunks
 
 
-def rows_for_budget(config: object, length: int, budget_mb: float, input_row_floats: int = 0) -> int:
+def rows_for_budget(model: torch.nn.Module, length: int, budget_mb: float, input_row_floats: int = 0) -> int:
     """How many rows fit a chunk: activations kept for backward through every layer, per row,
     ~ S·L·(12·H + 4·I + 2·heads·S) floats (S = l + 2), plus the input row and its gradient.
     Half the budget goes to a chunk; the rest is the model, the vocabulary facts, the inputs."""
-    S, L = length + 2, int(config.num_hidden_layers)
-    H, inter, heads = int(config.hidden_size), int(config.intermediate_size), int(config.num_attention_heads)
+    a = adapter(model)
+    S, L = length + 2, a.num_layers
+    H, inter, heads = a.hidden_size, a.intermediate_size, a.num_heads
     per_row = 4 * (S * L * (12 * H + 4 * inter + 2 * heads * S) + 2 * input_row_floats)
     return max(1, int(budget_mb * 2**20 * 0.5) // per_row)
 
@@ -181,7 +183,7 @@ class TextualizationModule(pl.LightningModule):
     # -- the frozen part -------------------------------------------------------------
     @property
     def word_embeddings(self) -> torch.Tensor:
-        return self.encoder.get_input_embeddings().weight
+        return adapter(self.encoder).word_embeddings
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         sd = checkpoint["state_dict"]
@@ -282,10 +284,19 @@ class TextualizationModule(pl.LightningModule):
         if self.reg_norm:  # keep the raw input at word-like magnitudes
             penalty = penalty + self.reg_norm * e.float().pow(2).sum()
         if self.reg_word:  # pull toward the nearest word, in the analysis space of the metrics
-            a = self.encoder.embeddings(inputs_embeds=seq)[:, 1:-1].float()
+            a = adapter(self.encoder).embed(inputs_embeds=seq)[:, 1:-1].float()
             a = torch.nn.functional.normalize(a, dim=-1)
             penalty = penalty + self.reg_word * (1 - (a @ self.word_unit.T).max(dim=-1).values).sum()
         return obj, penalty
+
+    def step_flops(self, length: int | None = None) -> float:
+        """FLOPs of one optimization step over every chunk, as counted by the reader that runs
+        it, plus the input's gradient preconditioning (onehot's exact path) per chunk."""
+        length = length or self.inputs.param.shape[1]
+        reader = FastSiteReader if self.fast else SiteReader
+        H = adapter(self.encoder).hidden_size  # + each chunk's backward through the input's gradient hook
+        return sum(reader.step_flops(self.encoder, index, length, self.position) + 2 * self.num_targets * length * H * H
+                   for _, index in self.plan)
 
     def forward(self) -> torch.Tensor:
         """Objective of the current input for every row of this process: [rows]."""

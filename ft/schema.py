@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, Union
 
 from omegaconf import DictConfig, OmegaConf
 
-from ft.errors import ConfigError
+from ft.errors import ConfigError, FtError
 from ft.inputs import KINDS
 from ft.sites import POINTS, Site
 
@@ -320,24 +320,19 @@ def check_config(cfg: DictConfig | dict) -> None:
             seen[site] = text
 
 
-def max_positions(model_config: object) -> int | None:
-    n = getattr(model_config, "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
-
-
 def check_model(cfg: DictConfig | dict, model_config: object) -> None:
-    """The checks that need the model's config: the input fits its positions; its embeddings
-    live in the hidden space (ft optimizes inputs there)."""
+    """The checks that need the model's config: its family has an adapter (`ft.arch`), and the
+    input fits its position embeddings."""
+    from ft.arch import adapter_class
+
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     name = c["model"]["name_or_path"]
-    hidden = int(model_config.hidden_size)
-    emb = int(getattr(model_config, "embedding_size", None) or hidden)
-    if emb != hidden:
-        raise ConfigError(f"model.name_or_path={name!r} has embedding_size={emb} != hidden_size={hidden} "
-                          f"({type(model_config).__name__}); valid: a model whose embeddings are hidden-sized "
-                          "(support for factorized embeddings is planned)")
-    n = max_positions(model_config)
+    try:
+        family = adapter_class(model_config)
+    except FtError as e:
+        raise ConfigError(f"model.name_or_path={name!r}: {e}") from None
+    n = family.max_tokens(model_config)
     length = c["input"]["length"]
     if n is not None and length + 2 > n:
         raise ConfigError(f"input.length={length}; valid 1..{n - 2} for {name!r} "
-                          f"(max_position_embeddings={n}, [CLS] and [SEP] take 2)")
+                          f"({n} positions, the two framing special tokens take 2)")

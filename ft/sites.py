@@ -1,10 +1,10 @@
 """Neuron sites: `layer.{L}.{point}.{unit}` strings, and forward hooks that read them.
 
-Points (HF BERT module names):
-- ``ffn_out``: output of ``encoder.layer[L].output.dense`` -- the paper's site, before the
-  final LayerNorm of the layer;
-- ``ffn_act``: output of ``encoder.layer[L].intermediate`` (after the activation function);
-- ``resid``: output of ``encoder.layer[L]`` (the hidden state after its LayerNorm).
+Points mean the same in every family (`ft.arch` maps them to each family's modules):
+- ``ffn_act``: the FFN's hidden activation, the input of its output projection;
+- ``ffn_out``: the output of the FFN's output projection -- the paper's site, before the
+  residual add and the layer's final LayerNorm;
+- ``resid``: the hidden state the layer hands on (after its final LayerNorm).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ft.arch import adapter
+from ft.arch.base import POINTS
 from ft.errors import SiteError
 
-# Order in which the points of one layer are computed during the forward pass.
-POINTS: tuple[str, ...] = ("ffn_act", "ffn_out", "resid")
 _SITE_RE = re.compile(r"^layer\.(\d+)\.([a-z_]+)\.(\d+)$")
 
 
@@ -59,25 +59,26 @@ class Site:
 
 
 def num_layers(model: nn.Module) -> int:
-    return int(model.config.num_hidden_layers)
+    return adapter(model).num_layers
 
 
 def point_width(model: nn.Module, point: str) -> int:
     if point not in POINTS:
         raise SiteError(f"unknown point {point!r}; valid: {list(POINTS)}")
-    cfg = model.config
-    return int(cfg.intermediate_size if point == "ffn_act" else cfg.hidden_size)
+    return adapter(model).point_width(point)
 
 
-def point_module(model: nn.Module, layer: int, point: str) -> nn.Module:
-    block = model.encoder.layer[layer]
-    if point == "ffn_out":
-        return block.output.dense
-    if point == "ffn_act":
-        return block.intermediate
-    if point == "resid":
-        return block
-    raise SiteError(f"unknown point {point!r}; valid: {list(POINTS)}")
+def point_hook(model: nn.Module, layer: int, point: str) -> tuple[nn.Module, str]:
+    """(module, "pre" | "post") whose input or output is `point` in `layer`."""
+    return adapter(model).point_hook(layer, point)
+
+
+def register_point_hook(model: nn.Module, layer: int, point: str, fn) -> object:
+    """`fn(activation)` on every forward of `point` in `layer`; returns the hook handle."""
+    mod, kind = point_hook(model, layer, point)
+    if kind == "pre":
+        return mod.register_forward_pre_hook(lambda _m, args: fn(args[0]))
+    return mod.register_forward_hook(lambda _m, _i, out: fn(out[0] if isinstance(out, tuple) else out))
 
 
 class _StopForward(Exception):
@@ -101,14 +102,18 @@ class SiteReader:
         self.max_layer = max_layer
         self.position = position
 
+    @staticmethod
+    def step_flops(model: nn.Module, index: SiteIndex, length: int, position: int) -> float:
+        """FLOPs of one forward + backward of `index`'s rows through this reader."""
+        return hooked_step_flops(model, len(index.row_top), index.max_layer, length)
+
     def read(self, **forward_kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
         store: dict[tuple[str, int], torch.Tensor] = {}
         handles = []
         last = (self.points[-1], self.max_layer)
 
         def hook_for(point: str, layer: int):
-            def hook(_mod: nn.Module, _inp: object, out: object) -> None:
-                t = out[0] if isinstance(out, tuple) else out
+            def hook(t: torch.Tensor) -> None:
                 store[(point, layer)] = t[:, self.position]
                 if (point, layer) == last:
                     raise _StopForward
@@ -117,8 +122,7 @@ class SiteReader:
 
         for layer in range(self.max_layer + 1):
             for point in self.points:
-                mod = point_module(self.model, layer, point)
-                handles.append(mod.register_forward_hook(hook_for(point, layer)))
+                handles.append(register_point_hook(self.model, layer, point, hook_for(point, layer)))
         try:
             self.model(**forward_kwargs)
         except _StopForward:
@@ -130,6 +134,16 @@ class SiteReader:
             p: torch.stack([store[(p, layer)] for layer in range(self.max_layer + 1)], dim=1)
             for p in self.points
         }
+
+
+def hooked_step_flops(model: nn.Module, rows: int, max_layer: int, length: int) -> float:
+    """FLOPs of one forward + backward of `rows` inputs through the hooked reader: every row runs
+    the model's own layers up to `max_layer`, at every position."""
+    a = adapter(model)
+    H, inter, S = a.hidden_size, a.intermediate_size, length + 2
+    linear = 2 * rows * (max_layer + 1) * S * (4 * H * H + 2 * H * inter)
+    attention = 4 * rows * (max_layer + 1) * S * S * H
+    return 2 * linear + 3 * attention
 
 
 class SiteIndex:

@@ -116,8 +116,8 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
     e = cfg.engine
     chunk = e.chunk_size
     if chunk == "auto":  # rows per chunk from the memory budget (literal one-hot rows count too)
-        row = inputs.param[0].numel() if inputs.param.shape[-1] != encoder.hidden_size else 0
-        chunk = rows_for_budget(encoder.model.config, cfg.input.length, e.memory_budget_mb, row)
+        row = inputs.param[0].numel() if inputs.param.shape[-1] != encoder.embedding_size else 0
+        chunk = rows_for_budget(encoder.model, cfg.input.length, e.memory_budget_mb, row)
     elif not isinstance(chunk, int) or chunk < 1:
         raise ConfigError(f"engine.chunk_size={chunk!r}; valid: auto or an integer >= 1")
     fast_choices, fast = {"auto": None, True: True, False: False}, e.get("fast_forward", "auto")

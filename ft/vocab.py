@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from ft.arch import adapter
 from ft.bars import bar
 from ft.encoder import Encoder
 from ft.fastforward import FastSiteReader, supports
@@ -212,13 +213,13 @@ def word_stats(
 def analysis_vectors(
     encoder: Encoder, vocab: Vocabulary, position: int = 1, batch_size: int = 4096
 ) -> torch.Tensor:
-    """Every word passed through the embedding layer at `position`: [V', hidden]."""
-    emb = encoder.model.embeddings
+    """Every word through the embeddings module at `position` (the analysis space): [V', embedding size]."""
+    a = adapter(encoder.model)
     device = encoder.word_embeddings.device
     out = []
     for start in range(0, len(vocab), batch_size):
         ids = vocab.ids[start : start + batch_size]
         seq = torch.full((len(ids), position + 1), vocab.cls_id)
         seq[:, position] = ids
-        out.append(emb(input_ids=seq.to(device))[:, position].float().cpu())
+        out.append(a.embed(input_ids=seq.to(device))[:, position].float().cpu())
     return torch.cat(out)

@@ -60,7 +60,7 @@ def test_memory_budget_sets_chunk_rows(tiny, tiny_dir, tmp_path):
     from ft.train import run
     from tests.test_train import compose_cfg, tiny_overrides
 
-    cfg = tiny.model.config
+    cfg = tiny.model
     small, big = rows_for_budget(cfg, 1, 1), rows_for_budget(cfg, 1, 1024)
     assert 1 <= small < big and rows_for_budget(cfg, 1, 1024, input_row_floats=10**6) < big
     # the documented estimate, by hand: half the budget over 4 bytes x the floats a row keeps

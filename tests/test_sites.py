@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ft.errors import SiteError
-from ft.sites import POINTS, Site, SiteIndex, SiteReader, point_module
+from ft.sites import POINTS, Site, SiteIndex, SiteReader
 
 
 @pytest.mark.parametrize("text", ["layer.0.ffn_out.0", "layer.11.ffn_act.3071", "layer.5.resid.17"])
@@ -56,7 +56,7 @@ def test_ffn_points_match_manual_computation(tiny):
 
 def test_forward_stops_at_highest_needed_layer(tiny):
     calls = []
-    h = point_module(tiny.model, 1, "resid").register_forward_hook(lambda *a: calls.append(1))
+    h = tiny.model.encoder.layer[1].register_forward_hook(lambda *a: calls.append(1))
     try:
         SiteReader(tiny.model, ["ffn_out"], 0, 1).read(input_ids=torch.tensor([[2, 9, 3]]))
     finally:

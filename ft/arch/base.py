@@ -1,0 +1,134 @@
+"""The adapter interface: layers, points, embeddings and FFN weights of one model family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ft.errors import ModelNotFoundError
+
+POINTS: tuple[str, ...] = ("ffn_act", "ffn_out", "resid")  # in the order a layer computes them
+
+
+class UnsupportedModelError(ModelNotFoundError):
+    """The model's family has no adapter (decoder-only, encoder-decoder, or not yet supported)."""
+
+
+@dataclass(frozen=True)
+class LeanParts:
+    """A layer's modules in BERT's layout, for the lean forward (ft.fastforward)."""
+
+    heads: int
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    attn_out: nn.Linear
+    ln1: nn.Module
+    inter: nn.Linear
+    act: object
+    out: nn.Linear
+    ln2: nn.Module
+
+
+class Adapter:
+    """What ft needs of a loaded Hugging Face encoder of one family.
+
+    Subclasses set `family`, `model_types`, and implement `layers`, `ffn_modules` (the FFN's
+    input projection, activation, output projection), `final_norm` (the module whose output is
+    the hidden state a layer hands on) and, where the lean forward reproduces the layer,
+    `lean_parts`.
+    """
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    lean: bool = False  # ft.fastforward reproduces this family's layers exactly
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # -- shape -------------------------------------------------------------------------------------
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.config.intermediate_size)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def embedding_size(self) -> int:
+        """Width of the word embeddings (the input space); the hidden size unless factorized."""
+        return int(self.word_embeddings.shape[1])
+
+    def point_width(self, point: str) -> int:
+        return self.intermediate_size if point == "ffn_act" else self.hidden_size
+
+    # -- modules -----------------------------------------------------------------------------------
+    def ffn_modules(self, layer: int) -> tuple[nn.Linear, object, nn.Linear]:
+        raise NotImplementedError
+
+    def final_norm(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def point_hook(self, layer: int, point: str) -> tuple[nn.Module, str]:
+        """(module, "pre" | "post"): the point is the module's input (pre) or output (post)."""
+        _, _, out = self.ffn_modules(layer)
+        if point == "ffn_act":
+            return out, "pre"
+        if point == "ffn_out":
+            return out, "post"
+        if point == "resid":
+            return self.final_norm(layer), "post"
+        raise ValueError(f"unknown point {point!r}; valid: {list(POINTS)}")
+
+    def ffn_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(W_in [inter, hidden], b_in, W_out [hidden, inter], b_out) of the layer's FFN."""
+        w_in, _, w_out = self.ffn_modules(layer)
+        return w_in.weight, w_in.bias, w_out.weight, w_out.bias
+
+    def lean_parts(self, layer: int) -> LeanParts:
+        raise NotImplementedError(f"{self.family} has no lean forward")
+
+    # -- embeddings --------------------------------------------------------------------------------
+    @property
+    def embeddings(self) -> nn.Module:
+        return self.model.embeddings
+
+    @property
+    def word_embeddings(self) -> torch.Tensor:
+        """W_word [vocab, embedding size]: the one-hot input space into the input space."""
+        return self.model.get_input_embeddings().weight
+
+    def embed(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The embeddings module's output: the analysis space ([batch, seq, embedding size])."""
+        if inputs_embeds is not None:
+            return self.embeddings(inputs_embeds=inputs_embeds)
+        return self.embeddings(input_ids=input_ids)
+
+    def to_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The analysis space into the hidden size (a projection for factorized embeddings)."""
+        return h
+
+    @staticmethod
+    def max_tokens(config: object) -> int | None:
+        """Longest sequence (special tokens included) the position embeddings allow."""
+        n = getattr(config, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
+    @staticmethod
+    def embedding_size_of(config: object) -> int:
+        return int(getattr(config, "embedding_size", None) or config.hidden_size)
