@@ -235,6 +235,9 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
     tokens = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.vocab_size)))
     site_lists = [[Site.parse(s) for s in sites] for sites in targets.sites]
     scorer = TargetScorer(encoder, site_lists, batch_size)
+    limit = type(encoder.arch).max_tokens(encoder.model.config)
+    if limit is not None:  # the model's positions bound a sentence, with its two framing tokens
+        max_tokens = min(max_tokens, limit - 2)
     text = load_corpus(corpus, encoder.tokenizer, max_tokens)
     subs = build_substitutes(mlm, encoder, cfg.model.name_or_path) if substitutes else None
     ngram = int(cfg.input.length) if ngram is None else ngram

@@ -291,6 +291,9 @@ def word_vectors_for(run_dir: str, n: int, seed: int = 0) -> np.ndarray | None:
 
 
 def section_pca(runs: pd.DataFrame, words: int) -> str:
+    same = runs[runs.model == runs.model.iloc[0]] if "model" in runs and len(runs) else runs
+    left_out = len(runs) - len(same)  # one analysis space per model: the first run's model
+    runs = same
     opt = [read_inputs(p)["analysis"][:, 0].numpy() for p in runs.path]
     if not opt:
         return '<p class="note">No inputs.</p>'
@@ -306,6 +309,9 @@ def section_pca(runs: pd.DataFrame, words: int) -> str:
         note = '<p class="note">Vocabulary vectors unavailable (model not loadable): optimized inputs only.</p>'
     else:
         series["words"] = (list(xy[len(opt_all):, 0]), list(xy[len(opt_all):, 1]))
+    if left_out:
+        note += (f'<p class="note">The runs of {escape(str(runs.model.iloc[0]))} only: {left_out} run(s) of other '
+                 "models live in other analysis spaces.</p>")
     return chart(series, "Fig. 5 PCA of optimized inputs and words (analysis space)", "PC1", "PC2",
                  kind="scatter", chart_id="fig5") + note
 

@@ -166,6 +166,7 @@ class EngineSchema:
     restarts: Int(ge=1)
     curve_every: Int(ge=1)
     keep: Choice("last", "best")
+    sweep_budget_mb: Num(gt=0)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 
 from ft.errors import TargetError
 from ft.sites import Site, num_layers, point_width
-from ft.vocab import Vocabulary
+from ft.vocab import SweepSummary, Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +143,20 @@ def select_group(
     return torch.topk(score, k).indices, skipped
 
 
+def target_words(vocab: Vocabulary, words: Sequence[str] | None, num_random: int, num_frequent: int,
+                 seed: int = 0) -> list[str]:
+    """The run's target words: the given ones, or `num_random` + `num_frequent` picked (seeded)."""
+    words = list(words) if words else pick_words(vocab, num_random, num_frequent, seed)
+    if not words:
+        raise TargetError("no target words: target.words is empty and num_random + num_frequent = 0")
+    return words
+
+
 def group_targets(
     model: torch.nn.Module,
     vocab: Vocabulary,
     tokenizer: object,
-    sweep: torch.Tensor,
+    sweep: torch.Tensor | SweepSummary,
     k: int,
     selection: str = "relative",
     point: str = "ffn_out",
@@ -158,24 +167,22 @@ def group_targets(
 ) -> list[Target]:
     """One group per target word: its top-k neurons over all layers of `point`.
 
-    sweep: [V', layers, width] from the vocabulary sweep of `point`.
+    sweep: [V', layers, width] from the vocabulary sweep of `point`, or its `SweepSummary`
+    (streamed, for vocabularies whose table does not fit).
     """
     if selection not in SELECTIONS:
         raise TargetError(f"target.selection={selection!r}; valid: {list(SELECTIONS)}")
-    total = sweep.shape[1] * sweep.shape[2]
+    layers, width = (sweep.layers, sweep.width) if isinstance(sweep, SweepSummary) else sweep.shape[1:3]
+    total = layers * width
     if not isinstance(k, int) or not 0 < k <= total:
         raise TargetError(f"target.k={k!r}; valid 1..{total} (all neurons of {point})")
-    words = list(words) if words else pick_words(vocab, num_random, num_frequent, seed)
-    if not words:
-        raise TargetError("no target words: target.words is empty and num_random + num_frequent = 0")
-    flat = sweep.flatten(1)
-    a_max = flat.max(dim=0).values
-    width = sweep.shape[2]
+    words = target_words(vocab, words, num_random, num_frequent, seed)
+    rows = [check_word(word, vocab, tokenizer) for word in words]
+    summary = sweep if isinstance(sweep, SweepSummary) else SweepSummary.of(sweep, rows)
     out = []
     skipped = 0
-    for word in words:
-        row = check_word(word, vocab, tokenizer)
-        idx, skipped = select_group(flat[row], a_max, k, selection)
+    for word, row in zip(words, rows, strict=True):
+        idx, skipped = select_group(summary.rows[row], summary.a_max, k, selection)
         sites = [Site(int(i) // width, point, int(i) % width) for i in idx]
         out.append(Target("group", sites, target_word=word, k=k, selection=selection))
     if skipped:

@@ -25,16 +25,24 @@ from ft.chatter import configure_output
 from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
 from ft.integrity import StorageError
-from ft.metrics import VocabFacts, evaluate, summarize
+from ft.metrics import VocabFacts, evaluate, summarize, target_word_rows
 from ft.module import TextualizationModule, rows_for_budget
 from ft.preflight import preflight
 from ft.results import CONFIG, RunLock, atomic_write, write_config, write_run
 from ft.schema import check_config, check_model
 from ft.signals import AtomicCheckpoint, Interrupted, StopOnSignal
 from ft.strategy import choose_strategy, shard_rows
-from ft.targets import Target, group_targets, neuron_targets, number_targets, with_restarts
+from ft.targets import (
+    Target,
+    check_word,
+    group_targets,
+    neuron_targets,
+    number_targets,
+    target_words,
+    with_restarts,
+)
 from ft.tracking import build_loggers, format_table, log_summary
-from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep
+from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, stream_summary, stream_word_stats, sweep_bytes
 
 log = logging.getLogger("ft")
 
@@ -142,7 +150,8 @@ RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.enable_progress_bar", "traine
                      "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                      "logger", "callbacks", "print_rows", "log_level", "cache", "run_name", "tags", "ckpt_path",
                      "experiment_name", "engine.checkpoint_every_n_steps", "engine.chunk_size",
-                     "engine.memory_budget_mb", "engine.fast_forward", "engine.stop_when_converged", "hydra")
+                     "engine.memory_budget_mb", "engine.fast_forward", "engine.stop_when_converged",
+                     "engine.sweep_budget_mb", "hydra")
 RESUME_DEFAULTS = {"engine.keep": "last", "log_level": "info"}  # keys a run directory made before them lacks
 RESUME_LOG = "resume_log.jsonl"
 
@@ -226,20 +235,41 @@ def record_resume(run_dir: Path, entry: dict) -> None:
 
 def prepare_targets(cfg: DictConfig, encoder: Encoder) -> tuple[list[Target], VocabFacts]:
     """This run's targets (numbered, sharded, restarts repeated) and the vocabulary facts they are
-    measured against: the sweep of every point their sites use, the analysis vectors at `position`."""
+    measured against: the sweep of every point their sites use, the analysis vectors at `position`.
+
+    A point whose full vocabulary table is larger than `engine.sweep_budget_mb` (XLM-R's 250,002
+    tokens) is streamed instead: one pass for group selection, one for the word statistics,
+    never holding the table (and not cached)."""
     vocab = Vocabulary.from_tokenizer(encoder.tokenizer)
+    budget = float(cfg.engine.get("sweep_budget_mb", 2048)) * 2**20
     sweeps: dict[str, torch.Tensor] = {}  # point -> vocabulary sweep, each computed (or read) once
+
+    def streamed(point: str) -> bool:
+        return sweep_bytes(encoder, vocab, point) > budget
 
     def sweep_of(point: str) -> torch.Tensor:
         if point not in sweeps:
             sweeps[point] = load_or_sweep(encoder, vocab, point, position=1, use_cache=cfg.cache)
         return sweeps[point]
 
-    groups = cfg.target.kind == "group"  # groups are selected from the sweep of target.point
-    targets = select_targets(cfg, build_targets(cfg, encoder, vocab, sweep_of(cfg.target.point) if groups else None))
+    source = None
+    t = cfg.target
+    if t.kind == "group":  # groups are selected from the sweep of target.point
+        if streamed(t.point):
+            words = target_words(vocab, t.words, t.num_random, t.num_frequent, t.seed)
+            rows = [check_word(w, vocab, encoder.tokenizer) for w in words]
+            log.info("vocabulary table of %s too large for engine.sweep_budget_mb=%s: streaming it", t.point,
+                     cfg.engine.get("sweep_budget_mb", 2048))
+            source = stream_summary(encoder, vocab, t.point, rows)
+        else:
+            source = sweep_of(t.point)
+    targets = select_targets(cfg, build_targets(cfg, encoder, vocab, source))
     used = sorted({s.point for t in targets for s in t.sites})  # sites may mix points
-    facts = VocabFacts.build(vocab, analysis_vectors(encoder, vocab, cfg.position), {p: sweep_of(p) for p in used},
-                             encoder.model, targets)
+    vectors = analysis_vectors(encoder, vocab, cfg.position)
+    if any(streamed(p) for p in used):
+        words = stream_word_stats(encoder, vocab, [t.sites for t in targets], target_word_rows(vocab, targets))
+        return targets, VocabFacts(vocab, vectors, words)
+    facts = VocabFacts.build(vocab, vectors, {p: sweep_of(p) for p in used}, encoder.model, targets)
     return targets, facts  # the sweeps (~1 GB each for bert-base) go out of scope here
 
 

@@ -223,3 +223,81 @@ def analysis_vectors(
         seq[:, position] = ids
         out.append(a.embed(input_ids=seq.to(device))[:, position].float().cpu())
     return torch.cat(out)
+
+
+# -- streaming: vocabularies whose full table does not fit (XLM-R: 250,002 tokens) --------------------
+def sweep_bytes(encoder: Encoder, vocab: Vocabulary, point: str) -> int:
+    """Size of the full vocabulary table of `point`: [V', layers, width] float32."""
+    from ft.sites import point_width
+
+    return 4 * len(vocab) * num_layers(encoder.model) * point_width(encoder.model, point)
+
+
+def _stream(encoder: Encoder, vocab: Vocabulary, points: Sequence[str], position: int, batch_size: int
+            ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(first row, {point: [batch, layers, width]}) over the vocabulary, a batch at a time."""
+    model = encoder.model
+    reader = (FastSiteReader if supports(model) else SiteReader)(model, points, num_layers(model) - 1, position)
+    device = encoder.word_embeddings.device
+    with torch.no_grad():
+        for start in bar(range(0, len(vocab), batch_size), desc=f"vocabulary stream ({', '.join(points)})"):
+            ids = vocab.ids[start : start + batch_size]
+            n = len(ids)
+            input_ids = torch.stack([torch.full((n,), vocab.cls_id), ids, torch.full((n,), vocab.sep_id)], 1)
+            yield start, {p: a.float().cpu() for p, a in reader.read(input_ids=input_ids.to(device)).items()}
+
+
+@dataclass
+class SweepSummary:
+    """What group selection needs of a point's sweep, without the table: each neuron's maximum
+    over the vocabulary and the target words' rows."""
+
+    a_max: torch.Tensor  # [layers * width]
+    rows: dict[int, torch.Tensor]  # vocabulary row -> [layers * width]
+    layers: int
+    width: int
+
+    @classmethod
+    def of(cls, sweep: torch.Tensor, rows: Sequence[int]) -> SweepSummary:
+        flat = sweep.flatten(1)
+        return cls(flat.max(dim=0).values, {r: flat[r] for r in rows}, sweep.shape[1], sweep.shape[2])
+
+
+def stream_summary(encoder: Encoder, vocab: Vocabulary, point: str, rows: Sequence[int], position: int = 1,
+                   batch_size: int = 1024) -> SweepSummary:
+    """`SweepSummary.of(sweep)` in one pass over the vocabulary, never holding the table."""
+    a_max: torch.Tensor | None = None
+    keep: dict[int, torch.Tensor] = {}
+    wanted = set(rows)
+    for start, acts in _stream(encoder, vocab, [point], position, batch_size):
+        flat = acts[point].flatten(1)
+        top = flat.max(dim=0).values
+        a_max = top if a_max is None else torch.maximum(a_max, top)
+        for r in wanted & set(range(start, start + len(flat))):
+            keep[r] = flat[r - start].clone()
+    shape = acts[point].shape
+    return SweepSummary(a_max, keep, shape[1], shape[2])
+
+
+def stream_word_stats(encoder: Encoder, vocab: Vocabulary, site_lists: Sequence[Sequence[Site]],
+                      target_rows: Sequence[int | None], position: int = 1, batch_size: int = 1024) -> WordStats:
+    """`word_stats` in one pass over the vocabulary: each batch's objectives are reduced at once."""
+    model = encoder.model
+    index = SiteIndex(model, site_lists, max_layer=num_layers(model) - 1)
+    best = torch.full((len(site_lists),), -torch.inf)
+    best_row = torch.zeros(len(site_lists), dtype=torch.long)
+    at_word = torch.full((len(site_lists),), torch.nan)
+    by_row: dict[int, list[int]] = {}
+    for t, r in enumerate(target_rows):
+        if r is not None:
+            by_row.setdefault(r, []).append(t)
+    for start, acts in _stream(encoder, vocab, index.points, position, batch_size):
+        flat = index.flatten(acts)  # [batch, total]
+        obj = (flat[:, index.index] * index.weight).sum(-1)  # [batch, targets]
+        value, row = obj.max(dim=0)
+        better = value > best
+        best = torch.where(better, value, best)
+        best_row = torch.where(better, row + start, best_row)
+        for r in set(by_row) & set(range(start, start + len(flat))):
+            at_word[by_row[r]] = obj[r - start, by_row[r]]
+    return WordStats(best, best_row, at_word)

@@ -1,0 +1,213 @@
+"""Every supported family on a tiny random model: points equal hooks on the model's own modules,
+gradients too, the lean forward equals the hooked one, and whole runs work (sweep, closest words,
+report, examples)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ft.encoder import load_encoder
+from ft.fastforward import FastSiteReader, supports
+from ft.results import read_inputs, read_targets
+from ft.sites import POINTS, SiteReader
+from ft.train import run
+from tests.families import FAMILIES, build_family
+from tests.test_train import compose_cfg
+
+LEAN = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {f: build_family(root / f, f, seed=i) for i, f in enumerate(FAMILIES)}
+
+
+def reference_points(model: torch.nn.Module, family: str, inputs_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{point: [batch, layers, seq, width]} by forward hooks on the HF modules themselves (the
+    FFN activation module, the FFN output projection, the layer) over a full forward pass."""
+    if family == "distilbert":
+        layers = model.transformer.layer
+        mods = {"ffn_act": lambda b: b.ffn.activation, "ffn_out": lambda b: b.ffn.lin2, "resid": lambda b: b}
+    else:
+        layers = model.encoder.layer
+        mods = {"ffn_act": lambda b: b.intermediate, "ffn_out": lambda b: b.output.dense, "resid": lambda b: b}
+    store: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    for i, block in enumerate(layers):
+        for point, get in mods.items():
+            def keep(_m, _i, out, key=(point, i)):
+                store[key] = out[0] if isinstance(out, tuple) else out
+            handles.append(get(block).register_forward_hook(keep))
+    try:
+        model(inputs_embeds=inputs_embeds)
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: torch.stack([store[(p, i)] for i in range(len(layers))], dim=1) for p in POINTS}
+
+
+def framed(enc, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """[CLS] e_1..e_l [SEP] with random e in the word-embedding space."""
+    g = torch.Generator().manual_seed(seed)
+    W = enc.word_embeddings.detach()
+    mid = torch.randn(n, length, W.shape[1], generator=g) * W.std()
+    cls = W[enc.tokenizer.cls_token_id].expand(n, 1, -1)
+    sep = W[enc.tokenizer.sep_token_id].expand(n, 1, -1)
+    return torch.cat([cls, mid, sep], dim=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_points_and_gradients_equal_hooks_on_the_models_own_modules(family, family_dirs):
+    enc = load_encoder(str(family_dirs[family]))
+    model, L, pos = enc.model, enc.num_layers, 2
+    x = framed(enc, 3, 3).requires_grad_(True)
+    ref = reference_points(model, family, x)
+    x2 = x.detach().clone().requires_grad_(True)
+    got = SiteReader(model, POINTS, L - 1, pos).read(inputs_embeds=x2)
+    g = torch.Generator().manual_seed(1)
+    weights = {p: torch.randn(got[p].shape, generator=g) for p in POINTS}
+    for p in POINTS:
+        want = ref[p][:, :, pos]
+        assert got[p].shape == want.shape
+        assert (got[p] - want).abs().max() <= 1e-5 * want.abs().max(), (family, p)
+    sum((ref[p][:, :, pos] * weights[p]).sum() for p in POINTS).backward()
+    sum((got[p] * weights[p]).sum() for p in POINTS).backward()
+    assert (x2.grad - x.grad).abs().max() <= 1e-5 * x.grad.abs().max(), family
+    assert got["ffn_act"].shape[-1] == enc.arch.intermediate_size and got["resid"].shape[-1] == enc.hidden_size
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_lean_forward_is_used_where_it_is_exact(family, family_dirs):
+    enc = load_encoder(str(family_dirs[family]))
+    assert supports(enc.model) == (family in LEAN)
+    if family not in LEAN:
+        return
+    x = framed(enc, 4, 2, seed=3)
+    hooked = SiteReader(enc.model, POINTS, enc.num_layers - 1, 1).read(inputs_embeds=x)
+    lean = FastSiteReader(enc.model, POINTS, enc.num_layers - 1, 1).read(inputs_embeds=x)
+    for p in POINTS:
+        assert (lean[p] - hooked[p]).abs().max() <= 1e-5 * hooked[p].abs().max(), (family, p)
+
+
+@pytest.fixture(scope="module")
+def family_runs(family_dirs, tmp_path_factory) -> dict[str, Path]:
+    import os
+
+    root = tmp_path_factory.mktemp("family_runs")
+    old = os.environ.get("FT_CACHE_DIR")
+    os.environ["FT_CACHE_DIR"] = str(root / "cache")
+    try:
+        for family, d in family_dirs.items():
+            cfg = compose_cfg([f"model.name_or_path={d}", "trainer.max_steps=20", "target.per_layer=2",
+                               "logger.wandb.mode=disabled", "+trainer.enable_progress_bar=false",
+                               "engine.curve_every=1", f"run_name={family}"])
+            run(cfg, root / family)
+    finally:
+        os.environ.pop("FT_CACHE_DIR") if old is None else os.environ.update(FT_CACHE_DIR=old)
+    return {f: root / f for f in family_dirs}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_run_raises_the_objective_and_measures_it_like_the_model_does(family, family_dirs, family_runs):
+    enc = load_encoder(str(family_dirs[family]))
+    d = family_runs[family]
+    df, tensors = read_targets(d), read_inputs(d)
+    curves = pd.read_parquet(d / "curves.parquet").groupby("step").objective.mean()
+    assert curves.iloc[-1] > curves.iloc[0]
+    E = enc.embedding_size
+    assert tensors["embeds"].shape == (len(df), 1, E) and tensors["analysis"].shape == (len(df), 1, E)
+    W = enc.word_embeddings.detach()
+    n = len(df)
+    seq = torch.cat([W[enc.tokenizer.cls_token_id].expand(n, 1, -1), tensors["embeds"],
+                     W[enc.tokenizer.sep_token_id].expand(n, 1, -1)], dim=1)
+    with torch.no_grad():
+        ref = reference_points(enc.model, family, seq)
+        special = set(enc.tokenizer.all_special_ids)
+        words = torch.tensor([i for i in range(len(W)) if i not in special])
+        ids = torch.stack([torch.full_like(words, enc.tokenizer.cls_token_id), words,
+                           torch.full_like(words, enc.tokenizer.sep_token_id)], dim=1)
+        brute = reference_points(enc.model, family, W[ids])
+    tokens = enc.tokenizer.convert_ids_to_tokens(words.tolist())
+    for i, row in enumerate(df.itertuples()):
+        [site] = row.sites
+        layer, point, unit = site.split(".")[1], site.split(".")[2], int(site.split(".")[3])
+        assert row.objective == pytest.approx(float(ref[point][i, int(layer), 1, unit]), rel=1e-4, abs=1e-5)
+        best = brute[point][:, int(layer), 1, unit]
+        assert row.most_activating_word == tokens[int(best.argmax())]
+        assert row.most_activating_word_activation == pytest.approx(float(best.max()), rel=1e-4, abs=1e-5)
+        assert len(row.closest_words) == 20 and not set(row.closest_words) & set(enc.tokenizer.all_special_tokens)
+
+
+def test_report_and_examples_work_on_every_family(family_runs, tmp_path):
+    from ft.examples import main as examples
+    from ft.report import build_report
+
+    html = build_report([str(p) for p in family_runs.values()], tmp_path / "r.html", words=50).read_text()
+    for family in FAMILIES:
+        assert f">{family}<" in html  # the run's label (its run_name) in the tables
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The cat sat on the sofa. A dog ran to the river bank. Music and piano in the house.\n" * 3)
+    for family in ("roberta", "distilbert", "electra"):
+        assert examples([str(family_runs[family]), "--corpus", str(corpus), "--top-n", "2",
+                         "--substitutes", "2", "--mlm", "nearest"]) == 0
+        ex = pd.read_parquet(family_runs[family] / "examples.parquet")
+        ids = set(read_targets(family_runs[family]).target_id)
+        assert {"sentence", "mae"} <= set(ex.kind) and set(ex.target_id) == ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ft_train_runs_each_family_from_its_directory(family, family_dirs, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ft.train", f"model.name_or_path={family_dirs[family]}",
+                           "trainer.max_steps=5", "target.per_layer=1", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(read_targets(tmp_path / "run")) == 2
+
+
+@pytest.mark.parametrize("experiment", ["default", "group_k10"])
+def test_a_streamed_vocabulary_gives_the_same_run_as_the_full_table(experiment, tiny_dir, tmp_path):
+    """engine.sweep_budget_mb below the table's size: the sweep is streamed (group selection, word
+    statistics) and the run is the same as with the whole table in memory."""
+    from tests.test_train import tiny_overrides
+
+    base = tiny_overrides(tiny_dir, experiment, 6) + ["logger.wandb.mode=disabled", "cache=false"]
+    run(compose_cfg(base), tmp_path / "table")
+    run(compose_cfg(base + ["engine.sweep_budget_mb=0.001"]), tmp_path / "stream")
+    a, b = read_targets(tmp_path / "table"), read_targets(tmp_path / "stream")
+    assert [list(s) for s in a.sites] == [list(s) for s in b.sites]
+    assert list(a.most_activating_word) == list(b.most_activating_word)
+    for col in ("objective", "most_activating_word_activation"):
+        assert (a[col] - b[col]).abs().max() <= 1e-5 * a[col].abs().max()
+    if experiment.startswith("group"):
+        assert (a.target_word_activation - b.target_word_activation).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_an_xlmr_sized_vocabulary_runs_within_4_gb(tmp_path):
+    """250,002 tokens: the default experiment through the CLI; peak RSS of the run measured."""
+    import resource
+
+    from tests.families import build_large_vocab
+
+    d = build_large_vocab(tmp_path / "xlmr")
+    for budget in ("2048", "16"):  # the table kept (128 MB), and streamed
+        proc = subprocess.run([sys.executable, "-m", "ft.train", f"model.name_or_path={d}", "trainer.max_steps=10",
+                               "target.per_layer=2", f"engine.sweep_budget_mb={budget}",
+                               f"hydra.run.dir={tmp_path / budget}"],
+                              capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        df = read_targets(tmp_path / budget)
+        assert len(df) == 4 and df.most_activating_word.notna().all()
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    print(f"peak RSS of the 250,002-token runs: {peak_gb:.2f} GB")
+    assert peak_gb < 4.0
+    a, b = read_targets(tmp_path / "2048"), read_targets(tmp_path / "16")
+    assert list(a.most_activating_word) == list(b.most_activating_word)
