@@ -86,7 +86,8 @@ def build_substitutes(spec: str, encoder: Encoder, model_name: str) -> MaskedLM 
         if spec != "auto":
             raise
         mlm, info = None, {}
-    no_head = mlm is None or any("predictions" in k or k.startswith("cls.") for k in info["missing_keys"])
+    # the head is whatever lies outside the base model (BERT's cls.*, RoBERTa's lm_head.*, ...)
+    no_head = mlm is None or any(not k.startswith(f"{mlm.base_model_prefix}.") for k in info["missing_keys"])
     if spec == "auto" and no_head:
         log.warning("the analysed model has no masked-LM head: local search uses nearest-embedding "
                     "substitutes (pass --mlm NAME for a masked LM with the same vocabulary)")
