@@ -211,3 +211,18 @@ def test_an_xlmr_sized_vocabulary_runs_within_4_gb(tmp_path):
     assert peak_gb < 4.0
     a, b = read_targets(tmp_path / "2048"), read_targets(tmp_path / "16")
     assert list(a.most_activating_word) == list(b.most_activating_word)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ffn_weights_map_ffn_act_to_ffn_out(family, family_dirs):
+    """The adapter's FFN weights are the ones the model uses: W_out · ffn_act + b_out = ffn_out, and
+    W_in has the FFN's input shape."""
+    enc = load_encoder(str(family_dirs[family]))
+    x = framed(enc, 2, 2, seed=5)
+    got = SiteReader(enc.model, POINTS, enc.num_layers - 1, 1).read(inputs_embeds=x)
+    for layer in range(enc.num_layers):
+        w_in, b_in, w_out, b_out = enc.arch.ffn_weights(layer)
+        assert w_in.shape == (enc.arch.intermediate_size, enc.hidden_size)
+        assert w_out.shape == (enc.hidden_size, enc.arch.intermediate_size)
+        out = got["ffn_act"][:, layer] @ w_out.T + b_out
+        assert (out - got["ffn_out"][:, layer]).abs().max() <= 1e-5 * got["ffn_out"].abs().max()
