@@ -183,8 +183,8 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     # naive: the first `naive_per_layer` sampled neurons of every layer
     common = [i for layer in range(enc.num_layers)
               for i in [j for j, t in enumerate(targets) if t.layer == layer][:naive_per_layer]]
-    cfg, device = enc.model.config, enc.word_embeddings.device
-    mm_rate = partial(matmul_gflops, min(chunk_size, len(sites)) * 3, cfg.hidden_size, cfg.intermediate_size,
+    device = enc.word_embeddings.device
+    mm_rate = partial(matmul_gflops, min(chunk_size, len(sites)) * 3, enc.arch.hidden_size, enc.arch.intermediate_size,
                       device=device)
     progress(f"{name}: {len(sites)} targets for the engine, {len(common)} neurons for the naive loop, "
              f"{steps} steps, {rounds} round(s)")
@@ -227,13 +227,15 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
         torch.set_num_threads(threads)
     _, _, final = measure_inputs(module)
     rel = [abs(float(final[i]) - v) / max(abs(v), 1e-6) for i, v in naive.items()]
-    flops_step = engine_flops(module, cfg)
+    flops_step = engine_flops(module)
     # the machine's speed drifts: the better of two measurements, before and after the runs
     mm = max(mm_before, mm_rate(torch.float32))
     rate = engine_rate(timing)
     naive_rate = len(naive) * steps / naive_s
     out = {
-        "model": name, "device": device_name(device), "precision": "32-true", "targets": len(sites),
+        "model": name, "family": enc.arch.family, "model_type": enc.model.config.model_type,
+        "reader": "lean" if module.fast else "hooked",
+        "device": device_name(device), "precision": "32-true", "targets": len(sites),
         "steps": steps, "rounds": rounds, "naive_neurons": len(naive),
         "neuron_steps_per_s": rate, "naive_neuron_steps_per_s": naive_rate,
         "speedup_vs_naive": rate / naive_rate,

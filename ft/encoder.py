@@ -39,6 +39,7 @@ class Encoder:
     model: PreTrainedModel
     tokenizer: object
     name: str
+    head: PreTrainedModel | None = None  # a fine-tuned checkpoint's whole model; `model` is its encoder
 
     @property
     def arch(self) -> Adapter:
@@ -107,16 +108,34 @@ def load_encoder(name_or_path: str = PACKAGED, trust_remote_code: bool = False) 
     path = resolve(name_or_path)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     config = load_model_config(name_or_path, trust_remote_code)
+    head_class = head_auto_class(config)
     try:
-        model = AutoModel.from_pretrained(
+        model = (head_class or AutoModel).from_pretrained(
             path, config=config, trust_remote_code=trust_remote_code,
             local_files_only=offline, attn_implementation="eager",
         )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
     except (OSError, ValueError) as e:
         raise not_found(name_or_path, path, e) from e
+    head = None
+    if head_class is not None:  # a fine-tuned checkpoint: the sites are its encoder's; the head stays at hand
+        head, model = freeze(model), model.base_model
     adapter(model)  # UnsupportedModelError (one line, the supported families) for other models
-    return Encoder(model=freeze(model), tokenizer=tokenizer, name=name_or_path)
+    return Encoder(model=freeze(model), tokenizer=tokenizer, name=name_or_path, head=head)
+
+
+HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForQuestionAnswering")
+
+
+def head_auto_class(config: object) -> type | None:
+    """The Auto class of a fine-tuned checkpoint's head (from `config.architectures`), or None."""
+    import transformers
+
+    arch = (getattr(config, "architectures", None) or [""])[0] or ""
+    for suffix in HEADS:
+        if arch.endswith(suffix):
+            return getattr(transformers, f"AutoModel{suffix}")
+    return None
 
 
 def from_model(model: PreTrainedModel, tokenizer: object, name: str) -> Encoder:

@@ -22,7 +22,8 @@ from transformers import (
 
 from tests.conftest import VOCAB, WORDS
 
-FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
+FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "deberta-v2", "modernbert",
+            "albert")
 BPE_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 
@@ -45,6 +46,24 @@ def family_config(family: str, vocab_size: int, pad_id: int, positions: int = 16
     common = dict(vocab_size=vocab_size, max_position_embeddings=positions)
     if family == "distilbert":
         return DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=2, pad_token_id=pad_id, **common)
+    if family == "deberta-v2":
+        from transformers import DebertaV2Config
+
+        return DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               relative_attention=True, pos_att_type=["p2c", "c2p"], position_biased_input=False,
+                               max_relative_positions=-1, position_buckets=8, pad_token_id=pad_id, **common)
+    if family == "modernbert":
+        from transformers import ModernBertConfig
+
+        return ModernBertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                                global_attn_every_n_layers=2, local_attention=4, pad_token_id=pad_id,
+                                cls_token_id=2, sep_token_id=3, bos_token_id=2, eos_token_id=3,
+                                vocab_size=vocab_size, max_position_embeddings=64)
+    if family == "albert":
+        from transformers import AlbertConfig
+
+        return AlbertConfig(embedding_size=16, hidden_size=32, num_hidden_layers=3, num_hidden_groups=1,
+                            num_attention_heads=2, intermediate_size=64, pad_token_id=pad_id, **common)
     shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **common)
     if family == "electra":
         return ElectraConfig(embedding_size=16, pad_token_id=pad_id, **shape)

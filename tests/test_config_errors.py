@@ -98,9 +98,9 @@ CASES: dict[str, list[tuple[str, str]]] = {
         ("-m experiment=default,nope", "experiment='nope' is not an option"),
         ("-m engine.converge_window=range(0,3)", "engine.converge_window=0; valid: an integer >= 1"),
     ],
-    "unsupported_family": [  # no adapter yet (ALBERT: the next issue), or not an encoder at all
-        ("ALBERT_16_32", "model_type 'albert' (AlbertConfig) is not supported yet; valid: an encoder of the families"),
-        ("ALBERT_128_4096", "model_type 'albert' (AlbertConfig) is not supported yet"),
+    "unsupported_family": [  # no adapter, a variant the adapter cannot serve, or not an encoder at all
+        ("MPNET", "model_type 'mpnet' (MPNetConfig) is not supported yet; valid: an encoder of the families"),
+        ("ALBERT_INNER2", "ALBERT with inner_group_num=2; valid: inner_group_num=1"),
         ("GPT2", "model_type 'gpt2' (GPT2Config) is a decoder-only model; valid: an encoder of the families bert, "
                  "roberta, xlm-roberta, camembert, electra, distilbert"),
         ("T5", "model_type 't5' (T5Config) is an encoder-decoder model"),
@@ -111,10 +111,12 @@ ALL = [(cls, args, msg) for cls, cases in CASES.items() for args, msg in cases]
 
 
 def factorized_config(name: str) -> object:
-    from transformers import BartConfig, GPT2Config, T5Config
+    from transformers import BartConfig, GPT2Config, MPNetConfig, T5Config
 
-    if name in ("GPT2", "T5", "BART"):
-        return {"GPT2": GPT2Config, "T5": T5Config, "BART": BartConfig}[name]()
+    if name in ("GPT2", "T5", "BART", "MPNET"):
+        return {"GPT2": GPT2Config, "T5": T5Config, "BART": BartConfig, "MPNET": MPNetConfig}[name]()
+    if name == "ALBERT_INNER2":
+        return AlbertConfig(inner_group_num=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
     kind, emb, hidden = name.split("_")
     make = AlbertConfig if kind == "ALBERT" else ElectraConfig
     return make(embedding_size=int(emb), hidden_size=int(hidden), num_attention_heads=2,
@@ -189,19 +191,21 @@ def test_schema_accepts_every_shipped_config():
 
 
 def test_run_refuses_an_unsupported_model_before_writing(tmp_path):
-    """The job checks again (an API caller skips the CLI): an in-memory ALBERT is refused."""
+    """The job checks again (an API caller skips the CLI): an in-memory MPNet is refused."""
     import torch
-    from transformers import AlbertModel, BertTokenizerFast
+    from transformers import BertTokenizerFast, MPNetModel
 
     from ft.arch import UnsupportedModelError
     from ft.encoder import from_model
     from tests.conftest import VOCAB
 
     torch.manual_seed(0)
-    model = AlbertModel(factorized_config("ALBERT_16_32"))
+    from transformers import MPNetConfig
+
+    model = MPNetModel(MPNetConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(VOCAB)})
-    with pytest.raises(UnsupportedModelError, match="model_type 'albert'"):
-        from_model(model, tok, "albert-tiny")
+    with pytest.raises(UnsupportedModelError, match="model_type 'mpnet'"):
+        from_model(model, tok, "mpnet-tiny")
     assert not (tmp_path / "run").exists()
 
 

@@ -32,25 +32,39 @@ def family_dirs(tmp_path_factory) -> dict[str, Path]:
 def reference_points(model: torch.nn.Module, family: str, inputs_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
     """{point: [batch, layers, seq, width]} by forward hooks on the HF modules themselves (the
     FFN activation module, the FFN output projection, the layer) over a full forward pass."""
+    pre = set()  # points read as a module's input
     if family == "distilbert":
-        layers = model.transformer.layer
+        layers = list(model.transformer.layer)
         mods = {"ffn_act": lambda b: b.ffn.activation, "ffn_out": lambda b: b.ffn.lin2, "resid": lambda b: b}
+    elif family == "modernbert":  # act(input) * gate is the input of the MLP's dropout
+        layers = list(model.layers)
+        mods = {"ffn_act": lambda b: b.mlp.drop, "ffn_out": lambda b: b.mlp, "resid": lambda b: b}
+        pre = {"ffn_act"}
+    elif family == "albert":  # one shared layer, applied num_hidden_layers times
+        shared = model.encoder.albert_layer_groups[0].albert_layers[0]
+        layers = [shared] * model.config.num_hidden_layers
+        mods = {"ffn_act": lambda b: b.activation, "ffn_out": lambda b: b.ffn_output, "resid": lambda b: b}
     else:
-        layers = model.encoder.layer
+        layers = list(model.encoder.layer)
         mods = {"ffn_act": lambda b: b.intermediate, "ffn_out": lambda b: b.output.dense, "resid": lambda b: b}
-    store: dict[tuple[str, int], torch.Tensor] = {}
+    store: dict[str, list[torch.Tensor]] = {p: [] for p in POINTS}
     handles = []
-    for i, block in enumerate(layers):
-        for point, get in mods.items():
-            def keep(_m, _i, out, key=(point, i)):
-                store[key] = out[0] if isinstance(out, tuple) else out
-            handles.append(get(block).register_forward_hook(keep))
+    for point, get in mods.items():
+        for block in dict.fromkeys(layers):  # each module once: a shared one records every application
+            def keep(_m, _i, out=None, point=point):
+                t = _i[0] if point in pre else out
+                store[point].append(t[0] if isinstance(t, tuple) else t)
+            if point in pre:
+                handles.append(get(block).register_forward_pre_hook(lambda m, i, keep=keep: keep(m, i)))
+            else:
+                handles.append(get(block).register_forward_hook(keep))
     try:
         model(inputs_embeds=inputs_embeds)
     finally:
         for h in handles:
             h.remove()
-    return {p: torch.stack([store[(p, i)] for i in range(len(layers))], dim=1) for p in POINTS}
+    assert all(len(v) == len(layers) for v in store.values())
+    return {p: torch.stack(store[p], dim=1) for p in POINTS}
 
 
 def framed(enc, n: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -154,7 +168,7 @@ def test_report_and_examples_work_on_every_family(family_runs, tmp_path):
         assert f">{family}<" in html  # the run's label (its run_name) in the tables
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The cat sat on the sofa. A dog ran to the river bank. Music and piano in the house.\n" * 3)
-    for family in ("roberta", "distilbert", "electra"):
+    for family in ("roberta", "distilbert", "electra", "deberta-v2", "modernbert", "albert"):
         assert examples([str(family_runs[family]), "--corpus", str(corpus), "--top-n", "2",
                          "--substitutes", "2", "--mlm", "nearest"]) == 0
         ex = pd.read_parquet(family_runs[family] / "examples.parquet")
@@ -222,7 +236,59 @@ def test_ffn_weights_map_ffn_act_to_ffn_out(family, family_dirs):
     got = SiteReader(enc.model, POINTS, enc.num_layers - 1, 1).read(inputs_embeds=x)
     for layer in range(enc.num_layers):
         w_in, b_in, w_out, b_out = enc.arch.ffn_weights(layer)
-        assert w_in.shape == (enc.arch.intermediate_size, enc.hidden_size)
+        assert w_in.shape == ((2 if enc.arch.gated else 1) * enc.arch.intermediate_size, enc.hidden_size)
         assert w_out.shape == (enc.hidden_size, enc.arch.intermediate_size)
-        out = got["ffn_act"][:, layer] @ w_out.T + b_out
+        out = got["ffn_act"][:, layer] @ w_out.T + (0 if b_out is None else b_out)
         assert (out - got["ffn_out"][:, layer]).abs().max() <= 1e-5 * got["ffn_out"].abs().max()
+
+
+@pytest.mark.parametrize("family,head", [("bert", "BertForSequenceClassification"), ("roberta", "RobertaForMaskedLM"),
+                                         ("electra", "ElectraForTokenClassification")])
+def test_a_fine_tuned_checkpoint_runs_on_its_encoder_and_keeps_its_head(family, head, family_dirs, tmp_path):
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    torch.manual_seed(7)
+    cfg = AutoConfig.from_pretrained(family_dirs[family])
+    cfg.num_labels = 3
+    model = getattr(transformers, head)(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+    d = tmp_path / "finetuned"
+    model.save_pretrained(d)
+    AutoTokenizer.from_pretrained(family_dirs[family]).save_pretrained(d)
+    enc = load_encoder(str(d))
+    assert type(enc.head).__name__ == head and enc.model is enc.head.base_model
+    x = framed(enc, 2, 2)
+    ref = reference_points(enc.model, family, x)
+    got = SiteReader(enc.model, POINTS, enc.num_layers - 1, 1).read(inputs_embeds=x)
+    for p in POINTS:
+        assert (got[p] - ref[p][:, :, 1]).abs().max() <= 1e-5 * ref[p].abs().max()
+    out = tmp_path / "run"
+    run(compose_cfg([f"model.name_or_path={d}", "trainer.max_steps=20", "target.per_layer=2", "engine.curve_every=1",
+                     "logger.wandb.mode=disabled", "+trainer.enable_progress_bar=false"]), out)
+    curves = pd.read_parquet(out / "curves.parquet").groupby("step").objective.mean()
+    assert curves.iloc[-1] > curves.iloc[0]
+    if head.endswith("ForMaskedLM"):  # ft.examples --mlm auto uses the checkpoint's own head
+        from ft.examples import main as examples
+
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text("The cat sat on the sofa. A dog ran to the river bank. Music and piano in the house.\n")
+        assert examples([str(out), "--corpus", str(corpus), "--top-n", "1", "--substitutes", "2"]) == 0
+        ex = pd.read_parquet(out / "examples.parquet")
+        used = set(ex.substitutes_from) - {""}  # "" on rows that are not from local search
+        assert used == {f"mlm:{d}"}, used
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bench_runs_on_every_family_and_agrees_with_the_naive_loop(family, family_dirs, capsys):
+    from ft.bench import main as bench
+
+    out = bench(["--model", str(family_dirs[family]), "--steps", "4", "--naive-per-layer", "1", "--no-bert-base",
+                 "--report-runs", "0", "--lr", "1.0", "--fraction", "0.25"])
+    r = out["results"]["minilm"]
+    assert r["model_type"] == family and r["reader"] == ("lean" if family in LEAN else "hooked")
+    assert out["max_rel_diff_vs_naive"] <= 1e-3 and out["neuron_steps_per_s"] > 0

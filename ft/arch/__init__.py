@@ -11,11 +11,15 @@ names an architecture or a module path. Every family defines the three points th
 
 from __future__ import annotations
 
+from ft.arch.albert import AlbertAdapter
 from ft.arch.base import Adapter, UnsupportedModelError
 from ft.arch.bert import BertAdapter, ElectraAdapter, RobertaAdapter
+from ft.arch.deberta import DebertaAdapter
 from ft.arch.distilbert import DistilBertAdapter
+from ft.arch.modernbert import ModernBertAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, RobertaAdapter, ElectraAdapter, DistilBertAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, RobertaAdapter, ElectraAdapter, DistilBertAdapter, DebertaAdapter,
+                                       ModernBertAdapter, AlbertAdapter)
 SUPPORTED = tuple(t for a in ADAPTERS for t in a.model_types)
 
 
@@ -24,6 +28,7 @@ def adapter_class(config: object) -> type[Adapter]:
     model_type = str(getattr(config, "model_type", "") or "")
     for a in ADAPTERS:
         if model_type in a.model_types:
+            a.check_config(config)
             return a
     kind = ("a decoder-only model" if getattr(config, "is_decoder", False) or model_type in DECODERS
             else "an encoder-decoder model" if getattr(config, "is_encoder_decoder", False) else "not supported yet")

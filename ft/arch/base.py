@@ -44,10 +44,16 @@ class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
     lean: bool = False  # ft.fastforward reproduces this family's layers exactly
+    gated: bool = False  # the FFN's input projection gives input and gate (GeGLU): [2 * inter, hidden]
 
     def __init__(self, model: nn.Module):
+        self.check_config(model.config)
         self.model = model
         self.config = model.config
+
+    @classmethod
+    def check_config(cls, config: object) -> None:
+        """Raise UnsupportedModelError for a config of this family that the adapter cannot serve."""
 
     # -- shape -------------------------------------------------------------------------------------
     def layers(self) -> nn.ModuleList:
@@ -94,6 +100,11 @@ class Adapter:
         if point == "resid":
             return self.final_norm(layer), "post"
         raise ValueError(f"unknown point {point!r}; valid: {list(POINTS)}")
+
+    def occurrence(self, layer: int) -> tuple[int, int]:
+        """(k, n): the point's module runs n times per forward and `layer` is its k-th run (a
+        shared layer, as in ALBERT); (0, 1) for a module of its own."""
+        return 0, 1
 
     def ffn_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(W_in [inter, hidden], b_in, W_out [hidden, inter], b_out) of the layer's FFN."""
