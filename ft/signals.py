@@ -84,6 +84,15 @@ class StopOnSignal(pl.Callback):
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning installs its own SIGTERM handler when the fit starts; it would end the run at
+        the epoch's end with exit code 0 and no checkpoint. Ours goes back on top of it."""
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in HANDLED:
+                signal.signal(s, self.note)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         signum = self.signum
         if trainer.world_size > 1:  # every rank stops at the same step

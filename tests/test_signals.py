@@ -111,3 +111,27 @@ def test_sweep_parameters_are_checked_before_the_first_run(param, values, messag
         run_sweep(sweep_file(tmp_path, values=values, param=param), tmp_path / "out",
                   extra=tiny_extra(tiny_dir, {"experiment": "default"}))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_between_steps_stops_after_the_next_step_with_a_checkpoint(signum, tiny_dir, tmp_path):
+    """In-process and exact: the signal lands as step 7 starts (Lightning's own SIGTERM handler
+    would let the run go on to its end and exit 0); the run stops after that step, checkpointed."""
+    import torch
+
+    from ft.signals import Interrupted
+    from ft.train import run
+    from tests.test_train import compose_cfg, tiny_overrides
+
+    before = signal.getsignal(signum)
+    cfg = compose_cfg(tiny_overrides(tiny_dir, "default", 50) + [
+        "logger.wandb.mode=disabled", "engine.stop_when_converged=false",
+        "+callbacks.sig._target_=tests.faults.SignalSelf", "+callbacks.sig.at=7",
+        f"+callbacks.sig.signum={int(signum)}"])
+    with pytest.raises(Interrupted) as e:
+        run(cfg, tmp_path / "run")
+    assert e.value.signum == signum and e.value.step == 8 and e.value.exit_code == 128 + signum
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(ckpt["state_dict"]["steps_done"]) == 8
+    assert not (tmp_path / "run" / "targets.parquet").exists()
+    assert signal.getsignal(signum) == before  # the handlers are put back

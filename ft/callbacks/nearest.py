@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
+from ft.arch import adapter
 from ft.metrics import closest_words
 from ft.module import full_sequence
 
@@ -28,7 +29,7 @@ class NearestWords(pl.Callback):
         W = pl_module.word_embeddings
         seq = full_sequence(pl_module.embeds(rows).float(), W.float(), pl_module.cls_id,
                             pl_module.sep_id)
-        analysis = pl_module.encoder.embeddings(inputs_embeds=seq)[:, pl_module.position]
+        analysis = adapter(pl_module.encoder).embed(inputs_embeds=seq)[:, pl_module.position]
         facts = pl_module.facts
         _, top_cos, top_rows = closest_words(analysis.cpu(), facts.word_vectors, self.top_n)
         obj = pl_module.last_objective
