@@ -31,24 +31,30 @@ class Interrupted(Exception):  # noqa: N818 - what happened, not an error in the
         return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
 
 
+def save_atomically(trainer: pl.Trainer, path: Path, weights_only: bool = False) -> None:
+    """trainer.save_checkpoint to a temporary name, renamed into place by rank 0 (the rank that
+    writes); a failed write names the checkpoint and the cause and leaves no temporary file."""
+    tmp = temp_name(path) if trainer.is_global_zero else path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(str(tmp), weights_only)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+    except StorageError:
+        raise
+    except OSError as e:
+        raise storage_error(path, e) from None
+    finally:
+        if trainer.is_global_zero and tmp != path:
+            tmp.unlink(missing_ok=True)
+
+
 class AtomicCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose files appear whole or not at all (temporary file, then rename); a
     failed write names the checkpoint and the cause."""
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        path = Path(filepath)
-        tmp = temp_name(path) if trainer.is_global_zero else path
-        try:
-            trainer.save_checkpoint(str(tmp), self.save_weights_only)
-            if trainer.is_global_zero:
-                os.replace(tmp, path)
-        except StorageError:
-            raise
-        except OSError as e:
-            raise storage_error(path, e) from None
-        finally:
-            if trainer.is_global_zero and tmp != path:
-                tmp.unlink(missing_ok=True)
+        save_atomically(trainer, Path(filepath), self.save_weights_only)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
@@ -99,15 +105,5 @@ class StopOnSignal(pl.Callback):
             signum = int(trainer.strategy.reduce(float(signum or 0), reduce_op="max")) or None
         if signum is None:
             return
-        tmp = temp_name(self.checkpoint) if trainer.is_global_zero else self.checkpoint
-        try:
-            self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            trainer.save_checkpoint(str(tmp))
-            if trainer.is_global_zero:
-                os.replace(tmp, self.checkpoint)
-        except OSError as e:
-            raise storage_error(self.checkpoint, e) from None
-        finally:
-            if trainer.is_global_zero and tmp != self.checkpoint:
-                tmp.unlink(missing_ok=True)
+        save_atomically(trainer, self.checkpoint)
         raise Interrupted(signum, int(getattr(pl_module, "steps_done", trainer.global_step)), self.checkpoint)
