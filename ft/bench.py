@@ -64,7 +64,6 @@ from transformers import BertConfig, BertModel
 from ft.cpualloc import keep_freed_memory
 from ft.encoder import PACKAGED, Encoder, from_model, load_encoder
 from ft.inputs import build_input, initial_row
-from ft.metrics import measure_inputs
 from ft.module import TextualizationModule, full_sequence
 from ft.sites import Site, register_point_hook
 from ft.targets import neuron_targets
@@ -225,7 +224,7 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
         torch.set_num_threads(1)
         naive_one_thread_rate = len(common[::2]) * steps / naive_run(common[::2])[1]
         torch.set_num_threads(threads)
-    _, _, final = measure_inputs(module)
+    final = module.result().objectives
     rel = [abs(float(final[i]) - v) / max(abs(v), 1e-6) for i, v in naive.items()]
     flops_step = engine_flops(module)
     # the machine's speed drifts: the better of two measurements, before and after the runs
@@ -253,7 +252,7 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
         mod16, t16 = run_engine(enc, sites, steps, lr, "bf16-mixed", chunk_size, device)
         rate16 = engine_rate(t16)
         progress(f"engine bf16-mixed: {rate16:,.0f} neuron-steps/s")
-        _, _, final16 = measure_inputs(mod16)
+        final16 = mod16.result().objectives
         mm16 = mm_rate(torch.bfloat16)
         drift = ((final16 - final).abs() / final.abs().clamp_min(1e-6))
         gflops16 = flops_step * t16["steps"] / t16["seconds"] / 1e9

@@ -37,9 +37,12 @@ from ft.bars import bar
 from ft.corpus import DEFAULT_CORPUS, Corpus, load_corpus
 from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
-from ft.results import atomic_write, read_config, read_targets
-from ft.sites import Site, SiteIndex, SiteReader
+from ft.objectives import Readout, Readouts
+from ft.results import atomic_write, read_config, read_directions, read_targets
+from ft.sites import Site, SiteReader
 from ft.substitutes import build_substitutes
+from ft.targets import readouts_of_table
+from ft.vocab import weight_matrix
 
 log = logging.getLogger("ft")
 EXAMPLES = "examples.parquet"
@@ -60,16 +63,14 @@ def is_stopword(token: str) -> bool:
 class TargetScorer:
     """Activations of many targets at every token of `[CLS] tokens [SEP]` sequences."""
 
-    def __init__(self, encoder: Encoder, site_lists: Sequence[Sequence[Site]], batch_size: int = 64):
+    def __init__(self, encoder: Encoder, objectives: Sequence[Readout | Sequence[Site]], batch_size: int = 64):
+        """`objectives`: one per target, any readout (a neuron, a group mean, terms, a direction)."""
         self.encoder, self.batch_size = encoder, batch_size
         model = encoder.model
-        self.index = SiteIndex(model, site_lists)
+        self.index = Readouts(model, objectives).index
         self.reader = SiteReader(model, self.index.points, self.index.max_layer, slice(None))
         features = sum((self.index.max_layer + 1) * self.index.width[p] for p in self.index.points)
-        M = torch.zeros(features, len(site_lists))  # flat site -> target weights
-        cols = torch.arange(len(site_lists)).unsqueeze(1).expand_as(self.index.index)
-        M.index_put_((self.index.index.flatten(), cols.flatten()), self.index.weight.flatten(), accumulate=True)
-        self.M = M.to(encoder.word_embeddings.device)
+        self.M = weight_matrix(self.index, slice(None), features).to(encoder.word_embeddings.device)
         tok = encoder.tokenizer
         self.cls_id, self.sep_id, self.pad_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id or 0
 
@@ -233,8 +234,7 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
         targets = targets.iloc[[round(i * (len(targets) - 1) / max(limit - 1, 1)) for i in range(limit)]]
     encoder = load_encoder(cfg.model.name_or_path, bool(cfg.model.get("trust_remote_code", False)))
     tokens = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.vocab_size)))
-    site_lists = [[Site.parse(s) for s in sites] for sites in targets.sites]
-    scorer = TargetScorer(encoder, site_lists, batch_size)
+    scorer = TargetScorer(encoder, readouts_of_table(encoder.model, targets, read_directions(run_dir)), batch_size)
     limit = type(encoder.arch).max_tokens(encoder.model.config)
     if limit is not None:  # the model's positions bound a sentence, with its two framing tokens
         max_tokens = min(max_tokens, limit - 2)
@@ -343,6 +343,7 @@ def log_to_wandb(run_dir: Path, df: pd.DataFrame, compare: pd.DataFrame, summary
 def target_labels(targets: pd.DataFrame) -> dict[int, str]:
     """target_id -> what a reader knows the target by: its site, or its target word and group."""
     return {int(t.target_id): f"{t.target_word} ({t.selection} k={t.k})" if t.target_word else
+            getattr(t, "spec", None) if isinstance(getattr(t, "spec", None), str) else
             str(t.sites[0]) + (f" +{len(t.sites) - 1}" if len(t.sites) > 1 else "")
             for t in targets.itertuples()}
 

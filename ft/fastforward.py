@@ -135,7 +135,7 @@ class _SiteGather:
 
     def __init__(self, index: SiteIndex, plan: _Plan, device: torch.device, max_units_per_row: int = 8):
         n, k = index.index.shape
-        real = index.weight > 0
+        real = index.valid
         rows = torch.arange(n).unsqueeze(1).expand(n, k)[real]
         slots = rows * k + torch.arange(k).expand(n, k)[real]
         flat = index.index[real]

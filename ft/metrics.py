@@ -16,7 +16,10 @@ from torchmetrics import Metric
 from torchmetrics.functional import pairwise_cosine_similarity
 
 from ft.arch import adapter
-from ft.module import TextualizationModule, full_sequence, objective
+from ft.encoder import Encoder
+from ft.module import full_sequence, objective
+from ft.objectives import Readout, Readouts
+from ft.state import FitResult
 from ft.targets import Target
 from ft.vocab import Vocabulary, WordStats, word_stats
 
@@ -41,7 +44,7 @@ class VocabFacts:
     def build(cls, vocab: Vocabulary, word_vectors: torch.Tensor, sweeps: dict[str, torch.Tensor],
               model: torch.nn.Module, targets: Sequence[Target]) -> VocabFacts:
         rows = target_word_rows(vocab, targets)
-        return cls(vocab, word_vectors, word_stats(sweeps, model, [t.sites for t in targets], rows))
+        return cls(vocab, word_vectors, word_stats(sweeps, model, [t.readout for t in targets], rows))
 
 
 class TextualizationSummary(Metric):
@@ -130,80 +133,74 @@ def closest_in_chunks(
 
 
 @torch.no_grad()
-def measure_inputs(module: TextualizationModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 (embeds [T, l, H], analysis [T, l, H], objective [T]) by a fresh forward pass."""
-    enc = module.encoder
-    W = module.word_embeddings.float()
-    embeds, analysis, obj = [], [], []
-    for rows, index in module.plan:
-        e = module.embeds(rows).float()
-        seq = full_sequence(e, W, module.cls_id, module.sep_id)
-        with torch.autocast(device_type=seq.device.type, enabled=False):
-            obj.append(objective(enc, index, seq, module.position).float())
-            analysis.append(adapter(enc).embed(inputs_embeds=seq)[:, 1:-1].float())
-        embeds.append(e)
-    return torch.cat(embeds).cpu(), torch.cat(analysis).cpu(), torch.cat(obj).cpu()
+def measure(model: torch.nn.Module, objectives: Sequence[Readout], seq: torch.Tensor, position: int,
+            chunk: int = 256) -> torch.Tensor:
+    """[rows] each row's objective for `[CLS] ... [SEP]` inputs `seq` [rows, S, E], in float32."""
+    device = adapter(model).word_embeddings.device
+    out = []
+    for start in range(0, len(seq), chunk):
+        part = seq[start : start + chunk].to(device).float()
+        with torch.autocast(device_type=device.type, enabled=False):
+            batch = Readouts(model, objectives[start : start + chunk])
+            out.append(objective(model, batch, part, position).float().cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
-def snap(module: TextualizationModule, facts: VocabFacts,
+def analysis_of(model: torch.nn.Module, seq: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """[rows, l, E]: the embeddings module's output at the optimized positions (the analysis space)."""
+    a = adapter(model)
+    device = a.word_embeddings.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        return torch.cat([a.embed(inputs_embeds=seq[i : i + chunk].to(device).float())[:, 1:-1].float().cpu()
+                          for i in range(0, len(seq), chunk)])
+
+
+@torch.no_grad()
+def snap(result: FitResult, objectives: Sequence[Readout], facts: VocabFacts, encoder: Encoder, position: int,
          analysis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Discrete readout: vocabulary rows [T, l] and the activation of `[CLS] tokens [SEP]`.
+    """Discrete readout: vocabulary rows [T, l] and the objective of `[CLS] tokens [SEP]`.
 
     Probability-based inputs (softmax, gumbel) snap to their argmax token; the others to
     the nearest word by cosine in the analysis space.
     """
-    logits = module.inputs.logits()
-    if logits is not None:
-        rows = logits.float().cpu()[..., facts.vocab.ids].argmax(dim=-1)
+    vocab = facts.vocab
+    if result.token_rows is not None:
+        rows = result.token_rows
     else:
         flat = analysis.reshape(-1, analysis.shape[-1])
         rows = closest_in_chunks(flat, facts.word_vectors, [None] * len(flat), n=1)[1].reshape(analysis.shape[:2])
-    ids = facts.vocab.ids[rows].to(module.word_embeddings.device)
-    W = module.word_embeddings.float()
-    acts = []
-    for chunk, index in module.plan:
-        seq = full_sequence(W[ids[chunk]], W, module.cls_id, module.sep_id)
-        with torch.autocast(device_type=seq.device.type, enabled=False):
-            acts.append(objective(module.encoder, index, seq, module.position).float().cpu())
-    return rows, torch.cat(acts)
-
-
-@torch.no_grad()
-def token_entropy(module: TextualizationModule) -> torch.Tensor | None:
-    """Mean entropy (nats) of the noise-free token distributions, for probabilistic inputs."""
-    if not module.inputs.probabilistic:
-        return None
-    p = module.inputs.probs().float()
-    return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1).cpu()
+    W = encoder.word_embeddings.detach().float().cpu()
+    seq = full_sequence(W[vocab.ids[rows]], W, vocab.cls_id, vocab.sep_id)
+    return rows, measure(encoder.model, objectives, seq, position)
 
 
 def evaluate(
-    module: TextualizationModule,
+    result: FitResult,
     targets: Sequence[Target],
     facts: VocabFacts,
+    encoder: Encoder,
+    position: int,
     runaway_factor: float = 100.0,
 ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
-    """Per-target table (DESIGN §4 columns) and the tensors to save, for a finished run."""
-    module.eval()  # noise-free readouts (gumbel); the encoder is in eval mode anyway
-    embeds, analysis, obj = measure_inputs(module)
-    tok = module.position - 1  # which optimized token the metrics look at
+    """Per-target table (DESIGN §4 columns) and the tensors to save, from a fit's plain result."""
+    W = encoder.word_embeddings.detach().float().cpu()
+    embeds, obj = result.embeds, result.objectives
+    analysis = analysis_of(encoder.model, full_sequence(embeds, W, facts.vocab.cls_id, facts.vocab.sep_id))
+    tok = position - 1  # which optimized token the metrics look at
     a_tok = analysis[:, tok]
     word_rows = target_word_rows(facts.vocab, targets)
     top_cos, top_rows, tw_cos, tw_rank = closest_in_chunks(a_tok, facts.word_vectors, word_rows)
     maw_act, maw_row = facts.words.max_activation, facts.words.max_row
     raw_norm = embeds[:, tok].norm(dim=-1)
-    word_raw_max = module.word_embeddings.detach().float().norm(dim=-1).max().cpu()
-    diverged = ~torch.isfinite(obj) | ~torch.isfinite(raw_norm) | module.diverged.cpu()
+    word_raw_max = W.norm(dim=-1).max()
+    diverged = ~torch.isfinite(obj) | ~torch.isfinite(raw_norm) | result.diverged
     runaway = raw_norm > runaway_factor * word_raw_max  # still a result, but flagged and logged
     if bool(runaway.any()):
         rank_zero_warn(f"{int(runaway.sum())} of {len(runaway)} inputs ran away: raw norm above "
                        f"{runaway_factor:g}x the largest word embedding norm (see raw_norm, runaway)")
-    converged = module.converged().cpu()
-    steps = module.steps_per_target().cpu()
-    kept = torch.where(module.kept_step.cpu() >= 0, module.kept_step.cpu(), steps)  # engine.keep
-    snapped_rows, snapped_act = snap(module, facts, analysis)
-    entropy = token_entropy(module)
+    snapped_rows, snapped_act = snap(result, [t.readout for t in targets], facts, encoder, position, analysis)
+    entropy = result.entropy
     tokens = facts.vocab.tokens
     rows = []
     for t, target in enumerate(targets):
@@ -212,7 +209,10 @@ def evaluate(
             "target_id": target.target_id if target.target_id >= 0 else t,
             "restart": target.restart,
             "kind": target.kind,
-            "sites": [str(s) for s in target.sites],
+            "sites": target.reads,
+            "spec": target.spec,
+            "direction": target.direction,
+            "direction_name": target.direction_name,
             "layer": target.layer,
             "target_word": target.target_word,
             "k": target.k,
@@ -234,9 +234,9 @@ def evaluate(
             "snapped_activation": float(snapped_act[t]),
             "snap_gap": float(obj[t] - snapped_act[t]),
             "entropy": None if entropy is None else float(entropy[t]),
-            "steps": int(steps[t]),
-            "kept_step": int(kept[t]),
-            "converged": bool(converged[t]),
+            "steps": int(result.steps[t]),
+            "kept_step": int(result.kept_step[t]),
+            "converged": bool(result.converged[t]),
             "diverged": bool(diverged[t]),
             "runaway": bool(runaway[t]),
         }
@@ -251,9 +251,7 @@ def evaluate(
             )
         rows.append(row)
     df = pd.DataFrame(rows)
-    tensors = {"embeds": embeds.contiguous(), "analysis": analysis.contiguous()}
-    for name, value in module.inputs.extra_tensors(module.word_embeddings).items():
-        tensors[name] = value.detach().float().cpu().contiguous()
+    tensors = {"embeds": embeds.contiguous(), "analysis": analysis.contiguous(), **result.extra}
     return df, tensors
 
 

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
+from ft.directions import RUN_FILE, DirectionSet
 from ft.integrity import (
     MANIFEST,
     RunFileError,
@@ -36,6 +37,7 @@ from ft.integrity import (
 
 CONFIG, TARGETS, INPUTS, SUMMARY = "config.yaml", "targets.parquet", "inputs.safetensors", "summary.json"
 CURVES = "curves.parquet"
+DIRECTIONS = RUN_FILE  # directions.safetensors: the directions a run's objectives read
 log = logging.getLogger("ft")
 
 
@@ -85,6 +87,7 @@ def write_run(
     tensors: dict[str, torch.Tensor],
     summary: dict[str, float],
     curves: pd.DataFrame | None = None,
+    directions: DirectionSet | None = None,
 ) -> Path:
     """All result files or none: each is written to a temporary file first, then the manifest of
     their checksums; only when every one is on disk are they renamed into place, manifest last."""
@@ -99,6 +102,8 @@ def write_run(
     }
     if curves is not None:
         writers[CURVES] = lambda p: curves.to_parquet(p, index=False)
+    if directions is not None:  # the run's own copy: its objectives rebuild without the original file
+        writers[DIRECTIONS] = directions.save
     staged: dict[str, Path] = {}
     current = run_dir / CONFIG
     try:
@@ -150,6 +155,15 @@ def read_curves(run_dir: str | Path) -> pd.DataFrame | None:
 
 def read_inputs(run_dir: str | Path) -> dict[str, torch.Tensor]:
     return _read(run_dir, INPUTS, lambda p: load_file(str(p)))
+
+
+def read_directions(run_dir: str | Path) -> DirectionSet | None:
+    """The run's copy of its directions file, or None for a run that used none."""
+    if not (Path(run_dir) / DIRECTIONS).exists() and DIRECTIONS not in (read_manifest(Path(run_dir)) or {}):
+        return None
+    from ft.directions import load_directions
+
+    return _read(run_dir, DIRECTIONS, load_directions)
 
 
 def read_config(run_dir: str | Path) -> DictConfig:

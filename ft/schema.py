@@ -85,9 +85,10 @@ class ModelSchema:
 
 @dataclass
 class TargetSchema:
-    """configs/target/*: neuron targets use sites..layers, group targets k..num_frequent."""
+    """configs/target/*: neuron targets use sites..layers, group targets k..num_frequent, terms
+    specs (and file), directions file and site."""
 
-    kind: Choice("neuron", "group")
+    kind: Choice("neuron", "group", "terms", "direction")
     point: Choice(*POINTS)
     sites: Annotated[list[str], Unique] | None
     fraction: Num(gt=0, le=1) | None
@@ -101,6 +102,9 @@ class TargetSchema:
     words: Annotated[list[str], Unique] | None
     num_random: Int(ge=0)
     num_frequent: Int(ge=0)
+    specs: Annotated[list[str], Unique] | None
+    file: str | None
+    site: str | Annotated[list[str], Unique] | None
 
 
 @dataclass
@@ -319,6 +323,37 @@ def check_config(cfg: DictConfig | dict) -> None:
             if site in seen:
                 raise ConfigError(f"target.sites: {text!r} repeats {seen[site]!r}; valid: each site once")
             seen[site] = text
+    check_target_kind(t)
+
+
+def check_target_kind(t: dict) -> None:
+    """What terms and directions need, checked without the model: expressions that read, a
+    directions file that is one, sites `layer.L.point`."""
+    from ft.errors import TargetError
+    from ft.objectives import parse
+    from ft.sites import SiteError, parse_point
+
+    kind = t.get("kind")
+    try:
+        if kind == "terms":
+            if not t.get("specs"):
+                raise ConfigError("target.specs is empty; valid: a list of expressions, e.g. "
+                                  "'target.specs=[\"layer.3.ffn_out.5 - 0.5 * layer.2.ffn_act.7\"]'")
+            for spec in t["specs"]:
+                parse(spec, None)
+        if kind == "direction":
+            if not t.get("file"):
+                raise ConfigError("target.file=null; valid: a safetensors file with a 'directions' tensor [n, width]")
+            if not t.get("site"):
+                raise ConfigError("target.site=null; valid: a site 'layer.<L>.<point>' or a list of them")
+            for site in [t["site"]] if isinstance(t["site"], str) else t["site"]:
+                parse_point(site)
+        if kind in ("terms", "direction") and t.get("file"):
+            from ft.directions import load_directions
+
+            load_directions(t["file"])
+    except (TargetError, SiteError) as e:
+        raise ConfigError(str(e).replace("site ", "target.site: ", 1) if isinstance(e, SiteError) else str(e)) from None
 
 
 def check_model(cfg: DictConfig | dict, model_config: object) -> None:

@@ -106,4 +106,6 @@ class StopOnSignal(pl.Callback):
         if signum is None:
             return
         save_atomically(trainer, self.checkpoint)
-        raise Interrupted(signum, int(getattr(pl_module, "steps_done", trainer.global_step)), self.checkpoint)
+        from ft.callbacks.progress import steps_done
+
+        raise Interrupted(signum, steps_done(trainer, pl_module), self.checkpoint)

@@ -58,6 +58,22 @@ class Site:
         return self
 
 
+_POINT_RE = re.compile(r"^layer\.(\d+)\.([a-z_]+)$")
+
+
+def parse_point(text: str, model: nn.Module | None = None) -> tuple[int, str]:
+    """(layer, point) of a whole-point site `layer.{L}.{point}` (what a direction reads); checked
+    against `model` when given. SiteError naming the text and what is valid."""
+    m = _POINT_RE.match(str(text).strip())
+    if not m or m.group(2) not in POINTS:
+        raise SiteError(f"site {text!r} does not parse; expected 'layer.<L>.<point>' with point in {list(POINTS)}, "
+                        "e.g. 'layer.3.resid'")
+    layer, point = int(m.group(1)), m.group(2)
+    if model is not None and not 0 <= layer < num_layers(model):
+        raise SiteError(f"site {text!r}: layer {layer} out of range; valid 0..{num_layers(model) - 1}")
+    return layer, point
+
+
 def num_layers(model: nn.Module) -> int:
     return adapter(model).num_layers
 
@@ -158,8 +174,10 @@ class SiteIndex:
     """Maps lists of sites to a flat index into the concatenated point activations."""
 
     def __init__(
-        self, model: nn.Module, site_lists: Sequence[Sequence[Site]], max_layer: int | None = None
+        self, model: nn.Module, site_lists: Sequence[Sequence[Site]], max_layer: int | None = None,
+        weights: Sequence[Sequence[float]] | None = None,
     ):
+        """`weights[row][j]`: the weight of `site_lists[row][j]` (default 1/len: the mean)."""
         if not site_lists or any(len(s) == 0 for s in site_lists):
             raise SiteError("every target needs at least one site; got an empty site list")
         for sites in site_lists:
@@ -178,11 +196,13 @@ class SiteIndex:
         k = max(len(s) for s in site_lists)
         idx = torch.zeros(len(site_lists), k, dtype=torch.long)
         weight = torch.zeros(len(site_lists), k)
+        valid = torch.zeros(len(site_lists), k, dtype=torch.bool)
         for row, sites in enumerate(site_lists):
             for j, s in enumerate(sites):
                 idx[row, j] = self.flat(s)
-                weight[row, j] = 1.0 / len(sites)
-        self.index, self.weight = idx, weight
+                weight[row, j] = 1.0 / len(sites) if weights is None else weights[row][j]
+            valid[row, : len(sites)] = True
+        self.index, self.weight, self.valid = idx, weight, valid  # [rows, k]; valid: not padding
         # highest layer each row needs: where a shared forward may let the row stop
         self.row_top = torch.tensor([max(s.layer for s in sites) for sites in site_lists], dtype=torch.long)
 

@@ -1,4 +1,6 @@
-"""What to textualize: single neurons, or groups of neurons selected for target words."""
+"""What to textualize: single neurons, groups of neurons selected for target words, expressions
+over sites (`terms`), and directions read from a file. Each target holds its objective as a
+`Readout` (ft.objectives); `kind` only says how it was made."""
 
 from __future__ import annotations
 
@@ -10,26 +12,46 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ft.directions import DirectionSet
 from ft.errors import TargetError
-from ft.sites import Site, num_layers, point_width
+from ft.objectives import Readout, as_readout, direction, mean, neuron, parse
+from ft.sites import Site, SiteError, num_layers, parse_point, point_width
 from ft.vocab import SweepSummary, Vocabulary
 
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("absolute", "relative")
+KINDS = ("neuron", "group", "terms", "direction")
 LATIN_WORD = re.compile(r"^[a-z]+$")
 
 
 @dataclass
 class Target:
-    kind: str  # "neuron" or "group"
-    sites: list[Site]
+    kind: str  # one of KINDS
+    readout: Readout  # the objective: weights over sites
     target_word: str | None = None
     k: int | None = None
     selection: str | None = None
+    spec: str | None = None  # the expression as written (terms), `layer.L.point@ROW` (direction)
+    direction: int | None = None  # row of the directions file
+    direction_name: str | None = None
     target_id: int = -1  # row in the full (unsharded) run, set by `number_targets`
     restart: int = 0  # which random restart of the target this row is
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.readout, Readout):  # a list of sites: their mean
+            self.readout = as_readout(self.readout)
+
+    @property
+    def sites(self) -> list[Site]:
+        """Every unit the objective weighs (a direction: every unit of its point)."""
+        return self.readout.sites
+
+    @property
+    def reads(self) -> list[str]:
+        """The contract's `sites`: units as written, and a direction's whole point `layer.L.point`."""
+        return list(self.readout.reads)
 
     @property
     def init_id(self) -> int:
@@ -38,7 +60,9 @@ class Target:
 
     @property
     def layer(self) -> int | None:
-        return self.sites[0].layer if self.kind == "neuron" else None
+        """The layer of a neuron or a direction, and of terms that all read one layer."""
+        layers = self.readout.layers
+        return layers[0] if self.kind != "group" and len(layers) == 1 else None
 
 
 def number_targets(targets: list[Target]) -> list[Target]:
@@ -65,7 +89,7 @@ def neuron_targets(
 ) -> list[Target]:
     """An explicit site list, or a seeded random sample of units per layer."""
     if sites:
-        return [Target("neuron", [Site.parse(s).check(model)]) for s in sites]
+        return [Target("neuron", neuron(Site.parse(s).check(model))) for s in sites]
     n_layers = num_layers(model)
     layers = list(range(n_layers)) if layers is None else list(layers)
     for layer in layers:
@@ -82,7 +106,7 @@ def neuron_targets(
     out = []
     for layer in layers:
         for unit in sorted(rng.sample(range(width), per_layer)):
-            out.append(Target("neuron", [Site(layer, point, unit)]))
+            out.append(Target("neuron", neuron(Site(layer, point, unit))))
     if not out:
         raise TargetError("no targets: target.layers is empty")
     return out
@@ -184,7 +208,57 @@ def group_targets(
     for word, row in zip(words, rows, strict=True):
         idx, skipped = select_group(summary.rows[row], summary.a_max, k, selection)
         sites = [Site(int(i) // width, point, int(i) % width) for i in idx]
-        out.append(Target("group", sites, target_word=word, k=k, selection=selection))
+        out.append(Target("group", mean(sites), target_word=word, k=k, selection=selection))
     if skipped:
         log.info("relative selection skipped %d neurons with a_max <= 0", skipped)
+    return out
+
+
+def direction_lookup(model: torch.nn.Module, directions: DirectionSet | None):
+    """`parse`'s lookup of `layer.L.point@NAME` in a directions file."""
+    if directions is None:
+        return None
+    return lambda layer, point, name: directions.vector(name, point_width(model, point), point)
+
+
+def terms_targets(model: torch.nn.Module, specs: Sequence[str] | None, directions: DirectionSet | None = None
+                  ) -> list[Target]:
+    """One target per expression (`ft.objectives.parse`), e.g. 'layer.3.ffn_out.5 - 0.5 * layer.2.ffn_act.7'."""
+    if not specs:
+        raise TargetError("target.specs is empty; valid: a list of expressions, e.g. "
+                          "'target.specs=[\"layer.3.ffn_out.5 - 0.5 * layer.2.ffn_act.7\"]'")
+    lookup = direction_lookup(model, directions)
+    return [Target("terms", parse(str(spec), model, lookup), spec=str(spec)) for spec in specs]
+
+
+def direction_targets(model: torch.nn.Module, directions: DirectionSet, sites: str | Sequence[str]) -> list[Target]:
+    """One target per row of the file, at each of `sites` (`layer.L.point`): objective h . v."""
+    sites = [sites] if isinstance(sites, str) else list(sites or [])
+    if not sites:
+        raise TargetError("target.site is empty; valid: a site 'layer.<L>.<point>' or a list of them")
+    out = []
+    for text in sites:
+        try:
+            layer, point = parse_point(text, model)
+        except SiteError as e:
+            raise TargetError(f"target.site: {e}") from None
+        width = point_width(model, point)
+        for row in range(len(directions)):
+            v = directions.vector(str(row), width, point)
+            out.append(Target("direction", direction(layer, point, v), spec=f"layer.{layer}.{point}@{row}",
+                              direction=row, direction_name=directions.name(row)))
+    return out
+
+
+def readouts_of_table(model: torch.nn.Module, table, directions: DirectionSet | None = None) -> list[Readout]:
+    """Each row's objective rebuilt from a targets table (`targets.parquet`): neurons and groups are
+    the mean of their `sites`, terms and directions their `spec` (directions from the run's copy)."""
+    lookup = direction_lookup(model, directions)
+    out = []
+    for row in table.itertuples():
+        spec = getattr(row, "spec", None)
+        if row.kind in ("terms", "direction") and isinstance(spec, str):
+            out.append(parse(spec, model, lookup))
+        else:
+            out.append(mean([Site.parse(s).check(model) for s in row.sites]))
     return out

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ft.callbacks.progress import StepProgress
 from ft.chatter import configure_output
+from ft.directions import DirectionSet, load_directions
 from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
 from ft.integrity import StorageError
@@ -31,14 +32,18 @@ from ft.preflight import preflight
 from ft.results import CONFIG, RunLock, atomic_write, write_config, write_run
 from ft.schema import check_config, check_model
 from ft.signals import AtomicCheckpoint, Interrupted, StopOnSignal
+from ft.state import FitResult
 from ft.strategy import choose_strategy, shard_rows
 from ft.targets import (
+    KINDS,
     Target,
     check_word,
+    direction_targets,
     group_targets,
     neuron_targets,
     number_targets,
     target_words,
+    terms_targets,
     with_restarts,
 )
 from ft.tracking import build_loggers, format_table, log_summary
@@ -54,8 +59,15 @@ class TrainingDivergedError(FtError):
     """Every target diverged: there are no results to write."""
 
 
-def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep) -> list[Target]:
+def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep,
+                  directions: DirectionSet | None = None) -> list[Target]:
     t = cfg.target
+    if t.kind == "terms":
+        return terms_targets(encoder.model, t.specs, directions)
+    if t.kind == "direction":
+        if directions is None:
+            raise ConfigError("target.file=null; valid: a safetensors file with a 'directions' tensor [n, width]")
+        return direction_targets(encoder.model, directions, t.site)
     if t.kind == "neuron":
         return neuron_targets(
             encoder.model, sites=t.sites, point=t.point, fraction=t.fraction,
@@ -67,7 +79,7 @@ def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep) -
             point=t.point, words=t.words, num_random=t.num_random,
             num_frequent=t.num_frequent, seed=t.seed,
         )
-    raise ConfigError(f"target.kind={t.kind!r}; valid: ['neuron', 'group']")
+    raise ConfigError(f"target.kind={t.kind!r}; valid: {list(KINDS)}")
 
 
 def quiet_expected_warnings() -> None:
@@ -101,14 +113,13 @@ def best_restarts(df: pd.DataFrame, tensors: dict[str, torch.Tensor]
     return kept.reset_index(drop=True), {k: v[torch.as_tensor(best)].contiguous() for k, v in tensors.items()}
 
 
-def curve_table(module: TextualizationModule, targets: list[Target], kept: pd.DataFrame
-                ) -> pd.DataFrame:
+def curve_table(result: FitResult, targets: list[Target], kept: pd.DataFrame) -> pd.DataFrame:
     """Per-target activation curves of the kept rows (best restarts), in long format."""
-    values = module.curves()  # [samples, rows]
+    values = result.curves  # [samples, rows]
     keep = {(t, r) for t, r in zip(kept["target_id"], kept["restart"], strict=True)}
     cols = [i for i, tg in enumerate(targets) if (tg.target_id, tg.restart) in keep]
-    steps = torch.tensor(module.curve_steps).repeat_interleave(len(cols))
-    ids = torch.tensor([targets[i].target_id for i in cols]).repeat(len(module.curve_steps))
+    steps = torch.tensor(result.curve_steps, dtype=torch.long).repeat_interleave(len(cols))
+    ids = torch.tensor([targets[i].target_id for i in cols], dtype=torch.long).repeat(len(result.curve_steps))
     return pd.DataFrame({"step": steps.numpy(), "target_id": ids.numpy(),
                          "objective": values[:, cols].flatten().numpy()})
 
@@ -133,7 +144,7 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
         raise ConfigError(f"engine.fast_forward={fast!r}; valid: auto, true, false")
     fast = fast_choices[fast]
     return TextualizationModule(
-        encoder.model, [t.sites for t in targets], inputs, optimizer,
+        encoder.model, [t.readout for t in targets], inputs, optimizer,
         cls_id=facts.vocab.cls_id, sep_id=facts.vocab.sep_id, position=cfg.position,
         chunk_size=chunk, converge_window=e.converge_window, converge_tol=e.converge_tol,
         stop_when_converged=e.stop_when_converged, freeze_converged=e.freeze_converged,
@@ -233,7 +244,8 @@ def record_resume(run_dir: Path, entry: dict) -> None:
     atomic_write(path, lambda p: p.write_text(old + line + "\n"))
 
 
-def prepare_targets(cfg: DictConfig, encoder: Encoder) -> tuple[list[Target], VocabFacts]:
+def prepare_targets(cfg: DictConfig, encoder: Encoder, directions: DirectionSet | None = None
+                    ) -> tuple[list[Target], VocabFacts]:
     """This run's targets (numbered, sharded, restarts repeated) and the vocabulary facts they are
     measured against: the sweep of every point their sites use, the analysis vectors at `position`.
 
@@ -263,11 +275,11 @@ def prepare_targets(cfg: DictConfig, encoder: Encoder) -> tuple[list[Target], Vo
             source = stream_summary(encoder, vocab, t.point, rows)
         else:
             source = sweep_of(t.point)
-    targets = select_targets(cfg, build_targets(cfg, encoder, vocab, source))
+    targets = select_targets(cfg, build_targets(cfg, encoder, vocab, source, directions))
     used = sorted({s.point for t in targets for s in t.sites})  # sites may mix points
     vectors = analysis_vectors(encoder, vocab, cfg.position)
     if any(streamed(p) for p in used):
-        words = stream_word_stats(encoder, vocab, [t.sites for t in targets], target_word_rows(vocab, targets))
+        words = stream_word_stats(encoder, vocab, [t.readout for t in targets], target_word_rows(vocab, targets))
         return targets, VocabFacts(vocab, vectors, words)
     facts = VocabFacts.build(vocab, vectors, {p: sweep_of(p) for p in used}, encoder.model, targets)
     return targets, facts  # the sweeps (~1 GB each for bert-base) go out of scope here
@@ -286,7 +298,8 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     pl.seed_everything(cfg.seed, verbose=False)
     encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     check_model(cfg, encoder.model.config)
-    targets, facts = prepare_targets(cfg, encoder)
+    directions = load_directions(cfg.target.file) if cfg.target.get("file") else None
+    targets, facts = prepare_targets(cfg, encoder, directions)
     module = build_module(cfg, encoder, targets, facts)
     module.facts = facts
     rank0 = pl.utilities.rank_zero_only.rank == 0
@@ -296,7 +309,8 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
             if resume_entry:
                 record_resume(run_dir, resume_entry)
         loggers = build_loggers(cfg, run_dir, cfg.run_name or cfg.experiment_name)
-        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+        # the control first: a step's rows are decided before any other callback (a checkpoint) sees it
+        callbacks = [module.control, *(instantiate(c) for c in cfg.callbacks.values() if c is not None)]
         callbacks.append(AtomicCheckpoint(
             dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
             every_n_train_steps=cfg.engine.checkpoint_every_n_steps,
@@ -316,15 +330,16 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
             trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None)
         if not trainer.is_global_zero:
             return {}
-        df, tensors = best_restarts(*evaluate(module, targets, facts, cfg.engine.runaway_factor))
+        result = module.result(facts.vocab.ids)
+        df, tensors = best_restarts(*evaluate(result, targets, facts, encoder, cfg.position, cfg.engine.runaway_factor))
         if df["diverged"].all():
             raise TrainingDivergedError(
                 f"all {len(df)} targets diverged (non-finite or runaway input) at optim.lr="
                 f"{cfg.optim.get('lr')}; lower the learning rate. No results were written.")
         summary = summarize(df)
         summary["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
-        write_run(run_dir, cfg, df, tensors, summary, curve_table(module, targets, df))
-        note = log_summary(loggers, summary, df, int(module.steps_done), run_dir)
+        write_run(run_dir, cfg, df, tensors, summary, curve_table(result, targets, df), directions)
+        note = log_summary(loggers, summary, df, result.total_steps, run_dir)
     print(format_table(df, cfg.print_rows, summary))
     print(f"run directory: {run_dir}")
     if note:

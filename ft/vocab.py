@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,6 +24,9 @@ from ft.encoder import Encoder
 from ft.fastforward import FastSiteReader, supports
 from ft.integrity import remove_stale_temps, save_tensors, sha256_bytes, temp_name
 from ft.sites import Site, SiteIndex, SiteReader, num_layers
+
+if TYPE_CHECKING:
+    from ft.objectives import Readout
 
 log = logging.getLogger(__name__)
 
@@ -160,28 +164,50 @@ def write_cached(path: Path, acts: torch.Tensor) -> None:
             pass
 
 
+def weight_matrix(index: SiteIndex, rows: slice, features: int) -> torch.Tensor:
+    """[features, rows] the rows' site weights as dense columns (for wide objectives: directions)."""
+    idx, w, valid = index.index[rows], index.weight[rows], index.valid[rows]
+    cols = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)
+    M = torch.zeros(features, idx.shape[0])
+    M.index_put_((idx[valid], cols[valid]), w[valid], accumulate=True)
+    return M
+
+
+def readout_values(flat: torch.Tensor, index: SiteIndex, rows: slice) -> torch.Tensor:
+    """[batch, rows]: the objectives of `rows` for activations `flat` [batch, features]. Sparse
+    objectives (neurons, groups) gather their sites; wide ones (a direction reads a whole point)
+    multiply by their dense weights, which is cheaper than gathering every unit."""
+    if index.index.shape[1] * 8 >= flat.shape[1]:
+        return flat @ weight_matrix(index, rows, flat.shape[1]).to(flat.dtype)
+    return (flat[:, index.index[rows]] * index.weight[rows]).sum(-1)
+
+
 def objective_chunks(
-    sweeps: dict[str, torch.Tensor], model: torch.nn.Module, site_lists: Sequence[Sequence[Site]],
+    sweeps: dict[str, torch.Tensor], model: torch.nn.Module, objectives: Sequence[Readout | Sequence[Site]],
     budget_bytes: int = 2**27,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first target, [V', chunk]): each target's objective (mean over its sites) for every
-    single word, a chunk of targets at a time so the [V', chunk, sites] gather fits `budget_bytes`."""
-    index = SiteIndex(model, site_lists, max_layer=num_layers(model) - 1)
+    """(first target, [V', chunk]): each target's objective for every single word, a chunk of
+    targets at a time so the [V', chunk, sites] gather fits `budget_bytes`."""
+    from ft.objectives import Readouts
+
+    index = Readouts(model, objectives, max_layer=num_layers(model) - 1).index
     if len(index.points) == 1:  # a view of the sweep, not a copy
         flat = sweeps[index.points[0]].flatten(1)
     else:
         flat = index.flatten({p: sweeps[p] for p in index.points})
-    step = max(1, budget_bytes // (4 * flat.shape[0] * index.index.shape[1]))
-    for start in range(0, len(site_lists), step):
-        yield start, (flat[:, index.index[start : start + step]] * index.weight[start : start + step]).sum(-1)
+    k = index.index.shape[1]
+    per_target = flat.shape[0] * (1 if k * 8 >= flat.shape[1] else k)  # floats a target's column costs
+    step = max(1, budget_bytes // (4 * per_target))
+    for start in range(0, len(objectives), step):
+        yield start, readout_values(flat, index, slice(start, start + step))
 
 
 def vocab_objective(
-    sweeps: dict[str, torch.Tensor], model: torch.nn.Module, site_lists: Sequence[Sequence[Site]],
+    sweeps: dict[str, torch.Tensor], model: torch.nn.Module, objectives: Sequence[Readout | Sequence[Site]],
     budget_bytes: int = 2**27,
 ) -> torch.Tensor:
     """[V', targets]: the whole matrix (small models and tests; runs use `word_stats`)."""
-    return torch.cat([obj for _, obj in objective_chunks(sweeps, model, site_lists, budget_bytes)], dim=1)
+    return torch.cat([obj for _, obj in objective_chunks(sweeps, model, objectives, budget_bytes)], dim=1)
 
 
 @dataclass
@@ -194,13 +220,13 @@ class WordStats:
 
 
 def word_stats(
-    sweeps: dict[str, torch.Tensor], model: torch.nn.Module, site_lists: Sequence[Sequence[Site]],
+    sweeps: dict[str, torch.Tensor], model: torch.nn.Module, objectives: Sequence[Readout | Sequence[Site]],
     target_rows: Sequence[int | None], budget_bytes: int = 2**27,
 ) -> WordStats:
     """`vocab_objective` reduced target chunk by target chunk: memory stays at `budget_bytes`
     however many targets (the full [V', targets] matrix is 1.1 GB for bert-base's 9,216 neurons)."""
     best, rows, at_word = [], [], []
-    for start, obj in objective_chunks(sweeps, model, site_lists, budget_bytes):
+    for start, obj in objective_chunks(sweeps, model, objectives, budget_bytes):
         value, row = obj.max(dim=0)
         best.append(value)
         rows.append(row)
@@ -279,21 +305,24 @@ def stream_summary(encoder: Encoder, vocab: Vocabulary, point: str, rows: Sequen
     return SweepSummary(a_max, keep, shape[1], shape[2])
 
 
-def stream_word_stats(encoder: Encoder, vocab: Vocabulary, site_lists: Sequence[Sequence[Site]],
+def stream_word_stats(encoder: Encoder, vocab: Vocabulary, objectives: Sequence[Readout | Sequence[Site]],
                       target_rows: Sequence[int | None], position: int = 1, batch_size: int = 1024) -> WordStats:
     """`word_stats` in one pass over the vocabulary: each batch's objectives are reduced at once."""
+    from ft.objectives import Readouts
+
     model = encoder.model
-    index = SiteIndex(model, site_lists, max_layer=num_layers(model) - 1)
-    best = torch.full((len(site_lists),), -torch.inf)
-    best_row = torch.zeros(len(site_lists), dtype=torch.long)
-    at_word = torch.full((len(site_lists),), torch.nan)
+    n = len(objectives)
+    index = Readouts(model, objectives, max_layer=num_layers(model) - 1).index
+    best = torch.full((n,), -torch.inf)
+    best_row = torch.zeros(n, dtype=torch.long)
+    at_word = torch.full((n,), torch.nan)
     by_row: dict[int, list[int]] = {}
     for t, r in enumerate(target_rows):
         if r is not None:
             by_row.setdefault(r, []).append(t)
     for start, acts in _stream(encoder, vocab, index.points, position, batch_size):
         flat = index.flatten(acts)  # [batch, total]
-        obj = (flat[:, index.index] * index.weight).sum(-1)  # [batch, targets]
+        obj = readout_values(flat, index, slice(None))  # [batch, targets]
         value, row = obj.max(dim=0)
         better = value > best
         best = torch.where(better, value, best)

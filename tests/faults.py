@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from ft.callbacks.progress import steps_done
+
 
 @contextmanager
 def tmpfs(path: Path, size: str = "1m", read_only: bool = False):
@@ -59,5 +61,5 @@ class SignalSelf(pl.Callback):
                              batch_idx: int) -> None:
         import os
 
-        if int(getattr(pl_module, "steps_done", trainer.global_step)) == self.at:
+        if steps_done(trainer, pl_module) == self.at:
             os.kill(os.getpid(), self.signum)

@@ -146,14 +146,14 @@ def test_bench_flop_formula_matches_counted_flops(tiny, monkeypatch):
         inputs = build_input("onehot", range(len(SITES)), tiny.word_embeddings, seed=0, optimizer=opt)
         m = TextualizationModule(tiny.model, SITES, inputs, opt, vocab.cls_id, vocab.sep_id, fast_forward=fast)
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-            for rows, index in m.plan:
-                obj, _ = m.chunk_loss_terms(rows, index)
+            for rows, objective in m.plan:
+                obj, _ = m.chunk_terms(rows, objective)
                 obj.sum().backward()
         counted = counter.get_total_flops()
         if fast:  # the FFN output of a row's top layer at its read units only (mul and sum)
             S, inter = 3, tiny.model.config.intermediate_size
-            counted += 2 * 2 * inter * sum(len(u[0]) for _, i in m.plan
-                                           for u in site_plan(i, S, 1, torch.device("cpu"))[1].end_units if u)
+            counted += 2 * 2 * inter * sum(len(u[0]) for _, o in m.plan
+                                           for u in site_plan(o.index, S, 1, torch.device("cpu"))[1].end_units if u)
         assert counted == pytest.approx(engine_flops(m, tiny.model.config), rel=1e-6)
 
 

@@ -26,7 +26,7 @@ def finished(tiny, tmp_path):
                              vocab.cls_id, vocab.sep_id, stop_when_converged=False)
     pl.Trainer(max_steps=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                default_root_dir=str(tmp_path)).fit(m)
-    df, tensors = evaluate(m, targets, facts)
+    df, tensors = evaluate(m.result(vocab.ids), targets, facts, tiny, 1)
     return tiny, vocab, targets, df, tensors, summarize(df)
 
 

@@ -47,7 +47,7 @@ def test_activation_rises_and_encoder_stays_frozen(tiny, tmp_path, kind, opt):
     fit(m, 30, tmp_path)
     after = m().detach()
     assert (after > before).all(), (before, after)
-    assert int(m.steps_done) == 30
+    assert m.state.step == 30
     for k, v in tiny.model.state_dict().items():
         assert torch.equal(v, weights[k]), k
 
@@ -97,26 +97,26 @@ def test_checkpoint_holds_input_and_optimizer_not_encoder(tiny, tmp_path):
 def test_convergence_stops_the_run(tiny, tmp_path):
     m = make(tiny, opt=partial(torch.optim.SGD, lr=0.0), converge_window=3, converge_tol=1e-6)
     fit(m, 50, tmp_path)
-    assert int(m.steps_done) == 4  # nothing moves: converged after window + 1 steps
+    assert m.state.step == 4  # nothing moves: converged after window + 1 steps
     assert m.converged().all()
 
 
 def test_frozen_rows_drop_out_of_the_plan(tiny, tmp_path):
     """Once most rows are frozen, the step runs only the others; frozen inputs never move."""
     m = make(tiny, stop_when_converged=False)
-    m.frozen[[0, 2]] = True
+    m.state.frozen[[0, 2]] = True
     plan = m.active_plan()
     assert sorted(int(r) for rows, _ in plan for r in rows) == [1]
     before = m.inputs.param.detach().clone()
     fit(m, 3, tmp_path)
     after = m.inputs.param.detach()
     assert torch.equal(after[[0, 2]], before[[0, 2]]) and not torch.equal(after[1], before[1])
-    assert torch.isfinite(m.last_objective[1]) and m.last_objective[1] > m.history[0, 1]
+    assert torch.isfinite(m.state.last[1]) and m.state.last[1] > m.state.history[0, 1]
 
 
 def planted(tiny, values: list[list[float]], window: int, tol: float, **kw) -> tuple:
-    """A module whose objective history is `values` (one list per step, a value per target),
-    recorded through `record` as the training step does, under a real (idle) Trainer."""
+    """A module whose objective history is `values` (one list per step, a value per target), each
+    observed by the module's ConvergenceControl as after a training step, under a real (idle) Trainer."""
     import pytorch_lightning as pl
 
     sites = [[Site(0, "ffn_out", i)] for i in range(len(values[0]))]
@@ -128,9 +128,16 @@ def planted(tiny, values: list[list[float]], window: int, tol: float, **kw) -> t
     m.trainer = trainer
     stops = []
     for v in values:
-        m.record(torch.tensor(v))
+        record(m, v)
         stops.append(bool(trainer.should_stop))
     return m, stops
+
+
+def record(m, values) -> None:
+    """What a training step leaves for the control: the step's objective, the step counted."""
+    m.state.last = torch.tensor(values)
+    m.state.step += 1
+    m.control.observe(m.trainer, m.state)
 
 
 def test_convergence_is_relative_to_the_value_and_over_exactly_the_window(tiny):
@@ -143,7 +150,7 @@ def test_convergence_is_relative_to_the_value_and_over_exactly_the_window(tiny):
     m, stops = planted(tiny, steps[:4], window=3, tol=1e-3, stop_when_converged=False)
     # after 4 records: now = step 3, before = step 0
     assert m.converged().tolist() == [True, False, False]
-    m.record(torch.tensor(steps[4]))  # now = step 4, before = step 1
+    record(m, steps[4])  # now = step 4, before = step 1
     assert m.converged().tolist() == [True, False, True]
     short, _ = planted(tiny, steps[:3], window=3, tol=1e-3, stop_when_converged=False)
     assert not short.converged().any()  # fewer than window + 1 values: nothing has converged yet
@@ -161,8 +168,8 @@ def test_freezing_marks_only_converged_targets_at_their_step(tiny):
     flat, moving = [2.0] * 6, [float(i) for i in range(6)]
     m, stops = planted(tiny, [[a, b] for a, b in zip(flat, moving, strict=True)], window=2, tol=1e-4,
                        freeze_converged=True, stop_when_converged=False)
-    assert m.frozen.tolist() == [True, False] and not any(stops)
-    assert m.stopped_at.tolist() == [3, -1] and m.steps_per_target().tolist() == [3, 6]
+    assert m.state.frozen.tolist() == [True, False] and not any(stops)
+    assert m.state.stopped_at.tolist() == [3, -1] and m.state.steps_per_row().tolist() == [3, 6]
 
 
 def test_resumed_module_takes_the_optimizer_state_from_the_checkpoint(tiny, tmp_path):
@@ -185,9 +192,9 @@ def test_resumed_module_takes_the_optimizer_state_from_the_checkpoint(tiny, tmp_
     t.fit(resumed, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     straight = make(tiny, stop_when_converged=False)
     fit(straight, 10, tmp_path)
-    assert int(resumed.steps_done) == 10
+    assert resumed.state.step == 10
     torch.testing.assert_close(resumed.embeds(), straight.embeds(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(resumed.history, straight.history, equal_nan=True)
+    torch.testing.assert_close(resumed.state.history, straight.state.history, equal_nan=True)
     assert float(t.optimizers[0].state_dict()["state"][0]["step"]) == 10 and float(saved["step"]) == 5
 
 
@@ -200,7 +207,7 @@ def test_gather_rows_puts_every_row_back_in_target_order(tiny, tmp_path):
 
     m = make(tiny, stop_when_converged=False)
     fit(m, 3, tmp_path)
-    before = (m.inputs.param.detach().clone(), m.history.clone(), m.stopped_at.clone())
+    before = (m.inputs.param.detach().clone(), m.state.history.clone(), m.state.stopped_at.clone())
     m.rows = slice(0, len(SITES), 1)  # rank 0 of 1: the same rows, as a rank's slice
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -212,6 +219,6 @@ def test_gather_rows_puts_every_row_back_in_target_order(tiny, tmp_path):
         dist.destroy_process_group()
     assert m.rows == slice(0, len(SITES)) and m.num_targets == len(SITES)
     assert torch.equal(m.inputs.param.detach(), before[0]) and m.inputs.param.requires_grad
-    assert torch.equal(m.history.nan_to_num(-7.0), before[1].nan_to_num(-7.0)) and torch.equal(m.stopped_at, before[2])
-    assert len(m.curve_values) == len(m.curve_steps) and m.curves().shape == (len(m.curve_steps), len(SITES))
+    assert torch.equal(m.state.history.nan_to_num(-7.0), before[1].nan_to_num(-7.0)) and torch.equal(m.state.stopped_at, before[2])
+    assert m.state.curves.shape == (len(m.state.curve_steps), len(SITES))
     assert sum(c.stop - c.start for c, _ in m.plan) == len(SITES)

@@ -81,7 +81,7 @@ def test_snapped_activation_equals_fresh_forward(tiny, tmp_path, kind):
     targets = [Target("neuron", s) for s in SITES]
     facts = VocabFacts.build(vocab, analysis_vectors(tiny, vocab), {"ffn_out": sweep}, tiny.model, targets)
     m = fit(module(tiny, kind, partial(torch.optim.Adam, lr=0.1)), 10, tmp_path)
-    df, _ = evaluate(m, targets, facts)
+    df, _ = evaluate(m.result(vocab.ids), targets, facts, tiny, 1)
     for t, row in df.iterrows():
         r = vocab.tokens.index(row.snapped_tokens[0])
         # independent: the vocabulary sweep's activation for that single word
@@ -117,7 +117,7 @@ def test_frozen_targets_stop_moving(tiny, tmp_path):
     m = module(tiny, "embedding", partial(torch.optim.Adam, lr=0.1), freeze_converged=True,
                converge_window=2, converge_tol=10.0)  # everything "converges" after 3 steps
     fit(m, 8, tmp_path)
-    assert m.frozen.all() and (m.steps_per_target() == 3).all()
+    assert m.state.frozen.all() and (m.state.steps_per_row() == 3).all()
 
 
 def small_run(tiny_dir, tmp_path, name, *extra):
@@ -178,14 +178,14 @@ def test_gumbel_is_read_noise_free_at_its_final_temperature(tiny, tmp_path):
     m = fit(module(tiny, "gumbel", partial(torch.optim.Adam, lr=0.5), inp=dict(tau_start=2.0, tau_end=0.25)),
             6, tmp_path, [TemperatureSchedule()])
     assert float(m.inputs.tau) == pytest.approx(0.25)
-    df, tensors = evaluate(m, targets, facts)
+    df, tensors = evaluate(m.result(vocab.ids), targets, facts, tiny, 1)
     x = m.inputs.x.detach().float()
     p = torch.softmax(x / 0.25, dim=-1)  # independent: the final temperature, no noise
     torch.testing.assert_close(tensors["embeds"], p @ tiny.word_embeddings.detach(), rtol=1e-5, atol=1e-6)
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1)
     assert df.entropy.tolist() == pytest.approx(entropy.tolist(), rel=1e-5)
     assert torch.softmax(x, dim=-1).ne(p).any()  # tau matters here: tau = 1 would read otherwise
-    df2, tensors2 = evaluate(m, targets, facts)  # deterministic: no noise drawn at evaluation
+    df2, tensors2 = evaluate(m.result(vocab.ids), targets, facts, tiny, 1)  # deterministic: no noise drawn at evaluation
     assert torch.equal(tensors["embeds"], tensors2["embeds"])
 
 
@@ -197,7 +197,8 @@ def test_word_regularizer_is_measured_in_the_analysis_space(tiny):
     vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
     vecs = analysis_vectors(tiny, vocab)
     m = module(tiny, "embedding", partial(torch.optim.Adam, lr=0.1), reg_word=3.0, word_vectors=vecs)
-    obj, penalty = m.chunk_loss_terms(slice(None), m.index)
+    obj, total = m.chunk_terms(slice(None), m.objective_batch)
+    penalty = (obj - total).sum()  # the regularizer enters with a minus sign
     a = analysis_by_hand(tiny.model, m.embeds().detach(), 1)[:, 0]  # [T, H]
     W = tiny.word_embeddings.detach()[vocab.ids]
     words = analysis_by_hand(tiny.model, W[:, None], 1)[:, 0]
@@ -206,7 +207,8 @@ def test_word_regularizer_is_measured_in_the_analysis_space(tiny):
     raw = torch.nn.functional.normalize(m.embeds().detach()[:, 0], dim=-1) @ torch.nn.functional.normalize(W, dim=-1).T
     assert float((1 - raw.max(-1).values).sum()) != pytest.approx(float((1 - cos.max(-1).values).sum()), rel=1e-3)
     norm = module(tiny, "embedding", partial(torch.optim.Adam, lr=0.1), reg_norm=0.5)
-    _, pen = norm.chunk_loss_terms(slice(None), norm.index)
+    obj, total = norm.chunk_terms(slice(None), norm.objective_batch)
+    pen = (obj - total).sum()
     assert float(pen) == pytest.approx(0.5 * float(norm.embeds().detach().pow(2).sum()), rel=1e-5)
 
 
@@ -226,8 +228,11 @@ def test_a_run_pulls_toward_words_with_the_analysis_vectors(tiny_dir, tmp_path):
     cfg = compose_cfg(tiny_overrides(tiny_dir, "default", steps=4) + ["reg=word", "reg.word=2.0"])
     enc, targets, facts, m = module_as_run_builds_it(cfg)
     vecs = analysis_vectors(enc, Vocabulary.from_tokenizer(enc.tokenizer), cfg.position)
-    torch.testing.assert_close(m.word_unit, torch.nn.functional.normalize(vecs, dim=-1))
-    assert m.reg_word == 2.0 and m.reg_norm == 0.0
+    from ft.objectives import WordDistance
+
+    (weight, term), = m.regularizers.terms()  # reg.norm=0 adds nothing
+    assert weight == -2.0 and isinstance(term, WordDistance)
+    torch.testing.assert_close(term.word_unit, torch.nn.functional.normalize(vecs, dim=-1))
     # a config written before engine.fast_forward existed still builds, on the lean forward
     from omegaconf import open_dict
 

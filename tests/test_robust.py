@@ -100,8 +100,8 @@ def test_a_diverging_target_is_marked_and_the_others_go_on(tiny, tmp_path):
                              vocab.sep_id, stop_when_converged=False)
     pl.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                default_root_dir=str(tmp_path)).fit(m)
-    assert m.diverged.tolist() == [False, True]
-    assert torch.isfinite(m.inputs.e[0]).all() and int(m.steps_per_target()[0]) == 10
+    assert m.state.diverged.tolist() == [False, True]
+    assert torch.isfinite(m.inputs.e[0]).all() and int(m.state.steps_per_row()[0]) == 10
 
 
 def test_all_diverged_is_an_error_not_a_table(tiny_dir, tmp_path):

@@ -132,6 +132,6 @@ def test_a_signal_between_steps_stops_after_the_next_step_with_a_checkpoint(sign
         run(cfg, tmp_path / "run")
     assert e.value.signum == signum and e.value.step == 8 and e.value.exit_code == 128 + signum
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert int(ckpt["state_dict"]["steps_done"]) == 8
+    assert int(ckpt["ft_state"]["step"]) == 8
     assert not (tmp_path / "run" / "targets.parquet").exists()
     assert signal.getsignal(signum) == before  # the handlers are put back

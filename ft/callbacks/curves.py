@@ -14,14 +14,13 @@ class ActivationCurves(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: object, batch: object, batch_idx: int) -> None:
-        obj = getattr(pl_module, "last_objective", None)
-        if obj is None:
+        state = getattr(pl_module, "state", None)
+        if state is None or not state.step:
             return
+        obj = state.last
         metrics = {"act/mean": obj.mean(), "act/min": obj.min(), "act/max": obj.max()}
         for t in range(min(self.max_targets, obj.numel())):
             metrics[f"act_target/t{t:04d}"] = obj[t]
-        frozen = getattr(pl_module, "frozen", None)
-        if frozen is not None:
-            metrics["engine/active_targets"] = (~frozen).sum().float()
+        metrics["engine/active_targets"] = (~state.frozen).sum().float()
         pl_module.log("act/mean", metrics.pop("act/mean"), prog_bar=True, on_step=True)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)

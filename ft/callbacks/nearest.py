@@ -32,8 +32,8 @@ class NearestWords(pl.Callback):
         analysis = adapter(pl_module.encoder).embed(inputs_embeds=seq)[:, pl_module.position]
         facts = pl_module.facts
         _, top_cos, top_rows = closest_words(analysis.cpu(), facts.word_vectors, self.top_n)
-        obj = pl_module.last_objective
-        step = int(pl_module.steps_done)
+        obj = pl_module.state.last if pl_module.state.step else None
+        step = pl_module.state.step
         out = []
         for t in range(n):
             words = ", ".join(
@@ -56,7 +56,7 @@ class NearestWords(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: object, batch: object, batch_idx: int) -> None:
-        if self.every_n_steps > 0 and int(pl_module.steps_done) % self.every_n_steps == 0:
+        if self.every_n_steps > 0 and pl_module.state.step % self.every_n_steps == 0:
             self.write_table(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -36,7 +36,7 @@ class StepProgress(TQDMProgressBar):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         bar, now = self.train_progress_bar, time.monotonic()
-        step = int(getattr(pl_module, "steps_done", trainer.global_step))
+        step = steps_done(trainer, pl_module)
         if bar.disable or (now - self._last < self._interval and step < (bar.total or 0)):
             return
         self._last = now
@@ -46,12 +46,19 @@ class StepProgress(TQDMProgressBar):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.train_progress_bar.disable:
-            self.train_progress_bar.n = int(getattr(pl_module, "steps_done", trainer.global_step))
+            self.train_progress_bar.n = steps_done(trainer, pl_module)
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
-        obj = getattr(pl_module, "last_objective", None)
-        if obj is None:
+        state = getattr(pl_module, "state", None)
+        if state is None or not state.step:
             return {}
-        done = pl_module.converged() | pl_module.diverged
+        done = pl_module.converged() | state.diverged
+        obj = state.last
         return {"moving": f"{int((~done).sum())}/{obj.numel()}", "act": f"{float(obj.float().nanmean()):.3f}"}
+
+
+def steps_done(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+    """Optimization steps done: the module's row state, else the trainer's step count."""
+    state = getattr(pl_module, "state", None)
+    return int(state.step) if state is not None else int(trainer.global_step)

@@ -26,7 +26,7 @@ class TemperatureSchedule(pl.Callback):
                              batch: object, batch_idx: int) -> None:
         inputs = pl_module.inputs
         if isinstance(inputs, GumbelInput):
-            inputs.tau.fill_(inputs.tau_at(int(pl_module.steps_done), self.total(trainer, inputs)))
+            inputs.tau.fill_(inputs.tau_at(pl_module.state.step, self.total(trainer, inputs)))
             pl_module.log("input/tau", float(inputs.tau), on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

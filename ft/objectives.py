@@ -1,0 +1,346 @@
+"""Objectives: what a row maximizes, as objects that add, subtract and scale (Lucent's algebra).
+
+An objective reads one chunk of rows (a `Reading`: the input and, on demand, the activations at
+the read position) and returns one value per row. Two families:
+
+- **Readouts** are linear in site activations: a neuron (one site), a group mean (1/k on each
+  of k sites), a direction (h . v over every unit of one point), and any sum or multiple of them.
+  A `Readout` is one row's weights over sites; `Readouts` is a batch of them, one per row,
+  compiled once into a `SiteIndex` so every reader (hooked or lean) evaluates it in one pass.
+- **Input objectives** read the input itself: `InputNorm` (sum of squared norms of the raw
+  input) and `WordDistance` (sum over tokens of 1 - the cosine to the nearest word in the
+  analysis space). The regularizers are these with a negative coefficient.
+
+`Sum` holds any mix; the module evaluates `objective + regularizers` without knowing the kinds.
+`parse(spec)` reads the expression syntax of `target=terms` (see `parse`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ft.errors import TargetError
+from ft.sites import Site, SiteError, SiteIndex, SiteReader, parse_point, point_width
+
+
+@dataclass
+class Reading:
+    """One chunk of rows as the objectives see it. `seq`: `[CLS] embeds [SEP]` [n, l + 2, E];
+    `embeds` [n, l, E] the optimized part. Site values are read once per index (`site_values`)."""
+
+    model: nn.Module
+    embeds: torch.Tensor
+    seq: torch.Tensor
+    position: int
+    fast: bool
+    cache: dict = field(default_factory=dict)
+
+    def site_values(self, index: SiteIndex) -> torch.Tensor:
+        """[n, k]: the activation at each of `index`'s sites (0 in padding slots)."""
+        key = id(index)
+        if key not in self.cache:
+            if self.fast:
+                from ft.fastforward import FastSiteReader
+
+                reader = FastSiteReader(self.model, index.points, index.max_layer, self.position)
+                values = reader.read_sites(self.seq, index, const_ends=True)
+            else:
+                acts = SiteReader(self.model, index.points, index.max_layer, self.position).read(inputs_embeds=self.seq)
+                values = index.flatten(acts).gather(1, index.index.to(self.seq.device))
+            self.cache[key] = values
+        return self.cache[key]
+
+
+class Objective:
+    """One value per row of a `Reading`. Add, subtract, negate, multiply or divide by a number."""
+
+    def value(self, reading: Reading) -> torch.Tensor:  # [n]
+        raise NotImplementedError
+
+    def __call__(self, reading: Reading) -> torch.Tensor:
+        return self.value(reading)
+
+    def terms(self) -> list[tuple[float, Objective]]:
+        return [(1.0, self)]
+
+    def __add__(self, other: Objective | float) -> Objective:
+        if isinstance(other, int | float):
+            return self if other == 0 else NotImplemented
+        return Sum([*self.terms(), *other.terms()])
+
+    def __radd__(self, other: object) -> Objective:
+        return self if other == 0 else NotImplemented  # sum([...]) starts at 0
+
+    def __sub__(self, other: Objective) -> Objective:
+        return self + (-1.0) * other
+
+    def __neg__(self) -> Objective:
+        return (-1.0) * self
+
+    def __mul__(self, c: float) -> Objective:
+        if not isinstance(c, int | float):
+            return NotImplemented
+        return Sum([(c * w, o) for w, o in self.terms()])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: float) -> Objective:
+        return self * (1.0 / c)
+
+
+class Sum(Objective):
+    """sum_i w_i * o_i(reading)."""
+
+    def __init__(self, parts: Sequence[tuple[float, Objective]]):
+        self.parts = [(float(w), o) for w, o in parts if w != 0]
+
+    def terms(self) -> list[tuple[float, Objective]]:
+        return list(self.parts)
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        out = None
+        for w, o in self.parts:
+            v = o.value(reading)
+            v = v if w == 1.0 else w * v
+            out = v if out is None else out + v
+        return out if out is not None else reading.embeds.new_zeros(reading.embeds.shape[0])
+
+
+class Readout(Objective):
+    """One row's objective as weights over sites: sum_s w_s * act(s). Closed under + - * /.
+
+    `reads`: the names of what it reads, as the contract's `sites` column lists them (a unit
+    `layer.3.ffn_out.5`, or a whole point `layer.3.resid` for a direction).
+    """
+
+    def __init__(self, weights: dict[Site, float], reads: Sequence[str]):
+        self.weights = {s: float(w) for s, w in weights.items()}
+        self.reads = tuple(dict.fromkeys(reads))
+
+    def terms(self) -> list[tuple[float, Objective]]:
+        return [(1.0, self)]
+
+    def __add__(self, other: object) -> Objective:
+        if isinstance(other, Readout):
+            w = dict(self.weights)
+            for s, v in other.weights.items():
+                w[s] = w.get(s, 0.0) + v
+            return Readout(w, [*self.reads, *other.reads])
+        return super().__add__(other)
+
+    def __mul__(self, c: float) -> Objective:
+        if not isinstance(c, int | float):
+            return NotImplemented
+        return Readout({s: c * w for s, w in self.weights.items()}, self.reads)
+
+    __rmul__ = __mul__
+
+    @property
+    def sites(self) -> list[Site]:
+        return list(self.weights)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({s.layer for s in self.weights})
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        return Readouts(reading.model, [self] * reading.embeds.shape[0]).value(reading)
+
+
+def neuron(site: Site) -> Readout:
+    return Readout({site: 1.0}, [str(site)])
+
+
+def mean(sites: Sequence[Site]) -> Readout:
+    """The group objective: the mean over `sites` (each weighted 1/k)."""
+    return Readout({s: 1.0 / len(sites) for s in sites}, [str(s) for s in sites])
+
+
+def direction(layer: int, point: str, vector: torch.Tensor) -> Readout:
+    """h . v: the activation vector of `point` in `layer`, dotted with `vector` as given."""
+    v = vector.detach().float().cpu()
+    return Readout({Site(layer, point, u): float(x) for u, x in enumerate(v.tolist())}, [f"layer.{layer}.{point}"])
+
+
+def as_readout(target: Readout | Sequence[Site]) -> Readout:
+    """A Readout as it is, or a list of sites as their mean (a neuron is a group of one)."""
+    return target if isinstance(target, Readout) else mean(list(target))
+
+
+class Readouts(Objective):
+    """A batch of readouts, one per row, compiled into one `SiteIndex` (validated on `model`)."""
+
+    def __init__(self, model: nn.Module, readouts: Sequence[Readout | Sequence[Site]], max_layer: int | None = None):
+        self.readouts = [as_readout(r) for r in readouts]
+        self.index = SiteIndex(model, [r.sites for r in self.readouts], max_layer=max_layer,
+                               weights=[list(r.weights.values()) for r in self.readouts])
+
+    def __len__(self) -> int:
+        return len(self.readouts)
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        values = reading.site_values(self.index)
+        return (values * self.index.weight.to(values.device, values.dtype)).sum(1)
+
+
+class InputNorm(Objective):
+    """Per row: the sum over tokens of the raw input's squared norm (reg.norm's measure)."""
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        return reading.embeds.float().pow(2).sum((1, 2))
+
+
+class WordDistance(Objective):
+    """Per row: sum over tokens of 1 - cos(token, nearest word) in the analysis space (reg.word's
+    measure). `word_unit` [V', E]: the words' analysis vectors, unit length."""
+
+    def __init__(self, word_unit: torch.Tensor):
+        self.word_unit = word_unit
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        from ft.arch import adapter
+
+        a = adapter(reading.model).embed(inputs_embeds=reading.seq)[:, 1:-1].float()
+        a = nn.functional.normalize(a, dim=-1)
+        unit = self.word_unit.to(a.device)
+        return (1 - (a @ unit.T).max(dim=-1).values).sum(1)
+
+
+# -- the expression syntax of target=terms ---------------------------------------------------------------
+_TOKEN = re.compile(r"\s*(?:(?P<num>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"
+                    r"|(?P<ref>layer\.\d+\.[a-z_]+(?:\.\d+|@[A-Za-z0-9_\-]+))|(?P<op>[-+*/()]))")
+
+# What `ref@name` resolves to: (layer, point, name) -> the direction vector.
+DirectionLookup = Callable[[int, str, str], torch.Tensor]
+
+SYNTAX = ("sites 'layer.L.point.unit', directions 'layer.L.point@ROW' or '@NAME' (rows of target.file), "
+          "numbers, + - * / and parentheses, e.g. 'layer.3.ffn_out.5 - 0.5 * layer.2.ffn_act.7'")
+
+
+def _tokens(spec: str) -> list[tuple[str, str]]:
+    out, pos, text = [], 0, str(spec)
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise TargetError(f"target spec {spec!r}: cannot read {text[pos:].strip()[:20]!r}; valid: {SYNTAX}")
+        kind = m.lastgroup
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+    if not out:
+        raise TargetError(f"target spec {spec!r} is empty; valid: {SYNTAX}")
+    return out
+
+
+def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None = None) -> Readout:
+    """The Readout of an expression over sites and directions (linear: a product needs a number).
+
+    Grammar: expr = term (('+' | '-') term)*; term = factor (('*' | '/') factor)*;
+    factor = ('+' | '-') factor | number | site | direction | '(' expr ')'.
+    A site is `layer.L.point.unit`; a direction is `layer.L.point@ROW` or `@NAME`, a row of the
+    directions file (`directions(layer, point, name)` looks it up). Raises TargetError naming the
+    spec and what is wrong. `model=None` checks the syntax only (directions are not looked up).
+    """
+    toks = _tokens(spec)
+    at = [0]
+
+    def peek() -> tuple[str, str] | None:
+        return toks[at[0]] if at[0] < len(toks) else None
+
+    def take() -> tuple[str, str]:
+        t = peek()
+        if t is None:
+            raise TargetError(f"target spec {spec!r} ends early; valid: {SYNTAX}")
+        at[0] += 1
+        return t
+
+    def factor() -> Readout | float:
+        kind, text = take()
+        if kind == "op" and text in "+-":
+            v = factor()
+            return v if text == "+" else -1.0 * v
+        if kind == "num":
+            return float(text)
+        if kind == "ref":
+            return reference(text)
+        if text == "(":
+            v = expr()
+            if take() != ("op", ")"):
+                raise TargetError(f"target spec {spec!r}: a '(' is not closed; valid: {SYNTAX}")
+            return v
+        raise TargetError(f"target spec {spec!r}: unexpected {text!r}; valid: {SYNTAX}")
+
+    def term() -> Readout | float:
+        v = factor()
+        while peek() in (("op", "*"), ("op", "/")):
+            _, op = take()
+            w = factor()
+            if op == "/":
+                if not isinstance(w, float):
+                    raise TargetError(f"target spec {spec!r}: division by a site is not linear; valid: / number")
+                if w == 0:
+                    raise TargetError(f"target spec {spec!r}: division by zero")
+                v = v * (1.0 / w)
+            elif isinstance(v, float) or isinstance(w, float):
+                v = v * w if isinstance(w, float) else w * v
+            else:
+                raise TargetError(f"target spec {spec!r}: a product of two sites is not linear; "
+                                  "valid: number * site")
+        return v
+
+    def expr() -> Readout | float:
+        v = term()
+        while peek() in (("op", "+"), ("op", "-")):
+            _, op = take()
+            w = term()
+            if isinstance(v, float) != isinstance(w, float):
+                raise TargetError(f"target spec {spec!r}: a constant term changes nothing to maximize; "
+                                  "valid: numbers only as factors of sites")
+            v = v + w if op == "+" else v + (-1.0) * w
+        return v
+
+    def reference(text: str) -> Readout:
+        try:
+            if "@" not in text:
+                site = Site.parse(text)
+                return neuron(site if model is None else site.check(model))
+            where, name = text.split("@")
+            layer, point = parse_point(where, model)
+            if model is None:
+                return Readout({Site(layer, point, 0): 1.0}, [where])  # a stand-in: syntax only
+            if directions is None:
+                raise TargetError(f"target spec {spec!r} reads direction {text!r} but there is no directions "
+                                  "file; valid: target.file=PATH (a safetensors file with a 'directions' tensor)")
+            return direction(layer, point, directions(layer, point, name))
+        except SiteError as e:
+            raise TargetError(f"target spec {spec!r}: {e}") from None
+
+    out = expr()
+    if peek() is not None:
+        raise TargetError(f"target spec {spec!r}: unexpected {peek()[1]!r}; valid: {SYNTAX}")
+    if isinstance(out, float):
+        raise TargetError(f"target spec {spec!r} reads no site; valid: {SYNTAX}")
+    if not any(w != 0 for w in out.weights.values()):
+        raise TargetError(f"target spec {spec!r}: every weight cancels to 0; nothing to maximize")
+    if not all(math.isfinite(w) for w in out.weights.values()):
+        raise TargetError(f"target spec {spec!r}: a weight is not finite")
+    return out
+
+
+def reads_of(readouts: Iterable[Readout]) -> list[str]:
+    """Every point a batch of readouts reads, in the contract's order."""
+    return sorted({s.point for r in readouts for s in r.weights})
+
+
+def check_width(model: nn.Module, point: str, width: int, what: str) -> None:
+    w = point_width(model, point)
+    if width != w:
+        raise TargetError(f"{what}: vectors are {width} wide, {point} is {w} wide in this model; "
+                          f"valid: directions [n, {w}] for {point}")
