@@ -272,8 +272,9 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
             return reference(text)
         if text == "(":
             v = expr()
-            if take() != ("op", ")"):
+            if peek() != ("op", ")"):
                 raise TargetError(f"target spec {spec!r}: a '(' is not closed; valid: {SYNTAX}")
+            take()
             return v
         raise TargetError(f"target spec {spec!r}: unexpected {text!r}; valid: {SYNTAX}")
 

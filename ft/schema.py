@@ -326,6 +326,16 @@ def check_config(cfg: DictConfig | dict) -> None:
     check_target_kind(t)
 
 
+# the keys each target kind reads (the schema declares the union)
+_SHARED = ("kind", "seed", "shard", "num_shards")
+TARGET_KEYS = {
+    "neuron": ("kind", "point", "sites", "fraction", "per_layer", "layers", *_SHARED[1:]),
+    "group": ("kind", "point", "k", "selection", "words", "num_random", "num_frequent", *_SHARED[1:]),
+    "terms": ("kind", "specs", "file", *_SHARED[1:]),
+    "direction": ("kind", "file", "site", *_SHARED[1:]),
+}
+
+
 def check_target_kind(t: dict) -> None:
     """What terms and directions need, checked without the model: expressions that read, a
     directions file that is one, sites `layer.L.point`."""
@@ -334,6 +344,11 @@ def check_target_kind(t: dict) -> None:
     from ft.sites import SiteError, parse_point
 
     kind = t.get("kind")
+    keys = TARGET_KEYS.get(kind)
+    if keys is not None:
+        for key in t:
+            if key not in keys:
+                raise ConfigError(f"target.{key}: unknown key for target kind {kind!r}; valid: {', '.join(keys)}")
     try:
         if kind == "terms":
             if not t.get("specs"):

@@ -90,7 +90,8 @@ CASES: dict[str, list[tuple[str, str]]] = {
     "unknown_key_or_syntax": [  # Hydra's own errors: one line, exit 2, not a traceback and exit 1
         ("trainer.max_stepz=4", "Could not override 'trainer.max_stepz'"),
         ("+engine.keeep=best", "engine.keeep: unknown key; valid: chunk_size"),
-        ("+target.site=[layer.0.ffn_out.1]", "target.site: unknown key; valid: kind, point, sites"),
+        ("+target.site=[layer.0.ffn_out.1]", "target.site: unknown key for target kind 'neuron'; valid: kind, point, sites"),
+        ("+target.specs=[layer.0.ffn_out.1]", "target.specs: unknown key for target kind 'neuron'"),
         ("input.length=[1", "'input.length=[1' does not parse"),
         ("experiment=nope", "experiment='nope' is not an option; valid: atlas, default"),
         ("optim=rmsprop", "optim='rmsprop' is not an option; valid: adam, paper_sgd, sgd"),
