@@ -38,7 +38,7 @@ from ft.corpus import DEFAULT_CORPUS, Corpus, load_corpus
 from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
 from ft.objectives import Readout, Readouts
-from ft.results import atomic_write, read_config, read_directions, read_targets
+from ft.results import atomic_write, read_config, read_directions, read_targets, target_label
 from ft.sites import Site, SiteReader
 from ft.substitutes import build_substitutes
 from ft.targets import readouts_of_table
@@ -342,10 +342,7 @@ def log_to_wandb(run_dir: Path, df: pd.DataFrame, compare: pd.DataFrame, summary
 
 def target_labels(targets: pd.DataFrame) -> dict[int, str]:
     """target_id -> what a reader knows the target by: its site, or its target word and group."""
-    return {int(t.target_id): f"{t.target_word} ({t.selection} k={t.k})" if t.target_word else
-            getattr(t, "spec", None) if isinstance(getattr(t, "spec", None), str) else
-            str(t.sites[0]) + (f" +{len(t.sites) - 1}" if len(t.sites) > 1 else "")
-            for t in targets.itertuples()}
+    return {int(t.target_id): target_label(t) for t in targets.itertuples()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -230,12 +230,12 @@ def _tokens(spec: str) -> list[tuple[str, str]]:
             break
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
-            raise TargetError(f"target spec {spec!r}: cannot read {text[pos:].strip()[:20]!r}; valid: {SYNTAX}")
+            raise TargetError(f"target.specs: {spec!r}: cannot read {text[pos:].strip()[:20]!r}; valid: {SYNTAX}")
         kind = m.lastgroup
         out.append((kind, m.group(kind)))
         pos = m.end()
     if not out:
-        raise TargetError(f"target spec {spec!r} is empty; valid: {SYNTAX}")
+        raise TargetError(f"target.specs: {spec!r} is empty; valid: {SYNTAX}")
     return out
 
 
@@ -257,7 +257,7 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
     def take() -> tuple[str, str]:
         t = peek()
         if t is None:
-            raise TargetError(f"target spec {spec!r} ends early; valid: {SYNTAX}")
+            raise TargetError(f"target.specs: {spec!r} ends early; valid: {SYNTAX}")
         at[0] += 1
         return t
 
@@ -273,10 +273,10 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
         if text == "(":
             v = expr()
             if peek() != ("op", ")"):
-                raise TargetError(f"target spec {spec!r}: a '(' is not closed; valid: {SYNTAX}")
+                raise TargetError(f"target.specs: {spec!r}: a '(' is not closed; valid: {SYNTAX}")
             take()
             return v
-        raise TargetError(f"target spec {spec!r}: unexpected {text!r}; valid: {SYNTAX}")
+        raise TargetError(f"target.specs: {spec!r}: unexpected {text!r}; valid: {SYNTAX}")
 
     def term() -> Readout | float:
         v = factor()
@@ -285,14 +285,14 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
             w = factor()
             if op == "/":
                 if not isinstance(w, float):
-                    raise TargetError(f"target spec {spec!r}: division by a site is not linear; valid: / number")
+                    raise TargetError(f"target.specs: {spec!r}: division by a site is not linear; valid: / number")
                 if w == 0:
-                    raise TargetError(f"target spec {spec!r}: division by zero")
+                    raise TargetError(f"target.specs: {spec!r}: division by zero")
                 v = v * (1.0 / w)
             elif isinstance(v, float) or isinstance(w, float):
                 v = v * w if isinstance(w, float) else w * v
             else:
-                raise TargetError(f"target spec {spec!r}: a product of two sites is not linear; "
+                raise TargetError(f"target.specs: {spec!r}: a product of two sites is not linear; "
                                   "valid: number * site")
         return v
 
@@ -302,7 +302,7 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
             _, op = take()
             w = term()
             if isinstance(v, float) != isinstance(w, float):
-                raise TargetError(f"target spec {spec!r}: a constant term changes nothing to maximize; "
+                raise TargetError(f"target.specs: {spec!r}: a constant term changes nothing to maximize; "
                                   "valid: numbers only as factors of sites")
             v = v + w if op == "+" else v + (-1.0) * w
         return v
@@ -314,24 +314,24 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
                 return neuron(site if model is None else site.check(model))
             where, name = text.split("@")
             layer, point = parse_point(where, model)
+            if directions is None:
+                raise TargetError(f"target.specs: {spec!r} reads direction {text!r} but there is no directions "
+                                  "file; valid: target.file=PATH (a safetensors file with a 'directions' tensor)")
             if model is None:
                 return Readout({Site(layer, point, 0): 1.0}, [where])  # a stand-in: syntax only
-            if directions is None:
-                raise TargetError(f"target spec {spec!r} reads direction {text!r} but there is no directions "
-                                  "file; valid: target.file=PATH (a safetensors file with a 'directions' tensor)")
             return direction(layer, point, directions(layer, point, name))
         except SiteError as e:
-            raise TargetError(f"target spec {spec!r}: {e}") from None
+            raise TargetError(f"target.specs: {spec!r}: {e}") from None
 
     out = expr()
     if peek() is not None:
-        raise TargetError(f"target spec {spec!r}: unexpected {peek()[1]!r}; valid: {SYNTAX}")
+        raise TargetError(f"target.specs: {spec!r}: unexpected {peek()[1]!r}; valid: {SYNTAX}")
     if isinstance(out, float):
-        raise TargetError(f"target spec {spec!r} reads no site; valid: {SYNTAX}")
+        raise TargetError(f"target.specs: {spec!r} reads no site; valid: {SYNTAX}")
     if not any(w != 0 for w in out.weights.values()):
-        raise TargetError(f"target spec {spec!r}: every weight cancels to 0; nothing to maximize")
+        raise TargetError(f"target.specs: {spec!r}: every weight cancels to 0; nothing to maximize")
     if not all(math.isfinite(w) for w in out.weights.values()):
-        raise TargetError(f"target spec {spec!r}: a weight is not finite")
+        raise TargetError(f"target.specs: {spec!r}: a weight is not finite")
     return out
 
 

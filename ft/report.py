@@ -17,7 +17,16 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ft.results import CONFIG, atomic_write, expand, load_runs, read_config, read_curves, read_inputs
+from ft.results import (
+    CONFIG,
+    atomic_write,
+    expand,
+    load_runs,
+    read_config,
+    read_curves,
+    read_inputs,
+    target_label,
+)
 from ft.svg import chart
 
 # The paper's numbers (Baeumel et al. 2023, bert-base-uncased), shown beside ft's.
@@ -353,7 +362,7 @@ def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> st
         examples_path = Path(p) / "examples.parquet"
         examples = pd.read_parquet(examples_path) if examples_path.exists() else None
         for r in d.itertuples():
-            name = r.target_word and f"{r.target_word} ({r.selection} k={r.k})" or r.sites[0]
+            name = target_label(r)
             close = ", ".join(f"{escape(w)} ({c:.2f})"
                               for w, c in zip(r.closest_words[:10], r.closest_cos[:10], strict=True))
             parts = [f"<p>objective {r.objective:.3f}; most activating word <b>{escape(r.most_activating_word)}</b> "

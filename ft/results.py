@@ -142,6 +142,20 @@ def _read(run_dir: str | Path, name: str, read: Callable[[Path], object]) -> obj
         raise RunFileError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def target_label(row: object) -> str:
+    """What a reader knows a target by: a group's word, a direction's name, an expression, a site."""
+    word, spec = getattr(row, "target_word", None), getattr(row, "spec", None)
+    if isinstance(word, str):
+        return f"{word} ({row.selection} k={row.k})"
+    name = getattr(row, "direction_name", None)
+    if isinstance(name, str) and isinstance(spec, str):
+        return f"{spec.split('@')[0]}@{name}"
+    if isinstance(spec, str):
+        return spec
+    sites = list(row.sites)
+    return str(sites[0]) + (f" +{len(sites) - 1}" if len(sites) > 1 else "")
+
+
 def read_targets(run_dir: str | Path) -> pd.DataFrame:
     return _read(run_dir, TARGETS, pd.read_parquet)
 

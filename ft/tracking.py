@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
-from ft.results import CONFIG, INPUTS, TARGETS, atomic_write
+from ft.results import CONFIG, INPUTS, TARGETS, atomic_write, target_label
 
 WANDB_ID = "wandb_id"  # file in the run directory: a resumed run continues the same W&B run
 
@@ -133,7 +133,7 @@ def format_table(df: pd.DataFrame, max_rows: int, summary: dict[str, float]) -> 
     """The short results table printed at the end of a run."""
     lines = [f"{'target':<28} {'act':>8} {'most activating word':>26} {'closest words (cos)'}"]
     for _, r in df.head(max_rows).iterrows():
-        name = r.target_word and f"{r.target_word} ({r.selection} k={r.k})" or r.sites[0]
+        name = target_label(r)[:28]
         maw = f"{r.most_activating_word} {r.most_activating_word_activation:.2f}"
         close = ", ".join(f"{w} ({c:.2f})" for w, c in zip(r.closest_words[:3], r.closest_cos[:3],
                                                             strict=True))

@@ -90,7 +90,8 @@ CASES: dict[str, list[tuple[str, str]]] = {
     "unknown_key_or_syntax": [  # Hydra's own errors: one line, exit 2, not a traceback and exit 1
         ("trainer.max_stepz=4", "Could not override 'trainer.max_stepz'"),
         ("+engine.keeep=best", "engine.keeep: unknown key; valid: chunk_size"),
-        ("+target.site=[layer.0.ffn_out.1]", "target.site: unknown key for target kind 'neuron'; valid: kind, point, sites"),
+        ("+target.site=[layer.0.ffn_out.1]",
+         "target.site: unknown key for target kind 'neuron'; valid: kind, point, sites"),
         ("+target.specs=[layer.0.ffn_out.1]", "target.specs: unknown key for target kind 'neuron'"),
         ("input.length=[1", "'input.length=[1' does not parse"),
         ("experiment=nope", "experiment='nope' is not an option; valid: atlas, default"),
@@ -98,6 +99,17 @@ CASES: dict[str, list[tuple[str, str]]] = {
         ("-m optim.lr=0.1,-1", "optim.lr=-1; valid: a finite number > 0"),
         ("-m experiment=default,nope", "experiment='nope' is not an option"),
         ("-m engine.converge_window=range(0,3)", "engine.converge_window=0; valid: an integer >= 1"),
+    ],
+    "objectives": [  # terms and directions: what they need, checked before anything is written
+        ("target=terms", "target.specs is empty; valid: a list of expressions"),
+        ("target=terms target.specs=[layer.1.ffn_out.5*layer.0.ffn_act.7]", "a product of two sites is not linear"),
+        ("target=terms target.specs=[layer.1.ffn_out.5-layer.1.ffn_out.5]", "every weight cancels to 0"),
+        ("target=terms target.specs=[layer.1.resid@0]", "no directions file; valid: target.file=PATH"),
+        ("target=terms target.specs=[layer.1.resid.0+]", "ends early; valid: sites 'layer.L.point.unit'"),
+        ("target=directions", "target.file=null; valid: a safetensors file"),
+        ("target=directions target.file=/no/such.safetensors", "target.file='/no/such.safetensors' does not exist"),
+        ("target=directions target.file=/no/such.safetensors target.site=layer.1.bogus",
+         "target.site: 'layer.1.bogus' does not parse; expected 'layer.<L>.<point>'"),
     ],
     "unsupported_family": [  # no adapter, a variant the adapter cannot serve, or not an encoder at all
         ("MPNET", "model_type 'mpnet' (MPNetConfig) is not supported yet; valid: an encoder of the families"),

@@ -133,7 +133,7 @@ def test_the_expression_syntax_parses_to_its_weights_and_names_what_is_wrong(tin
 @pytest.mark.parametrize("make,message", [
     (lambda p: save_file({"weights": torch.ones(2, 4)}, p), "no 'directions' tensor"),
     (lambda p: save_file({"directions": torch.ones(4)}, p), r"is \(4,\)"),
-    (lambda p: save_file({"directions": torch.tensor([[1.0, float("nan")]])}, p), "row 0 of 'directions' is not finite"),
+    (lambda p: save_file({"directions": torch.tensor([[1.0, float("nan")]])}, p), "row 0 .* is not finite"),
     (lambda p: save_file({"directions": torch.tensor([[1.0, 2.0], [0.0, 0.0]])}, p), "row 1 .* all zeros"),
     (lambda p: save_file({"directions": torch.ones(2, 4)}, p, metadata={"names": '["a"]'}), "metadata 'names'"),
     (lambda p: open(p, "wb").write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"), "not a readable safetensors"),
@@ -166,7 +166,7 @@ def test_row_state_takes_interleaves_and_saves_every_declared_field():
     n, param = 7, torch.randn(7, 2, 3)
     s = RowState.create(n, window=4, param=param, keep_best=True)
     s.step, s.curve_steps = 5, [0, 4]
-    for name, dim in RowState.row_fields():  # distinct values in every field
+    for name, _ in RowState.row_fields():  # distinct values in every field
         v = getattr(s, name)
         if name == "curves":
             v = torch.randn(2, n)
@@ -180,3 +180,105 @@ def test_row_state_takes_interleaves_and_saves_every_declared_field():
         assert torch.equal(getattr(back, name), getattr(s, name)), name
         assert torch.equal(getattr(again, name), getattr(s, name)), name
     assert back.step == 5 and back.curve_steps == [0, 4]
+
+
+def direction_file(path, vectors: torch.Tensor, names: list[str] | None = None) -> str:
+    save_file({"directions": vectors.contiguous()}, str(path), metadata={"names": json.dumps(names)} if names else None)
+    return str(path)
+
+
+def test_a_planted_direction_is_textualized_to_its_word(tiny, tiny_dir, tmp_path):
+    """A direction aligned with a word's own representation at the site (resid is a LayerNorm
+    output: every input's h has the same norm, so h . r_w is largest at h = r_w) is maximized by
+    that word over the vocabulary, and the optimized input's closest word is that word. The run
+    directory keeps the directions, and its table rebuilds the same objectives."""
+    from ft.integrity import read_manifest
+    from ft.results import read_directions, read_targets
+    from ft.targets import readouts_of_table
+    from ft.train import run
+    from ft.vocab import load_or_sweep
+    from tests.test_train import compose_cfg
+
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    sweep = load_or_sweep(tiny, vocab, "resid", use_cache=False)  # [V', layers, H]
+    words = ["piano", "river", "horse"]
+    rows = [vocab.tokens.index(w) for w in words]
+    path = direction_file(tmp_path / "planted.safetensors", sweep[rows, 1], words)
+    cfg = compose_cfg([f"model.name_or_path={tiny_dir}", "target=directions", f"target.file={path}",
+                       "target.site=[layer.1.resid,layer.0.resid]", "trainer.max_steps=150", "trainer.accelerator=cpu",
+                       "+trainer.enable_progress_bar=false", "logger.wandb.mode=disabled"])
+    run(cfg, tmp_path / "run")
+    df = read_targets(tmp_path / "run")
+    top = df[df.layer == 1]
+    assert list(top.direction_name) == words and list(top.kind.unique()) == ["direction"]
+    assert list(top.most_activating_word) == words
+    assert [c[0] for c in top.closest_words] == words
+    assert (top.objective - top.most_activating_word_activation).abs().max() < 1e-3  # reached the word's own h
+    assert list(df.spec) == [f"layer.{L}.resid@{i}" for L in (1, 0) for i in range(3)]
+    assert list(df.sites) == [[f"layer.{L}.resid"] for L in (1, 0) for _ in range(3)]
+    assert "directions.safetensors" in read_manifest(tmp_path / "run")
+    rebuilt = readouts_of_table(tiny.model, df, read_directions(tmp_path / "run"))
+    for r, L, i in zip(rebuilt, [1, 1, 1, 0, 0, 0], [0, 1, 2] * 2, strict=True):
+        assert r.weights == direction(L, "resid", sweep[rows[i], 1]).weights
+
+
+def test_a_terms_run_reports_the_expression_for_its_saved_input(tiny, tiny_dir, tmp_path):
+    """`objective` of a terms run = the expression over the HF model's own activations for the
+    saved `embeds`, direction terms included; the most activating word is the brute-force argmax."""
+    from ft.results import read_inputs, read_targets
+    from ft.train import run
+    from tests.test_train import compose_cfg
+
+    torch.manual_seed(1)
+    v = torch.randn(2, tiny.model.config.hidden_size)
+    path = direction_file(tmp_path / "d.safetensors", v, ["a", "b"])
+    specs = [SPEC, "layer.1.resid@a - 0.5 * layer.1.resid@b + 3 * layer.0.ffn_out.1"]
+    cfg = compose_cfg([f"model.name_or_path={tiny_dir}", "target=terms", f"target.specs={json.dumps(specs)}",
+                       f"target.file={path}", "trainer.max_steps=20", "trainer.accelerator=cpu",
+                       "+trainer.enable_progress_bar=false", "logger.wandb.mode=disabled"])
+    run(cfg, tmp_path / "run")
+    df, inputs = read_targets(tmp_path / "run"), read_inputs(tmp_path / "run")
+    assert list(df.kind) == ["terms", "terms"] and list(df.spec) == specs
+    assert list(df.sites[1]) == ["layer.1.resid", "layer.0.ffn_out.1"]
+    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
+    W = tiny.word_embeddings.detach()
+
+    def expression(acts):
+        return torch.stack([
+            acts[(1, "ffn_out")][:, 5] - 0.5 * acts[(0, "ffn_act")][:, 7] + 2 * acts[(1, "resid")][:, 3],
+            acts[(1, "resid")] @ v[0] - 0.5 * acts[(1, "resid")] @ v[1] + 3 * acts[(0, "ffn_out")][:, 1]], 1)
+
+    from ft.module import full_sequence
+
+    with torch.no_grad():
+        seq = full_sequence(inputs["embeds"], W, vocab.cls_id, vocab.sep_id)
+        got = expression(hf_points(tiny.model, seq))
+        words = full_sequence(W[vocab.ids][:, None], W, vocab.cls_id, vocab.sep_id)
+        per_word = expression(hf_points(tiny.model, words))  # [V', targets]
+    for t in range(2):
+        assert df.objective[t] == pytest.approx(float(got[t, t]), rel=1e-5, abs=1e-5)
+        best = int(per_word[:, t].argmax())
+        assert df.most_activating_word[t] == vocab.tokens[best]
+        assert df.most_activating_word_activation[t] == pytest.approx(float(per_word[best, t]), rel=1e-4, abs=1e-5)
+
+
+def test_dataset_examples_score_any_objective(tiny, tmp_path):
+    """ft.examples' scorer reads terms and directions: its value for `[CLS] word [SEP]` at the word
+    is the objective of that input."""
+    from ft.examples import TargetScorer
+
+    v = torch.randn(1, tiny.model.config.hidden_size)
+    d = load_directions(direction_file(tmp_path / "d.safetensors", v))
+    targets = terms_targets(tiny.model, [SPEC, "layer.1.resid@0 - layer.0.ffn_out.2"], d)
+    scorer = TargetScorer(tiny, [t.readout for t in targets])
+    ids = tiny.tokenizer.convert_tokens_to_ids(["piano", "river"])
+    got = scorer.batch([[i] for i in ids])[:, 0]  # [2 words, 2 targets]
+    W = tiny.word_embeddings.detach()
+    from ft.module import full_sequence
+
+    with torch.no_grad():
+        acts = hf_points(tiny.model, full_sequence(W[ids][:, None], W, tiny.tokenizer.cls_token_id,
+                                                   tiny.tokenizer.sep_token_id))
+    expect = torch.stack([acts[(1, "ffn_out")][:, 5] - 0.5 * acts[(0, "ffn_act")][:, 7] + 2 * acts[(1, "resid")][:, 3],
+                          acts[(1, "resid")] @ v[0] - acts[(0, "ffn_out")][:, 2]], 1)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)

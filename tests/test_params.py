@@ -185,7 +185,8 @@ def test_gumbel_is_read_noise_free_at_its_final_temperature(tiny, tmp_path):
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1)
     assert df.entropy.tolist() == pytest.approx(entropy.tolist(), rel=1e-5)
     assert torch.softmax(x, dim=-1).ne(p).any()  # tau matters here: tau = 1 would read otherwise
-    df2, tensors2 = evaluate(m.result(vocab.ids), targets, facts, tiny, 1)  # deterministic: no noise drawn at evaluation
+    # deterministic: no noise drawn at evaluation
+    df2, tensors2 = evaluate(m.result(vocab.ids), targets, facts, tiny, 1)
     assert torch.equal(tensors["embeds"], tensors2["embeds"])
 
 
