@@ -67,7 +67,8 @@ class TargetScorer:
         """`objectives`: one per target, any readout (a neuron, a group mean, terms, a direction)."""
         self.encoder, self.batch_size = encoder, batch_size
         model = encoder.model
-        self.index = Readouts(model, objectives).index
+        self.objectives = Readouts(model, objectives)
+        self.index = self.objectives.index
         self.reader = SiteReader(model, self.index.points, self.index.max_layer, slice(None))
         features = sum((self.index.max_layer + 1) * self.index.width[p] for p in self.index.points)
         self.M = weight_matrix(self.index, slice(None), features).to(encoder.word_embeddings.device)
@@ -87,7 +88,12 @@ class TargetScorer:
         acts = self.reader.read(input_ids=ids.to(device), attention_mask=mask.to(device))
         B, S = ids.shape
         flat = torch.cat([acts[p].float().permute(0, 2, 1, 3).reshape(B, S, -1) for p in self.index.points], -1)
-        out = (flat @ (self.M if columns is None else self.M[:, columns]))[:, 1:-1].cpu()
+        batch = self.objectives
+        if batch.groups is not None or batch.has_bias:  # heads (norms), SAE latents (biases)
+            rows = slice(None) if columns is None else columns
+            out = batch.combine(flat[..., self.index.index[rows].to(device)], rows)[:, 1:-1].cpu()
+        else:
+            out = (flat @ (self.M if columns is None else self.M[:, columns]))[:, 1:-1].cpu()
         valid = mask[:, 2:].bool()  # token t of a sequence is valid when t < len(s)
         return out.masked_fill(~valid.unsqueeze(-1), -float("inf"))
 

@@ -68,8 +68,9 @@ def objective(
     forward (`fast`, default: when supported) each row also stops at its own highest layer,
     reading there only `position`.
     """
-    index = index.index if isinstance(index, Readouts) else index
     reading = Reading(model, inputs_embeds[:, 1:-1], inputs_embeds, position, use_fast_forward(model, fast))
+    if isinstance(index, Readouts):
+        return index.value(reading)
     values = reading.site_values(index)
     return (values * index.weight.to(values.device, values.dtype)).sum(1)
 

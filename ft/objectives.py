@@ -113,15 +113,22 @@ class Sum(Objective):
 
 
 class Readout(Objective):
-    """One row's objective as weights over sites: sum_s w_s * act(s). Closed under + - * /.
+    """One row's objective over site activations, closed under + - * /:
 
+        sum_s w_s * act(s)  +  bias  +  sum_j c_j * || act(sites_j) ||_2
+
+    The linear part is a neuron, a group mean, a direction, an SAE latent's pre-activation (with
+    its bias); the norms are attention heads (the L2 norm of a head's context vector).
     `reads`: the names of what it reads, as the contract's `sites` column lists them (a unit
-    `layer.3.ffn_out.5`, or a whole point `layer.3.resid` for a direction).
+    `layer.3.ffn_out.5`, a whole point `layer.3.resid` for a direction, a head `layer.2.head.4`).
     """
 
-    def __init__(self, weights: dict[Site, float], reads: Sequence[str]):
+    def __init__(self, weights: dict[Site, float], reads: Sequence[str], bias: float = 0.0,
+                 norms: Sequence[tuple[float, tuple[Site, ...]]] = ()):
         self.weights = {s: float(w) for s, w in weights.items()}
         self.reads = tuple(dict.fromkeys(reads))
+        self.bias = float(bias)
+        self.norms = [(float(c), tuple(sites)) for c, sites in norms if c != 0]
 
     def terms(self) -> list[tuple[float, Objective]]:
         return [(1.0, self)]
@@ -131,23 +138,29 @@ class Readout(Objective):
             w = dict(self.weights)
             for s, v in other.weights.items():
                 w[s] = w.get(s, 0.0) + v
-            return Readout(w, [*self.reads, *other.reads])
+            return Readout(w, [*self.reads, *other.reads], self.bias + other.bias, [*self.norms, *other.norms])
         return super().__add__(other)
 
     def __mul__(self, c: float) -> Objective:
         if not isinstance(c, int | float):
             return NotImplemented
-        return Readout({s: c * w for s, w in self.weights.items()}, self.reads)
+        return Readout({s: c * w for s, w in self.weights.items()}, self.reads, c * self.bias,
+                       [(c * k, sites) for k, sites in self.norms])
 
     __rmul__ = __mul__
 
     @property
+    def linear(self) -> bool:
+        return not self.norms
+
+    @property
     def sites(self) -> list[Site]:
-        return list(self.weights)
+        """Every site read: the linear part's, then each norm's (in order, without repeats)."""
+        return list(dict.fromkeys([*self.weights, *(s for _, sites in self.norms for s in sites)]))
 
     @property
     def layers(self) -> list[int]:
-        return sorted({s.layer for s in self.weights})
+        return sorted({s.layer for s in self.sites})
 
     def value(self, reading: Reading) -> torch.Tensor:
         return Readouts(reading.model, [self] * reading.embeds.shape[0]).value(reading)
@@ -162,10 +175,16 @@ def mean(sites: Sequence[Site]) -> Readout:
     return Readout({s: 1.0 / len(sites) for s in sites}, [str(s) for s in sites])
 
 
-def direction(layer: int, point: str, vector: torch.Tensor) -> Readout:
-    """h . v: the activation vector of `point` in `layer`, dotted with `vector` as given."""
+def direction(layer: int, point: str, vector: torch.Tensor, bias: float = 0.0, name: str | None = None) -> Readout:
+    """h . v (+ bias): the activation vector of `point` in `layer`, dotted with `vector` as given."""
     v = vector.detach().float().cpu()
-    return Readout({Site(layer, point, u): float(x) for u, x in enumerate(v.tolist())}, [f"layer.{layer}.{point}"])
+    return Readout({Site(layer, point, u): float(x) for u, x in enumerate(v.tolist())},
+                   [name or f"layer.{layer}.{point}"], bias)
+
+
+def norm_of(sites: Sequence[Site], name: str) -> Readout:
+    """|| act(sites) ||_2: e.g. an attention head, the norm of its context vector."""
+    return Readout({}, [name], 0.0, [(1.0, tuple(sites))])
 
 
 def as_readout(target: Readout | Sequence[Site]) -> Readout:
@@ -174,19 +193,48 @@ def as_readout(target: Readout | Sequence[Site]) -> Readout:
 
 
 class Readouts(Objective):
-    """A batch of readouts, one per row, compiled into one `SiteIndex` (validated on `model`)."""
+    """A batch of readouts, one per row, compiled into one `SiteIndex` (validated on `model`).
+
+    Slots [n, k]: each row's linear sites (weight w), then its norms' sites (weight 0, group j);
+    `combine` turns the values gathered at the slots into each row's objective."""
 
     def __init__(self, model: nn.Module, readouts: Sequence[Readout | Sequence[Site]], max_layer: int | None = None):
         self.readouts = [as_readout(r) for r in readouts]
-        self.index = SiteIndex(model, [r.sites for r in self.readouts], max_layer=max_layer,
-                               weights=[list(r.weights.values()) for r in self.readouts])
+        slots = [[*r.weights, *(s for _, sites in r.norms for s in sites)] for r in self.readouts]
+        weights = [[*r.weights.values(), *(0.0 for _, sites in r.norms for _ in sites)] for r in self.readouts]
+        self.index = SiteIndex(model, slots, max_layer=max_layer, weights=weights)
+        self.bias = torch.tensor([r.bias for r in self.readouts])  # [n]
+        self.has_bias = bool(self.bias.abs().sum() > 0)
+        G = max((len(r.norms) for r in self.readouts), default=0)
+        self.groups: torch.Tensor | None = None  # [n, k, G] one-hot: which slots form norm j of a row
+        if G:
+            k = self.index.index.shape[1]
+            self.groups = torch.zeros(len(self.readouts), k, G)
+            self.group_coef = torch.zeros(len(self.readouts), G)
+            for row, r in enumerate(self.readouts):
+                at = len(r.weights)
+                for j, (c, sites) in enumerate(r.norms):
+                    self.groups[row, at : at + len(sites), j] = 1.0
+                    self.group_coef[row, j] = c
+                    at += len(sites)
 
     def __len__(self) -> int:
         return len(self.readouts)
 
+    def combine(self, values: torch.Tensor, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """[..., n]: the objectives of `rows` from the values at their slots, `values` [..., n, k]."""
+        w = self.index.weight[rows].to(values.device, values.dtype)
+        out = (values * w).sum(-1)
+        if self.has_bias:
+            out = out + self.bias[rows].to(values.device, values.dtype)
+        if self.groups is not None:
+            g = self.groups[rows].to(values.device, values.dtype)
+            sq = torch.einsum("...nk,nkg->...ng", values.pow(2), g)
+            out = out + (sq.clamp_min(0).sqrt() * self.group_coef[rows].to(values.device, values.dtype)).sum(-1)
+        return out
+
     def value(self, reading: Reading) -> torch.Tensor:
-        values = reading.site_values(self.index)
-        return (values * self.index.weight.to(values.device, values.dtype)).sum(1)
+        return self.combine(reading.site_values(self.index))
 
 
 class InputNorm(Objective):

@@ -26,7 +26,7 @@ from ft.integrity import remove_stale_temps, save_tensors, sha256_bytes, temp_na
 from ft.sites import Site, SiteIndex, SiteReader, num_layers
 
 if TYPE_CHECKING:
-    from ft.objectives import Readout
+    from ft.objectives import Readout, Readouts
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +173,19 @@ def weight_matrix(index: SiteIndex, rows: slice, features: int) -> torch.Tensor:
     return M
 
 
-def readout_values(flat: torch.Tensor, index: SiteIndex, rows: slice) -> torch.Tensor:
+def readout_values(flat: torch.Tensor, batch: Readouts, rows: slice) -> torch.Tensor:
     """[batch, rows]: the objectives of `rows` for activations `flat` [batch, features]. Sparse
-    objectives (neurons, groups) gather their sites; wide ones (a direction reads a whole point)
-    multiply by their dense weights, which is cheaper than gathering every unit."""
+    linear objectives (neurons, groups) gather their sites; wide ones (a direction, an SAE latent
+    reads a whole point) multiply by their dense weights, cheaper than gathering every unit;
+    objectives with norms (heads) gather their slots and combine them."""
+    index = batch.index
+    if batch.groups is not None:
+        return batch.combine(flat[:, index.index[rows]], rows)
     if index.index.shape[1] * 8 >= flat.shape[1]:
-        return flat @ weight_matrix(index, rows, flat.shape[1]).to(flat.dtype)
-    return (flat[:, index.index[rows]] * index.weight[rows]).sum(-1)
+        out = flat @ weight_matrix(index, rows, flat.shape[1]).to(flat.dtype)
+    else:
+        out = (flat[:, index.index[rows]] * index.weight[rows]).sum(-1)
+    return out + batch.bias[rows] if batch.has_bias else out
 
 
 def objective_chunks(
@@ -190,16 +196,18 @@ def objective_chunks(
     targets at a time so the [V', chunk, sites] gather fits `budget_bytes`."""
     from ft.objectives import Readouts
 
-    index = Readouts(model, objectives, max_layer=num_layers(model) - 1).index
+    batch = Readouts(model, objectives, max_layer=num_layers(model) - 1)
+    index = batch.index
     if len(index.points) == 1:  # a view of the sweep, not a copy
         flat = sweeps[index.points[0]].flatten(1)
     else:
         flat = index.flatten({p: sweeps[p] for p in index.points})
     k = index.index.shape[1]
-    per_target = flat.shape[0] * (1 if k * 8 >= flat.shape[1] else k)  # floats a target's column costs
+    dense = k * 8 >= flat.shape[1] and batch.groups is None
+    per_target = flat.shape[0] * (1 if dense else k)  # floats a target's column costs
     step = max(1, budget_bytes // (4 * per_target))
     for start in range(0, len(objectives), step):
-        yield start, readout_values(flat, index, slice(start, start + step))
+        yield start, readout_values(flat, batch, slice(start, start + step))
 
 
 def vocab_objective(
@@ -312,7 +320,8 @@ def stream_word_stats(encoder: Encoder, vocab: Vocabulary, objectives: Sequence[
 
     model = encoder.model
     n = len(objectives)
-    index = Readouts(model, objectives, max_layer=num_layers(model) - 1).index
+    batch = Readouts(model, objectives, max_layer=num_layers(model) - 1)
+    index = batch.index
     best = torch.full((n,), -torch.inf)
     best_row = torch.zeros(n, dtype=torch.long)
     at_word = torch.full((n,), torch.nan)
@@ -322,7 +331,7 @@ def stream_word_stats(encoder: Encoder, vocab: Vocabulary, objectives: Sequence[
             by_row.setdefault(r, []).append(t)
     for start, acts in _stream(encoder, vocab, index.points, position, batch_size):
         flat = index.flatten(acts)  # [batch, total]
-        obj = readout_values(flat, index, slice(None))  # [batch, targets]
+        obj = readout_values(flat, batch, slice(None))  # [batch, targets]
         value, row = obj.max(dim=0)
         better = value > best
         best = torch.where(better, value, best)
