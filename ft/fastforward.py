@@ -238,20 +238,22 @@ class FastSiteReader:
                 ctx_end, resid_end = _attend(qkv_end, L.heads, sdpa, query=self.position), h_end[:, self.position]
                 ctx = torch.cat([_attend(qkv_go, L.heads, sdpa), ctx_end]) if n_go else ctx_end
                 resid = torch.cat([h_go.reshape(-1, H), resid_end]) if n_go else resid_end
-            a = L.ln1(L.attn_out(ctx) + resid)
+            attn = L.attn_out(ctx)
+            a = L.ln1(attn + resid)
             act = L.act(L.inter(a))
             pairs = None if end_units is None or not n_end else end_units[layer]
             if pairs is None:
                 out = L.out(act)
                 h_tok = L.ln2(out + a)
-                yield layer, {"ffn_act": act, "ffn_out": out, "resid": h_tok}
+                yield layer, {"attn_ctx": ctx, "attn_out": attn, "ffn_act": act, "ffn_out": out, "resid": h_tok}
             else:  # only the rows going on need the whole FFN output and residual
                 act_go, act_end = act.split([go, n_end])
                 tok, unit = pairs
                 end = (act_end.index_select(0, tok) * L.out.weight[unit]).sum(-1) + L.out.bias[unit]
                 out = L.out(act_go)
                 h_tok = L.ln2(out + a.split([go, n_end])[0])
-                yield layer, {"ffn_act": act, "ffn_out": out, "resid": h_tok, "ffn_out_end": end}
+                yield layer, {"attn_ctx": ctx, "attn_out": attn, "ffn_act": act, "ffn_out": out, "resid": h_tok,
+                              "ffn_out_end": end}
             if not n_go:  # every row has ended
                 return
             h = (h_tok if h_tok.shape[0] == go else h_tok.split([go, n_end])[0]).view(n_go, S, H)

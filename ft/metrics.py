@@ -17,8 +17,8 @@ from torchmetrics.functional import pairwise_cosine_similarity
 
 from ft.arch import adapter
 from ft.encoder import Encoder
-from ft.module import full_sequence, objective
-from ft.objectives import Readout, Readouts
+from ft.module import full_sequence, use_fast_forward
+from ft.objectives import Reading, Readout, batch_of
 from ft.state import FitResult
 from ft.targets import Target
 from ft.vocab import Vocabulary, WordStats, word_stats
@@ -141,8 +141,9 @@ def measure(model: torch.nn.Module, objectives: Sequence[Readout], seq: torch.Te
     for start in range(0, len(seq), chunk):
         part = seq[start : start + chunk].to(device).float()
         with torch.autocast(device_type=device.type, enabled=False):
-            batch = Readouts(model, objectives[start : start + chunk])
-            out.append(objective(model, batch, part, position).float().cpu())
+            batch = batch_of(model, objectives[start : start + chunk])
+            reading = Reading(model, part[:, 1:-1], part, position, use_fast_forward(model))
+            out.append(batch.value(reading).float().cpu())
     return torch.cat(out)
 
 
@@ -175,6 +176,29 @@ def snap(result: FitResult, objectives: Sequence[Readout], facts: VocabFacts, en
     return rows, measure(encoder.model, objectives, seq, position)
 
 
+@torch.no_grad()
+def sae_post_activations(result: FitResult, targets: Sequence[Target], encoder: Encoder, position: int
+                         ) -> torch.Tensor | None:
+    """[rows] each SAE latent's post-activation (ReLU, JumpReLU or TopK over all latents) for the
+    saved input; None when the run has no SAE targets."""
+    rows = [i for i, t in enumerate(targets) if t.kind == "sae"]
+    if not rows:
+        return None
+    from ft.sites import SiteReader
+
+    out = torch.full((len(targets),), torch.nan)
+    W = encoder.word_embeddings.detach().float().cpu()
+    vocab_cls, vocab_sep = encoder.tokenizer.cls_token_id, encoder.tokenizer.sep_token_id
+    for i in rows:
+        t = targets[i]
+        layer, point, sae = t.meta["layer"], t.meta["point"], t.meta["sae"]
+        seq = full_sequence(result.embeds[i : i + 1], W, vocab_cls, vocab_sep).to(encoder.word_embeddings.device)
+        with torch.autocast(device_type=seq.device.type, enabled=False):
+            h = SiteReader(encoder.model, [point], layer, position).read(inputs_embeds=seq)[point][:, layer]
+        out[i] = sae.encode(h.float().cpu())[0, t.latent]
+    return out
+
+
 def evaluate(
     result: FitResult,
     targets: Sequence[Target],
@@ -200,6 +224,7 @@ def evaluate(
         rank_zero_warn(f"{int(runaway.sum())} of {len(runaway)} inputs ran away: raw norm above "
                        f"{runaway_factor:g}x the largest word embedding norm (see raw_norm, runaway)")
     snapped_rows, snapped_act = snap(result, [t.readout for t in targets], facts, encoder, position, analysis)
+    post = sae_post_activations(result, targets, encoder, position)
     entropy = result.entropy
     tokens = facts.vocab.tokens
     rows = []
@@ -213,6 +238,11 @@ def evaluate(
             "spec": target.spec,
             "direction": target.direction,
             "direction_name": target.direction_name,
+            "latent": target.latent,
+            "sae_path": target.sae_path,
+            "sae_post": None if post is None or target.kind != "sae" else float(post[t]),
+            "target_class": target.target_class,
+            "label": target.meta.get("label"),
             "layer": target.layer,
             "target_word": target.target_word,
             "k": target.k,

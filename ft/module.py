@@ -15,8 +15,17 @@ from ft.control import ConvergenceControl
 from ft.cpualloc import keep_freed_memory
 from ft.fastforward import FastSiteReader, supports
 from ft.inputs import InputParam
-from ft.objectives import InputNorm, Objective, Reading, Readout, Readouts, WordDistance, as_readout
-from ft.sites import Site, SiteIndex, SiteReader
+from ft.objectives import (
+    InputNorm,
+    Objective,
+    Reading,
+    Readouts,
+    WordDistance,
+    as_readout,
+    batch_of,
+    top_layer,
+)
+from ft.sites import Site, SiteIndex, SiteReader, hooked_step_flops
 from ft.state import FitResult, RowState
 from ft.strategy import rank_rows
 
@@ -75,11 +84,12 @@ def objective(
     return (values * index.weight.to(values.device, values.dtype)).sum(1)
 
 
-def plan_chunks(site_lists: Sequence[Sequence[Site]], chunk_size: int, by_layer: bool = True) -> list[slice]:
-    """Contiguous chunks of at most `chunk_size` rows. `by_layer` (for the hook-based forward,
-    which stops a whole chunk at once) also cuts where the highest needed layer changes, so
-    each chunk stops as early as its rows allow; the lean forward stops each row by itself."""
-    top = [max(s.layer for s in sites) for sites in site_lists]
+def plan_chunks(rows: Sequence, chunk_size: int, by_layer: bool = True) -> list[slice]:
+    """Contiguous chunks of at most `chunk_size` rows (`rows`: objectives or site lists). `by_layer`
+    (for the hook-based forward, which stops a whole chunk at once) also cuts where the highest
+    needed layer changes, so each chunk stops as early as its rows allow; the lean forward stops
+    each row by itself."""
+    top = [top_layer(r) for r in rows]
     chunks, start = [], 0
     for i in range(1, len(top) + 1):
         if i == len(top) or i - start >= chunk_size or (by_layer and top[i] != top[start]):
@@ -114,7 +124,7 @@ class TextualizationModule(pl.LightningModule):
     def __init__(
         self,
         encoder: torch.nn.Module,
-        objectives: Sequence[Readout | Sequence[Site]],
+        objectives: Sequence[Objective | Sequence[Site]],
         inputs: InputParam,
         optimizer: Callable[..., torch.optim.Optimizer],
         cls_id: int,
@@ -170,14 +180,14 @@ class TextualizationModule(pl.LightningModule):
     def _plan_rows(self) -> None:
         mine = self.all_objectives[self.rows]
         self.num_targets = len(mine)
-        self.objective_batch = Readouts(self.encoder, mine)  # validates every site
+        self.objective_batch = batch_of(self.encoder, mine)  # validates every site
         self._active: tuple[int, list] | None = None  # see active_plan
-        self.plan = [(c, Readouts(self.encoder, mine[c]))
-                     for c in plan_chunks([r.sites for r in mine], self.chunk_size, by_layer=not self.fast)]
+        self.plan = [(c, batch_of(self.encoder, mine[c]))
+                     for c in plan_chunks(mine, self.chunk_size, by_layer=not self.fast)]
 
     @property
     def index(self) -> SiteIndex:
-        """The `SiteIndex` of every row this process optimizes."""
+        """The `SiteIndex` of every row this process optimizes (site objectives)."""
         return self.objective_batch.index
 
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -281,8 +291,14 @@ class TextualizationModule(pl.LightningModule):
         length = length or self.inputs.param.shape[1]
         reader = FastSiteReader if self.fast else SiteReader
         H = adapter(self.encoder).hidden_size  # + each chunk's backward through the input's gradient hook
-        return sum(reader.step_flops(self.encoder, o.index, length, self.position)
-                   + 2 * self.num_targets * length * H * H for _, o in self.plan)
+        flops = 0.0
+        for _, o in self.plan:
+            if isinstance(o, Readouts):
+                flops += reader.step_flops(self.encoder, o.index, length, self.position)
+            else:  # a classifier's whole forward
+                flops += hooked_step_flops(self.encoder, len(o), adapter(self.encoder).num_layers - 1, length)
+            flops += 2 * self.num_targets * length * H * H
+        return flops
 
     def forward(self) -> torch.Tensor:
         """Objective of the current input for every row of this process: [rows]."""
@@ -299,8 +315,8 @@ class TextualizationModule(pl.LightningModule):
             mine = self.all_objectives[self.rows]
             active = (~frozen).nonzero().squeeze(1)
             sub = [mine[i] for i in active.tolist()]
-            chunks = plan_chunks([r.sites for r in sub], self.chunk_size, by_layer=not self.fast) if sub else []
-            plan = [(active[c].to(self.state.frozen.device), Readouts(self.encoder, sub[c])) for c in chunks]
+            chunks = plan_chunks(sub, self.chunk_size, by_layer=not self.fast) if sub else []
+            plan = [(active[c].to(self.state.frozen.device), batch_of(self.encoder, sub[c])) for c in chunks]
             self._active = (n_active, plan)
         return self._active[1]
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ft.errors import TargetError
-from ft.sites import Site, SiteError, SiteIndex, SiteReader, parse_point, point_width
+from ft.sites import Site, SiteError, SiteIndex, SiteReader, head_sites, parse_head, parse_point, point_width
 
 
 @dataclass
@@ -187,9 +187,15 @@ def norm_of(sites: Sequence[Site], name: str) -> Readout:
     return Readout({}, [name], 0.0, [(1.0, tuple(sites))])
 
 
+def head_norm(model: nn.Module, layer: int, head: int) -> Readout:
+    """An attention head: the L2 norm of its context vector at the read position."""
+    return norm_of(head_sites(model, layer, head), f"layer.{layer}.head.{head}")
+
+
 def as_readout(target: Readout | Sequence[Site]) -> Readout:
-    """A Readout as it is, or a list of sites as their mean (a neuron is a group of one)."""
-    return target if isinstance(target, Readout) else mean(list(target))
+    """A Readout as it is (or any other objective), or a list of sites as their mean (a neuron is a
+    group of one)."""
+    return target if isinstance(target, Objective) else mean(list(target))
 
 
 class Readouts(Objective):
@@ -237,6 +243,57 @@ class Readouts(Objective):
         return self.combine(reading.site_values(self.index))
 
 
+class ClassLogit(Objective):
+    """A fine-tuned sequence classifier's logit for one class, from the checkpoint's own head on the
+    framed input (`[CLS] x [SEP]`): the whole model runs, so it has no sites and no lean path."""
+
+    def __init__(self, classifier: nn.Module, target_class: int, label: str):
+        self.classifier, self.target_class, self.label = classifier, int(target_class), label
+        self.reads = (f"logit.{self.target_class}",)
+        self.sites: list[Site] = []
+        self.layers = [adapter_of(classifier).num_layers - 1]
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        return ClassLogits([self] * reading.embeds.shape[0]).value(reading)
+
+
+def adapter_of(classifier: nn.Module):
+    from ft.arch import adapter
+
+    return adapter(classifier.base_model)
+
+
+class ClassLogits(Objective):
+    """A batch of class logits, one class per row: one forward of the classifier."""
+
+    def __init__(self, rows: Sequence[ClassLogit]):
+        self.rows = list(rows)
+        self.classifier = self.rows[0].classifier
+        self.classes = torch.tensor([r.target_class for r in self.rows])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        logits = self.classifier(inputs_embeds=reading.seq).logits  # [n, classes]
+        return logits.gather(1, self.classes.to(logits.device)[:, None])[:, 0]
+
+
+def batch_of(model: nn.Module, objectives: Sequence, max_layer: int | None = None) -> Readouts | ClassLogits:
+    """The batch objective of one chunk of rows: readouts compile to a SiteIndex, logits to one
+    classifier forward. A chunk mixes no kinds (TargetError)."""
+    if objectives and all(isinstance(o, ClassLogit) for o in objectives):
+        return ClassLogits(objectives)
+    if any(isinstance(o, ClassLogit) for o in objectives):
+        raise TargetError("class logits and site objectives cannot share a run; valid: one target kind per run")
+    return Readouts(model, objectives, max_layer=max_layer)
+
+
+def top_layer(objective: Readout | ClassLogit | Sequence[Site]) -> int:
+    """The highest layer a row's objective reads (a class logit reads them all)."""
+    return max(as_readout(objective).layers) if not isinstance(objective, ClassLogit) else objective.layers[-1]
+
+
 class InputNorm(Objective):
     """Per row: the sum over tokens of the raw input's squared norm (reg.norm's measure)."""
 
@@ -267,7 +324,8 @@ _TOKEN = re.compile(r"\s*(?:(?P<num>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][
 # What `ref@name` resolves to: (layer, point, name) -> the direction vector.
 DirectionLookup = Callable[[int, str, str], torch.Tensor]
 
-SYNTAX = ("sites 'layer.L.point.unit', directions 'layer.L.point@ROW' or '@NAME' (rows of target.file), "
+SYNTAX = ("sites 'layer.L.point.unit', heads 'layer.L.head.H', directions 'layer.L.point@ROW' or '@NAME' (rows of "
+          "target.file), "
           "numbers, + - * / and parentheses, e.g. 'layer.3.ffn_out.5 - 0.5 * layer.2.ffn_act.7'")
 
 
@@ -357,6 +415,11 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
 
     def reference(text: str) -> Readout:
         try:
+            head = parse_head(text, model)
+            if head is not None:
+                if model is None:  # a stand-in: syntax only
+                    return Readout({Site(head[0], "attn_ctx", 0): 1.0}, [text])
+                return head_norm(model, *head)
             if "@" not in text:
                 site = Site.parse(text)
                 return neuron(site if model is None else site.check(model))

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ft.errors import ConfigError, FtError
 from ft.inputs import KINDS
-from ft.sites import POINTS, Site
+from ft.sites import POINTS, Site, parse_head
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class TargetSchema:
     """configs/target/*: neuron targets use sites..layers, group targets k..num_frequent, terms
     specs (and file), directions file and site."""
 
-    kind: Choice("neuron", "group", "terms", "direction")
+    kind: Choice("neuron", "group", "terms", "direction", "sae", "logit")
     point: Choice(*POINTS)
     sites: Annotated[list[str], Unique] | None
     fraction: Num(gt=0, le=1) | None
@@ -105,6 +105,22 @@ class TargetSchema:
     specs: Annotated[list[str], Unique] | None
     file: str | None
     site: str | Annotated[list[str], Unique] | None
+    path: str | None
+    latents: Annotated[list[Int(ge=0)], Unique] | None
+    num_latents: Int(ge=1) | None
+    demo: dict | None
+    classes: Annotated[list[int | str], Unique] | None
+
+
+@dataclass
+class SaeDemoSchema:
+    """configs/target/sae.yaml `demo`: the demo SAE trained when target.path is null."""
+
+    expansion: Int(ge=1)
+    l1: Num(ge=0)
+    steps: Int(ge=1)
+    lr: Num(gt=0)
+    corpus: str
 
 
 @dataclass
@@ -202,13 +218,15 @@ class RootSchema:
     print_rows: Int(ge=0)
     ckpt_path: str
     log_level: Choice("debug", "info", "warning", "error")
+    examples_after_run: bool
 
 
 # node path -> (schema, closed: unknown keys are refused)
 NODES: dict[str, tuple[type, bool]] = {
     "": (RootSchema, False), "model": (ModelSchema, True), "target": (TargetSchema, True),
     "input": (InputSchema, True), "optim": (OptimSchema, False), "scheduler": (SchedulerSchema, False),
-    "reg": (RegSchema, True), "trainer": (TrainerSchema, False), "engine": (EngineSchema, True),
+    "target.demo": (SaeDemoSchema, True), "reg": (RegSchema, True), "trainer": (TrainerSchema, False),
+    "engine": (EngineSchema, True),
     "logger.wandb": (WandbSchema, False), "callbacks.curves": (CurvesSchema, False),
     "callbacks.nearest": (NearestSchema, False),
 }
@@ -319,7 +337,8 @@ def check_config(cfg: DictConfig | dict) -> None:
     if t.get("sites"):
         seen: dict[Site, str] = {}
         for text in t["sites"]:
-            site = Site.parse(text)
+            head = parse_head(text)
+            site = head if head is not None else Site.parse(text)
             if site in seen:
                 raise ConfigError(f"target.sites: {text!r} repeats {seen[site]!r}; valid: each site once")
             seen[site] = text
@@ -333,6 +352,8 @@ TARGET_KEYS = {
     "group": ("kind", "point", "k", "selection", "words", "num_random", "num_frequent", *_SHARED[1:]),
     "terms": ("kind", "specs", "file", *_SHARED[1:]),
     "direction": ("kind", "file", "site", *_SHARED[1:]),
+    "sae": ("kind", "path", "site", "latents", "fraction", "num_latents", "demo", *_SHARED[1:]),
+    "logit": ("kind", "classes", *_SHARED[1:]),
 }
 
 

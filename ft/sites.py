@@ -1,6 +1,9 @@
 """Neuron sites: `layer.{L}.{point}.{unit}` strings, and forward hooks that read them.
 
 Points mean the same in every family (`ft.arch` maps them to each family's modules):
+- ``attn_ctx``: the heads' context vectors, concatenated: the input of the attention's output
+  projection (head h owns units h*d_head .. (h+1)*d_head - 1);
+- ``attn_out``: the output of the attention's output projection, before the residual add;
 - ``ffn_act``: the FFN's hidden activation, the input of its output projection;
 - ``ffn_out``: the output of the FFN's output projection -- the paper's site, before the
   residual add and the layer's final LayerNorm;
@@ -59,6 +62,29 @@ class Site:
 
 
 _POINT_RE = re.compile(r"^layer\.(\d+)\.([a-z_]+)$")
+_HEAD_RE = re.compile(r"^layer\.(\d+)\.head\.(\d+)$")
+
+
+def parse_head(text: str, model: nn.Module | None = None) -> tuple[int, int] | None:
+    """(layer, head) of a head site `layer.{L}.head.{H}`, None for any other text; checked against
+    `model` when given (SiteError naming the site and the valid range)."""
+    m = _HEAD_RE.match(str(text).strip())
+    if not m:
+        return None
+    layer, head = int(m.group(1)), int(m.group(2))
+    if model is not None:
+        n, heads = num_layers(model), adapter(model).num_heads
+        if not 0 <= layer < n:
+            raise SiteError(f"site {text!r}: layer {layer} out of range; valid 0..{n - 1}")
+        if not 0 <= head < heads:
+            raise SiteError(f"site {text!r}: head {head} out of range; valid 0..{heads - 1}")
+    return layer, head
+
+
+def head_sites(model: nn.Module, layer: int, head: int) -> list[Site]:
+    """The `attn_ctx` units of one head: its context vector at the read position."""
+    d = adapter(model).head_size
+    return [Site(layer, "attn_ctx", u) for u in range(head * d, (head + 1) * d)]
 
 
 def parse_point(text: str, model: nn.Module | None = None) -> tuple[int, str]:

@@ -14,14 +14,15 @@ import torch
 
 from ft.directions import DirectionSet
 from ft.errors import TargetError
-from ft.objectives import Readout, as_readout, direction, mean, neuron, parse
-from ft.sites import Site, SiteError, num_layers, parse_point, point_width
+from ft.objectives import Readout, as_readout, direction, head_norm, mean, neuron, parse
+from ft.sae import SAE
+from ft.sites import Site, SiteError, num_layers, parse_head, parse_point, point_width
 from ft.vocab import SweepSummary, Vocabulary
 
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("absolute", "relative")
-KINDS = ("neuron", "group", "terms", "direction")
+KINDS = ("neuron", "group", "terms", "direction", "head", "sae", "logit")
 LATIN_WORD = re.compile(r"^[a-z]+$")
 
 
@@ -35,6 +36,9 @@ class Target:
     spec: str | None = None  # the expression as written (terms), `layer.L.point@ROW` (direction)
     direction: int | None = None  # row of the directions file
     direction_name: str | None = None
+    latent: int | None = None  # an SAE latent's index
+    sae_path: str | None = None  # the SAE directory it belongs to
+    target_class: int | None = None  # a class logit's class id
     target_id: int = -1  # row in the full (unsharded) run, set by `number_targets`
     restart: int = 0  # which random restart of the target this row is
     meta: dict = field(default_factory=dict)
@@ -62,7 +66,18 @@ class Target:
     def layer(self) -> int | None:
         """The layer of a neuron or a direction, and of terms that all read one layer."""
         layers = self.readout.layers
-        return layers[0] if self.kind != "group" and len(layers) == 1 else None
+        return layers[0] if self.kind not in ("group", "logit") and len(layers) == 1 else None
+
+
+def site_target(model: torch.nn.Module, text: str) -> Target:
+    """One entry of `target.sites`: a neuron `layer.L.point.unit` or a head `layer.L.head.H`."""
+    try:
+        head = parse_head(text, model)
+    except SiteError as e:
+        raise TargetError(str(e)) from None
+    if head is not None:
+        return Target("head", head_norm(model, *head), spec=str(text).strip())
+    return Target("neuron", neuron(Site.parse(text).check(model)))
 
 
 def number_targets(targets: list[Target]) -> list[Target]:
@@ -89,7 +104,7 @@ def neuron_targets(
 ) -> list[Target]:
     """An explicit site list, or a seeded random sample of units per layer."""
     if sites:
-        return [Target("neuron", neuron(Site.parse(s).check(model))) for s in sites]
+        return [site_target(model, s) for s in sites]
     n_layers = num_layers(model)
     layers = list(range(n_layers)) if layers is None else list(layers)
     for layer in layers:
@@ -254,11 +269,73 @@ def readouts_of_table(model: torch.nn.Module, table, directions: DirectionSet | 
     """Each row's objective rebuilt from a targets table (`targets.parquet`): neurons and groups are
     the mean of their `sites`, terms and directions their `spec` (directions from the run's copy)."""
     lookup = direction_lookup(model, directions)
-    out = []
+    out, saes = [], {}
     for row in table.itertuples():
         spec = getattr(row, "spec", None)
-        if row.kind in ("terms", "direction") and isinstance(spec, str):
+        if row.kind == "sae":
+            from ft.sae import load_sae
+
+            if row.sae_path not in saes:
+                saes[row.sae_path] = load_sae(row.sae_path)
+            sae = saes[row.sae_path]
+            layer, point = parse_point(row.sites[0], model)
+            out.append(sae.readout(layer, point, int(row.latent)))
+        elif row.kind in ("terms", "direction", "head") and isinstance(spec, str):
             out.append(parse(spec, model, lookup))
         else:
             out.append(mean([Site.parse(s).check(model) for s in row.sites]))
     return out
+
+
+def sae_targets(model: torch.nn.Module, sae: SAE, site: str, latents: Sequence[int] | None = None,
+                fraction: float | None = None, num_latents: int | None = None, seed: int = 0) -> list[Target]:
+    """One target per SAE latent: its pre-activation at `site` (`layer.L.point`). `latents`, or a
+    seeded sample: `fraction` of them, else `num_latents`."""
+    try:
+        layer, point = parse_point(site, model)
+    except SiteError as e:
+        raise TargetError(f"target.site: {e}") from None
+    width = point_width(model, point)
+    if sae.d_in != width:
+        raise TargetError(f"target.path={sae.source!r}: the SAE reads d_in={sae.d_in}, {point} is {width} wide in this "
+                          f"model; valid: an SAE trained on {point} of this model")
+    if latents:
+        bad = [i for i in latents if not 0 <= int(i) < sae.d_sae]
+        if bad:
+            raise TargetError(f"target.latents: {bad[0]} out of range; valid 0..{sae.d_sae - 1}")
+        chosen = [int(i) for i in latents]
+    else:
+        n = max(1, round(fraction * sae.d_sae)) if fraction else int(num_latents or 1)
+        if not 0 < n <= sae.d_sae:
+            raise TargetError(f"target.num_latents={n}; valid 1..{sae.d_sae}")
+        chosen = sorted(random.Random(seed).sample(range(sae.d_sae), n))
+    return [Target("sae", sae.readout(layer, point, i), spec=f"layer.{layer}.{point}", latent=i, sae_path=sae.source,
+                   meta={"sae": sae, "layer": layer, "point": point}) for i in chosen]
+
+
+def logit_targets(encoder, classes: Sequence[int | str] | None) -> list[Target]:
+    """One target per class of a fine-tuned sequence classifier (ids, or label names from its
+    `id2label`): the objective is that class's logit from the checkpoint's own head."""
+    from ft.objectives import ClassLogit
+
+    head = getattr(encoder, "head", None)
+    kind = type(head).__name__ if head is not None else None
+    if head is None or not kind.endswith("ForSequenceClassification"):
+        raise TargetError(f"target=logits needs a fine-tuned sequence classifier; {encoder.name!r} is "
+                          f"{kind or 'a bare encoder'}; valid: a *ForSequenceClassification checkpoint")
+    id2label = {int(i): str(n) for i, n in (head.config.id2label or {}).items()}
+    n = int(head.config.num_labels)
+    by_name = {v: k for k, v in id2label.items()}
+    chosen = []
+    for c in list(classes) if classes else list(range(n)):
+        if isinstance(c, int) and not isinstance(c, bool) and 0 <= c < n:
+            chosen.append(c)
+        elif isinstance(c, str) and c in by_name:
+            chosen.append(by_name[c])
+        elif isinstance(c, str) and c.isdigit() and int(c) < n:
+            chosen.append(int(c))
+        else:
+            raise TargetError(f"target.classes: {c!r} is not a class of {encoder.name!r}; valid: ids 0..{n - 1} or "
+                              f"labels {[id2label.get(i, str(i)) for i in range(n)]}")
+    return [Target("logit", ClassLogit(head, c, id2label.get(c, str(c))), spec=f"logit.{c}",
+                   target_class=c, meta={"label": id2label.get(c, str(c))}) for c in chosen]

@@ -40,14 +40,24 @@ from ft.targets import (
     check_word,
     direction_targets,
     group_targets,
+    logit_targets,
     neuron_targets,
     number_targets,
+    sae_targets,
     target_words,
     terms_targets,
     with_restarts,
 )
 from ft.tracking import build_loggers, format_table, log_summary
-from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, stream_summary, stream_word_stats, sweep_bytes
+from ft.vocab import (
+    Vocabulary,
+    analysis_vectors,
+    load_or_sweep,
+    logit_word_stats,
+    stream_summary,
+    stream_word_stats,
+    sweep_bytes,
+)
 
 log = logging.getLogger("ft")
 
@@ -62,6 +72,10 @@ class TrainingDivergedError(FtError):
 def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep,
                   directions: DirectionSet | None = None) -> list[Target]:
     t = cfg.target
+    if t.kind == "sae":
+        return build_sae_targets(cfg, encoder)
+    if t.kind == "logit":
+        return logit_targets(encoder, t.classes)
     if t.kind == "terms":
         return terms_targets(encoder.model, t.specs, directions)
     if t.kind == "direction":
@@ -80,6 +94,29 @@ def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep,
             num_frequent=t.num_frequent, seed=t.seed,
         )
     raise ConfigError(f"target.kind={t.kind!r}; valid: {list(KINDS)}")
+
+
+def build_sae_targets(cfg: DictConfig, encoder: Encoder) -> list[Target]:
+    """target=sae: the SAE at target.path, or the demo SAE trained for this model (target.path=null)."""
+    from ft.sae import load_sae
+    from ft.sae_train import demo_sae
+    from ft.sites import parse_point
+
+    t = cfg.target
+    site = t.site or f"layer.{encoder.num_layers // 2}.resid"
+    quality = None
+    if t.path:
+        sae = load_sae(t.path)
+    else:
+        layer, point = parse_point(site, encoder.model)
+        d = t.demo
+        folder, quality = demo_sae(encoder, layer, point, corpus=d.corpus, expansion=d.expansion, l1=d.l1,
+                                   steps=d.steps, lr=d.lr, seed=cfg.seed, use_cache=cfg.cache)
+        sae = load_sae(folder)
+    targets = sae_targets(encoder.model, sae, site, t.latents, t.fraction, t.num_latents, t.seed)
+    for target in targets:
+        target.meta["sae_quality"] = quality
+    return targets
 
 
 def quiet_expected_warnings() -> None:
@@ -160,10 +197,12 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
 RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
                      "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                      "logger", "callbacks", "print_rows", "log_level", "cache", "run_name", "tags", "ckpt_path",
+                     "examples_after_run",
                      "experiment_name", "engine.checkpoint_every_n_steps", "engine.chunk_size",
                      "engine.memory_budget_mb", "engine.fast_forward", "engine.stop_when_converged",
                      "engine.sweep_budget_mb", "hydra")
-RESUME_DEFAULTS = {"engine.keep": "last", "log_level": "info"}  # keys a run directory made before them lacks
+# keys a run directory made before them lacks
+RESUME_DEFAULTS = {"engine.keep": "last", "log_level": "info", "examples_after_run": False}
 RESUME_LOG = "resume_log.jsonl"
 
 
@@ -278,6 +317,8 @@ def prepare_targets(cfg: DictConfig, encoder: Encoder, directions: DirectionSet 
     targets = select_targets(cfg, build_targets(cfg, encoder, vocab, source, directions))
     used = sorted({s.point for t in targets for s in t.sites})  # sites may mix points
     vectors = analysis_vectors(encoder, vocab, cfg.position)
+    if t.kind == "logit":  # no sites: every word through the classifier
+        return targets, VocabFacts(vocab, vectors, logit_word_stats(encoder, vocab, [t.readout for t in targets]))
     if any(streamed(p) for p in used):
         words = stream_word_stats(encoder, vocab, [t.readout for t in targets], target_word_rows(vocab, targets))
         return targets, VocabFacts(vocab, vectors, words)
@@ -338,8 +379,15 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
                 f"{cfg.optim.get('lr')}; lower the learning rate. No results were written.")
         summary = summarize(df)
         summary["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
+        quality = targets[0].meta.get("sae_quality")
+        if quality:  # the demo SAE's own quality, on held-out corpus tokens
+            summary.update({f"sae/{k}": float(v) for k, v in quality.items()})
         write_run(run_dir, cfg, df, tensors, summary, curve_table(result, targets, df), directions)
         note = log_summary(loggers, summary, df, result.total_steps, run_dir)
+    if cfg.get("examples_after_run") and rank0:
+        from ft.examples import run_examples
+
+        run_examples(run_dir, substitutes=0)
     print(format_table(df, cfg.print_rows, summary))
     print(f"run directory: {run_dir}")
     if note:

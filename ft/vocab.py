@@ -339,3 +339,22 @@ def stream_word_stats(encoder: Encoder, vocab: Vocabulary, objectives: Sequence[
         for r in set(by_row) & set(range(start, start + len(flat))):
             at_word[by_row[r]] = obj[r - start, by_row[r]]
     return WordStats(best, best_row, at_word)
+
+
+@torch.no_grad()
+def logit_word_stats(encoder: Encoder, vocab: Vocabulary, objectives: Sequence, batch_size: int = 1024) -> WordStats:
+    """`word_stats` for class logits: every word alone (`[CLS] w [SEP]`) through the classifier."""
+    head = objectives[0].classifier
+    classes = torch.tensor([o.target_class for o in objectives])
+    W = encoder.word_embeddings
+    best = torch.full((len(objectives),), -torch.inf)
+    best_row = torch.zeros(len(objectives), dtype=torch.long)
+    for start in bar(range(0, len(vocab), batch_size), desc="vocabulary (class logits)"):
+        ids = vocab.ids[start : start + batch_size]
+        n = len(ids)
+        input_ids = torch.stack([torch.full((n,), vocab.cls_id), ids, torch.full((n,), vocab.sep_id)], 1)
+        logits = head(input_ids=input_ids.to(W.device)).logits.float().cpu()[:, classes]  # [batch, targets]
+        value, row = logits.max(dim=0)
+        better = value > best
+        best, best_row = torch.where(better, value, best), torch.where(better, row + start, best_row)
+    return WordStats(best, best_row, torch.full((len(objectives),), torch.nan))

@@ -32,21 +32,26 @@ def family_dirs(tmp_path_factory) -> dict[str, Path]:
 def reference_points(model: torch.nn.Module, family: str, inputs_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
     """{point: [batch, layers, seq, width]} by forward hooks on the HF modules themselves (the
     FFN activation module, the FFN output projection, the layer) over a full forward pass."""
-    pre = set()  # points read as a module's input
+    pre = {"attn_ctx"}  # points read as a module's input
     if family == "distilbert":
         layers = list(model.transformer.layer)
         mods = {"ffn_act": lambda b: b.ffn.activation, "ffn_out": lambda b: b.ffn.lin2, "resid": lambda b: b}
+        attn = lambda b: b.attention.out_lin  # noqa: E731
     elif family == "modernbert":  # act(input) * gate is the input of the MLP's dropout
         layers = list(model.layers)
         mods = {"ffn_act": lambda b: b.mlp.drop, "ffn_out": lambda b: b.mlp, "resid": lambda b: b}
-        pre = {"ffn_act"}
+        pre.add("ffn_act")
+        attn = lambda b: b.attn.Wo  # noqa: E731
     elif family == "albert":  # one shared layer, applied num_hidden_layers times
         shared = model.encoder.albert_layer_groups[0].albert_layers[0]
         layers = [shared] * model.config.num_hidden_layers
         mods = {"ffn_act": lambda b: b.activation, "ffn_out": lambda b: b.ffn_output, "resid": lambda b: b}
+        attn = lambda b: b.attention.dense  # noqa: E731
     else:
         layers = list(model.encoder.layer)
         mods = {"ffn_act": lambda b: b.intermediate, "ffn_out": lambda b: b.output.dense, "resid": lambda b: b}
+        attn = lambda b: b.attention.output.dense  # noqa: E731
+    mods.update(attn_ctx=attn, attn_out=attn)  # the attention's output projection: its input, its output
     store: dict[str, list[torch.Tensor]] = {p: [] for p in POINTS}
     handles = []
     for point, get in mods.items():

@@ -41,6 +41,9 @@ class AlbertAdapter(Adapter):
     def final_norm(self, layer: int) -> nn.Module:
         return self._group(layer)[0].full_layer_layer_norm
 
+    def attn_output(self, layer: int) -> nn.Linear:
+        return self._group(layer)[0].attention.dense
+
     def occurrence(self, layer: int) -> tuple[int, int]:
         _, k, n = self._group(layer)
         return k, n

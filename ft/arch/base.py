@@ -9,7 +9,9 @@ from torch import nn
 
 from ft.errors import ModelNotFoundError
 
-POINTS: tuple[str, ...] = ("ffn_act", "ffn_out", "resid")  # in the order a layer computes them
+# in the order a layer computes them
+POINTS: tuple[str, ...] = ("attn_ctx", "attn_out", "ffn_act", "ffn_out", "resid")
+ATTENTION_POINTS = ("attn_ctx", "attn_out")
 
 
 class UnsupportedModelError(ModelNotFoundError):
@@ -36,9 +38,10 @@ class Adapter:
     """What ft needs of a loaded Hugging Face encoder of one family.
 
     Subclasses set `family`, `model_types`, and implement `layers`, `ffn_modules` (the FFN's
-    input projection, activation, output projection), `final_norm` (the module whose output is
-    the hidden state a layer hands on) and, where the lean forward reproduces the layer,
-    `lean_parts`.
+    input projection, activation, output projection), `attn_output` (the attention's output
+    projection: its input is the heads' concatenated context vectors), `final_norm` (the module
+    whose output is the hidden state a layer hands on) and, where the lean forward reproduces
+    the layer, `lean_parts`.
     """
 
     family: str = ""
@@ -83,6 +86,11 @@ class Adapter:
     def point_width(self, point: str) -> int:
         return self.intermediate_size if point == "ffn_act" else self.hidden_size
 
+    @property
+    def head_size(self) -> int:
+        """Width of one head's context vector: head h owns `attn_ctx` units h*d .. (h+1)*d - 1."""
+        return self.point_width("attn_ctx") // self.num_heads
+
     # -- modules -----------------------------------------------------------------------------------
     def ffn_modules(self, layer: int) -> tuple[nn.Linear, object, nn.Linear]:
         raise NotImplementedError
@@ -90,8 +98,13 @@ class Adapter:
     def final_norm(self, layer: int) -> nn.Module:
         raise NotImplementedError
 
+    def attn_output(self, layer: int) -> nn.Linear:
+        raise NotImplementedError
+
     def point_hook(self, layer: int, point: str) -> tuple[nn.Module, str]:
         """(module, "pre" | "post"): the point is the module's input (pre) or output (post)."""
+        if point in ATTENTION_POINTS:  # the output projection's input (the heads' context) and output
+            return self.attn_output(layer), "pre" if point == "attn_ctx" else "post"
         _, _, out = self.ffn_modules(layer)
         if point == "ffn_act":
             return out, "pre"

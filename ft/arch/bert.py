@@ -24,6 +24,9 @@ class BertAdapter(Adapter):
     def final_norm(self, layer: int) -> nn.Module:
         return self.layers()[layer].output.LayerNorm
 
+    def attn_output(self, layer: int) -> nn.Linear:
+        return self.layers()[layer].attention.output.dense
+
     def lean_parts(self, layer: int) -> LeanParts:
         block = self.layers()[layer]
         s = block.attention.self

@@ -34,6 +34,9 @@ class DistilBertAdapter(Adapter):
     def final_norm(self, layer: int) -> nn.Module:
         return self.layers()[layer].output_layer_norm
 
+    def attn_output(self, layer: int) -> nn.Linear:
+        return self.layers()[layer].attention.out_lin
+
     def embed(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         return self.embeddings(input_ids, inputs_embeds) if inputs_embeds is not None else self.embeddings(input_ids)
 

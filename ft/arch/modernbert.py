@@ -22,6 +22,9 @@ class ModernBertAdapter(Adapter):
         mlp = self.layers()[layer].mlp
         return mlp.Wi, mlp.act, mlp.Wo
 
+    def attn_output(self, layer: int) -> nn.Linear:
+        return self.layers()[layer].attn.Wo
+
     def point_hook(self, layer: int, point: str) -> tuple[nn.Module, str]:
         if point == "resid":  # pre-norm: the layer's own output is what it hands on
             return self.layers()[layer], "post"

@@ -1,0 +1,139 @@
+"""A small demo SAE for whatever model a run has: trained with Lightning on corpus activations at one
+site, saved in SAELens's layout (ft.sae), cached by model, site and settings.
+
+Standard ReLU SAE: f = relu((h - b_dec) W_enc + b_enc), h_hat = f W_dec + b_dec, loss = mean
+squared error + l1 * sum_i f_i |W_dec[i]| (the decoder-norm-weighted L1, so rescaling the
+decoder cannot buy sparsity). Reports explained variance (1 - SSE / total variance) and mean L0
+on a held-out tenth of the tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ft.bars import bar
+from ft.encoder import Encoder
+from ft.sae import CFG, SAE, load_sae
+from ft.sites import SiteReader
+
+log = logging.getLogger("ft")
+
+
+@torch.no_grad()
+def corpus_activations(encoder: Encoder, layer: int, point: str, corpus: str, max_tokens: int = 64,
+                       batch_size: int = 64, limit: int = 100_000) -> torch.Tensor:
+    """[tokens, width]: `point` of `layer` at every token of the corpus's sentences (no specials)."""
+    from ft.corpus import load_corpus
+
+    tok = encoder.tokenizer
+    text = load_corpus(corpus, tok, max_tokens)
+    reader = SiteReader(encoder.model, [point], layer, slice(None))
+    device = encoder.word_embeddings.device
+    out, seen = [], 0
+    for start in bar(range(0, len(text.ids), batch_size), desc="SAE activations", unit="batch"):
+        seqs = text.ids[start : start + batch_size]
+        T = max(len(s) for s in seqs) + 2
+        ids = torch.full((len(seqs), T), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s) + 2] = torch.tensor([tok.cls_token_id, *s, tok.sep_token_id])
+            mask[b, : len(s) + 2] = 1
+        acts = reader.read(input_ids=ids.to(device), attention_mask=mask.to(device))[point][:, layer]  # [B, T, W]
+        keep = mask.bool().clone()
+        keep[:, 0] = False
+        keep[torch.arange(len(seqs)), mask.sum(1) - 1] = False  # the framing tokens are not text
+        out.append(acts.float().cpu()[keep])
+        seen += int(keep.sum())
+        if seen >= limit:
+            break
+    return torch.cat(out)[:limit]
+
+
+class SAEModule(pl.LightningModule):
+    """The SAE's parameters and its loss; Lightning runs the optimization."""
+
+    def __init__(self, d_in: int, d_sae: int, l1: float, lr: float, b_dec: torch.Tensor, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        W_dec = torch.nn.functional.normalize(torch.randn(d_sae, d_in, generator=g), dim=1)
+        self.W_dec = torch.nn.Parameter(W_dec)
+        self.W_enc = torch.nn.Parameter(W_dec.T.clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = torch.nn.Parameter(b_dec.clone())
+        self.l1, self.lr = l1, lr
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.b_dec) @ self.W_enc + self.b_enc).relu()
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        f = self.features(x)
+        mse = (f @ self.W_dec + self.b_dec - x).pow(2).sum(-1).mean()
+        sparsity = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+        loss = mse + self.l1 * sparsity
+        self.log_dict({"sae/mse": mse, "sae/l0": (f > 0).float().sum(-1).mean()}, prog_bar=True, on_step=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def sae(self) -> SAE:
+        p = {n: t.detach().float().cpu().clone() for n, t in self.named_parameters()}
+        return SAE(p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], "standard", True)
+
+
+@torch.no_grad()
+def quality(sae: SAE, x: torch.Tensor) -> dict[str, float]:
+    """Explained variance and mean L0 of `sae` on activations x [tokens, d_in]."""
+    f = sae.encode(x)
+    sse = (sae.decode(f) - x).pow(2).sum()
+    total = (x - x.mean(0)).pow(2).sum()
+    return {"explained_variance": float(1 - sse / total), "l0": float((f > 0).float().sum(-1).mean())}
+
+
+def demo_sae(encoder: Encoder, layer: int, point: str, corpus: str = "packaged:lee", expansion: int = 4,
+             l1: float = 1.0, steps: int = 1500, lr: float = 1e-3, seed: int = 0, use_cache: bool = True
+             ) -> tuple[Path, dict[str, float]]:
+    """Train (or take from the cache) the demo SAE; returns its directory and its quality."""
+    from ft.vocab import cache_dir, model_key
+
+    site = f"layer.{layer}.{point}"
+    name = f"{model_key(encoder)}-{site}-x{expansion}-l1{l1:g}-s{steps}-lr{lr:g}-seed{seed}"
+    folder = cache_dir() / "sae" / name
+    if use_cache and (folder / CFG).exists():
+        try:
+            load_sae(folder)
+            stats = json.loads((folder / CFG).read_text())["ft_quality"]
+            log.info("demo SAE for %s from the cache: %s", site, folder)
+            return folder, stats
+        except Exception as e:  # a damaged cache entry is rebuilt, never used
+            log.warning("demo SAE cache %s unusable (%s); training again", folder, str(e)[:100])
+    t0 = time.perf_counter()
+    x = corpus_activations(encoder, layer, point, corpus)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=g)
+    held = max(1, len(x) // 10)
+    test, train = x[order[:held]], x[order[held:]]
+    scale = float(train.norm(dim=1).mean())  # trained on x / scale (unit mean norm), saved for x itself
+    module = SAEModule(x.shape[1], expansion * x.shape[1], l1, lr, train.mean(0) / scale, seed)
+    pl.seed_everything(seed, verbose=False)
+    loader = DataLoader(TensorDataset(train / scale), batch_size=1024, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, enable_progress_bar=False, max_epochs=-1)
+    log.info("training a demo SAE at %s: %d tokens, d_sae=%d, %d steps", site, len(train), expansion * x.shape[1],
+             steps)
+    trainer.fit(module, loader)
+    sae = module.sae().rescaled(scale)
+    stats = {**quality(sae, test), "tokens": len(x), "seconds": time.perf_counter() - t0}
+    sae.save(folder, {"hook_name": site, "model_name": encoder.name, "corpus": corpus, "ft_quality": stats})
+    log.info("demo SAE: explained variance %.3f, mean L0 %.1f (%.0f s)", stats["explained_variance"], stats["l0"],
+             stats["seconds"])
+    return folder, stats
