@@ -240,6 +240,9 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
         targets = targets.iloc[[round(i * (len(targets) - 1) / max(limit - 1, 1)) for i in range(limit)]]
     encoder = load_encoder(cfg.model.name_or_path, bool(cfg.model.get("trust_remote_code", False)))
     tokens = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.vocab_size)))
+    if (targets.kind == "logit").any():
+        raise ConfigError(f"{run_dir} textualizes class logits: a sequence's score, not a token's; dataset examples "
+                          "score token-level objectives (neurons, groups, terms, directions, heads, SAE latents)")
     scorer = TargetScorer(encoder, readouts_of_table(encoder.model, targets, read_directions(run_dir)), batch_size)
     limit = type(encoder.arch).max_tokens(encoder.model.config)
     if limit is not None:  # the model's positions bound a sentence, with its two framing tokens

@@ -33,6 +33,9 @@ def corpus_activations(encoder: Encoder, layer: int, point: str, corpus: str, ma
     from ft.corpus import load_corpus
 
     tok = encoder.tokenizer
+    limit_tokens = type(encoder.arch).max_tokens(encoder.model.config)
+    if limit_tokens is not None:  # the model's positions bound a sentence, with its two framing tokens
+        max_tokens = min(max_tokens, limit_tokens - 2)
     text = load_corpus(corpus, tok, max_tokens)
     reader = SiteReader(encoder.model, [point], layer, slice(None))
     device = encoder.word_embeddings.device

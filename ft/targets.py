@@ -272,6 +272,9 @@ def readouts_of_table(model: torch.nn.Module, table, directions: DirectionSet | 
     out, saes = [], {}
     for row in table.itertuples():
         spec = getattr(row, "spec", None)
+        if row.kind == "logit":
+            raise TargetError("class logit targets are rebuilt from the classifier (ft.targets.logit_targets), "
+                              "not from a targets table")
         if row.kind == "sae":
             from ft.sae import load_sae
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -23,6 +24,8 @@ def tiny_overrides(tiny_dir: Path, experiment: str, steps: int = 4) -> list[str]
         o += ["target.k=8", "target.num_random=4", "target.num_frequent=2"]
     elif experiment == "default":
         o += ["target.per_layer=2"]
+    elif experiment == "sae_demo":
+        o += ["target.demo.steps=100"]
     return o
 
 
@@ -37,7 +40,8 @@ def test_every_experiment_is_listed():
     assert expected <= set(EXPERIMENTS)
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", [pytest.param(e, marks=pytest.mark.slow) if e == "sae_demo" else e
+                                        for e in EXPERIMENTS])  # sae_demo trains an SAE on the corpus first
 def test_experiment_smoke(experiment, tiny_dir, tmp_path):
     cfg = compose_cfg(tiny_overrides(tiny_dir, experiment))
     summary = run(cfg, tmp_path / "run")
@@ -48,6 +52,15 @@ def test_experiment_smoke(experiment, tiny_dir, tmp_path):
         assert df.kind.eq("group").all() and df.k.eq(8).all()
         assert df.selection.eq("absolute" if experiment.endswith("_abs") else "relative").all()
         assert len(df) == 6 and "group/target_top20_rate" in summary
+    elif experiment == "sae_demo":  # trained for the tiny model, then its latents textualized, with examples
+        from ft.sae import load_sae
+
+        sae = load_sae(df.sae_path[0])
+        assert sae.d_sae == 4 * 32 and df.kind.eq("sae").all() and len(df) == 20 and set(df.layer) == {1}
+        assert 0 < summary["sae/l0"] <= sae.d_sae and summary["sae/explained_variance"] <= 1
+        ex = pd.read_parquet(tmp_path / "run" / "examples.parquet")
+        assert set(ex.target_id) == set(df.target_id) and (ex.kind == "sentence").any()
+        return
     else:
         assert df.kind.eq("neuron").all() and set(df.layer) == {0, 1}
     assert_values_hold(df, read_inputs(tmp_path / "run"), summary, tiny_dir)
