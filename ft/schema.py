@@ -384,6 +384,13 @@ def check_target_kind(t: dict) -> None:
                 raise ConfigError("target.site=null; valid: a site 'layer.<L>.<point>' or a list of them")
             for site in [t["site"]] if isinstance(t["site"], str) else t["site"]:
                 parse_point(site)
+        if kind == "sae":
+            if t.get("site"):
+                parse_point(t["site"])
+            if t.get("path"):
+                from ft.sae import load_sae
+
+                load_sae(t["path"])
         if kind in ("terms", "direction") and t.get("file"):
             from ft.directions import load_directions
 

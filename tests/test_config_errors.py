@@ -110,6 +110,12 @@ CASES: dict[str, list[tuple[str, str]]] = {
         ("target=directions target.file=/no/such.safetensors", "target.file='/no/such.safetensors' does not exist"),
         ("target=directions target.file=/no/such.safetensors target.site=layer.1.bogus",
          "target.site: 'layer.1.bogus' does not parse; expected 'layer.<L>.<point>'"),
+        ("target=sae target.path=/no/such/sae", "target.path='/no/such/sae': not an SAE directory"),
+        ("target=sae target.site=layer.1.resid.4", "target.site: 'layer.1.resid.4' does not parse"),
+        ("target=sae target.latents=[3,3]", "target.latents=[3, 3]; valid: null or a list of integers >= 0 without"),
+        ("target=sae target.demo.steps=0", "target.demo.steps=0; valid: an integer >= 1"),
+        ("target=logits +target.site=layer.0.resid", "target.site: unknown key for target kind 'logit'"),
+        ("target.sites=[layer.0.head.1,layer.0.head.01]", "target.sites: 'layer.0.head.01' repeats 'layer.0.head.1'"),
     ],
     "unsupported_family": [  # no adapter, a variant the adapter cannot serve, or not an encoder at all
         ("MPNET", "model_type 'mpnet' (MPNetConfig) is not supported yet; valid: an encoder of the families"),
