@@ -281,6 +281,13 @@ def evaluate(
             )
         rows.append(row)
     df = pd.DataFrame(rows)
+    if result.token_ids is not None:  # input=tokens: the searched text itself
+        ids = [[int(i) for i in row] for row in result.token_ids]
+        tok = encoder.tokenizer
+        df["token_ids"] = ids
+        df["text"] = [tok.decode(i) for i in ids]
+        df["retokenizes"] = [tok(t, add_special_tokens=False)["input_ids"] == i
+                             for t, i in zip(df.text, ids, strict=True)]
     tensors = {"embeds": embeds.contiguous(), "analysis": analysis.contiguous(), **result.extra}
     return df, tensors
 

@@ -35,17 +35,26 @@ class Reading:
     `embeds` [n, l, E] the optimized part. Site values are read once per index (`site_values`)."""
 
     model: nn.Module
-    embeds: torch.Tensor
-    seq: torch.Tensor
+    embeds: torch.Tensor | None
+    seq: torch.Tensor | None
     position: int
     fast: bool
+    input_ids: torch.Tensor | None = None  # [n, l + 2] token ids instead of `seq` (the model's own lookup)
     cache: dict = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return len(self.input_ids) if self.input_ids is not None else self.seq.shape[0]
 
     def site_values(self, index: SiteIndex) -> torch.Tensor:
         """[n, k]: the activation at each of `index`'s sites (0 in padding slots)."""
         key = id(index)
         if key not in self.cache:
-            if self.fast:
+            if self.input_ids is not None:
+                reader = SiteReader(self.model, index.points, index.max_layer, self.position)
+                acts = reader.read(input_ids=self.input_ids)
+                values = index.flatten(acts).gather(1, index.index.to(self.input_ids.device))
+            elif self.fast:
                 from ft.fastforward import FastSiteReader
 
                 reader = FastSiteReader(self.model, index.points, index.max_layer, self.position)
@@ -109,7 +118,7 @@ class Sum(Objective):
             v = o.value(reading)
             v = v if w == 1.0 else w * v
             out = v if out is None else out + v
-        return out if out is not None else reading.embeds.new_zeros(reading.embeds.shape[0])
+        return out if out is not None else torch.zeros(reading.rows)
 
 
 class Readout(Objective):
@@ -163,7 +172,7 @@ class Readout(Objective):
         return sorted({s.layer for s in self.sites})
 
     def value(self, reading: Reading) -> torch.Tensor:
-        return Readouts(reading.model, [self] * reading.embeds.shape[0]).value(reading)
+        return Readouts(reading.model, [self] * reading.rows).value(reading)
 
 
 def neuron(site: Site) -> Readout:
@@ -254,7 +263,7 @@ class ClassLogit(Objective):
         self.layers = [adapter_of(classifier).num_layers - 1]
 
     def value(self, reading: Reading) -> torch.Tensor:
-        return ClassLogits([self] * reading.embeds.shape[0]).value(reading)
+        return ClassLogits([self] * reading.rows).value(reading)
 
 
 def adapter_of(classifier: nn.Module):
@@ -275,7 +284,8 @@ class ClassLogits(Objective):
         return len(self.rows)
 
     def value(self, reading: Reading) -> torch.Tensor:
-        logits = self.classifier(inputs_embeds=reading.seq).logits  # [n, classes]
+        given = {"input_ids": reading.input_ids} if reading.input_ids is not None else {"inputs_embeds": reading.seq}
+        logits = self.classifier(**given).logits  # [n, classes]
         return logits.gather(1, self.classes.to(logits.device)[:, None])[:, 0]
 
 

@@ -124,10 +124,20 @@ class SaeDemoSchema:
 
 
 @dataclass
+class SearchSchema:
+    """configs/train.yaml `search`: input=tokens's token search."""
+
+    topk: Int(ge=1)
+    candidates: Int(ge=1)
+    population: Int(ge=1)
+    patience: Int(ge=1)
+
+
+@dataclass
 class InputSchema:
     _target_: str
     _partial_: bool
-    kind: Choice(*KINDS)
+    kind: Choice(*KINDS, "tokens")
     length: Int(ge=1)
     init_std: Num(ge=0)
     tau_start: Num(gt=0)
@@ -226,7 +236,7 @@ NODES: dict[str, tuple[type, bool]] = {
     "": (RootSchema, False), "model": (ModelSchema, True), "target": (TargetSchema, True),
     "input": (InputSchema, True), "optim": (OptimSchema, False), "scheduler": (SchedulerSchema, False),
     "target.demo": (SaeDemoSchema, True), "reg": (RegSchema, True), "trainer": (TrainerSchema, False),
-    "engine": (EngineSchema, True),
+    "engine": (EngineSchema, True), "search": (SearchSchema, True),
     "logger.wandb": (WandbSchema, False), "callbacks.curves": (CurvesSchema, False),
     "callbacks.nearest": (NearestSchema, False),
 }
@@ -328,6 +338,8 @@ def check_config(cfg: DictConfig | dict) -> None:
     check_class(c, "scheduler", torch.optim.lr_scheduler.LRScheduler,
                 "a torch.optim.lr_scheduler class, e.g. torch.optim.lr_scheduler.CosineAnnealingLR")
     length, position = c["input"]["length"], c["position"]
+    if c["input"].get("kind") == "tokens" and length > 32:
+        raise ConfigError(f"input.length={length}; valid 1..32 for input=tokens")
     if position > length:
         raise ConfigError(f"position={position}; valid 1..input.length={length}")
     t = c["target"]

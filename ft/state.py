@@ -117,6 +117,7 @@ class FitResult:
     curve_steps: list[int]  # the steps of the curve samples
     curves: torch.Tensor  # [samples, rows]
     total_steps: int  # steps the run took
+    token_ids: torch.Tensor | None = None  # [rows, l] input=tokens: the searched token ids
     token_rows: torch.Tensor | None = None  # [rows, l] probabilistic inputs: each token's argmax (vocabulary row)
     entropy: torch.Tensor | None = None  # [rows] probabilistic inputs: mean entropy (nats)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the input's own tensors to save

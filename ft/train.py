@@ -135,7 +135,10 @@ def select_targets(cfg: DictConfig, targets: list[Target]) -> list[Target]:
                           "valid: 0 <= shard < num_shards")
     if num > len(targets):
         raise ConfigError(f"target.num_shards={num} > {len(targets)} targets")
-    return with_restarts(targets[shard_rows(len(targets), shard, num)], cfg.engine.restarts)
+    copies = cfg.engine.restarts
+    if cfg.input.get("kind") == "tokens":  # the search's population members are restarts too
+        copies = copies * cfg.get("search", {}).get("population", 1)
+    return with_restarts(targets[shard_rows(len(targets), shard, num)], copies)
 
 
 def best_restarts(df: pd.DataFrame, tensors: dict[str, torch.Tensor]
@@ -163,6 +166,8 @@ def curve_table(result: FitResult, targets: list[Target], kept: pd.DataFrame) ->
 
 def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
                  facts: VocabFacts) -> TextualizationModule:
+    if cfg.input.kind == "tokens":
+        return build_search_module(cfg, encoder, targets, facts)
     optimizer = instantiate(cfg.optim)
     inputs = instantiate(cfg.input)(
         target_ids=[t.init_id for t in targets], word_embeddings=encoder.word_embeddings,
@@ -189,6 +194,32 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
         word_vectors=facts.word_vectors, curve_every=e.curve_every, fast_forward=fast,
         keep=e.get("keep", "last"),
     )
+
+
+def engine_chunk(cfg: DictConfig, encoder: Encoder, input_row_floats: int = 0) -> int:
+    chunk = cfg.engine.chunk_size
+    if chunk == "auto":
+        return rows_for_budget(encoder.model, cfg.input.length, cfg.engine.memory_budget_mb, input_row_floats)
+    return chunk
+
+
+def build_search_module(cfg: DictConfig, encoder: Encoder, targets: list[Target], facts: VocabFacts
+                        ) -> TextualizationModule:
+    """input=tokens: the token search (ft.search) on the same engine; the optimizer is unused."""
+    from ft.search import SearchSettings, TokenSearchModule
+
+    log.info("input=tokens: gradient-guided token search; optim.* is unused (the swap step is the update)")
+    inputs = instantiate(cfg.input)(target_ids=[t.init_id for t in targets], word_embeddings=encoder.word_embeddings,
+                                    allowed=facts.vocab.ids, seed=cfg.seed)
+    s = cfg.search
+    e = cfg.engine
+    fast = {"auto": None, True: True, False: False}[e.get("fast_forward", "auto")]
+    return TokenSearchModule(
+        encoder.model, [t.readout for t in targets], inputs, None, cls_id=facts.vocab.cls_id,
+        sep_id=facts.vocab.sep_id, position=cfg.position, chunk_size=engine_chunk(cfg, encoder),
+        stop_when_converged=e.stop_when_converged, curve_every=e.curve_every, fast_forward=fast,
+        keep=e.get("keep", "last"), search=SearchSettings(s.topk, s.candidates, s.population, s.patience),
+        seed=cfg.seed)
 
 
 # What a resumed run may change: how long it runs, where and how it reports, how it slices the
