@@ -262,6 +262,9 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
             return scorer.at(seqs, anchors, j)
 
         base = {"target_id": int(t.target_id)}
+        if isinstance(getattr(t, "text", None), str):  # input=tokens: the searched text beside the corpus's
+            rows.append({**base, "kind": "searched", "rank": 0, "tokens": list(t.token_ids),
+                         "anchor": int(cfg.position) - 1, "activation": float(t.objective)})
         for r in range(scores.shape[1]):
             ids = text.ids[int(sent[j, r])]
             rows.append({**base, "kind": "sentence", "rank": r, "tokens": ids, "anchor": int(anchor[j, r]),
@@ -289,6 +292,7 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
             "best_ngram": float(grams[1][j, 0]) if grams else float("nan"),
             "mae": span.activation, "mae_tokens": len(mae), "sentence_tokens": len(best),
             "most_activating_word": float(t.most_activating_word_activation),
+            "searched_text": t.text if isinstance(getattr(t, "text", None), str) else None,
             "positives": sum(e["kind"] == "positive" for e in found_local),
             "negatives": sum(e["kind"] == "negative" for e in found_local),
         })

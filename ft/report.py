@@ -368,6 +368,15 @@ def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> st
             parts = [f"<p>objective {r.objective:.3f}; most activating word <b>{escape(r.most_activating_word)}</b> "
                      f"({r.most_activating_word_activation:.3f}); steps {r.steps}</p>",
                      f"<p>closest words: {close}</p>"]
+            text = getattr(r, "text", None)
+            if isinstance(text, str):  # input=tokens: the searched text, beside the best corpus sentence
+                best = None
+                if examples is not None and "target_id" in examples:
+                    sent = examples[(examples.target_id == r.target_id) & (examples.kind == "sentence")]
+                    best = sent.sort_values("activation", ascending=False).head(1)
+                corpus = (f"; best corpus sentence <i>{escape(best.text.iloc[0])}</i> ({best.activation.iloc[0]:.3f})"
+                          if best is not None and len(best) else "")
+                parts.insert(0, f"<p>searched text <b>{escape(text)}</b> ({r.objective:.3f}){corpus}</p>")
             if curves is not None:
                 c = curves[curves.target_id == r.target_id]
                 if len(c):

@@ -106,6 +106,11 @@ def log_summary(loggers: list[Logger], summary: dict[str, float], df: pd.DataFra
             table["closest_words"] = table["closest_words"].map(lambda s: ", ".join(s[:5]))
             table["closest_cos"] = table["closest_cos"].map(lambda s: round(s[0], 4))
             lg.log_table("results/targets", dataframe=table)
+            if "text" in df:  # input=tokens: the searched texts
+                texts = df[["target_id", "sites", "text", "objective", "retokenizes", "most_activating_word",
+                            "most_activating_word_activation"]].head(1000).copy()
+                texts["sites"] = texts["sites"].map(lambda s: " ".join(s[:5]))
+                lg.log_table("results/texts", dataframe=texts)
             log_inputs_artifact(lg, run_dir)
             note = wandb_note(lg)
         lg.finalize("success")

@@ -60,3 +60,22 @@ def test_the_search_keeps_only_improving_swaps(tiny, tiny_dir, tmp_path):
         v = c.sort_values("step").objective.to_numpy()
         assert (v[1:] >= v[:-1] - 1e-6).all(), v
     assert any(c.objective.max() > c.objective.min() for _, c in curves.groupby("target_id"))
+
+
+def test_examples_and_the_report_put_the_searched_text_beside_the_corpus(tiny_dir, tmp_path):
+    from ft.examples import run_examples
+    from ft.report import build_report
+    from tests.test_examples import TEXT
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    run(search_cfg(tiny_dir, "input.length=2", "trainer.max_steps=8"), tmp_path / "run")
+    df = read_targets(tmp_path / "run")
+    examples, compare = run_examples(tmp_path / "run", corpus=str(corpus), substitutes=0)
+    searched = examples[examples.kind == "searched"].set_index("target_id")
+    assert len(searched) == len(df) and (examples.kind == "sentence").any()
+    for row in df.itertuples():  # the searched row holds the run's own tokens and objective
+        assert searched.activation[row.target_id] == pytest.approx(row.objective)
+        assert list(compare.searched_text[compare.target_id == row.target_id]) == [row.text]
+    html = build_report([str(tmp_path / "run")], tmp_path / "report.html").read_text()
+    assert "searched text" in html and "best corpus sentence" in html
