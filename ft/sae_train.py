@@ -102,7 +102,7 @@ def quality(sae: SAE, x: torch.Tensor) -> dict[str, float]:
 
 
 def demo_sae(encoder: Encoder, layer: int, point: str, corpus: str = "packaged:lee", expansion: int = 4,
-             l1: float = 1.0, steps: int = 1500, lr: float = 1e-3, seed: int = 0, use_cache: bool = True
+             l1: float = 0.1, steps: int = 1000, lr: float = 1e-3, seed: int = 0, use_cache: bool = True
              ) -> tuple[Path, dict[str, float]]:
     """Train (or take from the cache) the demo SAE; returns its directory and its quality."""
     from ft.vocab import cache_dir, model_key
