@@ -233,7 +233,8 @@ RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.enable_progress_bar", "traine
                      "engine.memory_budget_mb", "engine.fast_forward", "engine.stop_when_converged",
                      "engine.sweep_budget_mb", "hydra")
 # keys a run directory made before them lacks
-RESUME_DEFAULTS = {"engine.keep": "last", "log_level": "info", "examples_after_run": False}
+RESUME_DEFAULTS = {"engine.keep": "last", "log_level": "info", "examples_after_run": False, "search.topk": 256,
+                   "search.candidates": 64, "search.population": 1, "search.patience": 20}
 RESUME_LOG = "resume_log.jsonl"
 
 
