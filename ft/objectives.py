@@ -323,7 +323,9 @@ class WordDistance(Objective):
 
         a = adapter(reading.model).embed(inputs_embeds=reading.seq)[:, 1:-1].float()
         a = nn.functional.normalize(a, dim=-1)
-        unit = self.word_unit.to(a.device)
+        if self.word_unit.device != a.device:  # moved once, with the first reading on that device
+            self.word_unit = self.word_unit.to(a.device)
+        unit = self.word_unit
         return (1 - (a @ unit.T).max(dim=-1).values).sum(1)
 
 

@@ -122,7 +122,7 @@ BAD = [
     ("target.per_layer=null target.fraction=0", "target.fraction=0"),
     ("target.layers=[]", "target.layers is empty"),
     ("target.layers=[7]", "layer 7 out of range"),
-    ("target.point=mlp", "target.point='mlp'; valid: ffn_act, ffn_out, resid"),
+    ("target.point=mlp", "target.point='mlp'; valid: attn_ctx, attn_out, ffn_act, ffn_out, resid"),
     ("experiment=group_k10 target.k=65", "target.k=65; valid 1..64"),
     ("experiment=group_k10 target.k=0", "target.k=0"),
     ("experiment=group_k10 target.k=-3", "target.k=-3"),
