@@ -396,8 +396,9 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
             cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
             strategy=choose_strategy(cfg.trainer),
         )
-        log.info("textualizing %d %s targets (x%d restarts) for up to %d steps%s",
-                 len(targets) // cfg.engine.restarts, cfg.target.kind, cfg.engine.restarts,
+        copies = len(targets) // max(1, len({t.target_id for t in targets}))
+        log.info("textualizing %d %s targets (x%d rows each) for up to %d steps%s",
+                 len(targets) // copies, "/".join(sorted({t.kind for t in targets})), copies,
                  cfg.trainer.max_steps, f", resuming from {resume_from}" if resume_from else "")
         with stop.installed():
             trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None)
