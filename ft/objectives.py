@@ -451,7 +451,7 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
         raise TargetError(f"target.specs: {spec!r}: unexpected {peek()[1]!r}; valid: {SYNTAX}")
     if isinstance(out, float):
         raise TargetError(f"target.specs: {spec!r} reads no site; valid: {SYNTAX}")
-    if not any(w != 0 for w in out.weights.values()):
+    if not out.norms and not any(w != 0 for w in out.weights.values()):
         raise TargetError(f"target.specs: {spec!r}: every weight cancels to 0; nothing to maximize")
     if not all(math.isfinite(w) for w in out.weights.values()):
         raise TargetError(f"target.specs: {spec!r}: a weight is not finite")

@@ -54,8 +54,8 @@ def module_of(enc, readouts, fast=None, length=2):
 def test_a_head_is_the_norm_of_its_context_vector(family, fast, tiny, distil_dir):
     enc = tiny if family == "bert" else load_encoder(str(distil_dir))
     targets = neuron_targets(enc.model, sites=["layer.1.head.0", "layer.0.head.1"])
-    targets += terms_targets(enc.model, ["layer.1.head.1 - 0.5 * layer.0.ffn_out.3"])
-    assert [t.kind for t in targets] == ["head", "head", "terms"] and targets[0].reads == ["layer.1.head.0"]
+    targets += terms_targets(enc.model, ["layer.1.head.1 - 0.5 * layer.0.ffn_out.3", "layer.1.head.0 - layer.1.head.1"])
+    assert [t.kind for t in targets] == ["head", "head", "terms", "terms"] and targets[0].reads == ["layer.1.head.0"]
     m = module_of(enc, [t.readout for t in targets], fast)
     with torch.no_grad():
         got = m()
@@ -69,7 +69,8 @@ def test_a_head_is_the_norm_of_its_context_vector(family, fast, tiny, distil_dir
         enc.model(inputs_embeds=seq)
         h.remove()
     del out
-    expect = torch.stack([ctx1[0, 0].norm(), ctx0[1, 1].norm(), ctx1[2, 1].norm() - 0.5 * ffn0[0][2, 3]])
+    expect = torch.stack([ctx1[0, 0].norm(), ctx0[1, 1].norm(), ctx1[2, 1].norm() - 0.5 * ffn0[0][2, 3],
+                          ctx1[3, 0].norm() - ctx1[3, 1].norm()])  # a selectivity expression: heads only
     torch.testing.assert_close(got, expect, rtol=0, atol=1e-5 * float(expect.abs().max()))
 
 
@@ -247,3 +248,17 @@ def test_logits_need_a_classifier_and_a_known_class(tiny, classifier_dir):
         logit_targets(tiny, None)
     with pytest.raises(TargetError, match=r"'maybe' is not a class .* labels \['neg', 'pos', 'neutral'\]"):
         logit_targets(load_encoder(str(classifier_dir)), ["maybe"])
+
+
+def test_head_targets_rebuild_from_their_table(tiny):
+    """ft.examples rebuilds a head's objective from `spec` (a head alone has no linear weights)."""
+    import pandas as pd
+
+    from ft.targets import readouts_of_table
+
+    targets = neuron_targets(tiny.model, sites=["layer.0.head.1", "layer.1.ffn_out.2"])
+    table = pd.DataFrame({"kind": [t.kind for t in targets], "spec": [t.spec for t in targets],
+                          "sites": [t.reads for t in targets]})
+    rebuilt = readouts_of_table(tiny.model, table)
+    assert rebuilt[0].norms == targets[0].readout.norms and rebuilt[0].weights == {}
+    assert rebuilt[1].weights == targets[1].readout.weights
