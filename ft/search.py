@@ -87,20 +87,31 @@ class TokenSearchModule(TextualizationModule):
         kw.update(converge_window=search.patience, converge_tol=1e-6, freeze_converged=True)
         super().__init__(*args, **kw)
         self.search, self.seed = search.check(), int(seed)
-        self._candidate_batches: dict[int, tuple[object, object]] = {}
+        self._candidate_batches: dict[tuple[int, int], tuple[object, object]] = {}
 
     def configure_optimizers(self) -> None:
         return None  # the swap step is the update
 
-    def candidate_batch(self, objective: object, rows: slice | torch.Tensor) -> object:
-        """The chunk's objectives, each repeated `candidates` times (built once per chunk)."""
-        key = id(objective)
+    def candidate_batch(self, objective: object, rows: slice | torch.Tensor, C: int) -> object:
+        """The chunk's objectives, each repeated C times (built once per chunk)."""
+        key = (id(objective), C)
         if key not in self._candidate_batches or self._candidate_batches[key][0] is not objective:
             mine = self.all_objectives[self.rows]
             idx = range(len(mine))[rows] if isinstance(rows, slice) else rows.tolist()
-            rep = [mine[i] for i in idx for _ in range(self.search.candidates)]
+            rep = [mine[i] for i in idx for _ in range(C)]
             self._candidate_batches[key] = (objective, batch_of(self.encoder, rep))
         return self._candidate_batches[key][1]
+
+    def token_gains(self, objective: object, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective [r] of the current tokens, [r, l, V] the gradient of the objective w.r.t. the
+        one-hot tokens, grad_e . W_word^T: each token's first-order gain)."""
+        W = self.word_embeddings
+        with torch.enable_grad():
+            e = W[ids].detach().requires_grad_(True)
+            seq = full_sequence(e, W, self.cls_id, self.sep_id)
+            obj = objective(Reading(self.encoder, e, seq, self.position, self.fast))
+            grad = torch.autograd.grad(obj.float().sum(), e)[0]  # [r, l, E]
+        return obj.detach(), grad.float() @ W.detach().float().T
 
     def training_step(self, batch: int, batch_idx: int) -> None:
         state, s = self.state, self.search
@@ -114,27 +125,25 @@ class TokenSearchModule(TextualizationModule):
                 continue
             ids = self.inputs.ids[rows].clone()  # [r, l]
             r, length = ids.shape
-            with torch.enable_grad():
-                e = W[ids].detach().requires_grad_(True)
-                seq = full_sequence(e, W, self.cls_id, self.sep_id)
-                obj = objective(Reading(self.encoder, e, seq, self.position, self.fast))
-                grad = torch.autograd.grad(obj.float().sum(), e)[0]  # [r, l, E]
-            scores = grad.float() @ W.detach().float().T  # [r, l, V]: the linearized gain of each token
+            obj, scores = self.token_gains(objective, ids)  # [r], [r, l, V]
             scores.masked_fill_(~allowed, -torch.inf)
             scores.scatter_(2, ids[..., None], -torch.inf)  # a swap changes the token
             k = min(s.topk, int(allowed.sum()) - 1)
             top = scores.topk(k, dim=-1).indices  # [r, l, k]
-            pos = torch.randint(length, (r, s.candidates), generator=g).to(ids.device)
-            pick = torch.randint(k, (r, s.candidates), generator=g).to(ids.device)
+            # `candidates` distinct (position, proposal) pairs per row, uniformly (all of them when
+            # candidates >= l * topk)
+            C = min(s.candidates, length * k)
+            pair = torch.rand(r, length * k, generator=g).argsort(dim=1)[:, :C].to(ids.device)
+            pos, pick = pair // k, pair % k
             new = top[torch.arange(r, device=ids.device)[:, None], pos, pick]  # [r, C]
-            cand = ids[:, None, :].repeat(1, s.candidates, 1)
+            cand = ids[:, None, :].repeat(1, C, 1)
             cand.scatter_(2, pos[..., None], new[..., None])  # [r, C, l]
             flat = cand.reshape(-1, length)
             with torch.no_grad():
                 e_c = W[flat]
                 seq_c = full_sequence(e_c, W, self.cls_id, self.sep_id)
-                vals = self.candidate_batch(objective, rows)(Reading(self.encoder, e_c, seq_c, self.position,
-                                                                     self.fast)).float().view(r, s.candidates)
+                vals = self.candidate_batch(objective, rows, C)(Reading(self.encoder, e_c, seq_c, self.position,
+                                                                        self.fast)).float().view(r, C)
             best, arg = vals.max(1)
             now = obj.detach().float()
             better = torch.isfinite(best) & (best > now + 1e-6 * now.abs().clamp_min(1e-6))
