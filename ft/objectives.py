@@ -364,10 +364,12 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
     factor = ('+' | '-') factor | number | site | direction | '(' expr ')'.
     A site is `layer.L.point.unit`; a direction is `layer.L.point@ROW` or `@NAME`, a row of the
     directions file (`directions(layer, point, name)` looks it up). Raises TargetError naming the
-    spec and what is wrong. `model=None` checks the syntax only (directions are not looked up).
+    spec and what is wrong. `model=None` checks the syntax only: sites are not checked against a
+    model and directions are not looked up (whether their weights cancel waits for the model).
     """
     toks = _tokens(spec)
     at = [0]
+    stand_ins: list[str] = []  # heads and directions read without a model: their weights are unknown
 
     def peek() -> tuple[str, str] | None:
         return toks[at[0]] if at[0] < len(toks) else None
@@ -430,7 +432,8 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
             head = parse_head(text, model)
             if head is not None:
                 if model is None:  # a stand-in: syntax only
-                    return Readout({Site(head[0], "attn_ctx", 0): 1.0}, [text])
+                    stand_ins.append(text)
+                    return Readout({Site(head[0], "attn_ctx", head[1]): 1.0}, [text])
                 return head_norm(model, *head)
             if "@" not in text:
                 site = Site.parse(text)
@@ -440,8 +443,9 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
             if directions is None:
                 raise TargetError(f"target.specs: {spec!r} reads direction {text!r} but there is no directions "
                                   "file; valid: target.file=PATH (a safetensors file with a 'directions' tensor)")
-            if model is None:
-                return Readout({Site(layer, point, 0): 1.0}, [where])  # a stand-in: syntax only
+            if model is None:  # a stand-in: syntax only
+                stand_ins.append(text)
+                return Readout({Site(layer, point, 0): 1.0}, [where])
             return direction(layer, point, directions(layer, point, name))
         except SiteError as e:
             raise TargetError(f"target.specs: {spec!r}: {e}") from None
@@ -451,7 +455,7 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
         raise TargetError(f"target.specs: {spec!r}: unexpected {peek()[1]!r}; valid: {SYNTAX}")
     if isinstance(out, float):
         raise TargetError(f"target.specs: {spec!r} reads no site; valid: {SYNTAX}")
-    if not out.norms and not any(w != 0 for w in out.weights.values()):
+    if not stand_ins and not out.norms and not any(w != 0 for w in out.weights.values()):
         raise TargetError(f"target.specs: {spec!r}: every weight cancels to 0; nothing to maximize")
     if not all(math.isfinite(w) for w in out.weights.values()):
         raise TargetError(f"target.specs: {spec!r}: a weight is not finite")

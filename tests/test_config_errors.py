@@ -191,7 +191,10 @@ def test_good_command_lines_pass(tiny_dir, monkeypatch, tmp_path):
                  ["input=onehot", "optim=paper_sgd", "input.length=3", "position=2", "engine.keep=best"],
                  [f"model.name_or_path={tiny_dir}", "input.length=14", "target.sites=[layer.1.ffn_out.3]"],
                  ["trainer.precision=bf16-mixed", "trainer.devices=auto", "+trainer.gradient_clip_val=1.0",
-                  "hydra.run.dir=somewhere", "scheduler=cosine"]):
+                  "hydra.run.dir=somewhere", "scheduler=cosine"],
+                 ["target=terms", "target.specs=[layer.0.head.0-layer.0.head.10]"],  # heads alone: norms, no weights
+                 ["target.sites=[layer.0.head.1,layer.2.attn_out.5]"],
+                 ["input=tokens", "input.length=5", "search.topk=16"]):
         preflight(args)  # returns: no SystemExit
     assert not any(tmp_path.iterdir())
 
