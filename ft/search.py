@@ -170,21 +170,7 @@ class TokenSearchModule(TextualizationModule):
             row_of[vocab_ids.cpu()] = torch.arange(len(vocab_ids))
             out.token_rows = row_of[ids]
         framed = torch.cat([torch.full((len(ids), 1), self.cls_id), ids, torch.full((len(ids), 1), self.sep_id)], 1)
-        out.objectives = measure_ids(self.encoder, self.all_objectives, framed, self.position)
+        from ft.metrics import measure
+
+        out.objectives = measure(self.encoder, self.all_objectives, framed, self.position)  # through input_ids
         return out
-
-
-@torch.no_grad()
-def measure_ids(model: nn.Module, objectives: Sequence, input_ids: torch.Tensor, position: int, chunk: int = 256
-                ) -> torch.Tensor:
-    """[rows] each row's objective for `[CLS] ids [SEP]` by the model's own forward from `input_ids`."""
-    from ft.arch import adapter
-
-    device = adapter(model).word_embeddings.device
-    out = []
-    for start in range(0, len(input_ids), chunk):
-        ids = input_ids[start : start + chunk].to(device)
-        with torch.autocast(device_type=device.type, enabled=False):
-            reading = Reading(model, None, None, position, False, input_ids=ids)
-            out.append(batch_of(model, objectives[start : start + chunk]).value(reading).float().cpu())
-    return torch.cat(out)

@@ -5,7 +5,6 @@ checkpoints are written under a temporary name and renamed, so a kill never leav
 
 from __future__ import annotations
 
-import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from ft.integrity import StorageError, storage_error, temp_name
+from ft.results import atomic_write
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
@@ -32,21 +31,13 @@ class Interrupted(Exception):  # noqa: N818 - what happened, not an error in the
 
 
 def save_atomically(trainer: pl.Trainer, path: Path, weights_only: bool = False) -> None:
-    """trainer.save_checkpoint to a temporary name, renamed into place by rank 0 (the rank that
-    writes); a failed write names the checkpoint and the cause and leaves no temporary file."""
-    tmp = temp_name(path) if trainer.is_global_zero else path
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(str(tmp), weights_only)
-        if trainer.is_global_zero:
-            os.replace(tmp, path)
-    except StorageError:
-        raise
-    except OSError as e:
-        raise storage_error(path, e) from None
-    finally:
-        if trainer.is_global_zero and tmp != path:
-            tmp.unlink(missing_ok=True)
+    """trainer.save_checkpoint through `ft.results.atomic_write` on rank 0 (the rank that writes):
+    a temporary name, flushed and renamed; a failed write names the checkpoint and the cause and
+    leaves no temporary file. The other ranks take part in the save without writing."""
+    if not trainer.is_global_zero:
+        trainer.save_checkpoint(str(path), weights_only)
+        return
+    atomic_write(path, lambda tmp: trainer.save_checkpoint(str(tmp), weights_only))
 
 
 class AtomicCheckpoint(ModelCheckpoint):

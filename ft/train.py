@@ -175,16 +175,9 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
     )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     e = cfg.engine
-    chunk = e.chunk_size
-    if chunk == "auto":  # rows per chunk from the memory budget (literal one-hot rows count too)
-        row = inputs.param[0].numel() if inputs.param.shape[-1] != encoder.embedding_size else 0
-        chunk = rows_for_budget(encoder.model, cfg.input.length, e.memory_budget_mb, row)
-    elif not isinstance(chunk, int) or chunk < 1:
-        raise ConfigError(f"engine.chunk_size={chunk!r}; valid: auto or an integer >= 1")
-    fast_choices, fast = {"auto": None, True: True, False: False}, e.get("fast_forward", "auto")
-    if fast not in fast_choices:
-        raise ConfigError(f"engine.fast_forward={fast!r}; valid: auto, true, false")
-    fast = fast_choices[fast]
+    # literal one-hot rows count toward the memory budget too
+    row = inputs.param[0].numel() if inputs.param.shape[-1] != encoder.embedding_size else 0
+    chunk, fast = engine_chunk(cfg, encoder, row), fast_choice(cfg)
     return TextualizationModule(
         encoder.model, [t.readout for t in targets], inputs, optimizer,
         cls_id=facts.vocab.cls_id, sep_id=facts.vocab.sep_id, position=cfg.position,
@@ -197,10 +190,21 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
 
 
 def engine_chunk(cfg: DictConfig, encoder: Encoder, input_row_floats: int = 0) -> int:
+    """engine.chunk_size: rows per chunk, `auto` from the memory budget (`rows_for_budget`)."""
     chunk = cfg.engine.chunk_size
     if chunk == "auto":
         return rows_for_budget(encoder.model, cfg.input.length, cfg.engine.memory_budget_mb, input_row_floats)
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ConfigError(f"engine.chunk_size={chunk!r}; valid: auto or an integer >= 1")
     return chunk
+
+
+def fast_choice(cfg: DictConfig) -> bool | None:
+    """engine.fast_forward: None (auto: the lean forward where the family has one), True, False."""
+    choices, fast = {"auto": None, True: True, False: False}, cfg.engine.get("fast_forward", "auto")
+    if fast not in choices:
+        raise ConfigError(f"engine.fast_forward={fast!r}; valid: auto, true, false")
+    return choices[fast]
 
 
 def build_search_module(cfg: DictConfig, encoder: Encoder, targets: list[Target], facts: VocabFacts
@@ -211,13 +215,11 @@ def build_search_module(cfg: DictConfig, encoder: Encoder, targets: list[Target]
     log.info("input=tokens: gradient-guided token search; optim.* is unused (the swap step is the update)")
     inputs = instantiate(cfg.input)(target_ids=[t.init_id for t in targets], word_embeddings=encoder.word_embeddings,
                                     allowed=facts.vocab.ids, seed=cfg.seed)
-    s = cfg.search
-    e = cfg.engine
-    fast = {"auto": None, True: True, False: False}[e.get("fast_forward", "auto")]
+    s, e = cfg.search, cfg.engine
     return TokenSearchModule(
         encoder.model, [t.readout for t in targets], inputs, None, cls_id=facts.vocab.cls_id,
         sep_id=facts.vocab.sep_id, position=cfg.position, chunk_size=engine_chunk(cfg, encoder),
-        stop_when_converged=e.stop_when_converged, curve_every=e.curve_every, fast_forward=fast,
+        stop_when_converged=e.stop_when_converged, curve_every=e.curve_every, fast_forward=fast_choice(cfg),
         keep=e.get("keep", "last"), search=SearchSettings(s.topk, s.candidates, s.population, s.patience),
         seed=cfg.seed)
 
