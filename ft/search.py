@@ -1,15 +1,24 @@
-"""`input=tokens`: discrete textualization by gradient-guided token search (GCG's coordinate step).
+"""`input=tokens`: discrete textualization by gradient-guided token search (GCG's coordinate step,
+with a memory of where the walk has been).
 
 The input is l real tokens between the frame tokens. Each step, for every active row:
 1. the gradient of the objective w.r.t. the one-hot tokens (= grad_e . W_word^T, e = W_word[ids])
    ranks every vocabulary item at every position; the top `topk` per position are proposals;
 2. `candidates` single-token swaps (a position, one of its proposals; seeded) are evaluated
    exactly, all rows' candidates in one batch through the same reader as the step;
-3. the best swap is kept if it raises the objective.
-A row stops when no swap has improved it for `patience` steps (ConvergenceControl with window
-`patience`): it is frozen and drops out of the batches. Each target runs as `population` rows
+3. the row moves to the best candidate it has not visited, as GCG does, even when that is worse
+   than where it stands: a local optimum of single swaps is left instead of ending the walk. The
+   last `memory` sequences (hashes) are not visited again, so the walk does not cycle back
+   (tabu search). The best sequence seen is the row's result.
+The objective the run reports and the convergence control reads is the best seen so far: a row
+stops when that has not improved for `patience` steps (ConvergenceControl with window
+`patience`), is frozen and drops out of the batches. Each target runs as `population` rows
 (seeded members; with engine.restarts, restarts x population), and the best member is kept.
 No optimizer: the swap step is the update.
+
+On the packaged MiniLM at l = 1, stopping at the first local optimum (moving only on an
+improving swap) reaches the most activating word on about a third of the default targets; the
+walk reaches it on nearly all (README, "input=tokens").
 """
 
 from __future__ import annotations
@@ -34,9 +43,15 @@ MAX_LENGTH = 32
 @dataclass(frozen=True)
 class SearchSettings:
     topk: int = 256  # proposals per position, by the gradient
-    candidates: int = 64  # swaps evaluated per row and step
+    candidates: int = 256  # swaps evaluated per row and step
     population: int = 1  # rows (members) per target
-    patience: int = 20  # steps without improvement before a row stops
+    patience: int = 40  # steps without a better sequence before a row stops
+
+    @property
+    def memory(self) -> int:
+        """Sequences the walk remembers (and does not revisit): longer than any walk between two
+        improvements, which is at most `patience` steps."""
+        return 2 * self.patience + 1
 
     def check(self) -> SearchSettings:
         for name in ("topk", "candidates", "population", "patience"):
@@ -63,6 +78,33 @@ class TokenInput(InputParam):
         self.ids = nn.Parameter(value.detach().clone().long(), requires_grad=False)
 
 
+_P1, _P2 = 2_147_483_647, 2_147_483_629  # primes < 2^31: two rolling hashes, one int64 (< 2^62)
+
+
+def sequence_hash(ids: torch.Tensor) -> torch.Tensor:
+    """[..., l] long -> [...] long >= 0: a hash of each token sequence (exact arithmetic in int64:
+    every intermediate stays below 2^52)."""
+    h1 = torch.zeros(ids.shape[:-1], dtype=torch.long, device=ids.device)
+    h2 = torch.zeros_like(h1)
+    for i in range(ids.shape[-1]):
+        t = ids[..., i] + 1
+        h1 = (h1 * 1_000_003 + t) % _P1
+        h2 = (h2 * 999_983 + t) % _P2
+    return h1 * _P2 + h2
+
+
+def row_noise(rows: torch.Tensor, n: int, step: int, seed: int) -> torch.Tensor:
+    """[r, n] pseudo-random int64 >= 0 that depend only on (seed, step, row, column): each target
+    row draws the same candidates however the rows are chunked or split across processes
+    (engine.chunk_size, trainer.devices). A counter-based hash with exact int64 arithmetic
+    (xor-shift and multiply modulo a prime below 2^31)."""
+    col = torch.arange(n, device=rows.device)
+    x = (rows[:, None] * 1_000_003 + col * 7_919 + (step * 104_729 + seed * 15_485_863) % _P1) % _P1
+    for m in (1_103_515_245, 2_654_435_761 % _P1, 362_436_069):
+        x = ((x ^ (x >> 15)) * m) % _P1
+    return x
+
+
 def initial_tokens(init_ids: Sequence[int], length: int, allowed: torch.Tensor, seed: int) -> torch.Tensor:
     """[rows, l] random vocabulary items, seeded per row (never corpus text)."""
     out = []
@@ -79,18 +121,43 @@ def build_token_input(target_ids: Sequence[int], word_embeddings: torch.Tensor, 
     return TokenInput(initial_tokens(target_ids, length, allowed.cpu(), seed), allowed.cpu())
 
 
+class SwapStep(torch.optim.Optimizer):
+    """The swap step as the run's optimizer: `step` writes the tokens each row moves to (handed
+    over by the module's training step through `propose`) into the ids. Being an optimizer,
+    its steps are what Lightning counts (trainer.max_steps, checkpoint intervals, resume)."""
+
+    def __init__(self, ids: nn.Parameter):
+        super().__init__([ids], {})
+        self.pending: list[tuple[slice | torch.Tensor, torch.Tensor]] = []
+
+    def propose(self, rows: slice | torch.Tensor, ids: torch.Tensor) -> None:
+        self.pending.append((rows, ids))
+
+    @torch.no_grad()
+    def step(self, closure: object = None) -> None:
+        [param] = self.param_groups[0]["params"]
+        for rows, ids in self.pending:
+            param[rows] = ids.to(param)
+        self.pending.clear()
+
+
 class TokenSearchModule(TextualizationModule):
     """The engine's module with the swap step in place of the optimizer (same plan, objectives,
     readers, row state, control and devices)."""
 
     def __init__(self, *args: object, search: SearchSettings = SearchSettings(), seed: int = 0, **kw: object):
-        kw.update(converge_window=search.patience, converge_tol=1e-6, freeze_converged=True)
+        # the walk passes through worse sequences: the result is always the best one seen
+        kw.update(converge_window=search.patience, converge_tol=1e-6, freeze_converged=True, keep="best")
         super().__init__(*args, **kw)
         self.search, self.seed = search.check(), int(seed)
+        self.state.visited = self.empty_memory(self.num_targets)
         self._candidate_batches: dict[tuple[int, int], tuple[object, object]] = {}
 
-    def configure_optimizers(self) -> None:
-        return None  # the swap step is the update
+    def empty_memory(self, rows: int) -> torch.Tensor:
+        return torch.full((self.search.memory, rows), -1, dtype=torch.long)
+
+    def configure_optimizers(self) -> SwapStep:
+        return SwapStep(self.inputs.ids)  # the swap step is the update; optim.* is unused
 
     def candidate_batch(self, objective: object, rows: slice | torch.Tensor, C: int) -> object:
         """The chunk's objectives, each repeated C times (built once per chunk)."""
@@ -116,16 +183,21 @@ class TokenSearchModule(TextualizationModule):
     def training_step(self, batch: int, batch_idx: int) -> None:
         state, s = self.state, self.search
         W = self.word_embeddings
-        values = state.last.clone()
-        g = torch.Generator().manual_seed(self.seed * 7_919 + state.step)
+        if state.visited is None:  # a checkpoint from before the walk had a memory
+            state.visited = self.empty_memory(state.rows).to(W.device)
         allowed = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
         allowed[self.inputs.allowed.to(W.device)] = True
+        opt = self.optimizers()
+        slot = (state.step + 1) % s.memory  # this step's entry in each row's memory (slot 0: the start)
+        target_row = torch.arange(len(self.all_objectives), device=W.device)[self.rows]  # this rank's rows
         for rows, objective in self.active_plan():
             if state.frozen[rows].all():
                 continue
             ids = self.inputs.ids[rows].clone()  # [r, l]
             r, length = ids.shape
+            ar = torch.arange(r, device=ids.device)
             obj, scores = self.token_gains(objective, ids)  # [r], [r, l, V]
+            self.remember(rows, ids, obj.float())  # the first step's random start, or a resumed walk
             scores.masked_fill_(~allowed, -torch.inf)
             scores.scatter_(2, ids[..., None], -torch.inf)  # a swap changes the token
             k = min(s.topk, int(allowed.sum()) - 1)
@@ -133,9 +205,10 @@ class TokenSearchModule(TextualizationModule):
             # `candidates` distinct (position, proposal) pairs per row, uniformly (all of them when
             # candidates >= l * topk)
             C = min(s.candidates, length * k)
-            pair = torch.rand(r, length * k, generator=g).argsort(dim=1)[:, :C].to(ids.device)
+            noise = row_noise(target_row[rows], length * k, state.step, self.seed)
+            pair = noise.argsort(dim=1)[:, :C]
             pos, pick = pair // k, pair % k
-            new = top[torch.arange(r, device=ids.device)[:, None], pos, pick]  # [r, C]
+            new = top[ar[:, None], pos, pick]  # [r, C]
             cand = ids[:, None, :].repeat(1, C, 1)
             cand.scatter_(2, pos[..., None], new[..., None])  # [r, C, l]
             flat = cand.reshape(-1, length)
@@ -144,19 +217,36 @@ class TokenSearchModule(TextualizationModule):
                 seq_c = full_sequence(e_c, W, self.cls_id, self.sep_id)
                 vals = self.candidate_batch(objective, rows, C)(Reading(self.encoder, e_c, seq_c, self.position,
                                                                         self.fast)).float().view(r, C)
+            memory = state.visited[:, rows].T  # [r, memory]
+            seen = (sequence_hash(cand)[..., None] == memory[:, None, :]).any(-1)  # [r, C]
+            vals = vals.masked_fill(seen | ~torch.isfinite(vals), -torch.inf)
             best, arg = vals.max(1)
-            now = obj.detach().float()
-            better = torch.isfinite(best) & (best > now + 1e-6 * now.abs().clamp_min(1e-6))
-            better &= ~state.frozen[rows]
-            ids[better] = cand[better, arg[better]]
-            self.inputs.ids.data[rows] = ids
-            values[rows] = torch.where(better, best, now)
-        if self.keep_best:
-            self.remember_best(values)
+            move = torch.isfinite(best) & ~state.frozen[rows]  # nowhere new to go: stay
+            ids[move] = cand[move, arg[move]]
+            opt.optimizer.propose(rows, ids)
+            self.remember(rows, ids, torch.where(move, best, obj.float()))
+            hashes = state.visited[slot, rows]
+            state.visited[slot, rows] = torch.where(move, sequence_hash(ids), hashes)
+        opt.step()
+        values = torch.where(torch.isfinite(state.best_value), state.best_value, state.last)
         if state.step % self.curve_every == 0:
             state.add_curve(values)
         state.last = values
         state.step += 1
+
+    def remember(self, rows: slice | torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows of `rows` now at `ids` [r, l] with objective `values` [r]: keep any new best, and
+        put the sequence in the row's memory (once per step, the slot of this step)."""
+        s = self.state
+        idx = torch.arange(s.rows, device=ids.device)[rows]
+        better = torch.isfinite(values) & (values > s.best_value[idx] + 1e-6 * values.abs().clamp_min(1e-6))
+        better &= ~s.frozen[idx]
+        if bool(better.any()):
+            s.best_value[idx[better]] = values[better].to(s.best_value.dtype)
+            s.best_param[idx[better]] = ids[better].to(s.best_param.dtype)
+            s.kept_step[idx[better]] = s.step
+        if s.step == 0:  # the start is visited
+            s.visited[0, idx] = sequence_hash(ids)
 
     @torch.no_grad()
     def result(self, vocab_ids: torch.Tensor | None = None) -> FitResult:

@@ -37,6 +37,8 @@ class RowState:
     best_value: torch.Tensor | None = per_row()  # [rows] engine.keep=best: best objective seen
     best_param: torch.Tensor | None = per_row()  # [rows, ...] engine.keep=best: its input
     curves: torch.Tensor = per_row(1)  # [samples, rows] the objective every curve_every steps
+    visited: torch.Tensor | None = per_row(1)  # [memory, rows] input=tokens: hashes of the walk's
+    # last `memory` sequences (-1 = empty), which it does not move back to
     step: int = shared(int)  # optimization steps done
     curve_steps: list[int] = shared(list)  # the step of each curve sample
 
@@ -87,10 +89,11 @@ class RowState:
     @classmethod
     def from_state_dict(cls, state: dict) -> RowState:
         names = {f.name for f in fields(cls)}
-        missing = names - set(state)
+        optional = {f.name for f in fields(cls) if f.default is None}  # newer fields: older checkpoints lack them
+        missing = names - set(state) - optional
         if missing:
             raise KeyError(f"row state lacks {sorted(missing)}")
-        return cls(**{k: state[k] for k in names})
+        return cls(**{k: state[k] for k in names if k in state})
 
     # -- what the step records --------------------------------------------------------------
     def add_curve(self, values: torch.Tensor) -> None:

@@ -236,7 +236,7 @@ RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.enable_progress_bar", "traine
                      "engine.sweep_budget_mb", "hydra")
 # keys a run directory made before them lacks
 RESUME_DEFAULTS = {"engine.keep": "last", "log_level": "info", "examples_after_run": False, "search.topk": 256,
-                   "search.candidates": 64, "search.population": 1, "search.patience": 20}
+                   "search.candidates": 256, "search.population": 1, "search.patience": 40}
 RESUME_LOG = "resume_log.jsonl"
 
 

@@ -40,7 +40,9 @@ def cli_run(tiny_dir, run_dir, *extra):
     [],  # embedding + Adam
     # the one-hot fast path: its preconditioning hook must follow the rows each rank keeps
     ["input=onehot", "optim=sgd", "optim.lr=20", "input.save_raw=true"],
-], ids=["embedding-adam", "onehot-fast-sgd"])
+    # the token search: each row draws its candidates by its own target row, not by its rank's
+    ["input=tokens", "input.length=2", "search.topk=8", "search.candidates=6"],
+], ids=["embedding-adam", "onehot-fast-sgd", "tokens"])
 def test_two_cpu_processes_equal_one(tiny_dir, tmp_path, extra):
     one = cli_run(tiny_dir, tmp_path / "one", *extra)
     two = cli_run(tiny_dir, tmp_path / "two", "trainer.devices=2", *extra)
@@ -49,6 +51,8 @@ def test_two_cpu_processes_equal_one(tiny_dir, tmp_path, extra):
     rel = ((one.objective - two.objective).abs() / one.objective.abs().clip(lower=1e-6)).max()
     assert rel <= 1e-4, rel
     assert (two.steps == 15).all()
+    if "input=tokens" in extra:
+        assert list(one.token_ids.map(list)) == list(two.token_ids.map(list))
     a, b = read_inputs(tmp_path / "one"), read_inputs(tmp_path / "two")
     assert set(a) == set(b)
     for name in a:  # embeds, analysis and, for one-hot, the recovered input-space vectors
