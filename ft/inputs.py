@@ -62,6 +62,10 @@ class InputParam(nn.Module):
         """Tensors besides `embeds` worth saving in inputs.safetensors."""
         return {}
 
+    def discrete_ids(self, word_embeddings: torch.Tensor) -> torch.Tensor | None:
+        """[T, l] the token ids the input stands for, for inputs that are tokens (else None)."""
+        return None
+
     @property
     def param(self) -> nn.Parameter:
         [p] = list(self.parameters())
@@ -201,6 +205,53 @@ class GumbelInput(SoftmaxInput):
         if self.training:
             return F.gumbel_softmax(x, tau=float(self.tau), hard=False, dim=-1)
         return F.softmax(x / self.tau, dim=-1)
+
+
+class ProjectedInput(InputParam):
+    """PEZ (Wen et al. 2023): a continuous e [T, l, E] whose forward pass uses its nearest
+    vocabulary tokens (cosine, over the non-special tokens); the gradient at the projection
+    updates e (straight-through: embeds = e + (W[nearest] - e).detach()). It starts at the
+    embeddings of random tokens, seeded per target."""
+
+    name = "projected"
+
+    def __init__(self, e0: torch.Tensor, allowed: torch.Tensor):
+        super().__init__()
+        self.e = nn.Parameter(e0.clone())
+        self.register_buffer("allowed", allowed.clone(), persistent=False)  # [V'] token ids
+
+    def nearest(self, word_embeddings: torch.Tensor, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """[r, l] the token id nearest (cosine) to each row's continuous input."""
+        with torch.no_grad():
+            allowed = self.allowed.to(word_embeddings.device)
+            words = F.normalize(word_embeddings[allowed].float(), dim=-1)  # [V', E]
+            e = F.normalize(self.e[rows].detach().float(), dim=-1)  # [r, l, E]
+            return allowed[(e @ words.T).argmax(-1)]
+
+    def embeds(self, word_embeddings: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        e = self.e[rows]
+        projected = word_embeddings[self.nearest(word_embeddings, rows)].to(e.dtype)
+        return e + (projected - e).detach()
+
+    def discrete_ids(self, word_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.nearest(word_embeddings)
+
+    def extra_tensors(self, word_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"continuous": self.e.detach()}  # the continuous copy behind the projection
+
+
+def build_projected(target_ids: Sequence[int], word_embeddings: torch.Tensor, allowed: torch.Tensor,
+                    length: int = 1, seed: int = 0, **_: object) -> ProjectedInput:
+    """input=projected: e0 = the embeddings of `length` random allowed tokens per target."""
+    if not isinstance(length, int) or length < 1:
+        raise ConfigError(f"input.length={length!r}; valid: an integer >= 1")
+    out = []
+    allowed = allowed.cpu()
+    for tid in target_ids:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + int(tid))
+        out.append(allowed[torch.randint(len(allowed), (length,), generator=g)])
+    ids = torch.stack(out)
+    return ProjectedInput(word_embeddings.detach().float().cpu()[ids], allowed)
 
 
 def is_linear_optimizer(make: Callable[..., torch.optim.Optimizer]) -> bool:

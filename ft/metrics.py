@@ -291,6 +291,10 @@ def evaluate(
         df["text"] = [tok.decode(i) for i in ids]
         df["retokenizes"] = [tok(t, add_special_tokens=False)["input_ids"] == i
                              for t, i in zip(df.text, ids, strict=True)]
+    if result.fluency is not None:  # and the search's fluency: the frontier's axes
+        df["fluency"] = result.fluency.double().numpy()
+        df["fluency_weight"] = result.fluency_weight.double().numpy()
+        df["fluency_source"] = result.fluency_source
     tensors = {"embeds": embeds.contiguous(), "analysis": analysis.contiguous(), **result.extra}
     return df, tensors
 

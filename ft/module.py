@@ -398,6 +398,7 @@ class TextualizationModule(pl.LightningModule):
             entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1).cpu()
         extra = {k: v.detach().float().cpu().contiguous()
                  for k, v in self.inputs.extra_tensors(self.word_embeddings).items()}
+        ids = self.inputs.discrete_ids(self.word_embeddings)  # input=projected: the tokens it stands for
         self.train(was_training)
         return FitResult(
             embeds=torch.cat(embeds), objectives=torch.cat(obj), steps=steps,
@@ -406,6 +407,7 @@ class TextualizationModule(pl.LightningModule):
             curve_steps=list(s.curve_steps), curves=s.curves.clone(), total_steps=s.step,
             token_rows=None if logits is None or vocab_ids is None else
             logits.float().cpu()[..., vocab_ids].argmax(dim=-1), entropy=entropy, extra=extra,
+            token_ids=None if ids is None else ids.cpu(),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -37,6 +37,7 @@ from ft.integrity import (
 
 CONFIG, TARGETS, INPUTS, SUMMARY = "config.yaml", "targets.parquet", "inputs.safetensors", "summary.json"
 CURVES = "curves.parquet"
+FRONTIER = "frontier.parquet"  # input=tokens: per target and fluency weight, its best text
 DIRECTIONS = RUN_FILE  # directions.safetensors: the directions a run's objectives read
 log = logging.getLogger("ft")
 
@@ -88,6 +89,7 @@ def write_run(
     summary: dict[str, float],
     curves: pd.DataFrame | None = None,
     directions: DirectionSet | None = None,
+    frontier: pd.DataFrame | None = None,
 ) -> Path:
     """All result files or none: each is written to a temporary file first, then the manifest of
     their checksums; only when every one is on disk are they renamed into place, manifest last."""
@@ -102,6 +104,8 @@ def write_run(
     }
     if curves is not None:
         writers[CURVES] = lambda p: curves.to_parquet(p, index=False)
+    if frontier is not None:
+        writers[FRONTIER] = lambda p: frontier.to_parquet(p, index=False)
     if directions is not None:  # the run's own copy: its objectives rebuild without the original file
         writers[DIRECTIONS] = directions.save
     staged: dict[str, Path] = {}
@@ -165,6 +169,14 @@ def read_curves(run_dir: str | Path) -> pd.DataFrame | None:
     if not (Path(run_dir) / CURVES).exists() and CURVES not in (read_manifest(Path(run_dir)) or {}):
         return None
     return _read(run_dir, CURVES, pd.read_parquet)
+
+
+def read_frontier(run_dir: str | Path) -> pd.DataFrame | None:
+    """input=tokens: (target_id, fluency_weight, token_ids, text, objective, fluency,
+    fluency_source), one row per target and weight; None for runs without one."""
+    if not (Path(run_dir) / FRONTIER).exists() and FRONTIER not in (read_manifest(Path(run_dir)) or {}):
+        return None
+    return _read(run_dir, FRONTIER, pd.read_parquet)
 
 
 def read_inputs(run_dir: str | Path) -> dict[str, torch.Tensor]:

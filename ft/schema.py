@@ -131,13 +131,15 @@ class SearchSchema:
     candidates: Int(ge=1)
     population: Int(ge=1)
     patience: Int(ge=1)
+    fluency_weights: Annotated[list[Num(ge=0)], Unique] | Num(ge=0)
+    fluency_model: str
 
 
 @dataclass
 class InputSchema:
     _target_: str
     _partial_: bool
-    kind: Choice(*KINDS, "tokens")
+    kind: Choice(*KINDS, "tokens", "projected")
     length: Int(ge=1)
     init_std: Num(ge=0)
     tau_start: Num(gt=0)

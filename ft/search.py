@@ -145,11 +145,23 @@ class TokenSearchModule(TextualizationModule):
     """The engine's module with the swap step in place of the optimizer (same plan, objectives,
     readers, row state, control and devices)."""
 
-    def __init__(self, *args: object, search: SearchSettings = SearchSettings(), seed: int = 0, **kw: object):
+    def __init__(self, *args: object, search: SearchSettings = SearchSettings(), seed: int = 0,
+                 fluency: object = None, row_weights: Sequence[float] | None = None, **kw: object):
+        """`fluency` (ft.fluency) and `row_weights` [all rows]: each row maximizes its objective
+        + weight x the fluency of its text (weights 0: the objective alone)."""
         # the walk passes through worse sequences: the result is always the best one seen
         kw.update(converge_window=search.patience, converge_tol=1e-6, freeze_converged=True, keep="best")
         super().__init__(*args, **kw)
         self.search, self.seed = search.check(), int(seed)
+        self.fluency = fluency
+        weights = (torch.zeros(len(self.all_objectives)) if row_weights is None
+                   else torch.tensor(row_weights, dtype=torch.float64))
+        if weights.shape != (len(self.all_objectives),):
+            raise ValueError(f"row_weights: {tuple(weights.shape)}, rows: {len(self.all_objectives)}")
+        if fluency is None and bool((weights != 0).any()):
+            raise ValueError("a fluency weight > 0 needs a fluency model")
+        self.register_buffer("row_weights", weights.float(), persistent=False)  # [all rows]
+        self.weights_as_given = weights.double()  # reported as configured, not rounded to float32
         self.state.visited = self.empty_memory(self.num_targets)
         self._candidate_batches: dict[tuple[int, int], tuple[object, object]] = {}
 
@@ -169,16 +181,29 @@ class TokenSearchModule(TextualizationModule):
             self._candidate_batches[key] = (objective, batch_of(self.encoder, rep))
         return self._candidate_batches[key][1]
 
-    def token_gains(self, objective: object, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(objective [r] of the current tokens, [r, l, V] the gradient of the objective w.r.t. the
-        one-hot tokens, grad_e . W_word^T: each token's first-order gain)."""
+    def token_gains(self, objective: object, ids: torch.Tensor, weights: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(value [r] of the current tokens, [r, l, V] each swap's estimated gain of it).
+
+        The objective's gain is first-order: its gradient w.r.t. the one-hot tokens,
+        grad_e . W_word^T. With fluency `weights` [r] (any > 0), the value adds weight x fluency and
+        the gain adds weight x the fluency's own change for that swap (ft.fluency)."""
         W = self.word_embeddings
         with torch.enable_grad():
             e = W[ids].detach().requires_grad_(True)
             seq = full_sequence(e, W, self.cls_id, self.sep_id)
             obj = objective(Reading(self.encoder, e, seq, self.position, self.fast))
             grad = torch.autograd.grad(obj.float().sum(), e)[0]  # [r, l, E]
-        return obj.detach(), grad.float() @ W.detach().float().T
+        value, gains = obj.detach().float(), grad.float() @ W.detach().float().T
+        if weights is not None and bool((weights > 0).any()):
+            value = value + weights * self.fluency.score(ids).float()
+            gains = gains + weights[:, None, None] * self.fluency.swap_gains(ids).float()
+        return value, gains
+
+    def chunk_weights(self, target_row: torch.Tensor) -> torch.Tensor | None:
+        """[r] the chunk's fluency weights, None when all are 0."""
+        w = self.row_weights[target_row]
+        return w if bool((w > 0).any()) else None
 
     def training_step(self, batch: int, batch_idx: int) -> None:
         state, s = self.state, self.search
@@ -196,7 +221,8 @@ class TokenSearchModule(TextualizationModule):
             ids = self.inputs.ids[rows].clone()  # [r, l]
             r, length = ids.shape
             ar = torch.arange(r, device=ids.device)
-            obj, scores = self.token_gains(objective, ids)  # [r], [r, l, V]
+            weights = self.chunk_weights(target_row[rows])  # [r] or None
+            obj, scores = self.token_gains(objective, ids, weights)  # [r], [r, l, V]
             self.remember(rows, ids, obj.float())  # the first step's random start, or a resumed walk
             scores.masked_fill_(~allowed, -torch.inf)
             scores.scatter_(2, ids[..., None], -torch.inf)  # a swap changes the token
@@ -217,6 +243,8 @@ class TokenSearchModule(TextualizationModule):
                 seq_c = full_sequence(e_c, W, self.cls_id, self.sep_id)
                 vals = self.candidate_batch(objective, rows, C)(Reading(self.encoder, e_c, seq_c, self.position,
                                                                         self.fast)).float().view(r, C)
+                if weights is not None:
+                    vals = vals + weights[:, None] * self.fluency.score(flat).float().view(r, C)
             memory = state.visited[:, rows].T  # [r, memory]
             seen = (sequence_hash(cand)[..., None] == memory[:, None, :]).any(-1)  # [r, C]
             vals = vals.masked_fill(seen | ~torch.isfinite(vals), -torch.inf)
@@ -233,6 +261,12 @@ class TokenSearchModule(TextualizationModule):
             state.add_curve(values)
         state.last = values
         state.step += 1
+
+    @torch.no_grad()
+    def restore_best(self) -> None:
+        """Each row's result is the best sequence it saw (every position it moved to was
+        remembered with its value, fluency included, so the last one is never better)."""
+        self.inputs.set_rows(self.state.best_param.to(self.inputs.ids.device))
 
     def remember(self, rows: slice | torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Rows of `rows` now at `ids` [r, l] with objective `values` [r]: keep any new best, and
@@ -263,4 +297,8 @@ class TokenSearchModule(TextualizationModule):
         from ft.metrics import measure
 
         out.objectives = measure(self.encoder, self.all_objectives, framed, self.position)  # through input_ids
+        if self.fluency is not None:
+            out.fluency = self.fluency.score(ids.to(self.row_weights.device)).float().cpu()
+            out.fluency_weight = self.weights_as_given.clone()
+            out.fluency_source = self.fluency.name
         return out

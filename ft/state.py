@@ -123,4 +123,7 @@ class FitResult:
     token_ids: torch.Tensor | None = None  # [rows, l] input=tokens: the searched token ids
     token_rows: torch.Tensor | None = None  # [rows, l] probabilistic inputs: each token's argmax (vocabulary row)
     entropy: torch.Tensor | None = None  # [rows] probabilistic inputs: mean entropy (nats)
+    fluency: torch.Tensor | None = None  # [rows] input=tokens: each row's text's fluency (ft.fluency, nats/token)
+    fluency_weight: torch.Tensor | None = None  # [rows] input=tokens: the weight its search gave fluency
+    fluency_source: str | None = None  # which fluency: `bigram:CORPUS` or `mlm-pll:MODEL`
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the input's own tensors to save

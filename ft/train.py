@@ -136,9 +136,32 @@ def select_targets(cfg: DictConfig, targets: list[Target]) -> list[Target]:
     if num > len(targets):
         raise ConfigError(f"target.num_shards={num} > {len(targets)} targets")
     copies = cfg.engine.restarts
-    if cfg.input.get("kind") == "tokens":  # the search's population members are restarts too
-        copies = copies * cfg.get("search", {}).get("population", 1)
+    if cfg.input.get("kind") == "tokens":  # the search's members, at each fluency weight, are restarts too
+        copies = copies * cfg.search.population * len(fluency_weights(cfg))
     return with_restarts(targets[shard_rows(len(targets), shard, num)], copies)
+
+
+def fluency_weights(cfg: DictConfig) -> list[float]:
+    from ft.fluency import check_weights
+
+    w = cfg.search.get("fluency_weights", [0])
+    return check_weights(OmegaConf.to_object(w) if OmegaConf.is_config(w) else w)
+
+
+def row_fluency_weights(cfg: DictConfig, targets: list[Target]) -> list[float]:
+    """Each row's fluency weight: a target's restarts come weight by weight, each weight's block
+    `engine.restarts x search.population` rows long."""
+    weights = fluency_weights(cfg)
+    block = cfg.engine.restarts * cfg.search.population
+    return [weights[t.restart // block] for t in targets]
+
+
+def frontier_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per target and fluency weight, the member whose objective + weight x fluency is best."""
+    score = (df["objective"] + df["fluency_weight"] * df["fluency"]).where(~df["diverged"], -float("inf"))
+    best = score.groupby([df["target_id"], df["fluency_weight"]]).idxmax().to_numpy()
+    cols = ["target_id", "fluency_weight", "token_ids", "text", "objective", "fluency", "fluency_source"]
+    return df.loc[best, cols].sort_values(["target_id", "fluency_weight"]).reset_index(drop=True)
 
 
 def best_restarts(df: pd.DataFrame, tensors: dict[str, torch.Tensor]
@@ -169,9 +192,10 @@ def build_module(cfg: DictConfig, encoder: Encoder, targets: list[Target],
     if cfg.input.kind == "tokens":
         return build_search_module(cfg, encoder, targets, facts)
     optimizer = instantiate(cfg.optim)
+    extra = {"allowed": facts.vocab.ids} if cfg.input.kind == "projected" else {}  # PEZ projects onto words
     inputs = instantiate(cfg.input)(
         target_ids=[t.init_id for t in targets], word_embeddings=encoder.word_embeddings,
-        seed=cfg.seed, optimizer=optimizer,
+        seed=cfg.seed, optimizer=optimizer, **extra,
     )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     e = cfg.engine
@@ -212,16 +236,22 @@ def build_search_module(cfg: DictConfig, encoder: Encoder, targets: list[Target]
     """input=tokens: the token search (ft.search) on the same engine; the optimizer is unused."""
     from ft.search import SearchSettings, TokenSearchModule
 
-    log.info("input=tokens: gradient-guided token search; optim.* is unused (the swap step is the update)")
+    log.info("input=tokens: gradient-guided token search; optim.* is unused (the swap step is the update) and "
+             "each row keeps the best sequence it saw (engine.keep does not apply)")
+    from ft.fluency import build_fluency
+
     inputs = instantiate(cfg.input)(target_ids=[t.init_id for t in targets], word_embeddings=encoder.word_embeddings,
                                     allowed=facts.vocab.ids, seed=cfg.seed)
     s, e = cfg.search, cfg.engine
+    fluency = build_fluency(s.get("fluency_model", "auto"), encoder, facts.vocab, cfg.model.name_or_path,
+                            cfg.model.trust_remote_code)
+    log.info("fluency of the texts: %s; weights %s", fluency.name, fluency_weights(cfg))
     return TokenSearchModule(
         encoder.model, [t.readout for t in targets], inputs, None, cls_id=facts.vocab.cls_id,
         sep_id=facts.vocab.sep_id, position=cfg.position, chunk_size=engine_chunk(cfg, encoder),
         stop_when_converged=e.stop_when_converged, curve_every=e.curve_every, fast_forward=fast_choice(cfg),
         keep=e.get("keep", "last"), search=SearchSettings(s.topk, s.candidates, s.population, s.patience),
-        seed=cfg.seed)
+        seed=cfg.seed, fluency=fluency, row_weights=row_fluency_weights(cfg, targets))
 
 
 # What a resumed run may change: how long it runs, where and how it reports, how it slices the
@@ -236,7 +266,8 @@ RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.enable_progress_bar", "traine
                      "engine.sweep_budget_mb", "hydra")
 # keys a run directory made before them lacks
 RESUME_DEFAULTS = {"engine.keep": "last", "log_level": "info", "examples_after_run": False, "search.topk": 256,
-                   "search.candidates": 256, "search.population": 1, "search.patience": 40}
+                   "search.candidates": 256, "search.population": 1, "search.patience": 40,
+                   "search.fluency_weights": [0], "search.fluency_model": "auto"}
 RESUME_LOG = "resume_log.jsonl"
 
 
@@ -407,7 +438,9 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         if not trainer.is_global_zero:
             return {}
         result = module.result(facts.vocab.ids)
-        df, tensors = best_restarts(*evaluate(result, targets, facts, encoder, cfg.position, cfg.engine.runaway_factor))
+        every, tensors = evaluate(result, targets, facts, encoder, cfg.position, cfg.engine.runaway_factor)
+        frontier = frontier_table(every) if "fluency" in every else None
+        df, tensors = best_restarts(every, tensors)
         if df["diverged"].all():
             raise TrainingDivergedError(
                 f"all {len(df)} targets diverged (non-finite or runaway input) at optim.lr="
@@ -417,7 +450,7 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         quality = targets[0].meta.get("sae_quality")
         if quality:  # the demo SAE's own quality, on held-out corpus tokens
             summary.update({f"sae/{k}": float(v) for k, v in quality.items()})
-        write_run(run_dir, cfg, df, tensors, summary, curve_table(result, targets, df), directions)
+        write_run(run_dir, cfg, df, tensors, summary, curve_table(result, targets, df), directions, frontier)
         note = log_summary(loggers, summary, df, result.total_steps, run_dir)
     if cfg.get("examples_after_run") and rank0:
         from ft.examples import run_examples
