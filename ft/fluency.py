@@ -83,14 +83,14 @@ class BigramPrior:
     def swap_gains(self, ids: torch.Tensor) -> torch.Tensor:
         """[r, l] -> [r, l, V]: the exact change of `score` when t_i becomes v."""
         f = self.framed(ids).cpu()
-        r, l = ids.shape
+        r, length = ids.shape
         left, right = f[:, :-2].reshape(-1), f[:, 2:].reshape(-1)  # [r * l] the neighbours of t_i
         into = self.rows.index_select(0, left).to_dense() + self.mix(left)[:, None] * self.p_uni  # p(v | a)
         out = (self.cols.index_select(0, right).to_dense()
                + self.mix(torch.arange(self.V))[None] * self.p_uni[right][:, None])  # p(c | v)
         new = into.log() + out.log()  # [r * l, V]
         cur = self.logp(left, f[:, 1:-1].reshape(-1)).double() + self.logp(f[:, 1:-1].reshape(-1), right).double()
-        return ((new - cur[:, None]) / (l + 1)).float().view(r, l, self.V).to(ids.device)
+        return ((new - cur[:, None]) / (length + 1)).float().view(r, length, self.V).to(ids.device)
 
 
 class MaskedLMFluency:
@@ -105,20 +105,20 @@ class MaskedLMFluency:
     @torch.no_grad()
     def masked_logprobs(self, ids: torch.Tensor) -> torch.Tensor:
         """[n, l] -> [n, l, V]: log p(. | the sequence with position i masked), one forward per i."""
-        n, l = ids.shape
+        n, length = ids.shape
         dev = next(self.mlm.parameters()).device
         f = torch.cat([torch.full((n, 1), self.cls_id), ids.cpu(), torch.full((n, 1), self.sep_id)], 1)
-        masked = f[:, None].repeat(1, l, 1)  # [n, l, l + 2]
-        pos = torch.arange(l)
+        masked = f[:, None].repeat(1, length, 1)  # [n, l, l + 2]
+        pos = torch.arange(length)
         masked[:, pos, pos + 1] = self.mask_id
-        flat = masked.view(n * l, l + 2)
+        flat = masked.view(n * length, length + 2)
         out = []
         for s in range(0, len(flat), self.batch_rows):
             part = flat[s:s + self.batch_rows].to(dev)
             logits = self.mlm(input_ids=part).logits.float()  # [b, l + 2, V]
-            at = (torch.arange(s, s + len(part)) % l + 1).to(dev)
+            at = (torch.arange(s, s + len(part)) % length + 1).to(dev)
             out.append(logits[torch.arange(len(part), device=dev), at].log_softmax(-1).cpu())
-        return torch.cat(out).view(n, l, self.V)
+        return torch.cat(out).view(n, length, self.V)
 
     def score(self, ids: torch.Tensor) -> torch.Tensor:
         lp = self.masked_logprobs(ids)

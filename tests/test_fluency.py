@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
+from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from ft.errors import ConfigError
 from ft.fluency import BigramPrior, MaskedLMFluency, build_fluency, check_weights
