@@ -24,7 +24,9 @@ from ft.results import (
     load_runs,
     read_config,
     read_curves,
+    read_frontier,
     read_inputs,
+    read_targets,
     target_label,
 )
 from ft.svg import chart
@@ -402,8 +404,31 @@ def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> st
     return controls + "".join(out)
 
 
+def section_frontier(runs: pd.DataFrame, per_run: int = 12) -> str:
+    """input=tokens with several fluency weights: per target, activation against fluency, one
+    point per weight, labelled with its weight and text."""
+    out = []
+    for p in runs.path:
+        frontier = read_frontier(p)
+        if frontier is None or frontier.fluency_weight.nunique() < 2:
+            continue
+        labels = {int(r.target_id): target_label(r) for r in read_targets(p).itertuples()}
+        source = frontier.fluency_source.iloc[0]
+        for tid, f in list(frontier.groupby("target_id"))[:per_run]:
+            f = f.sort_values("fluency_weight")
+            out.append(chart({"frontier": (list(f.fluency), list(f.objective))},
+                             f"{run_name(p)} · {labels.get(int(tid), tid)}", f"fluency ({source}, nats/token)",
+                             "activation", kind="scatter", chart_id=f"frontier-{run_key(p)}-{tid}",
+                             labels={"frontier": [f"w={w:g}: {t}" for w, t in zip(f.fluency_weight, f.text,
+                                                                                    strict=True)]}))
+    if not out:
+        return '<p class="note">No run searched at several fluency weights (search.fluency_weights).</p>'
+    return "".join(out)
+
+
 def build_report(paths: list[str], out: str | Path = "report.html", words: int = 3000,
-                 atlas_per_run: int = 50) -> Path:
+                 atlas_per_run: int = 50, extra: list[tuple[str, str]] | None = None) -> Path:
+    """`extra`: (heading, html) sections to put first (ft.compare's table)."""
     targets, runs = load_runs(paths)
     if runs.empty:
         raise SystemExit(f"error: no run directories under {paths}")
@@ -411,6 +436,7 @@ def build_report(paths: list[str], out: str | Path = "report.html", words: int =
     runs_json = runs.replace({np.nan: None}).to_json(orient="records")
     body = [f"<h1>ft report</h1><p>{len(runs)} runs, {len(targets)} targets · {time.strftime('%Y-%m-%d %H:%M')}</p>",
             '<pre id="js-errors"></pre>',
+            *[part for heading, html in extra or [] for part in (f"<h2>{escape(heading)}</h2>", html)],
             "<h2>Runs compared</h2>", section_compare(runs),
             "<h2>Table 1: single neurons</h2>", section_table1(targets, runs),
             "<h2>Figures 2-4: per layer</h2>", section_layers(targets),
@@ -418,6 +444,7 @@ def build_report(paths: list[str], out: str | Path = "report.html", words: int =
             "<h2>Neuron groups</h2>", section_groups(targets),
             "<h2>Figure 5: PCA</h2>", section_pca(runs, words),
             "<h2>Activation curves</h2>", section_curves(runs),
+            "<h2>Fluency frontier: activation against fluency, per target</h2>", section_frontier(runs),
             "<h2>Atlas: per target</h2>", section_atlas(targets, runs, atlas_per_run)]
     html = (f"<!doctype html><html><head><meta charset='utf-8'><title>ft report</title><style>{CSS}</style></head>"
             f"<body>{''.join(body)}<script type='application/json' id='runs-data'>{runs_json}</script>"

@@ -45,9 +45,11 @@ def tick_label(v: float) -> str:
 
 
 def chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str,
-          ylabel: str, kind: str = "line", chart_id: str = "") -> str:
+          ylabel: str, kind: str = "line", chart_id: str = "",
+          labels: dict[str, Sequence[str]] | None = None) -> str:
     """Lines or scatter points, one color per series, with axes, ticks and a legend. The data
-    itself rides along as JSON in `data-series` (name -> [xs, ys]) for readers and tests."""
+    itself rides along as JSON in `data-series` (name -> [xs, ys]) for readers and tests.
+    `labels`: per series, a text beside each point (scatter)."""
     xs = [x for sx, _ in series.values() for x in sx]
     ys = [y for _, sy in series.values() for y in sy]
     integer_x = bool(xs) and all(float(x).is_integer() for x in xs)  # layers, steps
@@ -81,6 +83,11 @@ def chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str
         else:
             out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}" fill-opacity="0.6"/>'
                     for x, y in pts]
+            names = (labels or {}).get(name)
+            if names:
+                kept = [lab for lab, y in zip(names, sy, strict=True) if y == y]
+                out += [f'<text x="{x + 4:.1f}" y="{y - 4:.1f}" class="k point-label">{escape(str(lab))}</text>'
+                        for (x, y), lab in zip(pts, kept, strict=True)]
         out.append(f'<text x="{W - 16}" y="{30 + 14 * i}" text-anchor="end" style="fill:{color}" '
                    f'class="legend" data-color="{color}">{escape(name)}</text>')  # style: no CSS rule wins
     out.append("</svg>")
