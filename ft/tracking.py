@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
-from ft.results import CONFIG, INPUTS, TARGETS, atomic_write, target_label
+from ft.results import CONFIG, FRONTIER, INPUTS, TARGETS, atomic_write, read_frontier, target_label
 
 WANDB_ID = "wandb_id"  # file in the run directory: a resumed run continues the same W&B run
 
@@ -107,10 +107,14 @@ def log_summary(loggers: list[Logger], summary: dict[str, float], df: pd.DataFra
             table["closest_cos"] = table["closest_cos"].map(lambda s: round(s[0], 4))
             lg.log_table("results/targets", dataframe=table)
             if "text" in df:  # input=tokens: the searched texts
-                texts = df[["target_id", "sites", "text", "objective", "retokenizes", "most_activating_word",
-                            "most_activating_word_activation"]].head(1000).copy()
+                cols = ["target_id", "sites", "text", "objective", "most_activating_word",
+                        "most_activating_word_activation", "retokenizes", "fluency", "fluency_weight"]
+                texts = df[[c for c in cols if c in df]].head(1000).copy()
                 texts["sites"] = texts["sites"].map(lambda s: " ".join(s[:5]))
                 lg.log_table("results/texts", dataframe=texts)
+            if (run_dir / FRONTIER).exists():  # and each fluency weight's best text
+                frontier = read_frontier(run_dir).drop(columns=["token_ids"]).head(5000)
+                lg.log_table("results/frontier", dataframe=frontier)
             log_inputs_artifact(lg, run_dir)
             note = wandb_note(lg)
         lg.finalize("success")

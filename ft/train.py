@@ -447,6 +447,8 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
                 f"{cfg.optim.get('lr')}; lower the learning rate. No results were written.")
         summary = summarize(df)
         summary["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
+        if "fluency" in df:  # input=tokens: the kept texts' fluency (ft.fluency, nats/token)
+            summary["final/fluency_mean"] = float(df["fluency"].mean())
         quality = targets[0].meta.get("sae_quality")
         if quality:  # the demo SAE's own quality, on held-out corpus tokens
             summary.update({f"sae/{k}": float(v) for k, v in quality.items()})

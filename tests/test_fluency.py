@@ -180,3 +180,23 @@ def test_pez_runs_on_its_projection_and_reports_real_tokens(tiny, tiny_dir, tmp_
     for row in df.itertuples():
         assert row.objective == pytest.approx(float(site_mean(acts, list(row.sites), 1)[row.Index]), rel=1e-5,
                                               abs=1e-6)
+
+
+def test_the_frontier_and_the_texts_fluency_reach_wandb(tiny_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    summary = run(search_cfg(tiny_dir, "logger.wandb.mode=offline", "target.per_layer=1", "input.length=2",
+                             "trainer.max_steps=4", "search.fluency_weights=[0,1]"), tmp_path / "run")
+    df, frontier = read_targets(tmp_path / "run"), read_frontier(tmp_path / "run")
+    assert summary["final/fluency_mean"] == pytest.approx(df.fluency.mean())
+    [wandb_file] = (tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb")
+    wandb = Path(sys.executable).with_name("wandb")
+    out = subprocess.run([str(wandb), "leet", "inspect", "--summary", "--json", str(wandb_file)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    s = json.loads(out.stdout)["summary"]
+    assert s["results/frontier"]["nrows"] == len(frontier) == 2 * len(df)
+    assert s["results/texts"]["nrows"] == len(df)
+    assert s["final/fluency_mean"] == pytest.approx(df.fluency.mean())
