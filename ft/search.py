@@ -34,7 +34,7 @@ from ft.errors import ConfigError
 from ft.inputs import InputParam
 from ft.module import TextualizationModule, full_sequence
 from ft.objectives import Reading, batch_of
-from ft.state import FitResult
+from ft.state import FitResult, RowState
 
 log = logging.getLogger("ft")
 MAX_LENGTH = 32
@@ -162,11 +162,9 @@ class TokenSearchModule(TextualizationModule):
             raise ValueError("a fluency weight > 0 needs a fluency model")
         self.register_buffer("row_weights", weights.float(), persistent=False)  # [all rows]
         self.weights_as_given = weights.double()  # reported as configured, not rounded to float32
-        self.state.visited = self.empty_memory(self.num_targets)
+        self.state = RowState.create(self.num_targets, self.control.window, self.inputs.param, True, search.memory)
         self._candidate_batches: dict[tuple[int, int], tuple[object, object]] = {}
 
-    def empty_memory(self, rows: int) -> torch.Tensor:
-        return torch.full((self.search.memory, rows), -1, dtype=torch.long)
 
     def configure_optimizers(self) -> SwapStep:
         return SwapStep(self.inputs.ids)  # the swap step is the update; optim.* is unused
@@ -209,7 +207,7 @@ class TokenSearchModule(TextualizationModule):
         state, s = self.state, self.search
         W = self.word_embeddings
         if state.visited is None:  # a checkpoint from before the walk had a memory
-            state.visited = self.empty_memory(state.rows).to(W.device)
+            state.visited = torch.full((s.memory, state.rows), -1, dtype=torch.long, device=W.device)
         allowed = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
         allowed[self.inputs.allowed.to(W.device)] = True
         opt = self.optimizers()

@@ -43,8 +43,9 @@ class RowState:
     curve_steps: list[int] = shared(list)  # the step of each curve sample
 
     @classmethod
-    def create(cls, rows: int, window: int, param: torch.Tensor | None = None, keep_best: bool = False
-               ) -> RowState:
+    def create(cls, rows: int, window: int, param: torch.Tensor | None = None, keep_best: bool = False,
+               memory: int = 0) -> RowState:
+        """`memory` > 0: a walk's memory of that many sequences per row (input=tokens)."""
         return cls(
             history=torch.full((window + 1, rows), math.nan), last=torch.full((rows,), math.nan),
             frozen=torch.zeros(rows, dtype=torch.bool), diverged=torch.zeros(rows, dtype=torch.bool),
@@ -52,6 +53,7 @@ class RowState:
             best_value=torch.full((rows,), -math.inf) if keep_best else None,
             best_param=param.detach().clone() if keep_best else None,
             curves=torch.empty(0, rows),
+            visited=torch.full((memory, rows), -1, dtype=torch.long) if memory else None,
         )
 
     @classmethod

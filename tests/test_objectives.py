@@ -164,8 +164,9 @@ def test_row_state_takes_interleaves_and_saves_every_declared_field():
     """Split among 3 ranks and interleaved back, every per-row field (whatever fields RowState
     declares) is the original; a state_dict round trip too."""
     n, param = 7, torch.randn(7, 2, 3)
-    s = RowState.create(n, window=4, param=param, keep_best=True)
+    s = RowState.create(n, window=4, param=param, keep_best=True, memory=3)
     s.step, s.curve_steps = 5, [0, 4]
+    assert all(getattr(s, name) is not None for name, _ in RowState.row_fields())  # every field in use
     for name, _ in RowState.row_fields():  # distinct values in every field
         v = getattr(s, name)
         if name == "curves":
