@@ -200,3 +200,31 @@ def test_the_frontier_and_the_texts_fluency_reach_wandb(tiny_dir, tmp_path):
     assert s["results/frontier"]["nrows"] == len(frontier) == 2 * len(df)
     assert s["results/texts"]["nrows"] == len(df)
     assert s["final/fluency_mean"] == pytest.approx(df.fluency.mean())
+
+
+def test_a_masked_lm_scores_the_search_and_its_frontier(tiny, tiny_dir, tmp_path):
+    """search.fluency_model=DIR: the frontier's fluency is that MLM's pseudo-log-likelihood of
+    each text, recomputed here one masked position at a time."""
+    tok = tiny.tokenizer
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=16)).eval()
+    mlm.save_pretrained(tmp_path / "mlm")
+    tok.save_pretrained(tmp_path / "mlm")
+    run(search_cfg(tiny_dir, "target.per_layer=1", "input.length=2", "trainer.max_steps=5",
+                   f"search.fluency_model={tmp_path / 'mlm'}", "search.fluency_weights=[0,1]"), tmp_path / "run")
+    frontier = read_frontier(tmp_path / "run")
+    assert len(frontier) == 4 and frontier.fluency_source.eq("mlm-pll:mlm").all()
+    for r in frontier.itertuples():
+        terms = []
+        for i in range(2):
+            x = [tok.cls_token_id, *r.token_ids, tok.sep_token_id]
+            x[i + 1] = tok.mask_token_id
+            with torch.no_grad():
+                terms.append(float(mlm(input_ids=torch.tensor([x])).logits[0, i + 1].log_softmax(-1)[r.token_ids[i]]))
+        assert r.fluency == pytest.approx(sum(terms) / 2, rel=1e-4)
+    with pytest.raises(ConfigError, match="has 7 tokens, the model"):
+        small = BertForMaskedLM(BertConfig(vocab_size=7, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                           intermediate_size=8))
+        small.save_pretrained(tmp_path / "small")
+        build_fluency(str(tmp_path / "small"), tiny, _vocab(tiny), str(tiny_dir))
