@@ -291,12 +291,25 @@ def evaluate(
         df["text"] = [tok.decode(i) for i in ids]
         df["retokenizes"] = [tok(t, add_special_tokens=False)["input_ids"] == i
                              for t, i in zip(df.text, ids, strict=True)]
+    static_readings(df, targets, encoder, facts)
     if result.fluency is not None:  # and the search's fluency: the frontier's axes
         df["fluency"] = result.fluency.double().numpy()
         df["fluency_weight"] = result.fluency_weight.double().numpy()
         df["fluency_source"] = result.fluency_source
     tensors = {"embeds": embeds.contiguous(), "analysis": analysis.contiguous(), **result.extra}
     return df, tensors
+
+
+def static_readings(df: pd.DataFrame, targets: Sequence[Target], encoder: Encoder, facts: VocabFacts) -> None:
+    """Single-unit targets get their static readings (ft.static: no forward pass) as columns."""
+    from ft.static import COLUMNS, readings
+
+    sites = [t.sites[0] if t.kind == "neuron" and len(t.sites) == 1 else None for t in targets]
+    if all(s is None for s in sites):
+        return
+    found = readings(encoder.model, facts.vocab, sites)
+    for c in COLUMNS:
+        df[c] = found[c]
 
 
 def _col(values: pd.Series, dtype: type = float) -> torch.Tensor:

@@ -370,6 +370,13 @@ def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> st
             parts = [f"<p>objective {r.objective:.3f}; most activating word <b>{escape(r.most_activating_word)}</b> "
                      f"({r.most_activating_word_activation:.3f}); steps {r.steps}</p>",
                      f"<p>closest words: {close}</p>"]
+            promotes = getattr(r, "static_promotes", None)
+            if isinstance(promotes, (list, np.ndarray)):  # the unit's weights, read with no forward pass
+                detects = getattr(r, "static_detects", None)
+                parts.append("<p>static reading: promotes " + escape(", ".join(promotes)) + "; suppresses "
+                             + escape(", ".join(r.static_suppresses))
+                             + ("; detects " + escape(", ".join(detects)) if isinstance(detects, (list, np.ndarray))
+                                else "") + "</p>")
             text = getattr(r, "text", None)
             if isinstance(text, str):  # input=tokens: the searched text, beside the best corpus sentence
                 best = None

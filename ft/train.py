@@ -447,6 +447,10 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
                 f"{cfg.optim.get('lr')}; lower the learning rate. No results were written.")
         summary = summarize(df)
         summary["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
+        if "static_promotes" in df:  # single units: is the most activating word among the static tokens?
+            from ft.static import agreement
+
+            summary["final/static_maw_agreement"] = agreement(df)
         if "fluency" in df:  # input=tokens: the kept texts' fluency (ft.fluency, nats/token)
             summary["final/fluency_mean"] = float(df["fluency"].mean())
         quality = targets[0].meta.get("sae_quality")
