@@ -91,8 +91,7 @@ def write_run(
     directions: DirectionSet | None = None,
     frontier: pd.DataFrame | None = None,
 ) -> Path:
-    """All result files or none: each is written to a temporary file first, then the manifest of
-    their checksums; only when every one is on disk are they renamed into place, manifest last."""
+    """All result files of a run or none (`write_files`)."""
     run_dir = Path(run_dir)
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     summary_text = json.dumps(strict_summary(summary), indent=1, allow_nan=False)
@@ -108,8 +107,16 @@ def write_run(
         writers[FRONTIER] = lambda p: frontier.to_parquet(p, index=False)
     if directions is not None:  # the run's own copy: its objectives rebuild without the original file
         writers[DIRECTIONS] = directions.save
+    return write_files(run_dir, writers)
+
+
+def write_files(run_dir: str | Path, writers: dict[str, Callable[[Path], None]]) -> Path:
+    """Write every file of `writers` (name -> write(path)) or none, with the manifest: each to a
+    temporary file first, then the manifest of their checksums; only when every one is on disk
+    are they renamed into place, manifest last."""
+    run_dir = Path(run_dir)
     staged: dict[str, Path] = {}
-    current = run_dir / CONFIG
+    current = run_dir / next(iter(writers))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(run_dir)

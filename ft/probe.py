@@ -1,0 +1,212 @@
+"""`python -m ft.probe concept=... [key=value ...]`: which neurons encode a concept?
+
+1. Activations of every unit of `point` (all layers, or `layers`) over the concept's words: a word
+   list reads each word alone as `[CLS] w [SEP]` at its position (as the vocabulary sweep does),
+   sentences read each word at its first word piece in context.
+2. A logistic probe with ElasticNet regularization (L1 + L2: `probe.l1_ratio`, strength `probe.C`,
+   scikit-learn's saga solver) on standardized activations; accuracy on a held-out split of word
+   types (`probe.test_fraction`, seeded): no word type is on both sides.
+3. A control task (Hewitt and Liang 2019): every word type gets a random label drawn from the
+   label distribution, the same label wherever the type occurs; the same probe on it gives the
+   control accuracy; selectivity = accuracy - control accuracy.
+4. Rankings of the units: by the probe's weight mass (sum over classes of |w|, NeuroX's top
+   neurons) and probeless, by the class-mean difference (largest |mean of a class - mean of the
+   rest| over classes, on standardized activations).
+
+Writes a run directory (hydra.run.dir): `probe.parquet` (site, layer, unit, weight_mass,
+mean_diff, rank_probe, rank_probeless; rank 1 = first) and `summary.json` (probe/accuracy,
+probe/control_accuracy, probe/selectivity, probe/top10_overlap, ...), through the run-directory
+manifest like ft.train's results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from ft.concepts import Concept, load_concept
+from ft.errors import ConfigError, FtError
+from ft.sites import POINTS, Site, SiteReader, num_layers, register_point_hook
+
+log = logging.getLogger("ft")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+PROBE, PROBE_SUMMARY = "probe.parquet", "summary.json"
+
+
+@torch.no_grad()
+def concept_activations(encoder: object, concept: Concept, point: str, layers: list[int], batch_size: int = 256
+                        ) -> torch.Tensor:
+    """[words, len(layers) * width]: every unit of `point` in `layers`, for each labelled word."""
+    model, tok = encoder.model, encoder.tokenizer
+    device = encoder.word_embeddings.device
+    if concept.is_word_list:
+        ids = torch.tensor(tok.convert_tokens_to_ids(concept.words))
+        reader = SiteReader(model, [point], max(layers), 1)
+        out = []
+        for s in range(0, len(ids), batch_size):
+            part = ids[s:s + batch_size]
+            cls, sep = torch.full_like(part, tok.cls_token_id), torch.full_like(part, tok.sep_token_id)
+            seq = torch.stack([cls, part, sep], 1)
+            acts = reader.read(input_ids=seq.to(device))[point].float().cpu()  # [b, layers, width]
+            out.append(acts[:, layers].flatten(1))
+        return torch.cat(out)
+    rows = []
+    for words in concept.sentences:  # in context: each word at its first piece
+        enc = tok(words, is_split_into_words=True, return_tensors="pt", truncation=True)
+        first: dict[int, int] = {}
+        for pos, w in enumerate(enc.word_ids()):
+            if w is not None and w not in first:
+                first[w] = pos
+        if len(first) < len(words):
+            raise ConfigError(f"concept={concept.name}: a sentence is longer than the model takes "
+                              f"({len(words)} words); valid: shorter sentences")
+        seen: dict[int, torch.Tensor] = {}
+        handles = [register_point_hook(model, layer, point,
+                                       lambda t, layer=layer, seen=seen: seen.__setitem__(layer, t[0]))
+                   for layer in layers]
+        try:
+            model(**{k: v.to(device) for k, v in enc.items()})
+        finally:
+            for h in handles:
+                h.remove()
+        pos = torch.tensor([first[i] for i in range(len(words))])
+        rows.append(torch.cat([seen[layer][pos].float().cpu() for layer in layers], dim=1))
+    return torch.cat(rows)
+
+
+def split_types(types: list[str], test_fraction: float, seed: int) -> np.ndarray:
+    """[words] bool: held out; whole word types go to one side."""
+    distinct = sorted(set(types))
+    rng = random.Random(seed)
+    rng.shuffle(distinct)
+    n_test = max(1, round(test_fraction * len(distinct)))
+    held = set(distinct[:n_test])
+    return np.array([t in held for t in types])
+
+
+def control_labels(types: list[str], labels: list[str], seed: int) -> list[str]:
+    """Hewitt and Liang's control task: a random label per word type, from the label distribution."""
+    rng = random.Random(seed + 1)
+    draw: dict[str, str] = {}
+    for t in sorted(set(types)):
+        draw[t] = rng.choice(labels)
+    return [draw[t] for t in types]
+
+
+@dataclass
+class ProbeFit:
+    accuracy: float
+    weight_mass: np.ndarray  # [units]
+
+
+def fit_probe(X: np.ndarray, y: list[str], test: np.ndarray, l1_ratio: float, C: float, seed: int) -> ProbeFit:
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(y)
+    if len(set(y[~test])) < 2:
+        raise ConfigError("the training split has one label only; valid: a concept with more words, or a smaller "
+                          "probe.test_fraction")
+    import sklearn
+
+    old = tuple(int(x) for x in sklearn.__version__.split(".")[:2]) < (1, 8)  # before 1.8 the penalty is named
+    clf = LogisticRegression(l1_ratio=l1_ratio, C=C, solver="saga", max_iter=3000, random_state=seed,
+                             **({"penalty": "elasticnet"} if old else {}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # saga's convergence and penalty deprecation notes
+        clf.fit(X[~test], y[~test])
+    acc = float((clf.predict(X[test]) == y[test]).mean())
+    return ProbeFit(acc, np.abs(clf.coef_).sum(0))
+
+
+def probeless(X: np.ndarray, y: list[str]) -> np.ndarray:
+    """[units] the largest |mean of a class - mean of the rest| (standardized activations)."""
+    y = np.asarray(y)
+    return np.max([np.abs(X[y == c].mean(0) - X[y != c].mean(0)) for c in sorted(set(y))], axis=0)
+
+
+def ranks(score: np.ndarray) -> np.ndarray:
+    """1 = the largest score (ties by unit order)."""
+    order = np.argsort(-score, kind="stable")
+    out = np.empty(len(score), dtype=np.int64)
+    out[order] = np.arange(1, len(score) + 1)
+    return out
+
+
+def probe(cfg: DictConfig, run_dir: Path, encoder: object | None = None) -> dict[str, float]:
+    """The probe run of `cfg` (configs/probe.yaml); writes probe.parquet and summary.json."""
+    from ft.encoder import load_encoder
+    from ft.results import write_files
+
+    p = cfg.probe
+    if cfg.point not in POINTS:
+        raise ConfigError(f"point={cfg.point!r}; valid: {list(POINTS)}")
+    if not 0 <= float(p.l1_ratio) <= 1 or float(p.C) <= 0 or not 0 < float(p.test_fraction) < 1:
+        raise ConfigError(f"probe.l1_ratio={p.l1_ratio}, probe.C={p.C}, probe.test_fraction={p.test_fraction}; "
+                          "valid: 0 <= l1_ratio <= 1, C > 0, 0 < test_fraction < 1")
+    encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    concept = load_concept(cfg.concept, encoder.tokenizer, cfg.seed)
+    n_layers = num_layers(encoder.model)
+    layers = list(range(n_layers)) if cfg.layers is None else [int(x) for x in cfg.layers]
+    if not layers or any(not 0 <= x < n_layers for x in layers):
+        raise ConfigError(f"layers={list(layers)}; valid: null (all) or layers in 0..{n_layers - 1}")
+    acts = concept_activations(encoder, concept, cfg.point, layers).numpy()  # [words, units]
+    X = (acts - acts.mean(0)) / (acts.std(0) + 1e-6)
+    types, labels = concept.words, concept.flat_labels
+    test = split_types(types, float(p.test_fraction), cfg.seed)
+    real = fit_probe(X, labels, test, float(p.l1_ratio), float(p.C), cfg.seed)
+    control = fit_probe(X, control_labels(types, labels, cfg.seed), test, float(p.l1_ratio), float(p.C), cfg.seed)
+    diff = probeless(X[~test], list(np.asarray(labels)[~test]))
+    width = acts.shape[1] // len(layers)
+    sites = [Site(layer, cfg.point, u) for layer in layers for u in range(width)]
+    table = pd.DataFrame({"site": [str(s) for s in sites], "layer": [s.layer for s in sites],
+                          "unit": [s.unit for s in sites], "weight_mass": real.weight_mass, "mean_diff": diff,
+                          "rank_probe": ranks(real.weight_mass), "rank_probeless": ranks(diff)})
+    top_probe = set(table.nsmallest(10, "rank_probe").site)
+    top_less = set(table.nsmallest(10, "rank_probeless").site)
+    summary = {"probe/accuracy": real.accuracy, "probe/control_accuracy": control.accuracy,
+               "probe/selectivity": real.accuracy - control.accuracy,
+               "probe/top10_overlap": len(top_probe & top_less) / 10,
+               "probe/nonzero_weights": int((real.weight_mass > 0).sum()), "probe/units": len(sites),
+               "probe/words": len(types), "probe/test_words": int(test.sum()),
+               "probe/majority": float(pd.Series(np.asarray(labels)[test]).value_counts(normalize=True).iloc[0])}
+    write_files(run_dir, {PROBE: lambda q: table.to_parquet(q, index=False),
+                          PROBE_SUMMARY: lambda q: q.write_text(json.dumps(summary, indent=1))})
+    log.info("probe accuracy %.3f, control %.3f, selectivity %.3f", real.accuracy, control.accuracy,
+             summary["probe/selectivity"])
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="probe")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from ft.train import configure_output
+
+    configure_output("info")
+    try:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        summary = probe(cfg, run_dir)
+    except FtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    table = pd.read_parquet(run_dir / PROBE)
+    for name, col in (("probe", "rank_probe"), ("probeless", "rank_probeless")):
+        print(f"top 10 by {name}: {' '.join(table.nsmallest(10, col).site)}")
+    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    print(f"run directory: {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""ft.probe: a planted concept neuron is found by both rankings; the control task stays at chance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ft.concepts import BUILTIN, load_concept
+from ft.encoder import from_model
+from ft.errors import ConfigError
+from ft.probe import probe
+from tests.test_train import CONFIG_DIR
+
+ANIMALS = "cat dog horse cow sheep goat mouse bird fish".split()
+OTHERS = "table chair window door floor wall roof river bank money house garden music piano violin guitar apple".split()
+PLANTED = 7  # the residual dimension the concept words carry
+
+
+def planted_encoder(tiny):
+    """The tiny BERT with the animals' embeddings pushed along dimension PLANTED: after layer 0
+    the residual stream's unit 7 fires on them."""
+    from transformers import BertModel
+
+    model = BertModel(tiny.model.config)
+    model.load_state_dict(tiny.model.state_dict())
+    ids = tiny.tokenizer.convert_tokens_to_ids(ANIMALS)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight[ids, PLANTED] += 6.0
+    return from_model(model.eval(), tiny.tokenizer, "planted")
+
+
+def probe_cfg(concept, *extra):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("probe", overrides=[f"concept={concept}", "point=resid", "layers=[0]", *extra])
+
+
+def concept_file(tmp_path, labels):
+    path = tmp_path / "animals.csv"
+    path.write_text("word,label\n" + "".join(f"{w},{lab}\n" for w, lab in labels))
+    return str(path)
+
+
+def test_the_planted_neuron_ranks_first_and_the_control_stays_at_chance(tiny, tmp_path):
+    enc = planted_encoder(tiny)
+    labels = [(w, "animal") for w in ANIMALS] + [(w, "other") for w in OTHERS[:9]]
+    summary = probe(probe_cfg(concept_file(tmp_path, labels)), tmp_path / "run", enc)
+    import pandas as pd
+
+    table = pd.read_parquet(tmp_path / "run" / "probe.parquet")
+    first = table.set_index("site").loc[f"layer.0.resid.{PLANTED}"]
+    assert first.rank_probe == 1 and first.rank_probeless == 1
+    assert summary["probe/accuracy"] >= 0.9
+    assert summary["probe/control_accuracy"] <= 0.7 and summary["probe/selectivity"] >= 0.3
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["probe/selectivity"] == summary[
+        "probe/selectivity"]
+    # the same words with labels that carry nothing: no selectivity left to find
+    rng = torch.Generator().manual_seed(3)
+    words = ANIMALS + OTHERS[:9]
+    shuffled = [(w, "ab"[int(b)]) for w, b in zip(words, torch.randperm(18, generator=rng) % 2, strict=True)]
+    noise = probe(probe_cfg(concept_file(tmp_path, shuffled)), tmp_path / "noise", enc)
+    assert abs(noise["probe/selectivity"]) <= 0.3 and noise["probe/accuracy"] < summary["probe/accuracy"]
+
+
+def test_builtin_concepts_are_words_against_frequency_matched_others():
+    from transformers import AutoTokenizer
+    from wordfreq import zipf_frequency
+
+    from ft.encoder import packaged_minilm_path
+
+    tok = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))  # the packaged MiniLM's vocabulary
+
+    for name in BUILTIN:
+        c = load_concept(f"builtin:{name}", tok)
+        pos = [w for w, lab in zip(c.words, c.flat_labels, strict=True) if lab == "1"]
+        neg = [w for w, lab in zip(c.words, c.flat_labels, strict=True) if lab == "0"]
+        assert len(neg) == 3 * len(pos) and not set(pos) & set(neg) and len(set(neg)) == len(neg)
+        gap = abs(sum(zipf_frequency(w, "en") for w in pos) / len(pos) - sum(zipf_frequency(w, "en") for w in neg)
+                  / len(neg))
+        assert gap < 0.5, (name, gap)  # frequency-matched
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("builtin:planets", "valid: builtin:months"),
+    ("/no/such.csv", "no such file"),
+])
+def test_bad_concepts_are_refused_in_one_line(tiny, tmp_path, spec, message):
+    with pytest.raises(ConfigError, match=message):
+        load_concept(spec, tiny.tokenizer)
+    bad = tmp_path / "one_label.csv"
+    bad.write_text("cat,1\ndog,1\n")
+    with pytest.raises(ConfigError, match="at least 2 labels"):
+        load_concept(str(bad), tiny.tokenizer)
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("cat,1\ndog,1\nzebra,0\nyak,0\n")
+    with pytest.raises(ConfigError, match=r"\['zebra', 'yak'\] are not single tokens"):
+        load_concept(str(unknown), tiny.tokenizer)
+
+
+def test_sentences_are_read_in_context(tiny, tmp_path):
+    """A .conll concept: each word at its first piece, in its sentence."""
+    from ft.probe import concept_activations
+    from tests.reference import hf_points
+
+    conll = tmp_path / "c.conll"
+    conll.write_text("the\tO\ncat\tA\nsat\tO\n\na\tO\ndog\tA\nwalking\tO\n")
+    c = load_concept(str(conll), tiny.tokenizer)
+    acts = concept_activations(tiny, c, "resid", [0, 1])
+    assert acts.shape == (6, 2 * 32)
+    enc = tiny.tokenizer(["a", "dog", "walking"], is_split_into_words=True, return_tensors="pt")
+    first = [enc.word_ids().index(i) for i in range(3)]
+    with torch.no_grad():
+        want = hf_points(tiny.model, **enc)["resid"]
+    torch.testing.assert_close(acts[3:, 32:], want[1][0, first])
