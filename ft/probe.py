@@ -13,8 +13,9 @@
    neurons) and probeless, by the class-mean difference (largest |mean of a class - mean of the
    rest| over classes, on standardized activations).
 
-Writes a run directory (hydra.run.dir): `probe.parquet` (site, layer, unit, weight_mass,
-mean_diff, rank_probe, rank_probeless; rank 1 = first) and `summary.json` (probe/accuracy,
+Writes a run directory (hydra.run.dir): `probe.parquet` (site, layer, unit, weight_mass, weight
+(signed, toward the concept label, for two labels), mean_diff, rank_probe, rank_probeless; rank 1
+= first), `config.yaml` and `summary.json` (probe/accuracy,
 probe/control_accuracy, probe/selectivity, probe/top10_overlap, ...), through the run-directory
 manifest like ft.train's results.
 """
@@ -106,7 +107,8 @@ def control_labels(types: list[str], labels: list[str], seed: int) -> list[str]:
 @dataclass
 class ProbeFit:
     accuracy: float
-    weight_mass: np.ndarray  # [units]
+    weight_mass: np.ndarray  # [units] sum over classes of |w|
+    weight: np.ndarray  # [units] signed weight toward the concept label (binary), NaN otherwise
 
 
 def fit_probe(X: np.ndarray, y: list[str], test: np.ndarray, l1_ratio: float, C: float, seed: int) -> ProbeFit:
@@ -127,7 +129,16 @@ def fit_probe(X: np.ndarray, y: list[str], test: np.ndarray, l1_ratio: float, C:
         warnings.simplefilter("ignore")  # saga's convergence and penalty deprecation notes
         clf.fit(X[~test], y[~test])
     acc = float((clf.predict(X[test]) == y[test]).mean())
-    return ProbeFit(acc, np.abs(clf.coef_).sum(0))
+    signed = np.full(X.shape[1], np.nan)
+    if len(clf.classes_) == 2:  # coef_ points toward classes_[1]; flip it toward the concept label
+        signed = clf.coef_[0] * (1 if clf.classes_[1] == concept_label(list(y)) else -1)
+    return ProbeFit(acc, np.abs(clf.coef_).sum(0), signed)
+
+
+def concept_label(labels: list[str]) -> str:
+    """The concept's own label: `1` where the labels are 0/1, else the rarest (ties: the first)."""
+    counts = pd.Series(labels).value_counts()
+    return "1" if set(counts.index) == {"0", "1"} else str(counts.sort_values(kind="stable").index[0])
 
 
 def probeless(X: np.ndarray, y: list[str]) -> np.ndarray:
@@ -171,7 +182,8 @@ def probe(cfg: DictConfig, run_dir: Path, encoder: object | None = None) -> dict
     width = acts.shape[1] // len(layers)
     sites = [Site(layer, cfg.point, u) for layer in layers for u in range(width)]
     table = pd.DataFrame({"site": [str(s) for s in sites], "layer": [s.layer for s in sites],
-                          "unit": [s.unit for s in sites], "weight_mass": real.weight_mass, "mean_diff": diff,
+                          "unit": [s.unit for s in sites], "weight_mass": real.weight_mass, "weight": real.weight,
+                          "mean_diff": diff,
                           "rank_probe": ranks(real.weight_mass), "rank_probeless": ranks(diff)})
     top_probe = set(table.nsmallest(10, "rank_probe").site)
     top_less = set(table.nsmallest(10, "rank_probeless").site)
@@ -181,11 +193,40 @@ def probe(cfg: DictConfig, run_dir: Path, encoder: object | None = None) -> dict
                "probe/nonzero_weights": int((real.weight_mass > 0).sum()), "probe/units": len(sites),
                "probe/words": len(types), "probe/test_words": int(test.sum()),
                "probe/majority": float(pd.Series(np.asarray(labels)[test]).value_counts(normalize=True).iloc[0])}
-    write_files(run_dir, {PROBE: lambda q: table.to_parquet(q, index=False),
-                          PROBE_SUMMARY: lambda q: q.write_text(json.dumps(summary, indent=1))})
+    from omegaconf import OmegaConf
+
+    summary["probe/concept_label"] = concept_label(labels)
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    write_files(run_dir, {PROBE: lambda q: table.to_parquet(q, index=False), "config.yaml": lambda q: q.write_text(
+        config_text), PROBE_SUMMARY: lambda q: q.write_text(json.dumps(summary, indent=1))})
     log.info("probe accuracy %.3f, control %.3f, selectivity %.3f", real.accuracy, control.accuracy,
              summary["probe/selectivity"])
     return summary
+
+
+def concept_words(run: str | Path, tokenizer: object) -> set[str]:
+    """The words of a probe run's concept that carry its concept label."""
+    from ft.results import read_config
+
+    cfg = read_config(run)
+    concept = load_concept(cfg.concept, tokenizer, cfg.seed)
+    label = concept_label(concept.flat_labels)
+    return {w for w, lab in zip(concept.words, concept.flat_labels, strict=True) if lab == label}
+
+
+def concept_scores(df: pd.DataFrame, run: str | Path, tokenizer: object) -> dict[str, float]:
+    """Adds to `df` (a run's targets) the share of each target's closest words, its most
+    activating word and its searched text's tokens that are concept words; returns the means."""
+    words = concept_words(run, tokenizer)
+    df["concept_closest_share"] = [sum(w in words for w in ws) / max(len(ws), 1) for ws in df.closest_words]
+    df["concept_maw"] = [w in words for w in df.most_activating_word]
+    out = {"probe/closest_in_concept": float(df.concept_closest_share.mean()),
+           "probe/maw_in_concept": float(df.concept_maw.mean())}
+    if "text" in df:
+        toks = [tokenizer.convert_ids_to_tokens(list(i)) for i in df.token_ids]
+        df["concept_text_share"] = [sum(t in words for t in ts) / max(len(ts), 1) for ts in toks]
+        out["probe/text_in_concept"] = float(df.concept_text_share.mean())
+    return out
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="probe")

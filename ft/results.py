@@ -186,6 +186,11 @@ def read_frontier(run_dir: str | Path) -> pd.DataFrame | None:
     return _read(run_dir, FRONTIER, pd.read_parquet)
 
 
+def read_probe(run_dir: str | Path) -> pd.DataFrame:
+    """An ft.probe run's probe.parquet, checked against its manifest."""
+    return _read(run_dir, "probe.parquet", pd.read_parquet)
+
+
 def read_inputs(run_dir: str | Path) -> dict[str, torch.Tensor]:
     return _read(run_dir, INPUTS, lambda p: load_file(str(p)))
 

@@ -88,7 +88,7 @@ class TargetSchema:
     """configs/target/*: neuron targets use sites..layers, group targets k..num_frequent, terms
     specs (and file), directions file and site."""
 
-    kind: Choice("neuron", "group", "terms", "direction", "sae", "logit")
+    kind: Choice("neuron", "group", "terms", "direction", "sae", "logit", "probe")
     point: Choice(*POINTS)
     sites: Annotated[list[str], Unique] | None
     fraction: Num(gt=0, le=1) | None
@@ -110,6 +110,7 @@ class TargetSchema:
     num_latents: Int(ge=1) | None
     demo: dict | None
     classes: Annotated[list[int | str], Unique] | None
+    run: str | None
 
 
 @dataclass
@@ -368,6 +369,7 @@ TARGET_KEYS = {
     "direction": ("kind", "file", "site", *_SHARED[1:]),
     "sae": ("kind", "path", "site", "latents", "fraction", "num_latents", "demo", *_SHARED[1:]),
     "logit": ("kind", "classes", *_SHARED[1:]),
+    "probe": ("kind", "run", "k", *_SHARED[1:]),
 }
 
 
@@ -384,6 +386,12 @@ def check_target_kind(t: dict) -> None:
         for key in t:
             if key not in keys:
                 raise ConfigError(f"target.{key}: unknown key for target kind {kind!r}; valid: {', '.join(keys)}")
+    if kind == "probe":
+        from pathlib import Path
+
+        if not t.get("run") or not (Path(str(t["run"])) / "probe.parquet").is_file():
+            raise ConfigError(f"target.run={t.get('run')!r}: not an ft.probe run directory (no probe.parquet); "
+                              "valid: the run directory of `python -m ft.probe concept=...`")
     try:
         if kind == "terms":
             if not t.get("specs"):

@@ -246,6 +246,27 @@ def terms_targets(model: torch.nn.Module, specs: Sequence[str] | None, direction
     return [Target("terms", parse(str(spec), model, lookup), spec=str(spec)) for spec in specs]
 
 
+def probe_targets(model: torch.nn.Module, run: str, k: int) -> list[Target]:
+    """The top `k` units of an ft.probe run (by rank_probe): their mean, and their sum weighted by
+    the probe's signed weights (two labels only), each a terms target."""
+    import math
+
+    from ft.results import read_probe
+
+    table = read_probe(run).sort_values("rank_probe")
+    top = table.head(int(k))
+    sites = list(top.site)
+    specs = ["(" + " + ".join(sites) + f") / {len(sites)}"]
+    weights = [float(w) for w in top.weight]
+    if all(math.isfinite(w) for w in weights) and any(w != 0 for w in weights):
+        specs.append(" + ".join(f"{w:.6g} * {s}" for w, s in zip(weights, sites, strict=True) if w != 0)
+                     .replace("+ -", "- "))
+    out = terms_targets(model, specs)
+    for t, what in zip(out, ("mean", "weighted"), strict=False):
+        t.meta.update(probe_run=str(run), probe_readout=what)
+    return out
+
+
 def direction_targets(model: torch.nn.Module, directions: DirectionSet, sites: str | Sequence[str]) -> list[Target]:
     """One target per row of the file, at each of `sites` (`layer.L.point`): objective h . v."""
     sites = [sites] if isinstance(sites, str) else list(sites or [])

@@ -43,6 +43,7 @@ from ft.targets import (
     logit_targets,
     neuron_targets,
     number_targets,
+    probe_targets,
     sae_targets,
     target_words,
     terms_targets,
@@ -78,6 +79,8 @@ def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep,
         return logit_targets(encoder, t.classes)
     if t.kind == "terms":
         return terms_targets(encoder.model, t.specs, directions)
+    if t.kind == "probe":
+        return probe_targets(encoder.model, t.run, t.k)
     if t.kind == "direction":
         if directions is None:
             raise ConfigError("target.file=null; valid: a safetensors file with a 'directions' tensor [n, width]")
@@ -451,6 +454,10 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
             from ft.static import agreement
 
             summary["final/static_maw_agreement"] = agreement(df)
+        if cfg.target.kind == "probe":  # how much of the textualization is the probe's concept
+            from ft.probe import concept_scores
+
+            summary.update(concept_scores(df, cfg.target.run, encoder.tokenizer))
         if "fluency" in df:  # input=tokens: the kept texts' fluency (ft.fluency, nats/token)
             summary["final/fluency_mean"] = float(df["fluency"].mean())
         quality = targets[0].meta.get("sae_quality")

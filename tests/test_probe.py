@@ -114,3 +114,28 @@ def test_sentences_are_read_in_context(tiny, tmp_path):
     with torch.no_grad():
         want = hf_points(tiny.model, **enc)["resid"]
     torch.testing.assert_close(acts[3:, 32:], want[1][0, first])
+
+
+def test_probe_selected_targets_are_textualized_and_scored_against_the_concept(tiny, tiny_dir, tmp_path):
+    from ft.results import read_summary, read_targets
+    from ft.train import run
+    from tests.test_train import compose_cfg
+
+    enc = planted_encoder(tiny)
+    labels = [(w, "1") for w in ANIMALS] + [(w, "0") for w in OTHERS[:9]]
+    probe(probe_cfg(concept_file(tmp_path, labels)), tmp_path / "probe", enc)
+    cfg = compose_cfg([f"model.name_or_path={tiny_dir}", "target=probe", f"target.run={tmp_path / 'probe'}",
+                       "target.k=3", "trainer.max_steps=5", "trainer.accelerator=cpu", "logger.wandb.mode=disabled",
+                       "+trainer.enable_progress_bar=false"])
+    summary = run(cfg, tmp_path / "run", enc)
+    df = read_targets(tmp_path / "run")
+    assert list(df.kind) == ["terms", "terms"]
+    mean, weighted = df.spec
+    assert mean.startswith(f"(layer.0.resid.{PLANTED} + ") and mean.endswith(") / 3")
+    assert weighted.split(" * ")[1].split()[0] == f"layer.0.resid.{PLANTED}" and not weighted.startswith("-")
+    assert df.concept_maw.all()  # the planted unit's most activating word is an animal
+    assert summary["probe/maw_in_concept"] == 1.0
+    assert read_summary(tmp_path / "run")["probe/closest_in_concept"] == pytest.approx(df.concept_closest_share.mean())
+    with pytest.raises(ConfigError, match="not an ft.probe run directory"):
+        run(compose_cfg([f"model.name_or_path={tiny_dir}", "target=probe", f"target.run={tmp_path}"]),
+            tmp_path / "bad", enc)
