@@ -257,8 +257,8 @@ def probe_targets(model: torch.nn.Module, run: str, k: int) -> list[Target]:
     top = table.head(int(k))
     sites = list(top.site)
     specs = ["(" + " + ".join(sites) + f") / {len(sites)}"]
-    weights = [float(w) for w in top.weight]
-    if all(math.isfinite(w) for w in weights) and any(w != 0 for w in weights):
+    weights = [float(w) for w in top.weight] if "weight" in top else []  # older probe runs: no signed weights
+    if weights and all(math.isfinite(w) for w in weights) and any(w != 0 for w in weights):
         specs.append(" + ".join(f"{w:.6g} * {s}" for w, s in zip(weights, sites, strict=True) if w != 0)
                      .replace("+ -", "- "))
     out = terms_targets(model, specs)
