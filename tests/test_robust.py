@@ -169,7 +169,7 @@ def test_checkpoint_from_another_model_is_refused(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["experiment=nope"], "experiment='nope' is not an option; valid: atlas, default, group_k10"),
-    (["input=logits"], "input='logits' is not an option; valid: embedding, gumbel, onehot, softmax"),
+    (["input=logits"], "input='logits' is not an option; valid: embedding, gumbel, onehot, projected, softmax, tokens"),
 ])
 @pytest.mark.slow
 def test_cli_unknown_config_option(args, message):
