@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ft.ablate import active
 from ft.arch import adapter
 from ft.arch.base import LeanParts
 from ft.errors import FtError
@@ -216,6 +217,7 @@ class FastSiteReader:
         if not plan.sorted:
             given = given[plan.order]
         a = adapter(self.model)
+        ab = active(self.model)  # an `ft.ablate.ablated` block: its units are edited where computed
         h = a.to_hidden(a.embed(input_ids=given) if ids else a.embed(inputs_embeds=given))
         S, H = h.shape[1], h.shape[2]
         for layer, L in enumerate(_layers(self.model)[: self.max_layer + 1]):
@@ -238,20 +240,34 @@ class FastSiteReader:
                 ctx_end, resid_end = _attend(qkv_end, L.heads, sdpa, query=self.position), h_end[:, self.position]
                 ctx = torch.cat([_attend(qkv_go, L.heads, sdpa), ctx_end]) if n_go else ctx_end
                 resid = torch.cat([h_go.reshape(-1, H), resid_end]) if n_go else resid_end
+            if ab is not None:
+                ctx = ab.apply(layer, "attn_ctx", ctx)
             attn = L.attn_out(ctx)
+            if ab is not None:
+                attn = ab.apply(layer, "attn_out", attn)
             a = L.ln1(attn + resid)
             act = L.act(L.inter(a))
+            if ab is not None:
+                act = ab.apply(layer, "ffn_act", act)
             pairs = None if end_units is None or not n_end else end_units[layer]
             if pairs is None:
                 out = L.out(act)
+                if ab is not None:
+                    out = ab.apply(layer, "ffn_out", out)
                 h_tok = L.ln2(out + a)
+                if ab is not None:
+                    h_tok = ab.apply(layer, "resid", h_tok)
                 yield layer, {"attn_ctx": ctx, "attn_out": attn, "ffn_act": act, "ffn_out": out, "resid": h_tok}
             else:  # only the rows going on need the whole FFN output and residual
                 act_go, act_end = act.split([go, n_end])
                 tok, unit = pairs
                 end = (act_end.index_select(0, tok) * L.out.weight[unit]).sum(-1) + L.out.bias[unit]
                 out = L.out(act_go)
+                if ab is not None:
+                    end, out = ab.apply_units(layer, "ffn_out", end, unit), ab.apply(layer, "ffn_out", out)
                 h_tok = L.ln2(out + a.split([go, n_end])[0])
+                if ab is not None:
+                    h_tok = ab.apply(layer, "resid", h_tok)
                 yield layer, {"attn_ctx": ctx, "attn_out": attn, "ffn_act": act, "ffn_out": out, "resid": h_tok,
                               "ffn_out_end": end}
             if not n_go:  # every row has ended

@@ -16,8 +16,13 @@
 Writes a run directory (hydra.run.dir): `probe.parquet` (site, layer, unit, weight_mass, weight
 (signed, toward the concept label, for two labels), mean_diff, rank_probe, rank_probeless; rank 1
 = first), `config.yaml` and `summary.json` (probe/accuracy,
-probe/control_accuracy, probe/selectivity, probe/top10_overlap, ...), through the run-directory
-manifest like ft.train's results.
+probe/control_accuracy, probe/selectivity, probe/top10_overlap, ..., and `ablate/*`), through the
+run-directory manifest like ft.train's results.
+
+5. Ablation (`ablate.top=N`, or `ablate.sites=[...]`; `ablate.top=0` turns it off): the probe's
+   accuracy drop and the masked-token accuracy drop (where a masked-LM head exists) with those
+   units ablated, against N random probed units over `ablate.seeds` draws: `ablation.parquet`
+   and the `ablate/*` summary keys (ft.probe_ablation).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from omegaconf import DictConfig
 
 from ft.concepts import Concept, load_concept
 from ft.errors import ConfigError, FtError
+from ft.probe_ablation import ABLATION, ablation_sets, ablation_summary, ablation_table, find_mlm, masked_tokens
 from ft.sites import POINTS, Site, SiteReader, num_layers, register_point_hook
 
 log = logging.getLogger("ft")
@@ -109,6 +115,11 @@ class ProbeFit:
     accuracy: float
     weight_mass: np.ndarray  # [units] sum over classes of |w|
     weight: np.ndarray  # [units] signed weight toward the concept label (binary), NaN otherwise
+    classifier: object = None  # the fitted scikit-learn probe
+
+    def score(self, X: np.ndarray, y: list[str], test: np.ndarray) -> float:
+        """Accuracy on the held-out rows of `X` [words, units] (standardized as the fit's)."""
+        return float((self.classifier.predict(X[test]) == np.asarray(y)[test]).mean())
 
 
 def fit_probe(X: np.ndarray, y: list[str], test: np.ndarray, l1_ratio: float, C: float, seed: int) -> ProbeFit:
@@ -132,7 +143,7 @@ def fit_probe(X: np.ndarray, y: list[str], test: np.ndarray, l1_ratio: float, C:
     signed = np.full(X.shape[1], np.nan)
     if len(clf.classes_) == 2:  # coef_ points toward classes_[1]; flip it toward the concept label
         signed = clf.coef_[0] * (1 if clf.classes_[1] == concept_label(list(y)) else -1)
-    return ProbeFit(acc, np.abs(clf.coef_).sum(0), signed)
+    return ProbeFit(acc, np.abs(clf.coef_).sum(0), signed, clf)
 
 
 def concept_label(labels: list[str]) -> str:
@@ -196,12 +207,56 @@ def probe(cfg: DictConfig, run_dir: Path, encoder: object | None = None) -> dict
     from omegaconf import OmegaConf
 
     summary["probe/concept_label"] = concept_label(labels)
+    files = {PROBE: lambda q: table.to_parquet(q, index=False)}
+    ab = cfg.get("ablate")
+    if ab is not None and (ab.get("sites") or int(ab.get("top") or 0) > 0):
+        drops = ablate_probe(cfg, encoder, concept, layers, table, real, acts, labels, test)
+        summary |= ablation_summary(drops)
+        files[ABLATION] = lambda q: drops.to_parquet(q, index=False)
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
-    write_files(run_dir, {PROBE: lambda q: table.to_parquet(q, index=False), "config.yaml": lambda q: q.write_text(
-        config_text), PROBE_SUMMARY: lambda q: q.write_text(json.dumps(summary, indent=1))})
+    files |= {"config.yaml": lambda q: q.write_text(config_text),
+              PROBE_SUMMARY: lambda q: q.write_text(json.dumps(summary, indent=1))}
+    write_files(run_dir, files)
     log.info("probe accuracy %.3f, control %.3f, selectivity %.3f", real.accuracy, control.accuracy,
              summary["probe/selectivity"])
     return summary
+
+
+def ablate_probe(cfg: DictConfig, encoder: object, concept: Concept, layers: list[int], table: pd.DataFrame,
+                 fit: ProbeFit, acts: np.ndarray, labels: list[str], test: np.ndarray) -> pd.DataFrame:
+    """The probe's (and the masked LM's) accuracy with the top units, explicit sites or random
+    units ablated (ft.probe_ablation)."""
+    from ft.corpus import DEFAULT_CORPUS, load_corpus
+
+    a = cfg.ablate
+    sets = ablation_sets(table, cfg, encoder.model)
+    mu, sd = acts.mean(0), acts.std(0) + 1e-6
+
+    def probe_accuracy() -> float:
+        X = (concept_activations(encoder, concept, cfg.point, layers).numpy() - mu) / sd
+        return fit.score(X, labels, test)
+
+    def means(sites: list[Site]) -> list[float]:  # each site's mean over the concept's words
+        out: dict[Site, float] = {}
+        for point in sorted({s.point for s in sites}):
+            mine = sorted(s for s in sites if s.point == point)
+            lay = sorted({s.layer for s in mine})
+            m = concept_activations(encoder, concept, point, lay).mean(0).view(len(lay), -1)
+            out |= {s: float(m[lay.index(s.layer), s.unit]) for s in mine}
+        return [out[s] for s in sites]
+
+    mlm = find_mlm(a.get("mlm", "auto"), encoder, encoder.name, cfg.model.trust_remote_code)
+    data = None
+    if mlm is not None:
+        tok = encoder.tokenizer
+        longest = int(getattr(encoder.model.config, "max_position_embeddings", 512)) - 2
+        corpus = load_corpus(a.get("mlm_corpus") or DEFAULT_CORPUS, tok, max_tokens=min(48, longest))
+        n = int(a.get("mlm_sentences", 200))
+        if n < 1:
+            raise ConfigError(f"ablate.mlm_sentences={n}; valid: an integer >= 1")
+        data = masked_tokens(corpus.ids[:n], tok.cls_token_id, tok.sep_token_id, tok.mask_token_id,
+                             tok.pad_token_id, seed=int(cfg.seed))
+    return ablation_table(sets, encoder.model, means, probe_accuracy, str(a.mode), mlm, data)
 
 
 def concept_words(run: str | Path, tokenizer: object) -> set[str]:

@@ -111,6 +111,9 @@ def load_or_sweep(
     warning, never an error. A write killed midway leaves a temporary file that the next
     write to the folder removes.
     """
+    from ft.ablate import active
+
+    use_cache = use_cache and active(encoder.model) is None  # an ablated model's sweep is not the model's
     folder = cache_dir() / "vocab_sweep"
     path = folder / f"{model_key(encoder)}_{point}_p{position}.safetensors"
     expected = (len(vocab), num_layers(encoder.model))

@@ -139,3 +139,77 @@ def test_probe_selected_targets_are_textualized_and_scored_against_the_concept(t
     with pytest.raises(ConfigError, match="not an ft.probe run directory"):
         run(compose_cfg([f"model.name_or_path={tiny_dir}", "target=probe", f"target.run={tmp_path}"]),
             tmp_path / "bad", enc)
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_ablating_the_planted_neuron_costs_more_than_random_neurons(tiny, tmp_path, mode):
+    import pandas as pd
+
+    enc = planted_encoder(tiny)
+    labels = [(w, "animal") for w in ANIMALS] + [(w, "other") for w in OTHERS[:9]]
+    summary = probe(probe_cfg(concept_file(tmp_path, labels), "ablate.top=1", "ablate.seeds=6",
+                              f"ablate.mode={mode}"), tmp_path / "run", enc)
+    drops = pd.read_parquet(tmp_path / "run" / "ablation.parquet")
+    assert list(drops.set) == ["top"] + ["random"] * 6
+    assert drops.sites[0] == f"layer.0.resid.{PLANTED}" and f"layer.0.resid.{PLANTED}" not in " ".join(drops.sites[1:])
+    assert len(set(drops.sites[1:])) > 1  # the draws differ
+    assert summary["ablate/probe_base"] == pytest.approx(summary["probe/accuracy"])
+    assert summary["ablate/probe_drop"] >= 0.3
+    assert summary["ablate/probe_drop"] > summary["ablate/probe_drop_random_mean"] + 0.2
+    assert "ablate/mlm_base" not in summary  # a bare encoder: no masked-token drop
+
+
+def test_the_masked_token_drop_is_measured_with_the_checkpoints_head(tiny_dir, tmp_path):
+    """A masked-LM checkpoint: its accuracy (batched, padded) equals a sentence-by-sentence count,
+    and ablating the whole last layer's residual stream changes what it predicts."""
+    import pandas as pd
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from ft.corpus import load_corpus
+    from ft.encoder import load_encoder
+    from ft.probe_ablation import masked_tokens
+
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM.from_pretrained(str(tiny_dir))
+    mlm.save_pretrained(tmp_path / "mlm")
+    AutoTokenizer.from_pretrained(str(tiny_dir)).save_pretrained(tmp_path / "mlm")
+    enc = load_encoder(str(tmp_path / "mlm"))
+    assert type(enc.head).__name__ == "BertForMaskedLM"
+    words = ANIMALS + OTHERS[:9]
+    sites = "[" + ",".join(f"layer.1.resid.{u}" for u in range(32)) + "]"
+    summary = probe(probe_cfg(concept_file(tmp_path, [(w, "a" if w in ANIMALS else "b") for w in words]),
+                              f"ablate.sites={sites}", "ablate.seeds=0", "ablate.mlm_sentences=12"),
+                    tmp_path / "run", enc)
+    tok = enc.tokenizer
+    data = masked_tokens(load_corpus("packaged:lee", tok, max_tokens=14).ids[:12], tok.cls_token_id,
+                         tok.sep_token_id, tok.mask_token_id, tok.pad_token_id, seed=0)
+    hits = total = 0
+    with torch.no_grad():
+        for i in range(len(data.ids)):
+            n = int(data.attention[i].sum())
+            logits = enc.head(input_ids=data.ids[i : i + 1, :n]).logits[0]
+            m = data.masked[i, :n]
+            hits += int((logits.argmax(-1)[m] == data.targets[i, :n][m]).sum())
+            total += int(m.sum())
+    assert summary["ablate/mlm_base"] == pytest.approx(hits / total)
+    assert total >= 12
+    row = pd.read_parquet(tmp_path / "run" / "ablation.parquet").iloc[0]
+    assert row.set == "sites" and row.units == 32
+    # the last layer's output all zero: the head sees one constant vector, one prediction everywhere
+    with torch.no_grad():
+        const = enc.head.cls(torch.zeros(1, 1, 32)).argmax(-1).item()
+    want = float((data.targets[data.masked] == const).float().mean())
+    assert row.mlm_accuracy == pytest.approx(want)
+
+
+def test_bad_ablation_settings_are_refused(tiny, tmp_path):
+    enc = planted_encoder(tiny)
+    labels = [(w, "animal") for w in ANIMALS] + [(w, "other") for w in OTHERS[:9]]
+    path = concept_file(tmp_path, labels)
+    for extra, message in (("ablate.mode=half", "ablate.mode='half'; valid"),
+                           ("ablate.top=99", "ablate.top=99; valid: 1..31"),
+                           ("ablate.sites=[layer.7.resid.1]", "ablate.sites: .*out of range"),
+                           ("ablate.mlm=/nowhere", "ablate.mlm='/nowhere': no such directory")):
+        with pytest.raises(ConfigError, match=message):
+            probe(probe_cfg(path, extra), tmp_path / "bad", enc)
+        assert not (tmp_path / "bad").exists()
