@@ -249,8 +249,9 @@ def ablate_probe(cfg: DictConfig, encoder: object, concept: Concept, layers: lis
     data = None
     if mlm is not None:
         tok = encoder.tokenizer
-        longest = int(getattr(encoder.model.config, "max_position_embeddings", 512)) - 2
-        corpus = load_corpus(a.get("mlm_corpus") or DEFAULT_CORPUS, tok, max_tokens=min(48, longest))
+        longest = type(encoder.arch).max_tokens(encoder.model.config)  # with the two framing tokens
+        corpus = load_corpus(a.get("mlm_corpus") or DEFAULT_CORPUS, tok,
+                             max_tokens=48 if longest is None else min(48, longest - 2))
         n = int(a.get("mlm_sentences", 200))
         if n < 1:
             raise ConfigError(f"ablate.mlm_sentences={n}; valid: an integer >= 1")

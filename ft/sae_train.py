@@ -30,6 +30,14 @@ log = logging.getLogger("ft")
 def corpus_activations(encoder: Encoder, layer: int, point: str, corpus: str, max_tokens: int = 64,
                        batch_size: int = 64, limit: int = 100_000) -> torch.Tensor:
     """[tokens, width]: `point` of `layer` at every token of the corpus's sentences (no specials)."""
+    return token_activations(encoder, point, [layer], corpus, max_tokens, batch_size, limit, desc="SAE activations")
+
+
+@torch.no_grad()
+def token_activations(encoder: Encoder, point: str, layers: list[int], corpus: str, max_tokens: int = 64,
+                      batch_size: int = 64, limit: int = 100_000, desc: str = "activations") -> torch.Tensor:
+    """[tokens, len(layers) * width]: `point` of each of `layers` at every token of the corpus's
+    sentences, in context (the framing [CLS]/[SEP] left out), up to `limit` tokens."""
     from ft.corpus import load_corpus
 
     tok = encoder.tokenizer
@@ -37,10 +45,10 @@ def corpus_activations(encoder: Encoder, layer: int, point: str, corpus: str, ma
     if limit_tokens is not None:  # the model's positions bound a sentence, with its two framing tokens
         max_tokens = min(max_tokens, limit_tokens - 2)
     text = load_corpus(corpus, tok, max_tokens)
-    reader = SiteReader(encoder.model, [point], layer, slice(None))
+    reader = SiteReader(encoder.model, [point], max(layers), slice(None))
     device = encoder.word_embeddings.device
     out, seen = [], 0
-    for start in bar(range(0, len(text.ids), batch_size), desc="SAE activations", unit="batch"):
+    for start in bar(range(0, len(text.ids), batch_size), desc=desc, unit="batch"):
         seqs = text.ids[start : start + batch_size]
         T = max(len(s) for s in seqs) + 2
         ids = torch.full((len(seqs), T), tok.pad_token_id or 0, dtype=torch.long)
@@ -48,11 +56,11 @@ def corpus_activations(encoder: Encoder, layer: int, point: str, corpus: str, ma
         for b, s in enumerate(seqs):
             ids[b, : len(s) + 2] = torch.tensor([tok.cls_token_id, *s, tok.sep_token_id])
             mask[b, : len(s) + 2] = 1
-        acts = reader.read(input_ids=ids.to(device), attention_mask=mask.to(device))[point][:, layer]  # [B, T, W]
+        acts = reader.read(input_ids=ids.to(device), attention_mask=mask.to(device))[point][:, layers]  # [B, L, T, W]
         keep = mask.bool().clone()
         keep[:, 0] = False
         keep[torch.arange(len(seqs)), mask.sum(1) - 1] = False  # the framing tokens are not text
-        out.append(acts.float().cpu()[keep])
+        out.append(acts.transpose(1, 2).float().cpu()[keep].flatten(1))  # [kept, L * W]
         seen += int(keep.sum())
         if seen >= limit:
             break

@@ -88,7 +88,7 @@ class TargetSchema:
     """configs/target/*: neuron targets use sites..layers, group targets k..num_frequent, terms
     specs (and file), directions file and site."""
 
-    kind: Choice("neuron", "group", "terms", "direction", "sae", "logit", "probe")
+    kind: Choice("neuron", "group", "terms", "direction", "sae", "logit", "probe", "clusters")
     point: Choice(*POINTS)
     sites: Annotated[list[str], Unique] | None
     fraction: Num(gt=0, le=1) | None
@@ -111,6 +111,9 @@ class TargetSchema:
     demo: dict | None
     classes: Annotated[list[int | str], Unique] | None
     run: str | None
+    num_clusters: Int(ge=1)
+    corpus: str | None
+    tokens: Int(ge=2)
 
 
 @dataclass
@@ -370,6 +373,7 @@ TARGET_KEYS = {
     "sae": ("kind", "path", "site", "latents", "fraction", "num_latents", "demo", *_SHARED[1:]),
     "logit": ("kind", "classes", *_SHARED[1:]),
     "probe": ("kind", "run", "k", *_SHARED[1:]),
+    "clusters": ("kind", "point", "layers", "num_clusters", "corpus", "tokens", *_SHARED[1:]),
 }
 
 

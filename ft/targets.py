@@ -22,7 +22,7 @@ from ft.vocab import SweepSummary, Vocabulary
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("absolute", "relative")
-KINDS = ("neuron", "group", "terms", "direction", "head", "sae", "logit")
+KINDS = ("neuron", "group", "cluster", "terms", "direction", "head", "sae", "logit")
 LATIN_WORD = re.compile(r"^[a-z]+$")
 
 
@@ -66,7 +66,7 @@ class Target:
     def layer(self) -> int | None:
         """The layer of a neuron or a direction, and of terms that all read one layer."""
         layers = self.readout.layers
-        return layers[0] if self.kind not in ("group", "logit") and len(layers) == 1 else None
+        return layers[0] if self.kind not in ("group", "cluster", "logit") and len(layers) == 1 else None
 
 
 def site_target(model: torch.nn.Module, text: str) -> Target:

@@ -30,12 +30,11 @@ from ft.metrics import VocabFacts, evaluate, summarize, target_word_rows
 from ft.module import TextualizationModule, rows_for_budget
 from ft.preflight import preflight
 from ft.results import CONFIG, RunLock, atomic_write, write_config, write_run
-from ft.schema import check_config, check_model
+from ft.schema import TARGET_KEYS, check_config, check_model
 from ft.signals import AtomicCheckpoint, Interrupted, StopOnSignal
 from ft.state import FitResult
 from ft.strategy import choose_strategy, shard_rows
 from ft.targets import (
-    KINDS,
     Target,
     check_word,
     direction_targets,
@@ -81,6 +80,10 @@ def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep,
         return terms_targets(encoder.model, t.specs, directions)
     if t.kind == "probe":
         return probe_targets(encoder.model, t.run, t.k)
+    if t.kind == "clusters":
+        from ft.clusters import cluster_targets
+
+        return cluster_targets(encoder, t.num_clusters, t.point, t.layers, t.corpus, t.tokens)
     if t.kind == "direction":
         if directions is None:
             raise ConfigError("target.file=null; valid: a safetensors file with a 'directions' tensor [n, width]")
@@ -96,7 +99,7 @@ def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep,
             point=t.point, words=t.words, num_random=t.num_random,
             num_frequent=t.num_frequent, seed=t.seed,
         )
-    raise ConfigError(f"target.kind={t.kind!r}; valid: {list(KINDS)}")
+    raise ConfigError(f"target.kind={t.kind!r}; valid: {list(TARGET_KEYS)}")
 
 
 def build_sae_targets(cfg: DictConfig, encoder: Encoder) -> list[Target]:
@@ -458,6 +461,9 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
             from ft.probe import concept_scores
 
             summary.update(concept_scores(df, cfg.target.run, encoder.tokenizer))
+        if cfg.target.kind == "clusters":  # the clustering's own quality over its corpus
+            summary |= {"clusters/count": len(targets), "clusters/within_corr": targets[0].meta["cluster_within"],
+                        "clusters/between_corr": targets[0].meta["cluster_between"]}
         if "fluency" in df:  # input=tokens: the kept texts' fluency (ft.fluency, nats/token)
             summary["final/fluency_mean"] = float(df["fluency"].mean())
         quality = targets[0].meta.get("sae_quality")
