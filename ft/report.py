@@ -411,6 +411,32 @@ def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> st
     return controls + "".join(out)
 
 
+def section_concepts(targets: pd.DataFrame) -> str:
+    """Probe-selected targets scored against their concept, and correlation clusters."""
+    parts = []
+    if "concept_closest_share" in targets and targets.concept_closest_share.notna().any():
+        d = targets[targets.concept_closest_share.notna()]
+        cols = ["run", "target", "most_activating_word", "concept_maw", "concept_closest_share"]
+        if "concept_text_share" in d and d.concept_text_share.notna().any():
+            cols += ["text", "concept_text_share"]
+        rows = [{"run": run_name(r.run), "target": target_label(r), **{c: getattr(r, c, None) for c in cols[2:]}}
+                for r in d.itertuples()]
+        parts.append("<p>Probe-selected targets (target=probe): is the textualization the probe's concept? "
+                     "concept_maw: the most activating word is a concept word; the shares: of the closest words "
+                     "and of the searched text's tokens.</p>" + table(rows, cols, "concepts-table"))
+    clusters = targets[targets.kind == "cluster"] if "kind" in targets else targets.iloc[:0]
+    if len(clusters):
+        rows = [{"run": run_name(r.run), "cluster": int(r.target_id), "units": int(r.k),
+                 "layers": " ".join(sorted({s.split(".")[1] for s in r.sites}, key=int)),
+                 "most_activating_word": r.most_activating_word, "closest_words": ", ".join(r.closest_words[:8])}
+                for r in clusters.itertuples()]
+        parts.append("<p>Correlation clusters (target=clusters): units that fire together over the corpus, each "
+                     "textualized as a group.</p>"
+                     + table(rows, ["run", "cluster", "units", "layers", "most_activating_word", "closest_words"],
+                             "clusters-table"))
+    return "".join(parts) or '<p class="note">No probe-selected or cluster targets.</p>'
+
+
 def section_frontier(runs: pd.DataFrame, per_run: int = 12) -> str:
     """input=tokens with several fluency weights: per target, activation against fluency, one
     point per weight, labelled with its weight and text."""
@@ -452,6 +478,7 @@ def build_report(paths: list[str], out: str | Path = "report.html", words: int =
             "<h2>Figure 5: PCA</h2>", section_pca(runs, words),
             "<h2>Activation curves</h2>", section_curves(runs),
             "<h2>Fluency frontier: activation against fluency, per target</h2>", section_frontier(runs),
+            "<h2>Concepts and clusters</h2>", section_concepts(targets),
             "<h2>Atlas: per target</h2>", section_atlas(targets, runs, atlas_per_run)]
     html = (f"<!doctype html><html><head><meta charset='utf-8'><title>ft report</title><style>{CSS}</style></head>"
             f"<body>{''.join(body)}<script type='application/json' id='runs-data'>{runs_json}</script>"

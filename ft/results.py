@@ -158,6 +158,8 @@ def target_label(row: object) -> str:
     word, spec = getattr(row, "target_word", None), getattr(row, "spec", None)
     if isinstance(word, str):
         return f"{word} ({row.selection} k={row.k})"
+    if getattr(row, "kind", None) == "cluster":
+        return f"cluster {row.target_id} ({row.k} units)"
     name = getattr(row, "direction_name", None)
     if isinstance(name, str) and isinstance(spec, str):
         return f"{spec.split('@')[0]}@{name}"

@@ -85,3 +85,11 @@ def test_clusters_are_textualized_as_groups(tiny_dir, tmp_path):
     assert sum(len(s) for s in df.sites) == 64
     summary = read_summary(tmp_path / "run")
     assert summary["clusters/count"] == 4 and summary["clusters/within_corr"] > summary["clusters/between_corr"]
+    # the report lists every cluster with its size and most activating word
+    from ft.report import build_report
+    from tests.test_report import table_rows
+
+    html = build_report([str(tmp_path / "run")], tmp_path / "report.html", words=100).read_text()
+    rows = table_rows(html, "clusters-table")
+    assert [(r[1], r[2], r[4]) for r in rows] == [(str(r.target_id), str(r.k), r.most_activating_word)
+                                                 for r in df.itertuples()]

@@ -136,6 +136,13 @@ def test_probe_selected_targets_are_textualized_and_scored_against_the_concept(t
     assert df.concept_maw.all()  # the planted unit's most activating word is an animal
     assert summary["probe/maw_in_concept"] == 1.0
     assert read_summary(tmp_path / "run")["probe/closest_in_concept"] == pytest.approx(df.concept_closest_share.mean())
+    from ft.report import build_report
+    from tests.test_report import table_rows
+
+    html = build_report([str(tmp_path / "run")], tmp_path / "report.html", words=100).read_text()
+    rows = table_rows(html, "concepts-table")
+    assert [r[1] for r in rows] == list(df.spec) and [r[3] for r in rows] == ["True", "True"]
+    assert [float(r[4]) for r in rows] == pytest.approx(list(df.concept_closest_share), abs=1e-3)
     with pytest.raises(ConfigError, match="not an ft.probe run directory"):
         run(compose_cfg([f"model.name_or_path={tiny_dir}", "target=probe", f"target.run={tmp_path}"]),
             tmp_path / "bad", enc)
