@@ -1,3 +1,26 @@
-"""ft: feature textualization for the neurons of BERT-family encoders."""
+"""ft: feature textualization for the units of BERT-family encoders.
+
+    import ft
+    result = ft.textualize(sites=["layer.3.ffn_out.17"], steps=200)
+    result.targets[["sites", "objective", "most_activating_word", "closest_words"]]
+    ft.load(result.run_dir)  # the same result, from disk
+
+`ft.load_runs(paths)` reads many runs as `(targets, runs)` tables (ft.results).
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+__all__ = ["Result", "__version__", "compose_config", "load", "load_runs", "textualize"]
+
+
+def __getattr__(name: str):  # lazy: `import ft` stays cheap (torch loads on first use)
+    if name in ("Result", "compose_config", "load", "textualize"):
+        from ft import api
+
+        return getattr(api, name)
+    if name == "load_runs":
+        from ft.results import load_runs
+
+        return load_runs
+    raise AttributeError(f"module 'ft' has no attribute {name!r}")

@@ -245,7 +245,10 @@ class Readouts(Objective):
         if self.groups is not None:
             g = self.groups[rows].to(values.device, values.dtype)
             sq = torch.einsum("...nk,nkg->...ng", values.pow(2), g)
-            out = out + (sq.clamp_min(0).sqrt() * self.group_coef[rows].to(values.device, values.dtype)).sum(-1)
+            # a row without norm j (another row's head) has sq = 0 there: sqrt'(0) = inf would turn its
+            # coefficient 0 into NaN gradients, so the root starts at the dtype's smallest normal number
+            root = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
+            out = out + (root * self.group_coef[rows].to(values.device, values.dtype)).sum(-1)
         return out
 
     def value(self, reading: Reading) -> torch.Tensor:

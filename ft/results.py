@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -266,7 +267,14 @@ def run_row(run_dir: Path, cfg: DictConfig, summary: dict[str, float]) -> dict:
     return row
 
 
-def load_runs(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+class Runs(NamedTuple):
+    """`load_runs`'s answer: unpacks as `targets, runs = load_runs(...)`, or read by name."""
+
+    targets: pd.DataFrame  # every target of every run, with a `run` column
+    runs: pd.DataFrame  # one row per run: flattened config and summary, `run` and `path`
+
+
+def load_runs(paths: Iterable[str | Path]) -> Runs:
     """All targets of all runs (with a `run` column) and one row per run (config + summary).
 
     Inputs stay on disk; `read_inputs(runs.path[i])` loads them on demand.
@@ -286,7 +294,7 @@ def load_runs(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         tables.append(t)
     runs_df = pd.DataFrame(runs)
     targets_df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    return targets_df, runs_df
+    return Runs(targets_df, runs_df)
 
 
 class RunDirBusyError(ValueError):

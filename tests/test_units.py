@@ -262,3 +262,19 @@ def test_head_targets_rebuild_from_their_table(tiny):
     rebuilt = readouts_of_table(tiny.model, table)
     assert rebuilt[0].norms == targets[0].readout.norms and rebuilt[0].weights == {}
     assert rebuilt[1].weights == targets[1].readout.weights
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["lean", "hooked"])
+def test_neurons_batched_with_heads_keep_finite_gradients(tiny, fast):
+    """A head's norm is one row's term; a neuron row beside it has zeros in those slots, where the
+    root's derivative is infinite: its gradient must still be its own (as beside another neuron)."""
+    def grads(sites):
+        m = module_of(tiny, [t.readout for t in neuron_targets(tiny.model, sites=sites)], fast)
+        m().sum().backward()
+        return next(p for p in m.parameters() if p.requires_grad).grad
+
+    mixed = grads(["layer.0.ffn_out.3", "layer.1.head.1", "layer.1.ffn_out.7"])
+    plain = grads(["layer.0.ffn_out.3", "layer.1.ffn_out.2", "layer.1.ffn_out.7"])
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed[[0, 2]], plain[[0, 2]], rtol=1e-5, atol=1e-7)
+    assert mixed[1].abs().sum() > 0
