@@ -18,6 +18,9 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from ft.errors import ConfigError
+from ft.hydra_conf import register
+
+register()  # the resolvers the configs use
 
 
 @dataclass

@@ -65,6 +65,17 @@ def parse(overrides: list[str]) -> list:
     return parsed
 
 
+def sweep_values(o: object) -> list[str]:
+    """The values of a swept override to check: each choice or range value; an interval's two ends
+    (an optimizing sweeper such as Optuna draws inside it)."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    value = o.value()
+    if isinstance(value, IntervalSweep):
+        return [str(value.start), str(value.end)]
+    return list(o.sweep_string_iterator())
+
+
 def variants(overrides: list[str], multirun: bool) -> list[list[str]]:
     """The command lines to check: as given, or under --multirun one per value of each swept key."""
     parsed = parse(overrides)
@@ -74,7 +85,7 @@ def variants(overrides: list[str], multirun: bool) -> list[list[str]]:
     for o in parsed:
         if o.is_sweep_override():
             prefix = {"ADD": "+", "DELETE": "~", "FORCE_ADD": "++"}.get(o.type.name, "")
-            choices.append([f"{prefix}{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+            choices.append([f"{prefix}{o.get_key_element()}={v}" for v in sweep_values(o)])
         else:
             choices.append([o.input_line])
     first = [c[0] for c in choices]
@@ -106,7 +117,7 @@ def check_writable(overrides: list[str], multirun: bool) -> None:
 
     key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
     given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith(key)]
-    target = Path(given[-1]) if given else Path.cwd() / ("multirun" if multirun else "outputs")
+    target = Path(given[-1]) if given else Path.cwd() / "logs"
     existing = target
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -235,6 +235,7 @@ class RootSchema:
     ckpt_path: str
     log_level: Choice("debug", "info", "warning", "error")
     examples_after_run: bool
+    optimized_metric: str | None
 
 
 # node path -> (schema, closed: unknown keys are refused)

@@ -25,6 +25,7 @@ from ft.chatter import configure_output
 from ft.directions import DirectionSet, load_directions
 from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
+from ft.hydra_conf import register as register_resolvers
 from ft.integrity import StorageError
 from ft.metrics import VocabFacts, evaluate, summarize, target_word_rows
 from ft.module import TextualizationModule, rows_for_budget
@@ -60,6 +61,7 @@ from ft.vocab import (
 )
 
 log = logging.getLogger("ft")
+register_resolvers()  # ${ft_dirname:...} in hydra.run.dir, ${ft_help:} in --help
 
 
 CONFIG_DIR = str(files("ft.configs"))
@@ -487,8 +489,21 @@ def run_name_from_overrides(experiment: str, overrides: list[str]) -> str:
     return "-".join([experiment, *keys])[:128]
 
 
+def optimized_value(cfg: DictConfig, summary: dict[str, float]) -> float | None:
+    """The summary's `optimized_metric` (None when unset or on a non-zero rank); ConfigError naming
+    the valid keys when the summary has no such metric."""
+    name = cfg.get("optimized_metric")
+    if not name or not summary:
+        return None
+    if name not in summary:
+        keys = ", ".join(sorted(k for k, v in summary.items() if isinstance(v, (int, float))))
+        raise ConfigError(f"optimized_metric={name!r} is not in the run's summary; valid: {keys}")
+    return float(summary[name])
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """One run; returns its `optimized_metric`, which Hydra's optimizing sweepers (Optuna) read."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
@@ -496,7 +511,7 @@ def main(cfg: DictConfig) -> None:
         with open_dict(cfg):
             cfg.run_name = run_name_from_overrides(cfg.experiment_name, list(hc.overrides.task))
     try:
-        run(cfg, hc.runtime.output_dir)
+        return optimized_value(cfg, run(cfg, hc.runtime.output_dir))
     except FtError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -511,6 +526,11 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `ft-train` console script (and `python -m ft.train`): checks, then Hydra."""
     preflight(sys.argv[1:])  # one-line errors (exit 2) before Hydra writes anything
     main()
+
+
+if __name__ == "__main__":
+    cli()
