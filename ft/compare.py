@@ -167,7 +167,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ft.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="outputs/compare", help="output folder (one run directory per length and method)")
+    p.add_argument("--out", default="logs/compare", help="output folder (one run directory per length and method)")
     p.add_argument("--model", default=None, help="encoder (default: the packaged MiniLM)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1, 3, 5, 8])
     p.add_argument("--weights", type=float, nargs="+", default=[0, 0.05, 0.2], help="search.fluency_weights")

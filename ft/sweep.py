@@ -167,7 +167,7 @@ def run_sweep(path: str | Path, out: str | Path | None = None, max_runs: int | N
     """Propose and run every point of the sweep; return the run directories."""
     cfg = load_sweep(path)
     name = cfg.get("name") or Path(path).stem
-    out = Path(out or Path("sweep_runs") / name / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    out = Path(out or Path("logs") / "sweeps" / name / time.strftime("%Y-%m-%d_%H-%M-%S"))
     env = {**os.environ, "WANDB_RUN_GROUP": f"sweep-{name}"}
     env.setdefault("WANDB_MODE", "offline")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = ours
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = argv[: argv.index("--")]
     p = argparse.ArgumentParser(description="Run a W&B sweep YAML offline on this machine.")
     p.add_argument("sweep", help="a sweeps/*.yaml file")
-    p.add_argument("--out", help="folder for the run directories (default sweep_runs/<name>/<time>)")
+    p.add_argument("--out", help="folder for the run directories (default logs/sweeps/<name>/<time>)")
     p.add_argument("--max-runs", type=int,
                    help="stop after this many runs (default: all grid points, 20 otherwise)")
     args = p.parse_args(argv)

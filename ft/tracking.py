@@ -54,6 +54,22 @@ def start_wandb(logger: WandbLogger, wait_s: float = 60.0) -> object:
             time.sleep(2.0)
 
 
+def flat_config(cfg: DictConfig | dict) -> dict[str, object]:
+    """{"optim.lr": 0.1, "input.kind": "embedding", ...}: every leaf under its dotted key."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    out: dict[str, object] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(c, "")
+    return out
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
     """CSV + W&B loggers; the W&B run id is kept in the run directory so a resume continues it."""
     loggers: list[Logger] = []
@@ -74,7 +90,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]
                 del wandb_logger._wandb_init["anonymous"]
             if pl.utilities.rank_zero_only.rank == 0:
                 experiment = start_wandb(wandb_logger)
-                wandb_logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+                # flat, dotted keys: a sweep agent locks the keys it sweeps ("input" when it sweeps the
+                # group), which would drop a nested {"input": {...}} update whole; "input.kind" arrives
+                wandb_logger.log_hyperparams(flat_config(cfg))
                 atomic_write(id_file, lambda p: p.write_text(experiment.id))
             loggers.append(wandb_logger)
     return loggers

@@ -49,7 +49,7 @@ from ft.targets import (
     terms_targets,
     with_restarts,
 )
-from ft.tracking import build_loggers, format_table, log_summary
+from ft.tracking import build_loggers, flat_config, format_table, log_summary
 from ft.vocab import (
     Vocabulary,
     analysis_vectors,
@@ -277,21 +277,6 @@ RESUME_DEFAULTS = {"engine.keep": "last", "log_level": "info", "examples_after_r
                    "search.candidates": 256, "search.population": 1, "search.patience": 40,
                    "search.fluency_weights": [0], "search.fluency_model": "auto"}
 RESUME_LOG = "resume_log.jsonl"
-
-
-def flat_config(cfg: DictConfig | dict) -> dict[str, object]:
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    out: dict[str, object] = {}
-
-    def walk(node: object, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            out[prefix[:-1]] = node
-
-    walk(c, "")
-    return out
 
 
 def resume_changes(old: DictConfig, new: DictConfig, path: Path) -> dict[str, list]:

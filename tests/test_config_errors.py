@@ -250,4 +250,4 @@ def test_cli_bad_value_exits_2_before_hydra_writes(args, message, tmp_path):
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
-    assert not any(tmp_path.iterdir())  # no outputs/, multirun/, .hydra/, wandb/
+    assert not any(tmp_path.iterdir())  # no logs/, .hydra/, wandb/

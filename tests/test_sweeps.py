@@ -52,11 +52,35 @@ def test_agent_command_runs(path, tiny_dir, tmp_path):
     assert sorted(cmd[4:]) == sorted(f"{k}={v}" for k, v in params.items())
     run_dir = tmp_path / "run"
     env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    # as `wandb agent` starts a run: the proposed parameters in a file that wandb.init locks
+    from wandb.sdk.lib import config_util
+
+    param_file = tmp_path / "config-abc123.yaml"
+    config_util.save_config_file_from_dict(str(param_file), {k: {"value": v} for k, v in params.items()})
     proc = subprocess.run(cmd + [f"hydra.run.dir={run_dir}", *tiny_extra(tiny_dir, params)],
                           capture_output=True, text=True, timeout=300,
                           env={"PATH": env_path, "WANDB_MODE": "offline", "HOME": str(tmp_path),
-                               "FT_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+                               "FT_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+                               "WANDB_SWEEP_PARAM_PATH": str(param_file), "WANDB_SWEEP_ID": "sweep1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the keys the dashboards and the report read arrive in W&B, the agent's locked ones too
+    import json
+
+    from ft.dashboard import SWEEP
+    from ft.tracking import flat_config
+
+    [wandb_file] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    info = json.loads(subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--summary",
+                                      "--json", str(wandb_file)], capture_output=True, text=True, timeout=120,
+                                     check=True).stdout)
+    config, ran = info["config"], read_config(run_dir)
+    for k, v in params.items():  # locked by the sweep: the agent's values
+        assert config[k] == (pytest.approx(v) if isinstance(v, float) else v), k
+    flat = flat_config(ran)
+    assert set(SWEEP) & set(flat) >= {"input.kind", "optim.lr", "reg.word"}  # what the dashboards plot
+    for key, value in flat.items():  # every key of the run's config, with its value
+        if key not in params:
+            assert config[key] == value, key
     cfg_run = read_config(run_dir)
     for k, v in params.items():
         if k in ("input", "optim", "experiment"):
