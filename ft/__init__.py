@@ -23,4 +23,8 @@ def __getattr__(name: str):  # lazy: `import ft` stays cheap (torch loads on fir
         from ft.results import load_runs
 
         return load_runs
+    import importlib.util
+
+    if not name.startswith("_") and importlib.util.find_spec(f"ft.{name}") is not None:  # ft.ablate, ft.results, ...
+        return importlib.import_module(f"ft.{name}")
     raise AttributeError(f"module 'ft' has no attribute {name!r}")
