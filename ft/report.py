@@ -8,6 +8,7 @@ tables, the comparison chart), no CDN. Sections whose data the runs lack say so.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from html import escape
@@ -55,7 +56,9 @@ document.querySelectorAll('table.sortable th').forEach((th,i)=>th.addEventListen
  const v=r=>{const t=r.cells[i].dataset.v??r.cells[i].textContent;const n=parseFloat(t);return isNaN(n)?t:n;};
  rows.sort((a,b)=>{const x=v(a),y=v(b);return (x>y?1:x<y?-1:0)*(asc?1:-1);});rows.forEach(r=>tb.appendChild(r));}));
 const RUNS=JSON.parse(document.getElementById('runs-data').textContent);
-function drawCompare(){const xs=document.getElementById('cmp-x').value,ys=document.getElementById('cmp-y').value;
+const PALETTE=['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd','#8c564b','#e377c2','#7f7f7f','#bcbd22','#17becf'];
+function drawCompare(){const xs=document.getElementById('cmp-x').value,ys=document.getElementById('cmp-y').value,
+ gs=document.getElementById('cmp-g').value;
  const svg=document.getElementById('compare-svg');while(svg.firstChild)svg.removeChild(svg.firstChild);
  const pts=RUNS.filter(r=>r[ys]!==null&&r[ys]!==undefined);const ns='http://www.w3.org/2000/svg';
  const cats=[...new Set(pts.map(r=>String(r[xs])))].sort();const num=pts.every(r=>typeof r[xs]==='number');
@@ -64,13 +67,25 @@ function drawCompare(){const xs=document.getElementById('cmp-x').value,ys=docume
  sy=v=>280-(v-lo(Y))/((hi(Y)-lo(Y))||1)*250;
  const txt=(x,y,s,a)=>{const t=document.createElementNS(ns,'text');t.setAttribute('x',x);t.setAttribute('y',y);
   t.setAttribute('class','k');if(a)t.setAttribute('text-anchor',a);t.textContent=s;svg.appendChild(t);};
+ const grp=r=>gs?String(r[gs]):'all';const groups=[...new Set(pts.map(grp))].sort();
+ const col=g=>PALETTE[groups.indexOf(g)%PALETTE.length];
+ groups.forEach((g,gi)=>{const mine=pts.map((r,i)=>[r,i]).filter(([r])=>grp(r)===g);
+  const byx={};mine.forEach(([r,i])=>{(byx[X[i]]=byx[X[i]]||[]).push(Y[i]);});
+  const line=Object.keys(byx).map(Number).sort((a,b)=>a-b).map(x=>[x,byx[x].reduce((a,b)=>a+b,0)/byx[x].length]);
+  if(line.length>1){const pl=document.createElementNS(ns,'polyline');pl.setAttribute('fill','none');
+   pl.setAttribute('stroke',col(g));pl.setAttribute('stroke-width','1.5');pl.setAttribute('class','cmp-line');
+   pl.setAttribute('data-group',g);pl.setAttribute('points',line.map(([x,y])=>sx(x)+','+sy(y)).join(' '));
+   svg.appendChild(pl);}
+  if(gs){const t=document.createElementNS(ns,'text');t.setAttribute('x',535);t.setAttribute('y',40+14*gi);
+   t.setAttribute('class','legend');t.setAttribute('fill',col(g));t.setAttribute('text-anchor','end');
+   t.textContent=gs+'='+g;svg.appendChild(t);}});
  pts.forEach((r,i)=>{const c=document.createElementNS(ns,'circle');c.setAttribute('cx',sx(X[i]));
-  c.setAttribute('cy',sy(Y[i]));c.setAttribute('r',4);c.setAttribute('fill','#1f77b4');
+  c.setAttribute('cy',sy(Y[i]));c.setAttribute('r',4);c.setAttribute('fill',col(grp(r)));
   const t=document.createElementNS(ns,'title');t.textContent=r.run+': '+Y[i];c.appendChild(t);svg.appendChild(c);});
  if(pts.length){txt(60,300,num?lo(X).toPrecision(3):cats[0]);txt(530,300,num?hi(X).toPrecision(3):cats[cats.length-1],'end');
   txt(55,285,lo(Y).toPrecision(3),'end');txt(55,35,hi(Y).toPrecision(3),'end');}
- txt(295,316,xs,'middle');txt(295,14,ys+' by '+xs+' ('+pts.length+' runs)','middle');}
-['cmp-x','cmp-y'].forEach(id=>document.getElementById(id).addEventListener('change',drawCompare));drawCompare();
+ txt(295,316,xs,'middle');txt(295,14,ys+' by '+xs+(gs?', one line per '+gs:'')+' ('+pts.length+' runs)','middle');}
+['cmp-x','cmp-y','cmp-g'].forEach(id=>document.getElementById(id).addEventListener('change',drawCompare));drawCompare();
 function filterAtlas(){const L=document.getElementById('atlas-layer'),S=document.getElementById('atlas-search');
  if(!L)return;const q=S.value.trim().toLowerCase();let n=0;const all=document.querySelectorAll('details.atlas');
  all.forEach(d=>{const ok=(!L.value||d.dataset.layer===L.value)&&(!q||d.dataset.text.includes(q));
@@ -346,14 +361,50 @@ def section_compare(runs: pd.DataFrame) -> str:
     y0 = "final/activation_mean" if "final/activation_mean" in metrics else (metrics or [""])[0]
     varied = [c for c in configs if runs[c].astype(str).nunique() > 1]  # x: what tells the runs apart
     x0 = (varied or ["experiment"])[0]
+    g0 = varied[1] if len(varied) > 1 else ""  # group by the second thing that tells runs apart
+    groups = '<option value="">none</option>' + opts(configs, g0)
     controls = (f'<label>x <select id="cmp-x">{opts(configs, x0)}</select></label> '
-                f'<label>y <select id="cmp-y">{opts(metrics, y0)}</select></label>')
+                f'<label>y <select id="cmp-y">{opts(metrics, y0)}</select></label> '
+                f'<label>group by <select id="cmp-g">{groups}</select></label>')
     svg = '<svg id="compare-svg" viewBox="0 0 560 320" width="560" height="320" xmlns="http://www.w3.org/2000/svg"></svg>'
     rows = runs[["run", *configs, *metrics]].to_dict("records")
+    links = [wandb_url(p) for p in runs.path]
     for r in rows:
         r["run"] = run_name(r["run"])
-    return controls + "<br>" + svg + '<div class="scroll">' + table(rows, ["run", *configs, *metrics],
-                                                                      "runs-table") + "</div>"
+    html = table(rows, ["run", *configs, *metrics], "runs-table")
+    for r, url in zip(rows, links, strict=True):  # a synced run's name links to its W&B page
+        if url:
+            cell = f"<td>{fmt(r['run'])}</td>"
+            html = html.replace(cell, f'<td><a class="wandb" href="{escape(url)}">{fmt(r["run"])}</a></td>', 1)
+    return controls + "<br>" + svg + '<div class="scroll">' + html + "</div>"
+
+
+WANDB_RUN_URL = re.compile(r"https?://[^\s\"']+/runs/[A-Za-z0-9]+")
+
+
+def wandb_url(run_dir: str) -> str | None:
+    """The W&B page of a run that reached the server: the URL its W&B log printed (online runs), or,
+    for an offline run that `wandb sync` uploaded (run-*.wandb.synced), built from its entity,
+    project and id. None for runs that stayed offline."""
+    import os
+
+    from ft.results import read_config
+    from ft.tracking import WANDB_ID
+
+    root = Path(run_dir) / "wandb"
+    for log_file in sorted(root.glob("*/logs/debug*.log")):
+        m = WANDB_RUN_URL.search(log_file.read_text(errors="replace"))
+        if m:
+            return m.group(0)
+    id_file = Path(run_dir) / WANDB_ID
+    if not any(root.glob("offline-run-*/run-*.wandb.synced")) or not id_file.exists():
+        return None
+    w = read_config(run_dir).get("logger", {}).get("wandb") or {}
+    entity = w.get("entity") or os.environ.get("WANDB_ENTITY")
+    if not entity:
+        return None
+    base = os.environ.get("WANDB_BASE_URL", "https://wandb.ai").rstrip("/").replace("api.wandb.ai", "wandb.ai")
+    return f"{base}/{entity}/{w.get('project') or 'ft'}/runs/{id_file.read_text().strip()}"
 
 
 def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> str:

@@ -75,7 +75,11 @@ def test_report_renders_in_chromium_without_js_errors(report, tmp_path):
         assert fig in dom
     assert re.search(r'<pre id="js-errors"></pre>', dom), "JavaScript errors on the page"
     compare = dom[dom.index('id="compare-svg"'):]
-    assert compare[: compare.index("</svg>")].count("<circle") == 3  # the script drew the runs
+    compare = compare[: compare.index("</svg>")]
+    assert compare.count("<circle") == 3  # the script drew the runs
+    # grouped by target_kind: the two group runs are one line across the experiments, each group in the legend
+    assert compare.count('class="cmp-line"') == 1 and 'data-group="group"' in compare
+    assert "target_kind=group" in compare and "target_kind=neuron" in compare
 
 
 def test_wandb_workspace_builds_offline():
@@ -276,3 +280,26 @@ def test_atlas_filters_by_layer_and_search(report, runs, tmp_path):
     assert shown and {layer for layer, _ in shown} == {"1"} and count == f"{len(shown)} of {total}"
     shown, _ = visible(f"#q={word}")
     assert shown and all(word.lower() in unescape(text) for _, text in shown) and len(shown) < total
+
+
+def test_synced_runs_link_to_their_wandb_page(runs, tmp_path, monkeypatch):
+    """A run whose W&B log printed its page links there; an offline run that `wandb sync` uploaded
+    links to entity/project/runs/<id>; a run that stayed offline has no link."""
+    from ft.report import wandb_url
+
+    online, synced, offline = (tmp_path / n for n in ("online", "synced", "offline"))
+    for d in (online, synced, offline):
+        shutil.copytree(runs / "default", d)
+    (online / "wandb" / "run-20261201_000000-abc123" / "logs").mkdir(parents=True)
+    (online / "wandb" / "run-20261201_000000-abc123" / "logs" / "debug.log").write_text(
+        "... View run at https://wandb.ai/me/ft/runs/abc123\n")
+    (synced / "wandb" / "offline-run-1" ).mkdir(parents=True)
+    (synced / "wandb" / "offline-run-1" / "run-def456.wandb.synced").write_text("")
+    (synced / "wandb_id").write_text("def456\n")
+    monkeypatch.setenv("WANDB_ENTITY", "lab")
+    assert wandb_url(str(online)) == "https://wandb.ai/me/ft/runs/abc123"
+    assert wandb_url(str(synced)) == "https://wandb.ai/lab/ft/runs/def456"
+    assert wandb_url(str(offline)) is None
+    html = build_report([str(online), str(synced), str(offline)], tmp_path / "r.html", words=100).read_text()
+    links = re.findall(r'<a class="wandb" href="([^"]+)">', html)
+    assert sorted(links) == ["https://wandb.ai/lab/ft/runs/def456", "https://wandb.ai/me/ft/runs/abc123"]
