@@ -293,7 +293,7 @@ def test_synced_runs_link_to_their_wandb_page(runs, tmp_path, monkeypatch):
     (online / "wandb" / "run-20261201_000000-abc123" / "logs").mkdir(parents=True)
     (online / "wandb" / "run-20261201_000000-abc123" / "logs" / "debug.log").write_text(
         "... View run at https://wandb.ai/me/ft/runs/abc123\n")
-    (synced / "wandb" / "offline-run-1" ).mkdir(parents=True)
+    (synced / "wandb" / "offline-run-1").mkdir(parents=True)
     (synced / "wandb" / "offline-run-1" / "run-def456.wandb.synced").write_text("")
     (synced / "wandb_id").write_text("def456\n")
     monkeypatch.setenv("WANDB_ENTITY", "lab")
