@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import yaml
@@ -76,6 +77,13 @@ def test_the_optimized_metric_is_named_or_refused():
 def test_ft_train_is_a_console_script():
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "ft-train"]
     assert script.value == "ft.train:cli"
+    # Hydra's shell completion answers through it
+    import os
+
+    exe = Path(sys.executable).with_name("ft-train")
+    out = subprocess.run([str(exe), "-sc", "query=bash"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "COMP_LINE": "ft-train inp"}).stdout.split()
+    assert "input=" in out
 
 
 @pytest.mark.slow
