@@ -49,8 +49,9 @@ def help_text(config_dir: Path = CONFIG_DIR) -> str:
     for p in sorted((config_dir / "experiment").glob("*.yaml")):
         out.append(f"  {p.stem:<18} {describe(p)}")
     out += ["", "== Config groups (group=option) =="]
-    for group in sorted(d.name for d in config_dir.iterdir() if d.is_dir() and d.name not in ("experiment",)
-                        and not d.name.startswith("__")):
+    groups = sorted(d.name for d in config_dir.iterdir() if d.is_dir() and d.name not in ("experiment", "hydra")
+                    and not d.name.startswith("__"))
+    for group in [*groups, "hydra/launcher"]:  # ft's launchers: Slurm job arrays, local processes
         out.append(f"{group}:")
         for p in sorted((config_dir / group).glob("*.yaml")):
             out.append(f"  {p.stem:<18} {describe(p)}".rstrip())

@@ -27,10 +27,12 @@ def test_help_lists_every_experiment_and_option_with_its_description():
         elif line.startswith("  "):
             sections.setdefault(group, []).append(line.strip())
     sections["experiment"] = [x.strip() for x in text.split("== Config groups")[0].splitlines()]
-    for folder in [d for d in CONFIG_DIR.iterdir() if d.is_dir() and not d.name.startswith("__")]:
+    folders = [d for d in CONFIG_DIR.iterdir() if d.is_dir() and not d.name.startswith("__") and d.name != "hydra"]
+    for folder in [*folders, CONFIG_DIR / "hydra" / "launcher"]:
+        name = "hydra/launcher" if folder.parent.name == "hydra" else folder.name
         for p in folder.glob("*.yaml"):
             assert describe(p), p
-            assert f"{p.stem:<18} {describe(p)}".strip() in sections[folder.name], p
+            assert f"{p.stem:<18} {describe(p)}".strip() in sections[name], p
     assert describe(CONFIG_DIR / "input" / "gumbel.yaml").startswith("e = gumbel(x)·W_word over the vocabulary")
     assert describe(CONFIG_DIR / "target" / "clusters.yaml").startswith("Correlation clusters (Poerner et al. 2018)")
 
