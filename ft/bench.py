@@ -305,13 +305,33 @@ def random_bert_base(tokenizer: object, device: torch.device) -> Encoder:
     return from_model(BertModel(BertConfig()).to(device), tokenizer, "bert-base-shaped (random weights)")
 
 
+def plan_main(args: argparse.Namespace) -> dict:
+    """`--plan`: print the projection, its assumptions, then one JSON object."""
+    from dataclasses import asdict
+
+    from ft.errors import FtError
+    from ft.plan import assumptions, plan
+
+    steps = 1000 if args.steps is None else args.steps
+    try:
+        result = plan(args.plan, args.targets, steps, tuple(args.gpus), args.gpu_tflops)
+    except FtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print("\n".join(result.lines() + assumptions(args.gpu_tflops, 15.0)))
+    out = asdict(result)
+    print(json.dumps(out))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=PACKAGED,
                    help=f"encoder: {PACKAGED} (default) or a local model directory")
     p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: the GPU when torch sees one, else the CPU")
-    p.add_argument("--steps", type=int, default=100, help="optimization steps for every engine")
+    p.add_argument("--steps", type=int, default=None, help="optimization steps for every engine (default 100; "
+                   "--plan: 1000)")
     p.add_argument("--fraction", type=float, default=0.1,
                    help="share of every layer's neurons to textualize (the paper: 0.1; 1: an atlas)")
     p.add_argument("--naive-per-layer", type=int, default=2, help="neurons per layer for the naive loop")
@@ -324,7 +344,16 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also run bf16-mixed (slow on CPUs without bf16 matmul units)")
     p.add_argument("--no-bert-base", action="store_true")
     p.add_argument("--report-runs", type=int, default=100, help="runs to load and report (0: skip)")
+    p.add_argument("--plan", metavar="CONFIG_JSON", help="the cost planner: project a full atlas of this model "
+                   "(its config.json; configs/plan/ has large encoders) and exit")
+    p.add_argument("--targets", type=int, help="--plan: targets (default every ffn_act neuron)")
+    p.add_argument("--gpus", type=int, nargs="+", default=[8, 64], help="--plan: GPU counts to project")
+    p.add_argument("--gpu-tflops", type=float, default=48.3, help="--plan: one GPU's fp32 matmul TFLOP/s "
+                   "(default: what ft's H200 bench implies)")
     args = p.parse_args(argv)
+    if args.plan:
+        return plan_main(args)
+    args.steps = 100 if args.steps is None else args.steps
     if not 0 < args.fraction <= 1:
         p.error(f"--fraction={args.fraction}; valid: 0 < fraction <= 1")
     if args.rounds < 1:
