@@ -50,7 +50,7 @@ def help_text(config_dir: Path = CONFIG_DIR) -> str:
         out.append(f"  {p.stem:<18} {describe(p)}")
     out += ["", "== Config groups (group=option) =="]
     groups = sorted(d.name for d in config_dir.iterdir() if d.is_dir() and d.name not in ("experiment", "hydra")
-                    and not d.name.startswith("__"))
+                    and not d.name.startswith("__") and any(d.glob("*.yaml")))  # plan/ holds model shapes
     for group in [*groups, "hydra/launcher"]:  # ft's launchers: Slurm job arrays, local processes
         out.append(f"{group}:")
         for p in sorted((config_dir / group).glob("*.yaml")):
