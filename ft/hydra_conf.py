@@ -11,11 +11,12 @@ Registered as OmegaConf resolvers by `register()` (ft.train and ft.api call it o
 from __future__ import annotations
 
 import re
+from importlib.resources import files
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(str(files("ft.configs")))  # configs/ ships as ft.configs
 UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 # a sentence ends at a period and a space, except after "al." or "e.g." (citations, examples)
 SENTENCE = re.compile(r"(.+?(?<!\bal)(?<!e\.g)\.)(\s|$)")

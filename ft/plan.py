@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from ft.errors import ConfigError
 
 CPU_EFFICIENCY = 0.82  # the engine's share of the fp32 matmul rate, bert-base-shaped, this VM (README)
 GPU_EFFICIENCY = 0.73  # the same on one H200, the bert-base atlas (README)
-MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "plan"
+MODELS_DIR = Path(str(files("ft.configs"))) / "plan"  # configs/ ships as ft.configs
 
 
 @dataclass
