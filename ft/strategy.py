@@ -51,12 +51,27 @@ def interleave(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
 def choose_strategy(trainer_cfg: DictConfig) -> str | Strategy:
     """Several devices: ft's strategy (each rank owns its rows), never stock DDP (DESIGN §5)."""
     devices, strategy = trainer_cfg.get("devices", 1), trainer_cfg.get("strategy", "auto")
+    nodes = trainer_cfg.get("num_nodes", 1)
     many = (isinstance(devices, int) and devices > 1) or (
-        not isinstance(devices, int | str) and len(devices) > 1)
+        not isinstance(devices, int | str) and len(devices) > 1) or (isinstance(nodes, int) and nodes > 1)
     if not many:
         return strategy
     if strategy not in ("auto", "ddp", IndependentRowsStrategy.strategy_name):
-        raise ConfigError(f"trainer.strategy={strategy!r} with several devices; valid: auto, ddp "
+        raise ConfigError(f"trainer.strategy={strategy!r} with several devices or nodes; valid: auto, ddp "
                           "(both run ft's per-rank strategy; stock DDP would average the inputs)")
     backend = "gloo" if trainer_cfg.get("accelerator") == "cpu" else None
     return IndependentRowsStrategy(process_group_backend=backend)
+
+
+def node_process_rank(trainer_cfg: DictConfig) -> int | None:
+    """The global rank of a process started on node NODE_RANK of a multi-node job without a
+    global RANK (as a hand-started node, or a launcher that sets only NODE_RANK and LOCAL_RANK):
+    NODE_RANK x devices + LOCAL_RANK. None where the environment already names the global rank
+    (RANK, Slurm's SLURM_PROCID), which Lightning reads itself."""
+    import os
+
+    if "RANK" in os.environ or "SLURM_PROCID" in os.environ or int(trainer_cfg.get("num_nodes", 1) or 1) < 2:
+        return None
+    devices = trainer_cfg.get("devices", 1)
+    per_node = devices if isinstance(devices, int) else 1 if isinstance(devices, str) else len(devices)
+    return int(os.environ.get("NODE_RANK", 0)) * per_node + int(os.environ.get("LOCAL_RANK", 0))

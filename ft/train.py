@@ -34,7 +34,7 @@ from ft.results import CONFIG, RunLock, atomic_write, write_config, write_run
 from ft.schema import TARGET_KEYS, check_config, check_model
 from ft.signals import AtomicCheckpoint, Interrupted, StopOnSignal
 from ft.state import FitResult
-from ft.strategy import choose_strategy, shard_rows
+from ft.strategy import choose_strategy, node_process_rank, shard_rows
 from ft.targets import (
     Target,
     check_word,
@@ -401,6 +401,9 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     targets, facts = prepare_targets(cfg, encoder, directions)
     module = build_module(cfg, encoder, targets, facts)
     module.facts = facts
+    node_rank = node_process_rank(cfg.trainer)
+    if node_rank is not None:  # Lightning's rank-zero guards read this before the Trainer exists
+        pl.utilities.rank_zero_only.rank = node_rank
     rank0 = pl.utilities.rank_zero_only.rank == 0
     with RunLock(run_dir) if rank0 else nullcontext():
         if rank0:

@@ -108,5 +108,51 @@ def test_several_devices_get_ft_strategy_and_one_device_keeps_its_own():
         assert isinstance(s, IndependentRowsStrategy) and s.process_group_backend == "gloo"
     assert choose_strategy(cfg({"devices": 2, "accelerator": "gpu"})).process_group_backend is None
     assert choose_strategy(cfg({"devices": [0], "strategy": "ddp"})) == "ddp"  # one device in a list
-    with pytest.raises(ConfigError, match="trainer.strategy='fsdp' with several devices; valid: auto, ddp"):
+    with pytest.raises(ConfigError, match="trainer.strategy='fsdp' with several devices or nodes; valid: auto, ddp"):
         choose_strategy(cfg({"devices": 2, "strategy": "fsdp"}))
+
+
+def test_several_nodes_get_ft_strategy_and_their_rank():
+    from omegaconf import OmegaConf
+
+    from ft.strategy import IndependentRowsStrategy, choose_strategy, node_process_rank
+
+    cfg = OmegaConf.create({"devices": 1, "num_nodes": 2, "accelerator": "cpu", "strategy": "auto"})
+    assert isinstance(choose_strategy(cfg), IndependentRowsStrategy)  # never stock DDP across nodes
+    env = {"NODE_RANK": "1", "LOCAL_RANK": "1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("RANK", "SLURM_PROCID"):
+            mp.delenv(k, raising=False)
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert node_process_rank(OmegaConf.create({"devices": 2, "num_nodes": 2})) == 3
+        assert node_process_rank(OmegaConf.create({"devices": 2, "num_nodes": 1})) is None
+        mp.setenv("SLURM_PROCID", "3")  # Slurm names the global rank: Lightning reads it itself
+        assert node_process_rank(OmegaConf.create({"devices": 2, "num_nodes": 2})) is None
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(tiny_dir, tmp_path):
+    """Two CPU processes started as the two nodes of one job (NODE_RANK 0 and 1, one device each,
+    trainer.num_nodes=2), as a multi-node launcher starts them: the result equals one process."""
+    import os
+    import random
+
+    one = cli_run(tiny_dir, tmp_path / "one")
+    port = str(random.Random(os.getpid()).randint(20000, 40000))
+    cmd = [sys.executable, "-m", "ft.train", f"model.name_or_path={tiny_dir}", "trainer.max_steps=15",
+           "trainer.accelerator=cpu", "target.per_layer=5", "logger.wandb.mode=disabled", "trainer.num_nodes=2",
+           "trainer.devices=1", f"hydra.run.dir={tmp_path / 'nodes'}"]
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "WORLD_SIZE")}
+    procs = [subprocess.Popen(cmd, env={**base, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                        "NODE_RANK": str(node)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for node in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    two = read_targets(tmp_path / "nodes")
+    assert list(one.sites) == list(two.sites)
+    rel = ((one.objective - two.objective).abs() / one.objective.abs().clip(lower=1e-6)).max()
+    assert rel <= 1e-4, rel
+    a, b = read_inputs(tmp_path / "one"), read_inputs(tmp_path / "nodes")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
