@@ -268,7 +268,7 @@ def build_search_module(cfg: DictConfig, encoder: Encoder, targets: list[Target]
 RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
                      "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                      "logger", "callbacks", "print_rows", "log_level", "cache", "run_name", "tags", "ckpt_path",
-                     "examples_after_run",
+                     "examples_after_run", "optimized_metric",
                      "experiment_name", "engine.checkpoint_every_n_steps", "engine.chunk_size",
                      "engine.memory_budget_mb", "engine.fast_forward", "engine.stop_when_converged",
                      "engine.sweep_budget_mb", "hydra")
