@@ -246,6 +246,9 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
         "max_rel_diff_vs_naive": max(rel), "engine_seconds": timing["seconds"],
         "engine_timed_steps": timing["steps"], "engine_fit_seconds": timing["fit_seconds"],
         "naive_seconds": naive_s,
+        # the rate the efficiency is measured against: F.linear in the engine's layout, fp32
+        "matmul_shape": f"[{min(chunk_size, len(sites)) * 3}, {enc.arch.hidden_size}] x "
+                        f"[{enc.arch.hidden_size}, {enc.arch.intermediate_size}] float32",
     }
     out["flop_efficiency"] = out["achieved_gflops"] / mm
     if bf16:
@@ -377,6 +380,13 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     keep_freed_memory()  # what the engine does on a CPU: here before the naive loop too, for both
+    from ft.cpuinfo import cpu_info
+
+    cpu = cpu_info()
+    progress(f"CPU: {cpu['model']}; features {', '.join(cpu['features']) or 'none'}; bf16 units "
+             f"{'yes' if cpu['bf16_units'] else 'no'}; torch {cpu['torch_capability']}")
+    if args.bf16 and not gpu and not cpu["bf16_units"]:
+        progress("--bf16 on a CPU without bf16 matrix units: expect bf16-mixed to be slower than fp32 here")
     enc = load_encoder(args.model)
     enc.model.to(device)
     name = "all-MiniLM-L6-v2" if args.model == PACKAGED else args.model
@@ -398,6 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['naive_neuron_steps_per_s']:>9.1f}{x['speedup_vs_naive']:>9.1f}"
                   f"{x['achieved_gflops']:>9.1f}{x['matmul_gflops']:>9.1f}{x['flop_efficiency']:>6.2f}"
                   f"{r['max_rel_diff_vs_naive']:>10.2e}")
+    print(f"matmul rate (mm GF/s): the best of F.linear {results['minilm']['matmul_shape']}, in the same run")
     if "report" in results:
         r = results["report"]
         print(f"report: {r['runs']} runs, {r['targets']} targets loaded in {r['load_s']:.2f} s, "
@@ -408,6 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  "achieved_gflops", "matmul_gflops", "flop_efficiency",
                                  "max_rel_diff_vs_naive", "model", "device", "precision")}
     line["peak_rss_mb"] = peak_rss_mb()
+    line["matmul_shape"] = head["matmul_shape"]
+    line["cpu"] = cpu
     line["results"] = results
     print(json.dumps(line))
     return line

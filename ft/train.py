@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ft.callbacks.progress import StepProgress
 from ft.chatter import configure_output
+from ft.cpuinfo import warn_cpu_precision
 from ft.directions import DirectionSet, load_directions
 from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
@@ -392,6 +393,7 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     run_dir = Path(run_dir)
     check_config(cfg)
     configure_output(cfg.get("log_level", "info"))
+    warn_cpu_precision(cfg.trainer)  # bf16 on a CPU without bf16 units: slower than fp32
     quiet_expected_warnings()
     resume_from, resume_entry = checkpoint_to_resume(cfg, run_dir)
     pl.seed_everything(cfg.seed, verbose=False)
