@@ -63,14 +63,18 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(f"{hydra_keys[0]!r}: Hydra's own settings are for the command line; valid here: "
                           "config overrides, and run_dir= for the run directory")
     check_choices(overrides)
-    was = GlobalHydra.instance().is_initialized()
-    if was:  # a notebook that already uses Hydra: compose in our own context, then leave it as it was
-        GlobalHydra.instance().clear()
+    gh = GlobalHydra.instance()
+    saved = gh.hydra if gh.is_initialized() else None
+    if saved is not None:  # a notebook that already uses Hydra: compose in our own context, then restore its own
+        gh.clear()
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose("train", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(one_line(e)) from None
+    finally:
+        if saved is not None:
+            GlobalHydra.instance().initialize(saved)
     check_config(cfg)
     return cfg
 

@@ -97,3 +97,16 @@ def test_the_readme_snippet_runs_as_written(tmp_path, monkeypatch):
     result = scope["result"]
     assert isinstance(result, ft.Result) and len(result.targets) == 2
     assert (result.targets.objective > 0).all()
+
+
+def test_a_notebooks_own_hydra_context_survives(tiny_dir):
+    """Composing ft's config inside someone else's Hydra context leaves theirs in place."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ft.api import compose_config
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        theirs = GlobalHydra.instance().hydra
+        cfg = compose_config([f"model.name_or_path={tiny_dir}", "optim.lr=0.2"])
+        assert GlobalHydra.instance().hydra is theirs and cfg.optim.lr == 0.2
