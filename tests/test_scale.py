@@ -147,7 +147,11 @@ def test_two_nodes_equal_one_process(tiny_dir, tmp_path):
     procs = [subprocess.Popen(cmd, env={**base, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                                         "NODE_RANK": str(node)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for node in (0, 1)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:  # a node whose peer failed waits for it forever: never leave one behind
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     two = read_targets(tmp_path / "nodes")
     assert list(one.sites) == list(two.sites)
