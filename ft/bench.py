@@ -105,10 +105,10 @@ def naive_textualize(enc: Encoder, site: Site, tid: int, steps: int, lr: float, 
     raise AssertionError("unreachable")
 
 
-def engine_flops(module: TextualizationModule, cfg: object = None, length: int = 1) -> float:
+def engine_flops(module: TextualizationModule, cfg: object = None, length: int = 1, autocast: bool = False) -> float:
     """FLOPs of one optimization step, as the engine's readers count the work they do
-    (`FastSiteReader.step_flops`, `SiteReader.step_flops`)."""
-    return module.step_flops(length)
+    (`FastSiteReader.step_flops`, `SiteReader.step_flops`); `autocast`: under bf16-mixed."""
+    return module.step_flops(length, autocast)
 
 
 def sync(device: torch.device) -> None:
@@ -258,7 +258,7 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
         final16 = mod16.result().objectives
         mm16 = mm_rate(torch.bfloat16)
         drift = ((final16 - final).abs() / final.abs().clamp_min(1e-6))
-        gflops16 = flops_step * t16["steps"] / t16["seconds"] / 1e9
+        gflops16 = engine_flops(mod16, autocast=True) * t16["steps"] / t16["seconds"] / 1e9
         out["bf16"] = {
             "neuron_steps_per_s": rate16, "speedup_vs_naive": rate16 / naive_rate,
             "achieved_gflops": gflops16, "matmul_gflops": mm16, "flop_efficiency": gflops16 / mm16,

@@ -90,6 +90,9 @@ def _attend(qkv: torch.Tensor, heads: int, sdpa: bool, query: int | None = None)
     return (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2).reshape(-1, H)
 
 
+# read_sites with grad: one autograd node with a hand-written backward (ft.leangrad) where it applies
+HAND_BACKWARD = True
+
 # up to this many positions the broadcast attention is faster than the fused kernel
 SHORT_SEQUENCE = 8
 
@@ -295,6 +298,15 @@ class FastSiteReader:
                    ) -> torch.Tensor:
         """[rows, k]: the activation at each of `index`'s sites (0 in its padding slots)."""
         plan, gather = site_plan(index, inputs_embeds.shape[1], self.position, inputs_embeds.device)
+        if HAND_BACKWARD and torch.is_grad_enabled() and active(self.model) is None:
+            from ft.leangrad import LeanSites, usable
+
+            layers = _layers(self.model)[: index.max_layer + 1]
+            if usable(layers, inputs_embeds.dtype, inputs_embeds.shape[1]):
+                given = inputs_embeds if plan.sorted else inputs_embeds[plan.order]
+                a = adapter(self.model)
+                h = a.to_hidden(a.embed(inputs_embeds=given))
+                return LeanSites.apply(h, layers, plan, gather, self.position, const_ends)
         values = [acts[source].reshape(-1).index_select(0, offsets)
                   for layer, acts in self._pass(inputs_embeds, plan, False, const_ends, gather.end_units)
                   for source, offsets in gather.reads[layer]]
@@ -303,23 +315,38 @@ class FastSiteReader:
         return out.view(gather.shape)
 
     @staticmethod
-    def step_flops(model: nn.Module, index: SiteIndex, length: int, position: int) -> float:
-        """FLOPs of one forward + backward of `index`'s rows through this reader (the rows stop at
-        their own top layer, whose FFN output is computed at the read units only; [CLS]/[SEP]
-        projected once in layer 0)."""
+    def flop_parts(model: nn.Module, index: SiteIndex, length: int, position: int,
+                   hand: bool | None = None) -> dict[str, float]:
+        """One step's FLOPs by kind: "forward" and "backward" (the linear layers' matmuls), "attention"
+        (its forward; the backward is twice that), "ends" ([CLS]/[SEP] projected once in layer 0).
+        The rows stop at their own top layer, whose FFN output is computed at the read units only.
+        `hand` (default: where it applies to the model's dtype) is the hand-written backward
+        (`ft.leangrad`): it projects the query gradient of a row's top layer at the read position only."""
         a = adapter(model)
         H, inter, S = a.hidden_size, a.intermediate_size, length + 2
+        if hand is None:
+            from ft.leangrad import usable
+
+            dtype = next(model.parameters()).dtype
+            hand = HAND_BACKWARD and usable(_layers(model)[: index.max_layer + 1], dtype, S)
         _, gather = site_plan(index, S, position, torch.device("cpu"))
-        linear = attention = 0.0
+        forward = backward = attention = 0.0
         for j in range(index.max_layer + 1):
             n, g = int((index.row_top >= j).sum()), int((index.row_top > j).sum())
             e = n - g
-            qkv_tokens = n * S if j else n * (S - 2)
+            width = S if j else S - 2  # layer 0: [CLS]/[SEP] are projected once
             units = gather.end_units[j]
             out_tokens = g * S + e if units is None else g * S
             out_units = 0 if units is None else len(units[0])
-            linear += 2 * (qkv_tokens * 3 * H * H + (g * S + e) * (H * H + H * inter)
-                           + out_tokens * H * inter + out_units * inter)
+            rest = (g * S + e) * (H * H + H * inter) + out_tokens * H * inter + out_units * inter
+            forward += 2 * (n * width * 3 * H * H + rest)
+            q_tokens = g * width + e if hand else n * width  # the query projections' gradient
+            backward += 2 * ((2 * n * width + q_tokens) * H * H + rest)
             attention += 4 * H * (g * S + e) * S  # ending rows: the read position's query only
-        ends = 2 * 2 * 3 * H * H  # forward only: constants need no gradient
-        return 2 * linear + 3 * attention + ends
+        return {"forward": forward, "backward": backward, "attention": attention, "ends": 2 * 2 * 3 * H * H}
+
+    @staticmethod
+    def step_flops(model: nn.Module, index: SiteIndex, length: int, position: int, hand: bool | None = None) -> float:
+        """FLOPs of one forward + backward of `index`'s rows through this reader (`flop_parts`)."""
+        f = FastSiteReader.flop_parts(model, index, length, position, hand)
+        return f["forward"] + f["backward"] + 3 * f["attention"] + f["ends"]

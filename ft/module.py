@@ -285,16 +285,19 @@ class TextualizationModule(pl.LightningModule):
         total = obj if self.regularizers is None else (objective + self.regularizers)(reading)  # obj is cached
         return obj, total
 
-    def step_flops(self, length: int | None = None) -> float:
+    def step_flops(self, length: int | None = None, autocast: bool = False) -> float:
         """FLOPs of one optimization step over every chunk, as counted by the reader that runs
-        it, plus the input's gradient preconditioning (onehot's exact path) per chunk."""
+        it, plus the input's gradient preconditioning (onehot's exact path) per chunk. `autocast`:
+        the step runs under mixed precision (the lean reader's autograd path)."""
         length = length or self.inputs.param.shape[1]
-        reader = FastSiteReader if self.fast else SiteReader
         H = adapter(self.encoder).hidden_size  # + each chunk's backward through the input's gradient hook
         flops = 0.0
         for _, o in self.plan:
-            if isinstance(o, Readouts):
-                flops += reader.step_flops(self.encoder, o.index, length, self.position)
+            if isinstance(o, Readouts) and self.fast:
+                flops += FastSiteReader.step_flops(self.encoder, o.index, length, self.position,
+                                                   hand=False if autocast else None)
+            elif isinstance(o, Readouts):
+                flops += SiteReader.step_flops(self.encoder, o.index, length, self.position)
             else:  # a classifier's whole forward
                 flops += hooked_step_flops(self.encoder, len(o), adapter(self.encoder).num_layers - 1, length)
             flops += 2 * self.num_targets * length * H * H
