@@ -18,6 +18,7 @@ input's gradient is computed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from torch import nn
 
 import ft.fastforward
 from ft.fastforward import _Layer, _Plan, _SiteGather
+
 
 def _gelu_kind(act: object) -> str | None:
     """'none' (erf) or 'tanh' for a GELU that F.gelu computes exactly like `act`, 'relu', or None."""
@@ -145,12 +147,7 @@ class LeanSites(torch.autograd.Function):
             else:
                 qkv = F.linear(h, L.wqkv, L.bqkv)
             acts: dict[str, torch.Tensor] = {}
-            want = dict(gather.reads[layer])
-
-            def take(source: str, t: torch.Tensor) -> None:  # read a site before `t` is updated in place
-                if source in want:
-                    acts[source] = t.reshape(-1).index_select(0, want[source])
-
+            take = partial(_take, acts, dict(gather.reads[layer]))  # each read before an in-place update
             ctx_tok = h.new_empty(go + n_end, H)
             w_go = _attend(qkv[:n_go], L.heads, None, ctx_tok[:go]) if n_go else None
             w_end = _attend(qkv[n_go:], L.heads, p, ctx_tok[go:]) if n_end else None
@@ -203,11 +200,7 @@ class LeanSites(torch.autograd.Function):
             n_end, go, kind = n_all - n_go, n_go * S, _gelu_kind(L.act)
             tokens = go + n_end
             reads = {source: (offsets, g) for source, offsets, g in site_grads[layer]}
-
-            def add(buf: torch.Tensor, source: str) -> torch.Tensor:
-                if source in reads:
-                    buf.view(-1).index_add_(0, *reads[source])
-                return buf
+            add = partial(_add_sites, reads)
 
             # the residual stream this layer hands on: every token if the top layer's FFN output
             # was computed whole, else the rows going on
@@ -257,6 +250,19 @@ class LeanSites(torch.autograd.Function):
             g_h[:n_go] += g_x1[:go].view(n_go, S, H)  # the residual
             g_h[n_go:, p] += g_x1[go:]
         return g_h, None, None, None, None, None
+
+
+def _take(acts: dict[str, torch.Tensor], want: dict[str, torch.Tensor], source: str, t: torch.Tensor) -> None:
+    """acts[source] = the values of `t` at the flat offsets `want[source]` (if it is read)."""
+    if source in want:
+        acts[source] = t.reshape(-1).index_select(0, want[source])
+
+
+def _add_sites(reads: dict[str, tuple[torch.Tensor, torch.Tensor]], buf: torch.Tensor, source: str) -> torch.Tensor:
+    """Add the site gradients read from `source` (flat offsets, values) into its gradient `buf`."""
+    if source in reads:
+        buf.view(-1).index_add_(0, *reads[source])
+    return buf
 
 
 def _end_rows(gather: _SiteGather, layer: int, L: _Layer, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

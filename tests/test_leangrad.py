@@ -155,7 +155,8 @@ def test_flop_count_of_the_hand_backward_matches_counted_flops(tiny):
     for _, o in m.plan:
         parts = FastSiteReader.flop_parts(tiny.model, o.index, 1, 1)
         counted += 3 * parts["attention"]
-        counted += 2 * 2 * inter * sum(len(u[0]) for u in site_plan(o.index, S, 1, torch.device("cpu"))[1].end_units if u)
+        units = site_plan(o.index, S, 1, torch.device("cpu"))[1].end_units
+        counted += 2 * 2 * inter * sum(len(u[0]) for u in units if u)
     assert counted == pytest.approx(m.step_flops(1), rel=1e-6)
     hand = sum(FastSiteReader.step_flops(tiny.model, o.index, 1, 1, hand=True) for _, o in m.plan)
     autograd = sum(FastSiteReader.step_flops(tiny.model, o.index, 1, 1, hand=False) for _, o in m.plan)
