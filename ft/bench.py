@@ -23,7 +23,10 @@ the read position):
                                                    need only the u_j units they read (when
                                                    they read no residual stream)
     backward  = forward, except the attention products: 2x (both operands are activations);
-                only activation gradients: the encoder is frozen
+                only activation gradients: the encoder is frozen. The hand-written backward
+                (ft.leangrad, fp32/fp64 outside autocast) projects the query gradient of the
+                rows ending at layer j at their read position only: (g_j·S + e_j)·H² instead of
+                n_j·S·H² (layer 0: S-2 for S)
     fast-path preconditioner = 2 · T · l · H² per chunk   (∇e · WᵀW on the whole gradient of
                 the T rows, once per chunk's backward)
 
