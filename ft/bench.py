@@ -56,6 +56,8 @@ import resource
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -177,8 +179,29 @@ def run_engine(enc: Encoder, sites: list[list[Site]], steps: int, lr: float, pre
     return module, {"steps": steps - timer.warmup, "seconds": timer.seconds, "fit_seconds": fit_s}
 
 
+@contextmanager
+def hand_backward(on: bool) -> Iterator[None]:
+    """Run the lean reader with (on) or without ft.leangrad's hand-written backward."""
+    import ft.fastforward
+
+    before = ft.fastforward.HAND_BACKWARD
+    ft.fastforward.HAND_BACKWARD = on
+    try:
+        yield
+    finally:
+        ft.fastforward.HAND_BACKWARD = before
+
+
+def autograd_backward_run(enc: Encoder, sites: list[list[Site]], steps: int, lr: float, chunk_size: int,
+                          device: torch.device) -> tuple[TextualizationModule, dict]:
+    """`run_engine` in fp32 with autograd's backward through the lean forward."""
+    with hand_backward(False):
+        return run_engine(enc, sites, steps, lr, "32-true", chunk_size, device)
+
+
 def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: float,
-                chunk_size: int, bf16: bool, fraction: float = 0.1, rounds: int = 1) -> dict:
+                chunk_size: int, bf16: bool, fraction: float = 0.1, rounds: int = 1,
+                compare_backward: bool = False) -> dict:
     vocab = Vocabulary.from_tokenizer(enc.tokenizer)
     targets = neuron_targets(enc.model, fraction=fraction, seed=0)
     sites = [t.sites for t in targets]
@@ -209,6 +232,8 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
     naive: dict[int, float] = {}
     naive_s, module = 0.0, None
     timing = {"steps": 0, "seconds": 0.0, "fit_seconds": 0.0}
+    autograd = dict(timing)  # --compare-backward: the same fits with autograd's backward, interleaved
+    autograd_final = None
     for r in range(rounds + 1):
         finals, seconds = naive_run(common[r :: rounds + 1])
         naive.update(finals)
@@ -219,6 +244,11 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
             if module is None:
                 module = fitted
             timing = {k: timing[k] + t[k] for k in timing}
+            if compare_backward:
+                fitted, t = autograd_backward_run(enc, sites, steps, lr, chunk_size, device)
+                progress(f"engine round {r + 1}/{rounds}, autograd's backward: {engine_rate(t):,.0f} neuron-steps/s")
+                autograd_final = fitted.result().objectives if autograd_final is None else autograd_final
+                autograd = {k: autograd[k] + t[k] for k in autograd}
     # on a CPU, the naive loop at batch 1 may do better on one thread: measure that too (on half
     # its neurons)
     naive_one_thread_rate = None  # (JSON null on a GPU)
@@ -254,6 +284,17 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
                         f"[{enc.arch.hidden_size}, {enc.arch.intermediate_size}] float32",
     }
     out["flop_efficiency"] = out["achieved_gflops"] / mm
+    if compare_backward:  # the work autograd's backward does: the lean reader without ft.leangrad
+        with hand_backward(False):
+            flops_autograd = engine_flops(module)
+        gflops = flops_autograd * autograd["steps"] / autograd["seconds"] / 1e9
+        out["autograd_backward"] = {
+            "neuron_steps_per_s": engine_rate(autograd), "achieved_gflops": gflops, "flop_efficiency": gflops / mm,
+            "hand_speedup": rate / engine_rate(autograd),
+            "max_rel_diff_vs_hand": float(((autograd_final - final).abs() / final.abs().clamp_min(1e-6)).max()),
+            "max_rel_diff_vs_naive": max(abs(float(autograd_final[i]) - v) / max(abs(v), 1e-6)
+                                         for i, v in naive.items()),
+        }
     if bf16:
         mod16, t16 = run_engine(enc, sites, steps, lr, "bf16-mixed", chunk_size, device)
         rate16 = engine_rate(t16)
@@ -346,6 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=100.0)
     p.add_argument("--rounds", type=int, default=1,
                    help="engine runs, interleaved with the naive loop's neurons (more: less drift)")
+    p.add_argument("--compare-backward", action="store_true",
+                   help="also run every engine round with autograd's backward instead of ft.leangrad's, interleaved")
     p.add_argument("--bf16", action="store_true",
                    help="also run bf16-mixed (slow on CPUs without bf16 matmul units)")
     p.add_argument("--no-bert-base", action="store_true")
@@ -394,11 +437,12 @@ def main(argv: list[str] | None = None) -> dict:
     enc.model.to(device)
     name = "all-MiniLM-L6-v2" if args.model == PACKAGED else args.model
     results = {"minilm": bench_model(name, enc, args.steps, args.naive_per_layer,
-                                     args.lr, args.chunk_size, args.bf16, args.fraction, args.rounds)}
+                                     args.lr, args.chunk_size, args.bf16, args.fraction, args.rounds,
+                                     args.compare_backward)}
     if not args.no_bert_base:
         results["bert_base_random"] = bench_model(
             "bert-base-shaped random", random_bert_base(enc.tokenizer, device), args.bert_base_steps, 1,
-            args.lr, args.chunk_size, args.bf16 and gpu, args.fraction, args.rounds)
+            args.lr, args.chunk_size, args.bf16 and gpu, args.fraction, args.rounds, args.compare_backward)
     if args.report_runs:
         progress(f"report: {args.report_runs} run directories")
         results["report"] = bench_report(args.report_runs)
@@ -406,6 +450,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'GFLOP/s':>9}{'mm GF/s':>9}{'eff':>6}{'maxrel':>10}")
     for r in (results[k] for k in ("minilm", "bert_base_random") if k in results):
         rows = [(r["precision"], r)] + ([("bf16-mixed", {**r, **r["bf16"]})] if "bf16" in r else [])
+        if "autograd_backward" in r:  # speedup column: vs the naive loop, as in every row
+            a = r["autograd_backward"]
+            speedup = a["neuron_steps_per_s"] / r["naive_neuron_steps_per_s"]
+            rows.append(("autograd", {**r, **a, "speedup_vs_naive": speedup}))
         for prec, x in rows:
             print(f"{r['model']:<28}{prec:>10}{r['targets']:>8}{x['neuron_steps_per_s']:>11.1f}"
                   f"{r['naive_neuron_steps_per_s']:>9.1f}{x['speedup_vs_naive']:>9.1f}"

@@ -59,3 +59,25 @@ def test_bench_model_agrees_with_the_naive_loop_over_rounds(tiny, capsys):
     assert out["targets"] == module.num_targets and out["peak_rss_mb"] > 0
     captured = capsys.readouterr()
     assert f"engine round {rounds}/{rounds}" in captured.err and "[ft.bench]" not in captured.out
+
+
+def test_compare_backward_runs_both_backwards_on_the_same_trajectory(tiny):
+    """--compare-backward: the autograd-backward fits reach the same finals, are timed over the
+    same steps, and their FLOPs are the autograd path's (more: the top layer's full query gradient)."""
+    from ft.bench import bench_model, engine_flops, hand_backward, run_engine
+    from ft.targets import neuron_targets
+
+    steps = 4
+    out = bench_model("tiny", tiny, steps, naive_per_layer=1, lr=1.0, chunk_size=64, bf16=False,
+                      fraction=0.2, rounds=1, compare_backward=True)
+    a = out["autograd_backward"]
+    assert a["max_rel_diff_vs_hand"] < 1e-5 and a["max_rel_diff_vs_naive"] < 1e-3
+    assert a["hand_speedup"] == pytest.approx(out["neuron_steps_per_s"] / a["neuron_steps_per_s"])
+    assert a["flop_efficiency"] == pytest.approx(a["achieved_gflops"] / out["matmul_gflops"])
+    sites = [t.sites for t in neuron_targets(tiny.model, fraction=0.2, seed=0)]
+    module, _ = run_engine(tiny, sites, 2, 1.0, "32-true", 64, torch.device("cpu"))
+    with hand_backward(False):
+        autograd_flops = engine_flops(module)
+    assert autograd_flops > engine_flops(module)
+    seconds = out["targets"] * (steps - 1) / a["neuron_steps_per_s"]
+    assert a["achieved_gflops"] * 1e9 * seconds / (steps - 1) == pytest.approx(autograd_flops, rel=1e-9)
