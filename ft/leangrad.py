@@ -4,7 +4,7 @@ Autograd records every view, split and concatenation of the lean pass and replay
 backward: the gradients of the rows that go on and the rows that end are concatenated, the site
 reads are scattered into zero-filled activations, and the broadcast attention's products are
 reduced by generic kernels. `LeanSites` runs the same arithmetic as one autograd node:
-- forward, under no_grad, keeps per layer only what its backward needs (the fused Q, K, V, the
+- forward, under no_grad, keeps per layer only what its backward needs (Q, K, V and the
   attention weights, the LayerNorm inputs with their mean and 1/std, the FFN's pre-activation);
 - backward walks the layers down, adds each site's gradient where it was read, and writes
   every gradient straight into one buffer per tensor (no concatenation, no zero-filled copies).
@@ -53,7 +53,14 @@ def usable(layers: list[_Layer], dtype: torch.dtype, S: int) -> bool:
     if torch.is_autocast_enabled(torch.device("cpu").type) or torch.is_autocast_enabled("cuda"):
         return False
     return all(isinstance(L.ln1, nn.LayerNorm) and isinstance(L.ln2, nn.LayerNorm)
-               and _gelu_kind(L.act) is not None for L in layers)
+               and _kind(L) is not None for L in layers)
+
+
+def _kind(L: _Layer) -> str | None:
+    """`_gelu_kind` of a layer's activation, found once per layer."""
+    if not hasattr(L, "act_kind"):
+        L.act_kind = _gelu_kind(L.act)
+    return L.act_kind
 
 
 def _activate(z: torch.Tensor, kind: str) -> torch.Tensor:
@@ -77,36 +84,36 @@ def _norm_backward(g: torch.Tensor, saved: tuple) -> torch.Tensor:
                                                      ln.bias, [True, False, False])[0]
 
 
-def _attend(qkv: torch.Tensor, heads: int, query: int | None, out: torch.Tensor) -> torch.Tensor:
+def _attend(qkv: torch.Tensor, heads: int, query: int | None, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Broadcast self-attention (as `ft.fastforward._attend`) of [n, S, 3H] projections, written into
-    `out` [n * S_q, H]; returns the weights [n, S_q, S, heads]."""
+    `out` [n * S_q, H]. Returns what the backward needs: the weights w [n, S_q, S, heads] and the
+    broadcast views of q, k, v and w."""
     n, S, H3 = qkv.shape
     H = H3 // 3
     d = H // heads
     q, k, v = qkv.view(n, S, 3, heads, d).unbind(2)  # [n, S, heads, d] each
     if query is not None:
         q = q[:, query : query + 1]
-    w = ((q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * d**-0.5).softmax(dim=2)  # [n, S_q, S_k, heads]
-    torch.sum(w.unsqueeze(-1) * v.unsqueeze(1), 2, out=out.view(n, -1, heads, d))
-    return w
+    qb, kb, vb = q.unsqueeze(2), k.unsqueeze(1), v.unsqueeze(1)
+    w = ((qb * kb).sum(-1) * d**-0.5).softmax(dim=2)  # [n, S_q, S_k, heads]
+    wb = w.unsqueeze(-1)
+    torch.sum(wb * vb, 2, out=out.view(n, -1, heads, d))
+    return w, qb, kb, vb, wb
 
 
-def _attend_backward(g: torch.Tensor, qkv: torch.Tensor, w: torch.Tensor, heads: int, query: int | None,
-                     gk: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
+def _attend_backward(g: torch.Tensor, saved: tuple[torch.Tensor, ...], gk: torch.Tensor, gv: torch.Tensor
+                     ) -> torch.Tensor:
     """The gradient of `_attend` for the context gradient `g` [n * S_q, H]: the keys' and values'
     are written into `gk`, `gv` [n, S, H]; the queries' [n * S_q, H] is returned."""
-    n, S, H3 = qkv.shape
-    H = H3 // 3
-    d = H // heads
-    q, k, v = qkv.view(n, S, 3, heads, d).unbind(2)
-    if query is not None:
-        q = q[:, query : query + 1]
-    g = g.view(n, -1, heads, d)  # [n, S_q, heads, d]
-    gw = (g.unsqueeze(2) * v.unsqueeze(1)).sum(-1)  # [n, S_q, S_k, heads]
-    gs = w * (gw - (gw * w).sum(2, keepdim=True)) * d**-0.5  # through the softmax and the scale
-    torch.sum(gs.unsqueeze(-1) * q.unsqueeze(2), 1, out=gk.view(n, S, heads, d))
-    torch.sum(w.unsqueeze(-1) * g.unsqueeze(2), 1, out=gv.view(n, S, heads, d))
-    return (gs.unsqueeze(-1) * k.unsqueeze(1)).sum(2).view(-1, H)
+    w, qb, kb, vb, wb = saved
+    n, S_q, S, heads = w.shape
+    d = kb.shape[-1]
+    g = g.view(n, S_q, 1, heads, d)
+    gw = (g * vb).sum(-1)  # [n, S_q, S_k, heads]
+    gs = torch._softmax_backward_data(gw, w, 2, w.dtype).mul_(d**-0.5).unsqueeze(-1)  # softmax, scale
+    torch.sum(gs * qb, 1, out=gk.view(n, S, heads, d))
+    torch.sum(wb * g, 1, out=gv.view(n, S, heads, d))
+    return (gs * kb).sum(2).view(-1, heads * d)
 
 
 @dataclass
@@ -115,9 +122,8 @@ class _Saved:
 
     n_all: int
     n_go: int
-    qkv: torch.Tensor  # [n_all, S, 3H]
-    w_go: torch.Tensor | None  # attention weights of the rows going on (every query)
-    w_end: torch.Tensor | None  # ... of the rows ending here (the read position's query)
+    att_go: tuple | None  # `_attend`'s saved tensors for the rows going on (every query)
+    att_end: tuple | None  # ... for the rows ending here (the read position's query)
     ln1: tuple
     z: torch.Tensor  # the FFN's pre-activation [tokens, I]
     ln2: tuple
@@ -149,8 +155,8 @@ class LeanSites(torch.autograd.Function):
             acts: dict[str, torch.Tensor] = {}
             take = partial(_take, acts, dict(gather.reads[layer]))  # each read before an in-place update
             ctx_tok = h.new_empty(go + n_end, H)
-            w_go = _attend(qkv[:n_go], L.heads, None, ctx_tok[:go]) if n_go else None
-            w_end = _attend(qkv[n_go:], L.heads, p, ctx_tok[go:]) if n_end else None
+            att_go = _attend(qkv[:n_go], L.heads, None, ctx_tok[:go]) if n_go else None
+            att_end = _attend(qkv[n_go:], L.heads, p, ctx_tok[go:]) if n_end else None
             take("attn_ctx", ctx_tok)
             x1 = F.linear(ctx_tok, L.attn_out.weight, L.attn_out.bias)
             take("attn_out", x1)
@@ -158,7 +164,7 @@ class LeanSites(torch.autograd.Function):
             x1[go:] += h[n_go:, p]
             a, ln1 = _norm(x1, L.ln1)
             z = F.linear(a, L.inter.weight, L.inter.bias)
-            kind = _gelu_kind(L.act)
+            kind = _kind(L)
             act = _activate(z, kind)
             take("ffn_act", act)
             pairs = gather.end_units[layer] if n_end else None
@@ -175,7 +181,7 @@ class LeanSites(torch.autograd.Function):
             h_tok, ln2 = _norm(x2, L.ln2)
             take("resid", h_tok)
             values += [acts[source] for source, _ in gather.reads[layer]]
-            saved.append(_Saved(n_all, n_go, qkv, w_go, w_end, ln1, z, ln2, end_rows))
+            saved.append(_Saved(n_all, n_go, att_go, att_end, ln1, z, ln2, end_rows))
             if not n_go:
                 break
             h = h_tok[:go].view(n_go, S, H)
@@ -197,7 +203,7 @@ class LeanSites(torch.autograd.Function):
         for layer in range(len(ctx.saved) - 1, -1, -1):
             s, L = ctx.saved[layer], ctx.layers[layer]
             n_all, n_go = s.n_all, s.n_go
-            n_end, go, kind = n_all - n_go, n_go * S, _gelu_kind(L.act)
+            n_end, go, kind = n_all - n_go, n_go * S, _kind(L)
             tokens = go + n_end
             reads = {source: (offsets, g) for source, offsets, g in site_grads[layer]}
             add = partial(_add_sites, reads)
@@ -228,10 +234,8 @@ class LeanSites(torch.autograd.Function):
             g_ctx = add(g_attn @ L.attn_out.weight, "attn_ctx")
             # Q, K and V separately: their gradients need no interleaving into one [.., 3H] buffer
             gk, gv = grad.new_empty(2, n_all, S, H).unbind(0)
-            gq_go = _attend_backward(g_ctx[:go], s.qkv[:n_go], s.w_go, L.heads, None, gk[:n_go], gv[:n_go]) \
-                if n_go else None
-            gq_end = _attend_backward(g_ctx[go:], s.qkv[n_go:], s.w_end, L.heads, p, gk[n_go:], gv[n_go:]) \
-                if n_end else None
+            gq_go = _attend_backward(g_ctx[:go], s.att_go, gk[:n_go], gv[:n_go]) if n_go else None
+            gq_end = _attend_backward(g_ctx[go:], s.att_end, gk[n_go:], gv[n_go:]) if n_end else None
             wq, wk, wv = L.wqkv.split(H)
             ends = layer == 0 and ctx.const_ends and S > 2  # the constant ends need no gradient
             span = slice(1, S - 1) if ends else slice(None)
