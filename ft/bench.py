@@ -192,13 +192,6 @@ def hand_backward(on: bool) -> Iterator[None]:
         ft.fastforward.HAND_BACKWARD = before
 
 
-def autograd_backward_run(enc: Encoder, sites: list[list[Site]], steps: int, lr: float, chunk_size: int,
-                          device: torch.device) -> tuple[TextualizationModule, dict]:
-    """`run_engine` in fp32 with autograd's backward through the lean forward."""
-    with hand_backward(False):
-        return run_engine(enc, sites, steps, lr, "32-true", chunk_size, device)
-
-
 def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: float,
                 chunk_size: int, bf16: bool, fraction: float = 0.1, rounds: int = 1,
                 compare_backward: bool = False) -> dict:
@@ -245,7 +238,8 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
                 module = fitted
             timing = {k: timing[k] + t[k] for k in timing}
             if compare_backward:
-                fitted, t = autograd_backward_run(enc, sites, steps, lr, chunk_size, device)
+                with hand_backward(False):  # the same fit, autograd's backward through the lean forward
+                    fitted, t = run_engine(enc, sites, steps, lr, "32-true", chunk_size, device)
                 progress(f"engine round {r + 1}/{rounds}, autograd's backward: {engine_rate(t):,.0f} neuron-steps/s")
                 autograd_final = fitted.result().objectives if autograd_final is None else autograd_final
                 autograd = {k: autograd[k] + t[k] for k in autograd}

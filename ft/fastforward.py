@@ -69,6 +69,19 @@ def _layers(model: nn.Module) -> list[_Layer]:
     return cache[1]
 
 
+def project_qkv(h: torch.Tensor, L: _Layer, const_ends: bool) -> torch.Tensor:
+    """The fused Q, K, V projections [n, S, 3H] of hidden states h [n, S, H]. `const_ends`: [CLS] and
+    [SEP] are the same in every row and need no gradient, so they are projected once (row 0's)."""
+    n, S, H = h.shape
+    if not const_ends or S <= 2:
+        return F.linear(h, L.wqkv, L.bqkv)
+    # a 2-D matmul: a strided 3-D slice would make F.linear fall back to a batched matmul with the
+    # weight repeated per row (~30x slower)
+    ends = F.linear(h[:1, [0, S - 1]].detach(), L.wqkv, L.bqkv)
+    mid = F.linear(h[:, 1:-1].reshape(-1, H), L.wqkv, L.bqkv).view(n, S - 2, -1)
+    return torch.cat([ends[:, :1].expand(n, 1, -1), mid, ends[:, 1:].expand(n, 1, -1)], 1)
+
+
 def _attend(qkv: torch.Tensor, heads: int, sdpa: bool, query: int | None = None) -> torch.Tensor:
     """Self-attention from fused [n, S, 3H] projections: [n * S, H] for every query position,
     or [n, H] for the one position `query`. For short sequences plain broadcasting beats the
@@ -92,6 +105,14 @@ def _attend(qkv: torch.Tensor, heads: int, sdpa: bool, query: int | None = None)
 
 # read_sites with grad: one autograd node with a hand-written backward (ft.leangrad) where it applies
 HAND_BACKWARD = True
+
+
+def hand_backward(layers: list[_Layer], dtype: torch.dtype, S: int) -> bool:
+    """Whether `read_sites` with gradients (and no ablation) runs ft.leangrad's backward on these
+    layers, for inputs of S positions in `dtype` (what `step_flops` counts too)."""
+    from ft.leangrad import usable
+
+    return HAND_BACKWARD and usable(layers, dtype, S)
 
 # up to this many positions the broadcast attention is faster than the fused kernel
 SHORT_SEQUENCE = 8
@@ -225,15 +246,7 @@ class FastSiteReader:
         S, H = h.shape[1], h.shape[2]
         for layer, L in enumerate(_layers(self.model)[: self.max_layer + 1]):
             n_all, n_go = plan.alive[layer], plan.alive[layer + 1]  # rows here; rows going on
-            if layer == 0 and const_ends and S > 2:
-                # [CLS]/[SEP] are the same in every row and need no gradient: project them once.
-                # A 2-D matmul: a strided 3-D slice would make F.linear fall back to a batched
-                # matmul with the weight repeated per row (~30x slower)
-                ends = F.linear(h[:1, [0, S - 1]].detach(), L.wqkv, L.bqkv)
-                mid = F.linear(h[:, 1:-1].reshape(-1, H), L.wqkv, L.bqkv).view(n_all, S - 2, -1)
-                qkv = torch.cat([ends[:, :1].expand(n_all, 1, -1), mid, ends[:, 1:].expand(n_all, 1, -1)], 1)
-            else:
-                qkv = F.linear(h, L.wqkv, L.bqkv)
+            qkv = project_qkv(h, L, layer == 0 and const_ends)
             sdpa, n_end, go = S > SHORT_SEQUENCE, n_all - n_go, n_go * S
             if not n_end:
                 ctx, resid = _attend(qkv, L.heads, sdpa), h.reshape(-1, H)
@@ -298,11 +311,11 @@ class FastSiteReader:
                    ) -> torch.Tensor:
         """[rows, k]: the activation at each of `index`'s sites (0 in its padding slots)."""
         plan, gather = site_plan(index, inputs_embeds.shape[1], self.position, inputs_embeds.device)
-        if HAND_BACKWARD and torch.is_grad_enabled() and active(self.model) is None:
-            from ft.leangrad import LeanSites, usable
-
+        if torch.is_grad_enabled() and active(self.model) is None:
             layers = _layers(self.model)[: index.max_layer + 1]
-            if usable(layers, inputs_embeds.dtype, inputs_embeds.shape[1]):
+            if hand_backward(layers, inputs_embeds.dtype, inputs_embeds.shape[1]):
+                from ft.leangrad import LeanSites
+
                 given = inputs_embeds if plan.sorted else inputs_embeds[plan.order]
                 a = adapter(self.model)
                 h = a.to_hidden(a.embed(inputs_embeds=given))
@@ -325,10 +338,7 @@ class FastSiteReader:
         a = adapter(model)
         H, inter, S = a.hidden_size, a.intermediate_size, length + 2
         if hand is None:
-            from ft.leangrad import usable
-
-            dtype = next(model.parameters()).dtype
-            hand = HAND_BACKWARD and usable(_layers(model)[: index.max_layer + 1], dtype, S)
+            hand = hand_backward(_layers(model)[: index.max_layer + 1], next(model.parameters()).dtype, S)
         _, gather = site_plan(index, S, position, torch.device("cpu"))
         forward = backward = attention = 0.0
         for j in range(index.max_layer + 1):

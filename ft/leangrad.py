@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ft.fastforward
-from ft.fastforward import _Layer, _Plan, _SiteGather
+from ft.fastforward import _Layer, _Plan, _SiteGather, project_qkv
 
 
 def _gelu_kind(act: object) -> str | None:
@@ -146,12 +146,7 @@ class LeanSites(torch.autograd.Function):
         for layer, L in enumerate(layers):
             n_all, n_go = plan.alive[layer], plan.alive[layer + 1]
             n_end, go = n_all - n_go, n_go * S
-            if layer == 0 and const_ends and S > 2:  # [CLS]/[SEP] projected once (see ft.fastforward)
-                ends = F.linear(h[:1, [0, S - 1]], L.wqkv, L.bqkv)
-                mid = F.linear(h[:, 1:-1].reshape(-1, H), L.wqkv, L.bqkv).view(n_all, S - 2, -1)
-                qkv = torch.cat([ends[:, :1].expand(n_all, 1, -1), mid, ends[:, 1:].expand(n_all, 1, -1)], 1)
-            else:
-                qkv = F.linear(h, L.wqkv, L.bqkv)
+            qkv = project_qkv(h, L, layer == 0 and const_ends)
             acts: dict[str, torch.Tensor] = {}
             take = partial(_take, acts, dict(gather.reads[layer]))  # each read before an in-place update
             ctx_tok = h.new_empty(go + n_end, H)
