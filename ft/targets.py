@@ -9,6 +9,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -63,10 +64,36 @@ class Target:
         return self.target_id + 1_000_000 * self.restart
 
     @property
+    def label(self) -> str:
+        """What a reader knows this unit by (the `label` column, console, report and exports)."""
+        return unit_label(self)
+
+    @property
     def layer(self) -> int | None:
         """The layer of a neuron or a direction, and of terms that all read one layer."""
         layers = self.readout.layers
         return layers[0] if self.kind not in ("group", "cluster", "logit") and len(layers) == 1 else None
+
+
+def unit_label(t: Target) -> str:
+    """`layer.5.ffn_out.17`, `layer.3.resid:sae.861`, `layer.5.head.2`, `logit.1 (pos)`, a group's
+    word, a term's expression, a probe's concept and k: a name that tells two units apart."""
+    if t.kind == "sae":
+        return f"{t.spec}:sae.{t.latent}"
+    if t.kind == "logit":
+        return f"{t.spec} ({t.meta['label']})" if t.meta.get("label") is not None else str(t.spec)
+    if t.kind == "group":
+        return f"{t.target_word} ({t.selection} k={t.k})"
+    if t.kind == "cluster":
+        return f"cluster {t.target_id} ({t.k} units)"
+    if t.kind == "direction" and t.direction_name is not None and t.spec is not None:
+        return f"{t.spec.split('@')[0]}@{t.direction_name}"
+    if "probe_concept" in t.meta:
+        return f"probe {t.meta['probe_concept']} k={t.meta['probe_k']} {t.meta['probe_readout']}"
+    if t.spec is not None:
+        return str(t.spec)
+    reads = t.reads
+    return str(reads[0]) + (f" +{len(reads) - 1}" if len(reads) > 1 else "")
 
 
 def site_target(model: torch.nn.Module, text: str) -> Target:
@@ -262,9 +289,21 @@ def probe_targets(model: torch.nn.Module, run: str, k: int) -> list[Target]:
         specs.append(" + ".join(f"{w:.6g} * {s}" for w, s in zip(weights, sites, strict=True) if w != 0)
                      .replace("+ -", "- "))
     out = terms_targets(model, specs)
+    concept = probe_concept(run)
     for t, what in zip(out, ("mean", "weighted"), strict=False):
-        t.meta.update(probe_run=str(run), probe_readout=what)
+        t.meta.update(probe_run=str(run), probe_readout=what, probe_concept=concept, probe_k=len(sites))
     return out
+
+
+def probe_concept(run: str) -> str:
+    """The concept an ft.probe run probed (its config's `concept`), or the run's folder name."""
+    from ft.results import read_config
+
+    try:
+        concept = str(read_config(run).concept)
+    except Exception:  # a probe run without a readable config still names itself
+        return Path(str(run)).name
+    return Path(concept).name if "/" in concept else concept  # a file by its name; builtin:months as is
 
 
 def direction_targets(model: torch.nn.Module, directions: DirectionSet, sites: str | Sequence[str]) -> list[Target]:

@@ -134,6 +134,7 @@ def test_probe_selected_targets_are_textualized_and_scored_against_the_concept(t
     assert mean.startswith(f"(layer.0.resid.{PLANTED} + ") and mean.endswith(") / 3")
     assert weighted.split(" * ")[1].split()[0] == f"layer.0.resid.{PLANTED}" and not weighted.startswith("-")
     assert df.concept_maw.all()  # the planted unit's most activating word is an animal
+    assert list(df.label) == ["probe animals.csv k=3 mean", "probe animals.csv k=3 weighted"]
     assert summary["probe/maw_in_concept"] == 1.0
     assert read_summary(tmp_path / "run")["probe/closest_in_concept"] == pytest.approx(df.concept_closest_share.mean())
     from ft.report import build_report
@@ -141,7 +142,7 @@ def test_probe_selected_targets_are_textualized_and_scored_against_the_concept(t
 
     html = build_report([str(tmp_path / "run")], tmp_path / "report.html", words=100).read_text()
     rows = table_rows(html, "concepts-table")
-    assert [r[1] for r in rows] == list(df.spec) and [r[3] for r in rows] == ["True", "True"]
+    assert [r[1] for r in rows] == list(df.label) and [r[3] for r in rows] == ["True", "True"]
     assert [float(r[4]) for r in rows] == pytest.approx(list(df.concept_closest_share), abs=1e-3)
     with pytest.raises(ConfigError, match="not an ft.probe run directory"):
         run(compose_cfg([f"model.name_or_path={tiny_dir}", "target=probe", f"target.run={tmp_path}"]),

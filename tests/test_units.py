@@ -190,6 +190,13 @@ def test_a_planted_sae_latent_is_textualized_to_its_word(tiny, tiny_dir, tmp_pat
     assert list(df.kind) == ["sae"] * 3 and list(df.latent) == [2, 5, 6] and list(df.layer) == [1, 1, 1]
     assert list(df.most_activating_word) == words and [c[0] for c in df.closest_words] == words
     assert (df.sae_post - df.objective.clip(lower=0)).abs().max() < 1e-4
+    # every latent names itself (not the SAE's site alone), in the table and wherever target_label is read
+    from ft.results import target_label
+
+    assert list(df.label) == [f"layer.1.resid:sae.{i}" for i in (2, 5, 6)]
+    assert [target_label(r) for r in df.itertuples()] == list(df.label)
+    old = df.assign(label=None)  # a run written before the label column: the same names
+    assert [target_label(r) for r in old.itertuples()] == list(df.label)
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +230,7 @@ def test_a_class_logit_is_the_checkpoints_own_logit(classifier_dir, tmp_path):
                        "logger.wandb.mode=disabled"])
     run(cfg, tmp_path / "run")
     df, inputs = read_targets(tmp_path / "run"), read_inputs(tmp_path / "run")
-    assert list(df.kind) == ["logit", "logit"] and list(df.target_class) == [1, 0] and list(df.label) == ["pos", "neg"]
+    assert list(df.kind) == ["logit", "logit"] and list(df.target_class) == [1, 0] and list(df.class_label) == ["pos", "neg"] and list(df.label) == ["logit.1 (pos)", "logit.0 (neg)"]
     clf = BertForSequenceClassification.from_pretrained(classifier_dir).eval()
     enc = load_encoder(str(classifier_dir))
     vocab = Vocabulary.from_tokenizer(enc.tokenizer)
@@ -259,6 +266,7 @@ def test_head_targets_rebuild_from_their_table(tiny):
     targets = neuron_targets(tiny.model, sites=["layer.0.head.1", "layer.1.ffn_out.2"])
     table = pd.DataFrame({"kind": [t.kind for t in targets], "spec": [t.spec for t in targets],
                           "sites": [t.reads for t in targets]})
+    assert [t.label for t in targets] == ["layer.0.head.1", "layer.1.ffn_out.2"]
     rebuilt = readouts_of_table(tiny.model, table)
     assert rebuilt[0].norms == targets[0].readout.norms and rebuilt[0].weights == {}
     assert rebuilt[1].weights == targets[1].readout.weights
