@@ -4,6 +4,12 @@ stale temporary files, strict JSON.
 - Every file a run writes at its end is listed in `manifest.json` with its size and sha256; the
   manifest is written last, so it is the commit record: a run directory whose files do not match
   it is incomplete or damaged, and readers refuse the file, naming it.
+- Results are committed as a set (`commit`): every file is staged under a temporary name, then
+  `commit.json` (the journal: each temporary file, its final name and sha256) is written; that
+  write is the commit point. The renames follow, the manifest last, and the journal is removed.
+  A crash before the journal leaves the old results (and stale temporary files); a crash after
+  it leaves a journal that the next reader or writer rolls forward to the new results. A
+  reader never sees a mix: `read_manifest` finishes (or refuses, by name) a pending commit.
 - The vocabulary cache stores the sha256 of its tensor bytes in the safetensors metadata.
 - Temporary files carry their writer's pid (`.NAME.PID.tmp`); those of dead writers (a killed
   run) are removed the next time the folder is written to.
@@ -24,6 +30,7 @@ from ft.errors import FtError
 log = logging.getLogger("ft")
 
 MANIFEST = "manifest.json"
+COMMIT = "commit.json"  # the journal of a commit in progress
 _TMP = re.compile(r"^\.?(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 _warned: set[str] = set()
 
@@ -80,6 +87,7 @@ def manifest_entry(path: Path) -> dict[str, object]:
 
 
 def read_manifest(run_dir: Path) -> dict[str, dict] | None:
+    finish_commit(Path(run_dir))
     path = Path(run_dir) / MANIFEST
     if not path.exists():
         return None
@@ -115,20 +123,96 @@ def verify(run_dir: str | Path, name: str) -> Path:
     return path
 
 
-def write_manifest(run_dir: Path, names: list[str], write) -> None:
-    entries = {n: manifest_entry(run_dir / n) for n in names if (run_dir / n).exists()}
-    text = json.dumps({"version": 1, "files": entries}, indent=1)
-    write(run_dir / MANIFEST, lambda p: p.write_text(text))
+def commit(run_dir: Path, staged: dict[str, Path], merge: bool = False) -> None:
+    """Rename the staged files (name -> temporary file, each flushed) into place as one set, with
+    the manifest of their checksums. `merge`: the manifest keeps the other files it lists (a
+    resumed run's config.yaml); otherwise result files of the old manifest that the new set lacks
+    are removed. A crash at any point leaves the old set or (through the journal) the new one."""
+    run_dir = Path(run_dir)
+    finish_commit(run_dir)
+    old = read_manifest(run_dir) or {}
+    entries = {name: {"size": tmp.stat().st_size, "sha256": sha256_file(tmp)} for name, tmp in staged.items()}
+    files = {**old, **entries} if merge else entries
+    manifest_tmp = temp_name(run_dir / MANIFEST)
+    manifest_tmp.write_text(json.dumps({"version": 1, "files": files}, indent=1))
+    _fsync(manifest_tmp)
+    moves = {name: {"tmp": tmp.name, **entries[name]} for name, tmp in staged.items()}
+    moves[MANIFEST] = {"tmp": manifest_tmp.name, **manifest_entry(manifest_tmp)}
+    journal = {"version": 1, "pid": os.getpid(), "files": moves,
+               "remove": [] if merge else sorted(set(old) - set(entries))}
+    journal_tmp = temp_name(run_dir / COMMIT)
+    journal_tmp.write_text(json.dumps(journal, indent=1))
+    _fsync(journal_tmp)
+    os.replace(journal_tmp, run_dir / COMMIT)  # the commit point
+    _fsync_dir(run_dir)
+    apply_commit(run_dir, journal, check=False)  # the writer's own staged files: just hashed
 
 
-def update_manifest(run_dir: Path, name: str, write) -> None:
-    """Re-record one file (config.yaml, rewritten when a run resumes) in an existing manifest."""
-    files = read_manifest(run_dir)
-    if files is None:
+def apply_commit(run_dir: Path, journal: dict, check: bool = True) -> None:
+    """Roll a journal forward: each staged file to its name (the manifest last), stale results
+    removed, the journal deleted. A file neither staged (`check`: with its sha256) nor already in
+    place is a RunFileError."""
+    moves = journal["files"]
+    for name in sorted(moves, key=lambda n: n == MANIFEST):
+        final, tmp, want = run_dir / name, run_dir / moves[name]["tmp"], moves[name]["sha256"]
+        if tmp.exists() and (not check or sha256_file(tmp) == want):
+            os.replace(tmp, final)
+        elif not (final.exists() and sha256_file(final) == want):
+            raise RunFileError(f"{final} is missing or damaged and {run_dir / COMMIT} cannot restore it: the run's "
+                               "results are incomplete; rerun it")
+    for name in journal.get("remove", []):
+        (run_dir / name).unlink(missing_ok=True)
+    _fsync_dir(run_dir)
+    (run_dir / COMMIT).unlink(missing_ok=True)
+
+
+def finish_commit(run_dir: Path) -> None:
+    """A commit left half-done by a killed writer is rolled forward; one whose writer still runs
+    is refused by name (its files are changing)."""
+    path = run_dir / COMMIT
+    if not path.exists():
         return
-    files[name] = manifest_entry(run_dir / name)
-    text = json.dumps({"version": 1, "files": files}, indent=1)
-    write(run_dir / MANIFEST, lambda p: p.write_text(text))
+    try:
+        journal = json.loads(path.read_text())
+        pid = int(journal["pid"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunFileError(f"{path} is damaged ({type(e).__name__}): the run's results cannot be trusted; rerun it") \
+            from None
+    if pid != os.getpid() and pid_alive(pid):
+        raise RunFileError(f"{run_dir} is being written by process {pid} ({COMMIT}); read it when that ends")
+    try:
+        apply_commit(run_dir, journal)
+    except OSError as e:
+        raise RunFileError(f"{run_dir} holds an unfinished commit ({COMMIT}) that cannot be completed here "
+                           f"({e.strerror or e}); open it where it is writable, or rerun it") from None
+    log.warning("%s: completed the commit a killed process left unfinished", run_dir)
+
+
+def pending_temps(folder: Path) -> set[str]:
+    """The temporary files a journal in `folder` still needs."""
+    try:
+        journal = json.loads((Path(folder) / COMMIT).read_text())
+        return {m["tmp"] for m in journal["files"].values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # -- temporary files -----------------------------------------------------------------------------
@@ -153,8 +237,11 @@ def remove_stale_temps(folder: Path) -> list[Path]:
         entries = list(Path(folder).iterdir())
     except OSError:
         return removed
+    keep = pending_temps(folder)
     for p in entries:
         m = _TMP.match(p.name)
+        if p.name in keep:
+            continue
         if m and int(m.group("pid")) != os.getpid() and not pid_alive(int(m.group("pid"))):
             try:
                 p.unlink()

@@ -21,18 +21,18 @@ from safetensors.torch import load_file
 
 from ft.directions import RUN_FILE, DirectionSet
 from ft.integrity import (
+    COMMIT,
     MANIFEST,
     RunFileError,
     StorageError,
+    commit,
     pid_alive,
     read_manifest,
     remove_stale_temps,
     save_tensors,
-    sha256_file,
     storage_error,
     strict_summary,
     temp_name,
-    update_manifest,
     verify,
 )
 
@@ -74,9 +74,14 @@ def _discard(path: Path) -> None:
 
 
 def write_config(run_dir: Path, cfg: DictConfig) -> None:
+    """config.yaml; in a run directory with results (a resumed run), committed with its manifest
+    entry as one set, so the record never disagrees with the file."""
     text = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write(Path(run_dir) / CONFIG, lambda p: p.write_text(text))
-    update_manifest(Path(run_dir), CONFIG, atomic_write)  # a resumed run's record stays consistent
+    run_dir = Path(run_dir)
+    if read_manifest(run_dir) is None:
+        atomic_write(run_dir / CONFIG, lambda p: p.write_text(text))
+    else:
+        write_files(run_dir, {CONFIG: lambda p: p.write_text(text)}, merge=True)
 
 
 RESULT_FILES = (CONFIG, CURVES, INPUTS, TARGETS, SUMMARY)
@@ -111,10 +116,11 @@ def write_run(
     return write_files(run_dir, writers)
 
 
-def write_files(run_dir: str | Path, writers: dict[str, Callable[[Path], None]]) -> Path:
+def write_files(run_dir: str | Path, writers: dict[str, Callable[[Path], None]], merge: bool = False) -> Path:
     """Write every file of `writers` (name -> write(path)) or none, with the manifest: each to a
-    temporary file first, then the manifest of their checksums; only when every one is on disk
-    are they renamed into place, manifest last."""
+    temporary file first; when every one is on disk they are committed as one set
+    (`ft.integrity.commit`: a journal, then the renames), so a crash at any point leaves the old
+    results or the new ones. `merge`: the other files the manifest lists stay in it."""
     run_dir = Path(run_dir)
     staged: dict[str, Path] = {}
     current = run_dir / next(iter(writers))
@@ -127,19 +133,11 @@ def write_files(run_dir: str | Path, writers: dict[str, Callable[[Path], None]])
             write(staged[name])
             _fsync(staged[name])
         current = run_dir / MANIFEST
-        entries = {name: {"size": tmp.stat().st_size, "sha256": sha256_file(tmp)} for name, tmp in staged.items()}
-        staged[MANIFEST] = temp_name(current)
-        staged[MANIFEST].write_text(json.dumps({"version": 1, "files": entries}, indent=1))
-        _fsync(staged[MANIFEST])
-        (run_dir / MANIFEST).unlink(missing_ok=True)  # from here until the end the run reads as incomplete
-        for name, tmp in staged.items():
-            if name != MANIFEST:
-                current = run_dir / name
-                os.replace(tmp, current)
-        os.replace(staged[MANIFEST], run_dir / MANIFEST)
+        commit(run_dir, staged, merge=merge)
     except OSError as e:
-        for tmp in staged.values():
-            _discard(tmp)
+        if not (run_dir / COMMIT).exists():  # not committed: the old results stand
+            for tmp in [*staged.values(), temp_name(run_dir / MANIFEST)]:
+                _discard(tmp)
         raise storage_error(current, e) from None
     return run_dir
 
@@ -155,8 +153,17 @@ def _read(run_dir: str | Path, name: str, read: Callable[[Path], object]) -> obj
 
 
 def target_label(row: object) -> str:
-    """What a reader knows a target by: a group's word, a direction's name, an expression, a site."""
+    """What a reader knows a target by: the run's `label` column (`ft.targets.unit_label`), or for
+    runs written before it, a group's word, an SAE latent, a direction's name, an expression, a site."""
+    label, kind = getattr(row, "label", None), getattr(row, "kind", None)
+    if isinstance(label, str) and label and (kind != "logit" or label.startswith("logit")):
+        return label  # (older runs wrote a logit's class name alone in `label`)
     word, spec = getattr(row, "target_word", None), getattr(row, "spec", None)
+    latent = getattr(row, "latent", None)
+    if kind == "sae" and isinstance(spec, str) and latent is not None and latent == latent:
+        return f"{spec}:sae.{int(latent)}"
+    if kind == "logit" and isinstance(spec, str) and isinstance(label, str) and label:
+        return f"{spec} ({label})"
     if isinstance(word, str):
         return f"{word} ({row.selection} k={row.k})"
     if getattr(row, "kind", None) == "cluster":

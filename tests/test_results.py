@@ -53,7 +53,9 @@ def test_every_run_file_arrives_by_rename(tmp_path, monkeypatch):
     written = {p.name for p in run_dir.iterdir()}
     assert written == {"config.yaml", "curves.parquet", "inputs.safetensors", "targets.parquet", "summary.json",
                        "manifest.json"}  # the manifest last: the run's commit record
-    assert {dst.name for _, dst in renames} == written and len(renames) == len(written)
+    # the journal first (the commit point, removed once done), then the files, the manifest last
+    assert [dst.name for _, dst in renames][0] == "commit.json" and len(renames) == len(written) + 1
+    assert {dst.name for _, dst in renames[1:]} == written
     assert all(src.name.endswith(".tmp") for src, _ in renames) and renames[-1][1].name == "manifest.json"
     pd.testing.assert_frame_equal(read_targets(run_dir), df)
     assert torch.equal(read_inputs(run_dir)["embeds"], tensors["embeds"])

@@ -96,3 +96,88 @@ def test_a_damaged_index_is_refused_by_name(tmp_path):
     (tmp_path / "kept" / "index.json").write_text(json.dumps([1, 2]))
     with pytest.raises(RunFileError, match="index.json is damaged"):
         kept(tmp_path, "sae")
+
+
+# -- results commit as one set ---------------------------------------------------------------
+class Crash(BaseException):
+    """kill -9 at this point: nothing after it runs (no except clause catches it)."""
+
+
+def write_set(run: Path, contents: dict[str, bytes]) -> None:
+    from ft.results import write_files
+
+    write_files(run, {name: (lambda p, b=b: p.write_bytes(b)) for name, b in contents.items()})
+
+
+def read_set(run: Path) -> dict[str, bytes]:
+    from ft.integrity import read_manifest, verify
+
+    return {name: verify(run, name).read_bytes() for name in read_manifest(run)}
+
+
+OLD = {"targets.parquet": b"targets@20", "inputs.safetensors": b"inputs@20", "frontier.parquet": b"f@20"}
+NEW = {"targets.parquet": b"targets@30", "inputs.safetensors": b"inputs@30", "curves.parquet": b"curves@30"}
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-commit", "over-old-results"])
+def test_a_crash_at_any_step_of_a_commit_leaves_the_old_set_or_the_new_one(first, tmp_path, monkeypatch):
+    import os
+
+    import ft.integrity
+
+    real_replace, real_unlink = os.replace, Path.unlink
+    outcomes = set()
+    for n in range(12):
+        run = tmp_path / f"run{n}"
+        if not first:
+            write_set(run, OLD)
+        calls = [0]
+
+        def counted(op, *a, calls=calls, n=n, **k):
+            calls[0] += 1
+            if calls[0] > n:
+                raise Crash
+            return op(*a, **k)
+
+        monkeypatch.setattr(ft.integrity.os, "replace", lambda *a, **k: counted(real_replace, *a, **k))
+        monkeypatch.setattr(Path, "unlink", lambda *a, **k: counted(real_unlink, *a, **k))
+        try:
+            write_set(run, NEW)
+            crashed = False
+        except Crash:
+            crashed = True
+        monkeypatch.setattr(ft.integrity.os, "replace", real_replace)
+        monkeypatch.setattr(Path, "unlink", real_unlink)
+        if first and not (run / "manifest.json").exists() and not (run / "commit.json").exists():
+            assert not any((run / name).exists() for name in NEW)  # nothing under a final name
+            outcomes.add("none")
+            continue
+        seen = read_set(run)
+        assert seen in (OLD, NEW), f"crash after {n} operations: a mixed set {seen}"
+        outcomes.add("new" if seen == NEW else "old")
+        assert not (run / "commit.json").exists()
+        if seen == NEW:
+            assert not (run / "frontier.parquet").exists()  # the old set's extra file went with it
+        if not crashed:
+            break
+    assert "new" in outcomes and outcomes & {"old", "none"}  # both sides of the commit point were hit
+
+
+def test_a_commit_whose_writer_still_runs_is_refused_by_name(tmp_path):
+    from ft.integrity import read_manifest
+
+    write_set(tmp_path, OLD)
+    (tmp_path / "commit.json").write_text(json.dumps({"version": 1, "pid": 1, "files": {}, "remove": []}))
+    with pytest.raises(RunFileError, match="being written by process 1"):
+        read_manifest(tmp_path)
+
+
+def test_a_commit_whose_staged_file_is_gone_is_refused_not_read_as_a_mix(tmp_path):
+    from ft.integrity import verify
+
+    write_set(tmp_path, OLD)
+    journal = {"version": 1, "pid": 2**22 + 7, "remove": [],
+               "files": {"targets.parquet": {"tmp": ".targets.parquet.99.tmp", "size": 3, "sha256": "0" * 64}}}
+    (tmp_path / "commit.json").write_text(json.dumps(journal))
+    with pytest.raises(RunFileError, match="targets.parquet is missing or damaged"):
+        verify(tmp_path, "inputs.safetensors")
