@@ -15,14 +15,10 @@ __all__ = ["Result", "__version__", "compose_config", "load", "load_runs", "text
 
 
 def __getattr__(name: str):  # lazy: `import ft` stays cheap (torch loads on first use)
-    if name in ("Result", "compose_config", "load", "textualize"):
+    if name in ("Result", "compose_config", "load", "load_runs", "textualize"):
         from ft import api
 
         return getattr(api, name)
-    if name == "load_runs":
-        from ft.results import load_runs
-
-        return load_runs
     import importlib.util
 
     if not name.startswith("_") and importlib.util.find_spec(f"ft.{name}") is not None:  # ft.ablate, ft.results, ...

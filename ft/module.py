@@ -351,6 +351,15 @@ class TextualizationModule(pl.LightningModule):
         state.last = values
         state.step += 1  # ConvergenceControl now records the step and decides which rows go on
 
+    def objective_values(self) -> torch.Tensor:
+        """[rows] each row's activation objective as of the last step, for `act/*` and the bar (the
+        token search's value adds a fluency term, which these leave out)."""
+        return self.state.last
+
+    def fluency_values(self) -> torch.Tensor | None:
+        """[rows] each row's fluency (nats per token) as of the last step; None without fluency."""
+        return None
+
     def remember_best(self, values: torch.Tensor) -> None:
         """`values` [rows] were measured on the current input (before this step's update)."""
         s = self.state

@@ -353,6 +353,7 @@ def check_config(cfg: DictConfig | dict) -> None:
     if t.get("shard", 0) >= t.get("num_shards", 1):
         raise ConfigError(f"target.shard={t['shard']}, target.num_shards={t['num_shards']}; "
                           "valid: 0 <= shard < num_shards")
+    check_not_empty(t)
     if t.get("sites"):
         seen: dict[Site, str] = {}
         for text in t["sites"]:
@@ -362,6 +363,25 @@ def check_config(cfg: DictConfig | dict) -> None:
                 raise ConfigError(f"target.sites: {text!r} repeats {seen[site]!r}; valid: each site once")
             seen[site] = text
     check_target_kind(t)
+
+
+# target keys where null means "sample" or "all": an empty list would silently mean the same
+NULL_MEANS = {
+    "sites": "null (a seeded sample of units per layer) or a list of sites, e.g. [layer.5.ffn_out.17]",
+    "layers": "null (every layer) or a list of layer numbers, e.g. [2,3]",
+    "words": "null (num_random + num_frequent words, seeded) or a list of words, e.g. [river,bank]",
+    "latents": "null (a seeded sample) or a list of latent numbers, e.g. [3,17]",
+    "classes": "null (every class) or a list of class ids or labels, e.g. [0,1]",
+    "site": "null or a site 'layer.<L>.<point>' or a list of them",
+}
+
+
+def check_not_empty(t: dict) -> None:
+    """An empty list where null means "sample" or "all" is refused: `target.sites=[]` must not run
+    16 random neurons."""
+    for key, valid in NULL_MEANS.items():
+        if isinstance(t.get(key), list) and not t[key]:
+            raise ConfigError(f"target.{key}=[] is an empty list; valid: {valid}")
 
 
 # the keys each target kind reads (the schema declares the union)

@@ -164,6 +164,7 @@ class TokenSearchModule(TextualizationModule):
         self.weights_as_given = weights.double()  # reported as configured, not rounded to float32
         self.state = RowState.create(self.num_targets, self.control.window, self.inputs.param, True, search.memory)
         self._candidate_batches: dict[tuple[int, int], tuple[object, object]] = {}
+        self._kept: tuple[torch.Tensor, torch.Tensor] | None = None  # see kept_terms
 
 
     def configure_optimizers(self) -> SwapStep:
@@ -180,23 +181,24 @@ class TokenSearchModule(TextualizationModule):
         return self._candidate_batches[key][1]
 
     def token_gains(self, objective: object, ids: torch.Tensor, weights: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(value [r] of the current tokens, [r, l, V] each swap's estimated gain of it).
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(objective [r] of the current tokens, [r, l, V] each swap's estimated gain of the value,
+        fluency [r] of the current tokens or None).
 
         The objective's gain is first-order: its gradient w.r.t. the one-hot tokens,
-        grad_e . W_word^T. With fluency `weights` [r] (any > 0), the value adds weight x fluency and
-        the gain adds weight x the fluency's own change for that swap (ft.fluency)."""
+        grad_e . W_word^T. With fluency `weights` [r] (any > 0), the value is objective + weight x
+        fluency and the gain adds weight x the fluency's own change for that swap (ft.fluency)."""
         W = self.word_embeddings
         with torch.enable_grad():
             e = W[ids].detach().requires_grad_(True)
             seq = full_sequence(e, W, self.cls_id, self.sep_id)
             obj = objective(Reading(self.encoder, e, seq, self.position, self.fast))
             grad = torch.autograd.grad(obj.float().sum(), e)[0]  # [r, l, E]
-        value, gains = obj.detach().float(), grad.float() @ W.detach().float().T
+        value, gains, flu = obj.detach().float(), grad.float() @ W.detach().float().T, None
         if weights is not None and bool((weights > 0).any()):
-            value = value + weights * self.fluency.score(ids).float()
+            flu = self.fluency.score(ids).float()
             gains = gains + weights[:, None, None] * self.fluency.swap_gains(ids).float()
-        return value, gains
+        return value, gains, flu
 
     def chunk_weights(self, target_row: torch.Tensor) -> torch.Tensor | None:
         """[r] the chunk's fluency weights, None when all are 0."""
@@ -220,8 +222,9 @@ class TokenSearchModule(TextualizationModule):
             r, length = ids.shape
             ar = torch.arange(r, device=ids.device)
             weights = self.chunk_weights(target_row[rows])  # [r] or None
-            obj, scores = self.token_gains(objective, ids, weights)  # [r], [r, l, V]
-            self.remember(rows, ids, obj.float())  # the first step's random start, or a resumed walk
+            pure, scores, flu = self.token_gains(objective, ids, weights)  # [r], [r, l, V], [r] or None
+            obj = pure if flu is None else pure + weights * flu
+            self.remember(rows, ids, obj.float(), pure, flu)  # the first step's random start, or a resumed walk
             scores.masked_fill_(~allowed, -torch.inf)
             scores.scatter_(2, ids[..., None], -torch.inf)  # a swap changes the token
             k = min(s.topk, int(allowed.sum()) - 1)
@@ -239,10 +242,10 @@ class TokenSearchModule(TextualizationModule):
             with torch.no_grad():
                 e_c = W[flat]
                 seq_c = full_sequence(e_c, W, self.cls_id, self.sep_id)
-                vals = self.candidate_batch(objective, rows, C)(Reading(self.encoder, e_c, seq_c, self.position,
-                                                                        self.fast)).float().view(r, C)
-                if weights is not None:
-                    vals = vals + weights[:, None] * self.fluency.score(flat).float().view(r, C)
+                pure_c = self.candidate_batch(objective, rows, C)(Reading(self.encoder, e_c, seq_c, self.position,
+                                                                          self.fast)).float().view(r, C)
+                flu_c = self.fluency.score(flat).float().view(r, C) if weights is not None else None
+                vals = pure_c if flu_c is None else pure_c + weights[:, None] * flu_c
             memory = state.visited[:, rows].T  # [r, memory]
             seen = (sequence_hash(cand)[..., None] == memory[:, None, :]).any(-1)  # [r, C]
             vals = vals.masked_fill(seen | ~torch.isfinite(vals), -torch.inf)
@@ -250,7 +253,8 @@ class TokenSearchModule(TextualizationModule):
             move = torch.isfinite(best) & ~state.frozen[rows]  # nowhere new to go: stay
             ids[move] = cand[move, arg[move]]
             opt.optimizer.propose(rows, ids)
-            self.remember(rows, ids, torch.where(move, best, obj.float()))
+            self.remember(rows, ids, torch.where(move, best, obj.float()), torch.where(move, pure_c[ar, arg], pure),
+                          None if flu is None else torch.where(move, flu_c[ar, arg], flu))
             hashes = state.visited[slot, rows]
             state.visited[slot, rows] = torch.where(move, sequence_hash(ids), hashes)
         opt.step()
@@ -260,16 +264,51 @@ class TokenSearchModule(TextualizationModule):
         state.last = values
         state.step += 1
 
+    def kept_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective [rows], fluency [rows]) of each row's kept sequence, measured once (a resumed
+        walk, whose checkpoint holds the sequences) and then updated with every new best."""
+        if self._kept is None:
+            seen = torch.isfinite(self.state.best_value.cpu())
+            pure, flu = torch.full(seen.shape, -torch.inf), torch.full(seen.shape, torch.nan)
+            if bool(seen.any()):  # a resumed walk
+                ids = self.state.best_param.long().to(self.inputs.ids.device)
+                framed = torch.cat([torch.full((len(ids), 1), self.cls_id, device=ids.device), ids,
+                                    torch.full((len(ids), 1), self.sep_id, device=ids.device)], 1)
+                from ft.metrics import measure
+
+                mine = self.all_objectives[self.rows]
+                pure = torch.where(seen, measure(self.encoder, mine, framed, self.position).float().cpu(), pure)
+                flu = torch.where(seen, self.fluency.score(ids).float().cpu(), flu)
+            self._kept = (pure, flu)
+        return self._kept
+
+    def objective_values(self) -> torch.Tensor:
+        """[rows] the activation objective of each row's kept sequence, without the fluency term
+        the walk's value adds (act/* and the bar; `fluency_values` has the other term)."""
+        return self.kept_terms()[0] if self.uses_fluency() else self.state.last
+
+    def fluency_values(self) -> torch.Tensor | None:
+        return self.kept_terms()[1] if self.uses_fluency() else None
+
+    def uses_fluency(self) -> bool:
+        """Some row's value adds a fluency term (a weight > 0)."""
+        return self.fluency is not None and bool((self.row_weights > 0).any())
+
     @torch.no_grad()
     def restore_best(self) -> None:
         """Each row's result is the best sequence it saw (every position it moved to was
         remembered with its value, fluency included, so the last one is never better)."""
         self.inputs.set_rows(self.state.best_param.to(self.inputs.ids.device))
 
-    def remember(self, rows: slice | torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
-        """Rows of `rows` now at `ids` [r, l] with objective `values` [r]: keep any new best, and
-        put the sequence in the row's memory (once per step, the slot of this step)."""
+    def remember(self, rows: slice | torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
+                 pure: torch.Tensor | None = None, flu: torch.Tensor | None = None) -> None:
+        """Rows of `rows` now at `ids` [r, l] with value `values` [r] (the objective `pure` plus
+        weight x fluency `flu`): keep any new best, and put the sequence in the row's memory (once
+        per step, the slot of this step)."""
         s = self.state
+        track = pure is not None and self.uses_fluency()
+        if track:
+            self.kept_terms()  # measured before the first change
         idx = torch.arange(s.rows, device=ids.device)[rows]
         better = torch.isfinite(values) & (values > s.best_value[idx] + 1e-6 * values.abs().clamp_min(1e-6))
         better &= ~s.frozen[idx]
@@ -277,6 +316,11 @@ class TokenSearchModule(TextualizationModule):
             s.best_value[idx[better]] = values[better].to(s.best_value.dtype)
             s.best_param[idx[better]] = ids[better].to(s.best_param.dtype)
             s.kept_step[idx[better]] = s.step
+            if track:
+                kept_pure, kept_flu = self._kept
+                at = idx[better].cpu()
+                kept_pure[at] = pure[better].float().cpu()
+                kept_flu[at] = flu[better].float().cpu() if flu is not None else torch.nan
         if s.step == 0:  # the start is visited
             s.visited[0, idx] = sequence_hash(ids)
 

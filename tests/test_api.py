@@ -21,7 +21,7 @@ SITES = ["layer.0.ffn_out.3", "layer.1.ffn_out.7", "layer.1.head.1"]
 
 def test_import_ft_exports_the_api():
     assert set(ft.__all__) >= {"textualize", "load", "load_runs", "Result"}
-    assert ft.textualize.__module__ == "ft.api" and ft.load_runs.__module__ == "ft.results"
+    assert ft.textualize.__module__ == "ft.api" and ft.load_runs.__module__ == "ft.api"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         ft.nope  # noqa: B018
 

@@ -32,7 +32,7 @@ class NearestWords(pl.Callback):
         analysis = adapter(pl_module.encoder).embed(inputs_embeds=seq)[:, pl_module.position]
         facts = pl_module.facts
         _, top_cos, top_rows = closest_words(analysis.cpu(), facts.word_vectors, self.top_n)
-        obj = pl_module.state.last if pl_module.state.step else None
+        obj = pl_module.objective_values() if pl_module.state.step else None
         step = pl_module.state.step
         out = []
         for t in range(n):

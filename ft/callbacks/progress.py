@@ -54,7 +54,7 @@ class StepProgress(TQDMProgressBar):
         if state is None or not state.step:
             return {}
         done = pl_module.converged() | state.diverged
-        obj = state.last
+        obj = pl_module.objective_values()  # the activation alone, without a fluency term
         return {"moving": f"{int((~done).sum())}/{obj.numel()}", "act": f"{float(obj.float().nanmean()):.3f}"}
 
 
