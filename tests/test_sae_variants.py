@@ -1,0 +1,349 @@
+"""ft's SAE reading against SAELens's own: each variant built with SAELens's classes (random weights,
+non-zero biases, thresholds of both signs, decoder rows of varied norms), saved with its `save_model`,
+read by `ft.sae.load_sae`, and compared on random inputs with SAELens's `encode` (post-activation)
+and its `hook_sae_acts_pre` (pre-activation; ft's objective). Every field ft cannot apply exactly
+is refused in one line naming it; those cases also run from hand-written files without SAELens.
+
+`pytest tests/test_sae_variants.py -s` prints the variant table (max abs differences)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ft.errors import TargetError
+from ft.sae import SAE, load_sae
+
+D_IN, D_SAE, D_OUT, K = 16, 48, 12, 6
+TABLE: list[tuple[str, str, float, float]] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def variant_table():
+    yield
+    if TABLE:
+        print("\nvariant | saved with | max |objective - SAELens| | max |post - SAELens|")
+        for row in TABLE:
+            print(f"{row[0]} | {row[1]} | {row[2]:.2e} | {row[3]:.2e}")
+
+
+@pytest.fixture(scope="module")
+def sae_lens():
+    os.environ["HF_HUB_OFFLINE"] = "1"  # importing it must not reach the hub
+    return pytest.importorskip("sae_lens")
+
+
+def inputs(seed: int = 0, width: int = D_IN) -> torch.Tensor:
+    """[4, 9, width] activations of a site, not centred (so b_dec matters)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 9, width, generator=g) * 2 + 0.5
+
+
+def randomize(sae, seed: int = 1) -> None:
+    """Random weights in place: biases non-zero, decoder rows of norms 0.2..3.2, thresholds of both signs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim == 1 else 1 / p.shape[0] ** 0.5))
+        sae.W_dec.mul_(0.2 + 3 * torch.rand(sae.W_dec.shape[0], 1, generator=g))
+        if hasattr(sae, "threshold") and isinstance(sae.threshold, torch.nn.Parameter):
+            sae.threshold.copy_(torch.rand(sae.threshold.shape, generator=g) * 1.0 - 0.2)
+
+
+def lens_readings(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens's (hook_sae_acts_pre, encode) of x."""
+    seen = []
+    handle = sae.hook_sae_acts_pre.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+    try:
+        with torch.no_grad():
+            post = sae.encode(x)
+    finally:
+        handle.remove()
+    return seen[0], (post.to_dense() if post.is_sparse else post).detach()
+
+
+def readout_objective(sae: SAE, x: torch.Tensor, latents: list[int]) -> torch.Tensor:
+    """[..., len(latents)]: each latent's `SAE.readout` (the objective ft optimizes) on x."""
+    cols = []
+    for i in latents:
+        r = sae.readout(3, "resid", i)
+        w = torch.tensor([r.weights[s] for s in sorted(r.weights, key=lambda s: s.unit)], dtype=torch.float64)
+        cols.append(x.double() @ w + r.bias)
+    return torch.stack(cols, -1)
+
+
+def compare(name: str, how: str, lens, folder: Path, pre_scale: torch.Tensor | None = None,
+            width: int = D_IN) -> SAE:
+    """ft's reading of `folder` against SAELens's `lens`; one table row. `pre_scale` [d_sae]: what
+    ft's pre-activation is in units of SAELens's hook_sae_acts_pre (the decoder norms when rescaled)."""
+    ft = load_sae(folder)
+    x = inputs(width=width)
+    lens_pre, lens_post = lens_readings(lens, x)
+    want_pre = lens_pre * pre_scale if pre_scale is not None else lens_pre
+    post = ft.encode(x)
+    latents = [0, 7, D_SAE - 1]
+    objective = readout_objective(ft, x, latents)
+    d_obj = float((objective - want_pre[..., latents].double()).abs().max())
+    d_pre = float((ft.pre(x) - want_pre).abs().max())
+    d_post = float((post - lens_post).abs().max())
+    TABLE.append((name, how, max(d_obj, d_pre), d_post))
+    scale = float(want_pre.abs().max())
+    assert d_pre <= 1e-5 * scale and d_obj <= 1e-5 * scale, (name, d_pre, d_obj)
+    assert d_post <= 1e-5 * scale, (name, d_post)
+    assert torch.equal(post != 0, lens_post != 0), name  # the same active set
+    assert (lens_post != 0).any() and (lens_post == 0).any(), name  # not a vacuous comparison
+    return ft
+
+
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_standard(sae_lens, tmp_path, apply_b_dec):
+    lens = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=apply_b_dec))
+    randomize(lens)
+    lens.save_model(tmp_path)
+    compare(f"standard (apply_b_dec_to_input={apply_b_dec})", "StandardSAE.save_model", lens, tmp_path)
+
+
+def test_jumprelu_with_thresholds_of_both_signs(sae_lens, tmp_path):
+    """SAELens's JumpReLU is ReLU(z) where z > threshold: a negative threshold does not pass z < 0."""
+    lens = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE))
+    randomize(lens)
+    assert (lens.threshold < 0).any()
+    lens.save_model(tmp_path)
+    compare("jumprelu (thresholds -0.2..0.8)", "JumpReLUSAE.save_model", lens, tmp_path)
+
+
+def test_jumprelu_training_sae(sae_lens, tmp_path):
+    lens = sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE))
+    randomize(lens)
+    with torch.no_grad():
+        lens.threshold.clamp_(min=0)  # as its training step keeps it
+    lens.save_model(tmp_path)  # the training config: loss settings and training metadata beside the encoding
+    compare("jumprelu, training config", "JumpReLUTrainingSAE.save_model", lens.eval(), tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["topk", "abstopk"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_topk_and_abstopk(sae_lens, tmp_path, arch, rescale):
+    """With rescale_acts_by_decoder_norm, SAELens ranks hidden_pre * ||W_dec[i]||: ft's objective is that
+    product and its active set SAELens's; reading the file without the rescale would not be."""
+    cls, cfg_cls = ((sae_lens.TopKSAE, sae_lens.TopKSAEConfig) if arch == "topk"
+                    else (sae_lens.AbsTopKSAE, sae_lens.AbsTopKSAEConfig))
+    lens = cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=rescale))
+    randomize(lens)
+    lens.save_model(tmp_path)
+    assert json.loads((tmp_path / "cfg.json").read_text())["rescale_acts_by_decoder_norm"] is rescale
+    norms = lens.W_dec.detach().norm(dim=-1) if rescale else None
+    ft = compare(f"{arch} (rescale_acts_by_decoder_norm={str(rescale).lower()})", f"{cls.__name__}.save_model",
+                 lens, tmp_path, pre_scale=norms)
+    assert ((ft.encode(inputs()) != 0).sum(-1) == K).all()
+    # decode stays SAELens's: the fold moved the norms from W_dec to W_enc
+    f = ft.encode(inputs())
+    torch.testing.assert_close(ft.decode(f), lens.decode(f).detach(), rtol=1e-5, atol=1e-5)
+    if rescale:  # the defect this guards: the file read as if not rescaled
+        naive = SAE(lens.W_enc.detach(), lens.b_enc.detach(), lens.W_dec.detach(), lens.b_dec.detach(), arch, True,
+                    k=K)
+        assert not torch.equal(naive.encode(inputs()) != 0, lens_readings(lens, inputs())[1] != 0)
+
+
+def test_topk_training_sae_saved_unfolded(sae_lens, tmp_path):
+    """A TopK training SAE (rescale on by default) saved with save_model: the norms are not folded."""
+    lens = sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    randomize(lens)
+    lens.save_model(tmp_path)
+    compare("topk (rescale true), training config", "TopKTrainingSAE.save_model", lens.eval(), tmp_path,
+            pre_scale=lens.W_dec.detach().norm(dim=-1))
+
+
+def test_topk_training_sae_saved_for_inference(sae_lens, tmp_path):
+    lens = sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    randomize(lens)
+    lens.save_inference_model(tmp_path)  # folds the norms, writes rescale false
+    compare("topk, norms folded", "TopKTrainingSAE.save_inference_model", lens.eval(), tmp_path,
+            pre_scale=lens.W_dec.detach().norm(dim=-1))
+
+
+def test_gated(sae_lens, tmp_path):
+    lens = sae_lens.GatedSAE(sae_lens.GatedSAEConfig(d_in=D_IN, d_sae=D_SAE))
+    randomize(lens)
+    lens.save_model(tmp_path)
+    compare("gated", "GatedSAE.save_model", lens, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["Transcoder", "JumpReLUTranscoder", "SkipTranscoder"])
+def test_transcoders_encode_their_input_site(sae_lens, tmp_path, name):
+    cls, cfg_cls = getattr(sae_lens, name), getattr(sae_lens, f"{name}Config")
+    lens = cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, d_out=D_OUT, apply_b_dec_to_input=False))
+    randomize(lens)
+    lens.save_model(tmp_path)
+    ft = compare(f"{lens.cfg.architecture()} (d_out={D_OUT})", f"{name}.save_model", lens, tmp_path)
+    assert ft.W_dec.shape == (D_SAE, D_OUT)
+
+
+def test_batchtopk_saved_for_inference_is_a_jumprelu(sae_lens, tmp_path):
+    lens = sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    randomize(lens)
+    lens.topk_threshold = torch.tensor(0.4)
+    lens.save_inference_model(tmp_path)
+    assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == "jumprelu"
+    inference = sae_lens.SAE.load_from_disk(tmp_path)  # SAELens's own reading of what it wrote
+    compare("batchtopk -> jumprelu", "BatchTopKTrainingSAE.save_inference_model", inference, tmp_path)
+
+
+def test_a_roundtrip_through_ft_save_is_read_by_saelens_alike(sae_lens, tmp_path):
+    lens = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=True))
+    randomize(lens)
+    lens.save_model(tmp_path / "a")
+    load_sae(tmp_path / "a").save(tmp_path / "b")  # the rescale folded: rescale false, same encoding
+    back = sae_lens.SAE.load_from_disk(tmp_path / "b")
+    x = inputs()
+    torch.testing.assert_close(back.encode(x).detach(), lens_readings(lens, x)[1], rtol=1e-5, atol=1e-5)
+    compare("topk rescaled, re-saved by ft", "SAE.save (ft)", back, tmp_path / "b")
+
+
+def write_pre6(folder: Path, cfg: dict, seed: int = 3, scaling_factor: torch.Tensor | None = None) -> dict:
+    """A pre-6 SAELens directory written by hand (no sae_lens_version): its tensors."""
+    g = torch.Generator().manual_seed(seed)
+    w = {"W_enc": torch.randn(D_IN, D_SAE, generator=g) / 4, "b_enc": torch.randn(D_SAE, generator=g) * 0.3,
+         "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g) * 0.3}
+    if scaling_factor is not None:
+        w["scaling_factor"] = scaling_factor
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    base = {"d_in": D_IN, "d_sae": D_SAE, "model_name": "gpt2", "hook_point": "blocks.4.hook_resid_pre",
+            "hook_point_layer": 4, "context_size": 128, "dataset_path": "Skylion007/openwebtext", "dtype": "float32",
+            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": False,
+            "sae_lens_training_version": "3.5.0", "neuronpedia_id": None}
+    (folder / "cfg.json").write_text(json.dumps({**base, **cfg}))
+    return w
+
+
+def test_pre6_topk_file(sae_lens, tmp_path):
+    write_pre6(tmp_path, {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}})
+    lens = sae_lens.SAE.load_from_disk(tmp_path)
+    assert lens.cfg.architecture() == "topk"
+    compare("pre-6 topk (activation_fn_str)", "hand-written 5.x cfg.json", lens, tmp_path)
+
+
+def test_pre6_finetuning_scale_is_folded_into_the_decoder(tmp_path):
+    s = torch.linspace(0.5, 2.0, D_SAE)
+    w = write_pre6(tmp_path, {"activation_fn_str": "relu", "finetuning_scaling_factor": True}, scaling_factor=s)
+    ft = load_sae(tmp_path)
+    f = ft.encode(inputs())
+    torch.testing.assert_close(ft.decode(f), (f * s) @ w["W_dec"] + w["b_dec"])
+    torch.testing.assert_close(ft.encode(inputs()), ((inputs() - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu())
+
+
+def test_rescaled_topk_from_a_hand_written_file(tmp_path):
+    """Without SAELens: the rescale applied as SAELens's TopKSAE.encode defines it."""
+    w = write_pre6(tmp_path, {"architecture": "topk", "k": K, "rescale_acts_by_decoder_norm": True})
+    ft = load_sae(tmp_path)
+    x = inputs()
+    z = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * w["W_dec"].norm(dim=-1)
+    top = z.topk(K, dim=-1)
+    want = torch.zeros_like(z).scatter(-1, top.indices, top.values.relu())
+    torch.testing.assert_close(ft.pre(x), z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ft.encode(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_hand_written_field_values_are_refused_in_one_line(tmp_path):
+    """Without SAELens: each field that would change the encoding in a way ft cannot apply."""
+    cases = {
+        "activation_fn_str='tanh-relu'": {"activation_fn_str": "tanh-relu"},
+        "normalize_activations=True": {"normalize_activations": True},
+        "normalize_activations='layer_norm'": {"normalize_activations": "layer_norm"},
+        "normalize_activations='constant_norm_rescale'": {"normalize_activations": "constant_norm_rescale"},
+        "normalize_activations='expected_average_only_in'": {"normalize_activations": "expected_average_only_in"},
+        "normalize_activations='covariance_whitening'": {"normalize_activations": "covariance_whitening"},
+        "normalize_activations='sometimes'": {"normalize_activations": "sometimes"},
+        "hook_point='blocks.4.attn.hook_z'": {"hook_point": "blocks.4.attn.hook_z"},
+        "reshape_activations='hook_z'": {"reshape_activations": "hook_z"},
+        "architecture='matching_pursuit'": {"architecture": "matching_pursuit"},
+        "architecture='temporal'": {"architecture": "temporal"},
+        "architecture='batchtopk'": {"architecture": "batchtopk", "k": K},
+        "architecture='moe'": {"architecture": "moe"},
+        "rescale_acts_by_decoder_norm=True; valid: false for architecture 'standard'":
+            {"rescale_acts_by_decoder_norm": True},
+        "k=6; valid: the same as activation_fn_kwargs.k (5)":
+            {"architecture": "topk", "k": K, "activation_fn_kwargs": {"k": 5}},
+        "k=0; valid: an integer in 1..48": {"architecture": "topk", "k": 0},
+        "activation_fn_kwargs.k=True": {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": True}},
+        "activation_fn_kwargs={'alpha': 2}": {"activation_fn_kwargs": {"alpha": 2}},
+        "k=6; valid: no k for architecture 'jumprelu'": {"architecture": "jumprelu", "k": K},
+        "apply_b_dec_to_input='yes'": {"apply_b_dec_to_input": "yes"},
+        "d_in='abc'; valid: a positive integer": {"d_in": "abc"},
+        "d_sae=48.5; valid: a positive integer": {"d_sae": 48.5},
+        "dtype='int8'": {"dtype": "int8"},
+        "field 'activation_scale'=3.0 is unknown": {"activation_scale": 3.0},
+        "metadata='gpt2'; valid: an object": {"metadata": "gpt2"},
+    }
+    for i, (message, cfg) in enumerate(cases.items()):
+        write_pre6(tmp_path / str(i), cfg)
+        with pytest.raises(TargetError) as e:
+            load_sae(tmp_path / str(i))
+        assert message in str(e.value) and "\n" not in str(e.value), (message, str(e.value))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[1, 2]", "cfg.json holds a list; valid: a JSON object"),
+    ('"standard"', "cfg.json holds a str"),
+    ("{not json", "cfg.json is not JSON"),
+])
+def test_a_cfg_that_is_not_an_object_is_one_line(tmp_path, text, message):
+    write_pre6(tmp_path, {})
+    (tmp_path / "cfg.json").write_text(text)
+    with pytest.raises(TargetError, match=message):
+        load_sae(tmp_path)
+
+
+def test_weights_the_architecture_does_not_use_are_refused(tmp_path):
+    write_pre6(tmp_path, {"architecture": "standard"})
+    from safetensors.torch import load_file
+
+    w = load_file(str(tmp_path / "sae_weights.safetensors"))
+    save_file({**w, "threshold": torch.zeros(D_SAE)}, str(tmp_path / "sae_weights.safetensors"))
+    with pytest.raises(TargetError, match=r"holds \['threshold'\], which architecture 'standard' does not use"):
+        load_sae(tmp_path)
+
+
+def test_a_finetuning_scale_the_cfg_disowns_is_refused(tmp_path):
+    write_pre6(tmp_path, {}, scaling_factor=torch.full((D_SAE,), 2.0))
+    with pytest.raises(TargetError, match="finetuning_scaling_factor=False; valid: true"):
+        load_sae(tmp_path)
+
+
+@pytest.mark.parametrize("cfg,field", [
+    ({"normalize_activations": "layer_norm"}, "normalize_activations='layer_norm'"),
+    ({"normalize_activations": "constant_norm_rescale"}, "normalize_activations='constant_norm_rescale'"),
+    ({"normalize_activations": "expected_average_only_in"}, "normalize_activations='expected_average_only_in'"),
+    ({"normalize_activations": "covariance_whitening"}, "normalize_activations='covariance_whitening'"),
+    ({"reshape_activations": "hook_z"}, "reshape_activations='hook_z'"),
+])
+def test_saelens_saves_ft_cannot_apply_are_refused(sae_lens, tmp_path, cfg, field):
+    lens = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, **cfg))
+    randomize(lens)
+    lens.save_model(tmp_path)
+    with pytest.raises(TargetError) as e:
+        load_sae(tmp_path)
+    assert field in str(e.value) and "\n" not in str(e.value)
+
+
+def test_saelens_reads_a_tanh_relu_file_as_relu_and_ft_refuses_it(sae_lens, tmp_path):
+    """The pre-6 activation SAELens 6 drops without a word: ft names it instead."""
+    w = write_pre6(tmp_path, {"activation_fn_str": "tanh-relu"})
+    lens = sae_lens.SAE.load_from_disk(tmp_path)
+    x = inputs()
+    torch.testing.assert_close(lens.encode(x).detach(), ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu())
+    with pytest.raises(TargetError, match="activation_fn_str='tanh-relu'; valid: 'relu', or 'topk'"):
+        load_sae(tmp_path)
+
+
+def test_batchtopk_training_save_is_refused(sae_lens, tmp_path):
+    lens = sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    lens.save_model(tmp_path)
+    with pytest.raises(TargetError, match="architecture='batchtopk'; valid: one of .*save_inference_model"):
+        load_sae(tmp_path)
