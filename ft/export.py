@@ -1,31 +1,64 @@
 """`python -m ft.export RUN_DIR... --format hf|neuronpedia -o DIR`: runs in formats others load.
 
 - `hf`: `DIR/data/train-00000-of-00001.parquet`, one row per target of every run (model, sites,
-  texts, metrics, the optimized input), and `DIR/README.md`, a dataset card whose YAML header
-  names the data files, models, configs, metrics and the ft version. Hugging Face `datasets`
-  reads it: `load_dataset("parquet", data_dir=DIR)` or `load_dataset(DIR)`.
-- `neuronpedia`: `DIR/<run>/<target_id>.json` per target, in the shape of Neuronpedia's feature
-  (`Neuron`) and `Activation` records (hijohnnylin/neuronpedia, apps/webapp/prisma/schema.prisma;
-  the webapp's GET /api/feature/{modelId}/{layer}/{index} answers in this shape):
-  `modelId`, `layer` (the source, e.g. `3-ft-ffn_out`), `index`, `maxActApprox`, `frac_nonzero`,
-  `pos_str`/`pos_values`/`neg_str`/`neg_values` (the static readings with their E.v scores, for
-  single FFN and hidden-width units), `activations` (the top corpus sentences with per-token
-  activations, `maxValue`, `maxValueTokenIndex`, `minValue`, `binMin`/`binMax`/`binContains`) and
-  `explanations` (the textualization: the searched text, else the closest words). ft's own
-  fields go under `ft`.
+  `label`, texts, metrics, SAE `latent`/`sae_path`/`sae_post`, the optimized input), and
+  `DIR/README.md`, a dataset card whose YAML header names the data files, models, configs,
+  metrics and the ft version. Hugging Face `datasets` reads it: `load_dataset("parquet",
+  data_dir=DIR)` or `load_dataset(DIR)`.
+- `neuronpedia`: what Neuronpedia's importer reads (hijohnnylin/neuronpedia,
+  apps/webapp/app/api/admin/import/route.ts and lib/db/import.ts), laid out as its dataset bucket
+  (`v1/`) is, one folder per model and source:
+
+      DIR/config/explanation_type.jsonl         the explanation type the explanations name
+      DIR/config/explanation_model_type.jsonl   their explanationModelName rows
+      DIR/<modelId>/<sourceId>/release.jsonl    SourceRelease
+      DIR/<modelId>/<sourceId>/model.jsonl      Model
+      DIR/<modelId>/<sourceId>/sourceset.jsonl  SourceSet
+      DIR/<modelId>/<sourceId>/source.jsonl     Source
+      DIR/<modelId>/<sourceId>/features/batch-<i>.jsonl.gz      Neuron rows
+      DIR/<modelId>/<sourceId>/activations/batch-<i>.jsonl.gz   Activation rows
+      DIR/<modelId>/<sourceId>/explanations/batch-<i>.jsonl.gz  Explanation rows
+      DIR/<modelId>/<sourceId>/ft.jsonl         ft's own record per target (not imported)
+
+  The gzipped tables are inserted with the FIRST line's keys as columns, so every line has the
+  same keys; ids (`Activation.id`, `Explanation.id`, no database default) are derived from what
+  they identify (the same export twice is byte for byte the same, and re-importing adds nothing).
+  The importer upserts the two `config/` tables from its own config folder: copy those lines
+  there (or insert them) before importing, or the explanations' type is unknown to it.
+  Every creator and author is `--creator-id`, by default the bot user every Neuronpedia
+  instance seeds (`clkht01d40000jv08hvalcvly`, apps/webapp/prisma/seed.ts).
+
+  Source ids follow Neuronpedia's `<layer>-<set>[__<more>]` convention (lib/utils/source.ts):
+  a single unit `layer.L.<point>.U` is index `U` of source `L-ft-<point>` (`3-ft-ffn_out`,
+  `5-ft-head`); an SAE latent is index `<latent>` of `L-ft-sae-<point>-<d_sae>`
+  (`3-ft-sae-resid-16384`; two different SAEs with the same name in one export get
+  `__<sha256 of their weights, 8 hex>`); units that exist only in their run (groups,
+  clusters, terms, directions, probes) are index `<target_id>` of
+  `L-ft-<kind>__<run>` at their highest layer. The same unit textualized by two runs is one
+  Neuron with one explanation per run. Activation values are ft's objective for the unit
+  (for an SAE latent its pre-activation), over the top `--top-n` sentences of `--corpus`;
+  a diverged target keeps its feature and activations and gets no explanation (said on stderr).
 
 The corpus statistics (top sentences, max activation, share of tokens above 0) are computed here,
-over `--corpus` (default the packaged Lee corpus), with the run's own model.
+over `--corpus` (default the packaged Lee corpus), with the run's own model; an SAE is read from
+the run's kept copy (`ft.kept`), never from a file that may have changed since.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
 import json
 import logging
+import math
+import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +68,24 @@ import torch
 import ft
 from ft.corpus import DEFAULT_CORPUS, load_corpus
 from ft.errors import ConfigError, FtError
+from ft.integrity import StorageError, storage_error
 from ft.results import read_config, read_inputs, read_summary, read_targets, target_label
 
 log = logging.getLogger("ft")
 FORMATS = ("hf", "neuronpedia")
 DATA_FILE = "data/train-00000-of-00001.parquet"
+HF_COLUMNS = ("target_id", "kind", "sites", "spec", "layer", "latent", "sae_path", "sae_post", "target_word", "k",
+              "selection", "objective", "most_activating_word", "most_activating_word_activation", "closest_words",
+              "closest_cos", "snapped_tokens", "snapped_activation", "text", "token_ids", "fluency",
+              "static_promotes", "static_suppresses", "static_detects", "steps", "converged", "diverged")
 
 
 def check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"-o {out}: exists and is not an empty folder; valid: a new or empty folder")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"-o {out}: {above} is a file; valid: a new or empty folder")
 
 
 def finished(run_dir: Path) -> Path:
@@ -60,32 +101,43 @@ def run_label(run_dir: Path) -> str:
     return f"{dirname(cfg.get('run_name'), cfg.experiment_name)}-{run_dir.name}"
 
 
+def run_labels(runs: Iterable[Path]) -> dict[Path, str]:
+    """A distinct name per run: `run_label`, and where two runs share it (the same `run_name` and
+    folder name in two places), each of them followed by 6 hex of its absolute path's hash."""
+    runs = list(runs)
+    base = {r: run_label(r) for r in runs}
+    shared = {name for name in base.values() if list(base.values()).count(name) > 1}
+    return {r: f"{n}-{hashlib.sha256(str(r.resolve()).encode()).hexdigest()[:6]}" if n in shared else n
+            for r, n in base.items()}
+
+
+def label_of(row: object) -> str:
+    """The row's `label` column where the run wrote one, else what `target_label` makes of it."""
+    label = getattr(row, "label", None)
+    return label if isinstance(label, str) and label else target_label(row)
+
+
 # -- hf ---------------------------------------------------------------------------------------------
-def hf_rows(run_dir: Path) -> pd.DataFrame:
+def hf_rows(run_dir: Path, name: str) -> pd.DataFrame:
     """One row per target: what it is, what it became, its metrics, its optimized input."""
     cfg, targets, inputs = read_config(run_dir), read_targets(run_dir), read_inputs(run_dir)
-    keep = [c for c in ("target_id", "kind", "sites", "spec", "layer", "target_word", "k", "selection",
-                        "objective", "most_activating_word", "most_activating_word_activation", "closest_words",
-                        "closest_cos", "snapped_tokens", "snapped_activation", "text", "token_ids", "fluency",
-                        "static_promotes", "static_suppresses", "static_detects", "steps", "converged",
-                        "diverged") if c in targets]
-    df = targets[keep].copy()
-    df.insert(0, "label", [target_label(r) for r in targets.itertuples()])
+    df = targets[[c for c in HF_COLUMNS if c in targets]].copy()
+    df.insert(0, "label", [label_of(r) for r in targets.itertuples()])
     df.insert(0, "model", str(cfg.model.name_or_path))
-    df.insert(0, "run", run_label(run_dir))
+    df.insert(0, "run", name)
     df["input_kind"], df["input_length"] = str(cfg.input.kind), int(cfg.input.length)
-    for name in ("embeds", "analysis"):
-        if name in inputs and len(inputs[name]) == len(df):
-            df[name] = [inputs[name][i].float().tolist() for i in range(len(df))]  # rows as in the table
+    for tensor in ("embeds", "analysis"):
+        if tensor in inputs and len(inputs[tensor]) == len(df):
+            df[tensor] = [inputs[tensor][i].float().tolist() for i in range(len(df))]  # rows as in the table
     return df
 
 
-def card(rows: pd.DataFrame, runs: list[Path]) -> str:
+def card(rows: pd.DataFrame, labels: dict[Path, str]) -> str:
     """A dataset card: YAML metadata (data files, models, configs, metrics, ft version) and how the
     data was made."""
     import yaml
 
-    configs = {run_label(r): json.loads(json.dumps(dict(read_config(r)), default=str)) for r in runs}
+    configs = {name: json.loads(json.dumps(dict(read_config(r)), default=str)) for r, name in labels.items()}
     meta = {
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILE}]}],
         "tags": ["interpretability", "feature-textualization", "activation-maximization", "ft"],
@@ -93,17 +145,18 @@ def card(rows: pd.DataFrame, runs: list[Path]) -> str:
         "size_categories": ["n<1K" if len(rows) < 1000 else "1K<n<10K" if len(rows) < 10_000 else "10K<n<100K"],
         "ft_version": ft.__version__,
         "models": sorted(set(rows.model)),
-        "runs": [{"name": run_label(r), "experiment": str(read_config(r).experiment_name),
+        "runs": [{"name": name, "experiment": str(read_config(r).experiment_name),
                   "metrics": {k: v for k, v in read_summary(r).items() if isinstance(v, (int, float))}}
-                 for r in runs],
+                 for r, name in labels.items()],
     }
     head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
-    body = [f"# ft textualizations ({len(rows)} targets, {len(runs)} runs)", "",
+    body = [f"# ft textualizations ({len(rows)} targets, {len(labels)} runs)", "",
             "Each row is one target (a neuron, a group, an expression over units, a direction, an SAE latent ...)"
             " of a frozen BERT-family encoder, and the input that ft (feature textualization: activation "
             "maximization) optimized for it: `embeds` (the optimized input embeddings, [length, width]), the "
             "nearest words (`closest_words`, `closest_cos`), the most activating vocabulary word, and, for "
-            "token search, the searched `text`.", "",
+            "token search, the searched `text`. `label` names the unit; SAE rows carry `latent`, `sae_path` "
+            "(the SAE the run read) and `sae_post` (the latent's post-activation).", "",
             f"Made with ft {ft.__version__} (`python -m ft.export ... --format hf`). Each run's full config:", ""]
     for name, c in configs.items():
         body += [f"## {name}", "", "```yaml", yaml.safe_dump(c, sort_keys=False).rstrip(), "```", ""]
@@ -112,32 +165,195 @@ def card(rows: pd.DataFrame, runs: list[Path]) -> str:
 
 
 def export_hf(runs: list[Path], out: Path) -> Path:
-    rows = pd.concat([hf_rows(r) for r in runs], ignore_index=True)
-
-    def write(tmp: Path) -> None:
+    with staging(out) as tmp:
+        labels = run_labels(runs)
+        rows = pd.concat([hf_rows(r, labels[r]) for r in runs], ignore_index=True)
         (tmp / "data").mkdir()
         rows.to_parquet(tmp / DATA_FILE, index=False)
-        (tmp / "README.md").write_text(card(rows, runs))
-
-    return publish(out, write)
-
-
-def publish(out: Path, write) -> Path:
-    """Write into a temporary sibling folder, then move it into place: nothing half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            out.rmdir()  # empty (check_out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "README.md").write_text(card(rows, labels))
     return out
 
 
-# -- neuronpedia ------------------------------------------------------------------------------------
+# -- writing ----------------------------------------------------------------------------------------
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder of `out` to write into, moved into place when the block ends:
+    nothing half-written. Made first, so that a place that cannot be written fails before any
+    work; a failed write (read-only, full) removes what it made (the folders above `out` it
+    created included) and raises StorageError naming `out` and the cause."""
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
+    tmp: Path | None = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty (check_out)
+        tmp.rename(out)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError) and not isinstance(e, StorageError):
+            raise storage_error(out, e) from None
+        raise
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    """JSON lines, each with the keys of the first in the same order (the importer's columns)."""
+    keys = list(lines[0]) if lines else []
+    for line in lines:
+        if list(line) != keys:
+            raise ConfigError(f"a line has keys {sorted(line)}; valid: the first line's {sorted(keys)}")
+    text = "".join(json.dumps(line, allow_nan=False, ensure_ascii=False, separators=(",", ":")) + "\n"
+                   for line in lines)
+    return text.encode()
+
+
+def gz(data: bytes) -> bytes:
+    return gzip.compress(data, compresslevel=6, mtime=0)  # no timestamp: the same export, the same bytes
+
+
+# -- neuronpedia: what a unit is called there --------------------------------------------------------
+CREATOR_ID = "clkht01d40000jv08hvalcvly"  # the bot user Neuronpedia seeds (apps/webapp/prisma/seed.ts)
+RELEASE = "ft"
+EXPLANATION_TYPE = "ft-textualization"
+BATCH = 4096  # lines per gzipped file
+GZ_TABLES = ("features", "activations", "explanations")
+SAFE_ID = re.compile(r"[^a-z0-9_-]+")
+
+
+def model_id_of(name_or_path: str) -> str:
+    """Neuronpedia's model id (letters, digits, `-`, `_`; lower case; at most 128): the packaged
+    alias's name, else the last part of a hub name or path."""
+    name = str(name_or_path).removeprefix("packaged:").rstrip("/").rsplit("/", 1)[-1]
+    return SAFE_ID.sub("-", name.lower()).strip("-")[:128] or "model"
+
+
+def run_tag(name: str) -> str:
+    """A run's name as it can stand after `__` in a source id."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:80] or "run"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Where a target lives in Neuronpedia: source `<layer>-<set_name>[__<more>]`, and its index."""
+
+    layer: int
+    set_name: str
+    index: str
+    more: str = ""
+
+    @property
+    def source(self) -> str:
+        return f"{self.layer}-{self.set_name}" + (f"__{self.more}" if self.more else "")
+
+
+def top_layer(row: object) -> int:
+    """The layer of a single-layer row, else the highest layer its sites read."""
+    layer = getattr(row, "layer", None)
+    if layer is not None and layer == layer:
+        return int(layer)
+    layers = [int(s.split(".")[1]) for s in row.sites if re.match(r"^layer\.\d+\.", str(s))]
+    return max(layers, default=0)
+
+
+def unit_of(row: object, tag: str, d_sae: int | None) -> Unit:
+    """A single unit and an SAE latent are the model's own units; any other target exists only in
+    its run (its target id, in a source named after the run)."""
+    sites = [str(s) for s in row.sites]
+    if row.kind == "sae":
+        _, layer, point = str(row.spec).split(".")[:3]
+        return Unit(int(layer), f"ft-sae-{point}-{d_sae}", str(int(row.latent)))
+    if row.kind in ("neuron", "head") and len(sites) == 1 and len(sites[0].split(".")) == 4:
+        _, layer, point, unit = sites[0].split(".")
+        return Unit(int(layer), f"ft-{point}", unit)
+    return Unit(top_layer(row), f"ft-{row.kind}", str(int(row.target_id)), tag)
+
+
+def ident(*parts: object) -> str:
+    """A cuid-shaped id (25 characters) derived from what it identifies."""
+    return "c" + hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+def finite(x: object) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+# -- neuronpedia: reading a run ----------------------------------------------------------------------
+@dataclass
+class Entry:
+    """One target of one run, before the tables are laid out."""
+
+    model: dict
+    model_path: str  # the run's model.name_or_path, resolved: two models never share an id
+    unit: Unit
+    feature: dict  # maxActApprox, frac_nonzero, pos/neg
+    activations: list[dict]
+    explanation: dict | None  # None: the target diverged
+    record: dict  # ft.jsonl
+    set_description: str
+    sae_digest: str | None = None
+    source_notes: str = ""
+    prompts: int = 0  # corpus sentences scanned
+    prompt_tokens: int = 64  # their longest, in word pieces
+
+
+@dataclass
+class SaeCopy:
+    folder: Path
+    d_sae: int
+    digest: str
+    recorded: str
+
+
+def sae_copy(run_dir: Path, recorded: str) -> SaeCopy:
+    """The SAE a run read: its kept copy (`ft.kept`, checked against the run), or, for a run made
+    before runs kept their inputs, the recorded path with a warning that it may have changed."""
+    from ft.integrity import sha256_file
+    from ft.sae import WEIGHTS, load_sae
+
+    try:
+        from ft.kept import kept
+    except ImportError:
+        copy = None
+    else:
+        copy = kept(run_dir, "sae")
+    if copy is None:
+        log.warning("%s kept no copy of its SAE: reading target.path=%s as it is now (if it changed since the run, "
+                    "the export differs from the run)", run_dir, recorded)
+        folder = Path(recorded)
+    else:
+        folder = copy if Path(copy).is_dir() else Path(copy).parent
+    sae = load_sae(folder)
+    return SaeCopy(folder, sae.d_sae, sha256_file(folder / WEIGHTS), recorded)
+
+
+def with_sae_copies(run_dir: Path, targets: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, SaeCopy]]:
+    """The table with SAE rows pointing at the copies export reads; the copies by recorded path."""
+    if "sae" not in set(targets.kind):
+        return targets, {}
+    copies = {p: sae_copy(run_dir, p) for p in sorted(set(targets.sae_path[targets.kind == "sae"]))}
+    table = targets.copy()
+    sae = table.kind == "sae"
+    table.loc[sae, "sae_path"] = [str(copies[p].folder) for p in table.sae_path[sae]]
+    return table, copies
+
+
 def corpus_stats(scorer, corpus, top_n: int, limit: int) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
     """(max [targets], frac_nonzero [targets], top sentence indices per target) over the corpus."""
     from ft.bars import bar
@@ -164,90 +380,226 @@ def static_values(model, vocab, site_text: str, k: int = 10) -> dict[str, list]:
     from ft.sites import Site
     from ft.static import unit_vectors, vocab_matrix
 
+    empty: dict[str, list] = {"pos_str": [], "pos_values": [], "neg_str": [], "neg_values": []}
+    if not site_text:
+        return empty
     try:
         s = Site.parse(site_text)
     except FtError:
-        return {}
+        return empty
     vectors = unit_vectors(model, s.layer, s.point, torch.tensor([s.unit]))
     if vectors is None:
-        return {}
+        return empty
     scores = (vectors[0] @ vocab_matrix(model, vocab.ids).T)[0]
     hi, lo = scores.topk(k), scores.topk(k, largest=False)
     return {"pos_str": [vocab.tokens[int(i)] for i in hi.indices], "pos_values": [float(v) for v in hi.values],
             "neg_str": [vocab.tokens[int(i)] for i in lo.indices], "neg_values": [float(v) for v in lo.values]}
 
 
-def source_of(row) -> tuple[str, str]:
-    """(layer, index) in Neuronpedia's sense: a single unit is `L-ft-point` and its unit; anything
-    else `ft-kind` and the target's id."""
-    sites = list(row.sites)
-    if row.kind == "neuron" and len(sites) == 1:
-        _, layer, point, unit = sites[0].split(".")
-        return f"{layer}-ft-{point}", unit
-    return f"ft-{row.kind}", str(int(row.target_id))
+def model_row(name_or_path: str, arch: object) -> dict:
+    """Neuronpedia's Model: a hub name shows as it is (its owner the part before `/`), a local
+    folder by its name."""
+    name = str(name_or_path)
+    hub = name.count("/") == 1 and not Path(name).expanduser().exists()
+    return {"id": model_id_of(name), "displayNameShort": model_id_of(name),
+            "displayName": name if hub else model_id_of(name), "creatorId": CREATOR_ID, "layers": int(arch.num_layers),
+            "neuronsPerLayer": int(arch.intermediate_size), "dimension": int(arch.hidden_size),
+            "owner": name.split("/")[0] if hub else "ft",
+            "visibility": "PUBLIC", "instruct": False, "inferenceEnabled": False}
 
 
-def export_neuronpedia(runs: list[Path], out: Path, corpus: str = DEFAULT_CORPUS, top_n: int = 5,
-                       max_sentences: int = 2000) -> Path:
+def set_description(row: object, unit: Unit) -> str:
+    if row.kind == "sae":
+        return f"ft: SAE latents ({unit.set_name.removeprefix('ft-sae-')})"
+    if unit.more:
+        return f"ft: {row.kind} targets of one run"
+    return f"ft: {unit.set_name.removeprefix('ft-')} units"
+
+
+def record_of(row: object, name: str, unit: Unit, diverged: bool) -> dict:
+    text = getattr(row, "text", None)
+    spec = getattr(row, "spec", None)
+    latent = getattr(row, "latent", None) if row.kind == "sae" else None
+    return {"layer": unit.source, "index": unit.index, "run": name, "target_id": int(row.target_id),
+            "label": label_of(row), "kind": str(row.kind), "sites": [str(s) for s in row.sites],
+            "spec": spec if isinstance(spec, str) else None, "latent": None if latent is None else int(latent),
+            "objective": finite(row.objective), "diverged": diverged,
+            "most_activating_word": getattr(row, "most_activating_word", None),
+            "closest_words": [str(w) for w in row.closest_words], "closest_cos": [finite(c) for c in row.closest_cos],
+            "text": text if isinstance(text, str) else None}
+
+
+def explanation_of(row: object, name: str, input_kind: str) -> dict:
+    text = getattr(row, "text", None)
+    description = text if isinstance(text, str) else ", ".join(str(w) for w in list(row.closest_words)[:10])
+    notes = (f"ft {ft.__version__}; run {name}; target {int(row.target_id)} ({label_of(row)}); "
+             f"objective {float(row.objective):.6g}; input={input_kind}")
+    return {"description": description, "typeName": EXPLANATION_TYPE, "explanationModelName": f"ft-{input_kind}",
+            "notes": notes}
+
+
+def is_diverged(row: object) -> bool:
+    flag = getattr(row, "diverged", False)
+    return bool(flag) and flag == flag or finite(row.objective) is None
+
+
+def top_activations(scorer, tokenizer, text, rows: list[int], t: int, corpus: str) -> list[dict]:
+    """Target t's per-token values on the corpus sentences `rows` (its column alone)."""
+    seqs = [text.ids[j] for j in rows]
+    values = scorer.batch(seqs, torch.tensor([t]))[..., 0] if seqs else torch.zeros(0, 0)  # [sentences, T]
+    acts = []
+    for j, seq, v in zip(rows, seqs, values, strict=True):
+        v = v[: len(seq)]
+        acts.append({"tokens": tokenizer.convert_ids_to_tokens(seq), "values": [float(x) for x in v],
+                     "maxValue": float(v.max()), "maxValueTokenIndex": int(v.argmax()), "minValue": float(v.min()),
+                     "dataSource": corpus, "dataIndex": str(j)})
+    return acts
+
+
+def run_entries(run_dir: Path, name: str, corpus: str, top_n: int, max_sentences: int) -> list[Entry]:
+    """Each target of one run: its unit, corpus statistics, top activations and explanation."""
     from ft.encoder import load_encoder
     from ft.examples import TargetScorer
+    from ft.results import read_directions
     from ft.targets import readouts_of_table
     from ft.vocab import Vocabulary
 
-    docs: dict[str, list[tuple[str, dict]]] = {}
-    for run_dir in runs:
-        cfg, targets = read_config(run_dir), read_targets(run_dir).sort_values("target_id")
-        if "logit" in set(targets.kind):
-            raise ConfigError(f"{run_dir}: class-logit targets have no per-token activations; valid: runs of "
-                              "units (neurons, groups, terms, directions, SAE latents)")
-        encoder = load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        from ft.results import read_directions
+    cfg, targets = read_config(run_dir), read_targets(run_dir).sort_values("target_id")
+    if "logit" in set(targets.kind):
+        raise ConfigError(f"{run_dir}: class-logit targets have no per-token activations; valid: runs of "
+                          "units (neurons, groups, terms, directions, SAE latents)")
+    table, saes = with_sae_copies(run_dir, targets)
+    encoder = load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    scorer = TargetScorer(encoder, readouts_of_table(encoder.model, table, read_directions(run_dir)))
+    longest = type(encoder.arch).max_tokens(encoder.model.config)  # with its two framing tokens
+    prompt_tokens = 64 if longest is None else min(64, longest - 2)
+    text = load_corpus(corpus, encoder.tokenizer, max_tokens=prompt_tokens)
+    mx, frac, top = corpus_stats(scorer, text, top_n, max_sentences)
+    vocab = Vocabulary.from_tokenizer(encoder.tokenizer)
+    model = model_row(str(cfg.model.name_or_path), encoder.arch)
+    local = Path(str(cfg.model.name_or_path)).expanduser()
+    where = str(local.resolve()) if local.exists() else str(cfg.model.name_or_path)
+    out = []
+    for t, row in enumerate(targets.itertuples()):
+        sae = saes.get(row.sae_path) if row.kind == "sae" else None
+        unit = unit_of(row, run_tag(name), sae.d_sae if sae else None)
+        acts = top_activations(scorer, encoder.tokenizer, text, top[t], t, corpus)
+        if finite(mx[t]) is None or any(finite(x) is None for a in acts for x in a["values"]):
+            raise ConfigError(f"{run_dir}: target {int(row.target_id)} ({label_of(row)}) has non-finite activations "
+                              f"on {corpus}; valid: a model whose activations are finite")
+        single = row.kind == "neuron" and len(row.sites) == 1
+        feature = {"maxActApprox": float(mx[t]), "frac_nonzero": float(frac[t]),
+                   **static_values(encoder.model, vocab, str(row.sites[0]) if single else "")}
+        diverged = is_diverged(row)
+        if diverged:
+            log.warning("%s: target %d (%s) diverged (objective %s): its feature and activations are exported, "
+                        "its explanation is not", name, int(row.target_id), label_of(row), row.objective)
+        explanation = None if diverged else explanation_of(row, name, str(cfg.input.kind))
+        notes = f"SAE {sae.recorded} (sha256 {sae.digest[:12]})" if sae else f"run {name}" if unit.more else ""
+        out.append(Entry(model, where, unit, feature, acts, explanation, record_of(row, name, unit, diverged),
+                         set_description(row, unit), sae.digest if sae else None, notes,
+                         min(max_sentences, len(text)), prompt_tokens))
+    return out
 
-        scorer = TargetScorer(encoder, readouts_of_table(encoder.model, targets, read_directions(run_dir)))
-        longest = type(encoder.arch).max_tokens(encoder.model.config)  # with its two framing tokens
-        text = load_corpus(corpus, encoder.tokenizer, max_tokens=64 if longest is None else min(64, longest - 2))
-        mx, frac, top = corpus_stats(scorer, text, top_n, max_sentences)
-        vocab = Vocabulary.from_tokenizer(encoder.tokenizer)
-        model_id = str(cfg.model.name_or_path).replace("packaged:", "").replace("/", "_")
-        label = run_label(run_dir)
-        items = []
-        for t, row in enumerate(targets.itertuples()):
-            layer, index = source_of(row)
-            seqs = [text.ids[j] for j in top[t]]
-            values = scorer.batch(seqs, torch.tensor([t]))[..., 0] if seqs else torch.zeros(0, 0)
-            acts = []
-            for j, seq, v in zip(top[t], seqs, values, strict=True):
-                v = v[: len(seq)]
-                acts.append({"modelId": model_id, "layer": layer, "index": index,
-                             "tokens": encoder.tokenizer.convert_ids_to_tokens(seq), "values": [float(x) for x in v],
-                             "maxValue": float(v.max()), "maxValueTokenIndex": int(v.argmax()),
-                             "minValue": float(v.min()), "binMin": -1, "binMax": float(mx[t]), "binContains": -1,
-                             "dataSource": corpus, "dataIndex": str(j)})
-            text_in = getattr(row, "text", None)
-            description = text_in if isinstance(text_in, str) else ", ".join(list(row.closest_words)[:10])
-            doc = {"modelId": model_id, "layer": layer, "index": index, "maxActApprox": float(mx[t]),
-                   "frac_nonzero": float(frac[t]), "pos_str": [], "pos_values": [], "neg_str": [], "neg_values": [],
-                   "activations": acts,
-                   "explanations": [{"description": description, "typeName": "ft-textualization",
-                                     "explanationModelName": f"ft {ft.__version__} input={cfg.input.kind}"}],
-                   "ft": {"run": label, "target": target_label(row), "kind": row.kind, "sites": list(row.sites),
-                          "spec": row.spec if isinstance(getattr(row, "spec", None), str) else None,
-                          "objective": float(row.objective),
-                          "most_activating_word": row.most_activating_word,
-                          "closest_words": list(row.closest_words), "closest_cos": [float(c) for c in row.closest_cos],
-                          "text": text_in if isinstance(text_in, str) else None}}
-            if row.kind == "neuron" and len(row.sites) == 1:
-                doc |= static_values(encoder.model, vocab, row.sites[0])
-            items.append((f"{int(row.target_id)}.json", doc))
-        docs[label] = items
 
-    def write(tmp: Path) -> None:
-        for label, items in docs.items():
-            (tmp / label).mkdir()
-            for name, doc in items:
-                (tmp / label / name).write_text(json.dumps(doc, indent=1, allow_nan=False))
+def separate_saes(entries: list[Entry]) -> list[Entry]:
+    """Two different SAEs that would share a source id each get `__<8 hex of their weights>`."""
+    digests: dict[str, set[str]] = {}
+    for e in entries:
+        if e.sae_digest:
+            digests.setdefault(e.unit.source, set()).add(e.sae_digest)
+    shared = {s for s, d in digests.items() if len(d) > 1}
+    out = []
+    for e in entries:
+        if e.unit.source in shared:
+            unit = replace(e.unit, more=e.sae_digest[:8])
+            e = replace(e, unit=unit, record={**e.record, "layer": unit.source})
+        out.append(e)
+    return out
 
-    return publish(out, write)
+
+# -- neuronpedia: the tables --------------------------------------------------------------------------
+def source_tables(entries: list[Entry], creator: str, corpus: str) -> dict[str, list[dict]]:
+    """The rows of one source folder (all entries share model and source)."""
+    first = entries[0]
+    model, unit = {**first.model, "creatorId": creator}, first.unit
+    tables: dict[str, list[dict]] = {name: [] for name in ("features", "activations", "explanations", "ft")}
+    tables["release"] = [{"name": RELEASE, "description": "Feature textualizations made with ft (activation "
+                          "maximization over the input of a frozen BERT-family encoder)",
+                          "descriptionShort": "ft textualizations", "creatorName": "ft", "creatorNameShort": "ft",
+                          "creatorId": creator, "urls": [], "visibility": "PUBLIC"}]
+    tables["model"] = [model]
+    tables["sourceset"] = [{"modelId": model["id"], "name": unit.set_name, "description": first.set_description,
+                            "creatorName": "ft", "creatorId": creator, "urls": [], "releaseName": RELEASE,
+                            "visibility": "PUBLIC", "hasDashboards": True}]
+    tables["source"] = [{"id": unit.source, "modelId": model["id"], "setName": unit.set_name, "creatorId": creator,
+                         "hasDashboards": True, "visibility": "PUBLIC", "dataset": corpus,
+                         "num_prompts": first.prompts, "num_tokens_in_prompt": first.prompt_tokens,
+                         "notes": first.source_notes or first.set_description}]
+    seen: set[str] = set()
+    for e in entries:
+        key = {"modelId": model["id"], "layer": unit.source, "index": e.unit.index}
+        if e.unit.index not in seen:  # the same unit from another run: one Neuron, its explanations both kept
+            seen.add(e.unit.index)
+            tables["features"].append({**key, "sourceSetName": unit.set_name, "creatorId": creator, **e.feature})
+            for a in e.activations:
+                tables["activations"].append({"id": ident("Activation", *key.values(), a["dataSource"], a["dataIndex"]),
+                                              **key, **a, "binMin": -1.0, "binMax": e.feature["maxActApprox"],
+                                              "binContains": -1.0, "creatorId": creator})
+        eid = None
+        if e.explanation is not None:
+            eid = ident("Explanation", *key.values(), e.record["run"], e.record["target_id"])
+            tables["explanations"].append({"id": eid, **key, **e.explanation, "authorId": creator})
+        tables["ft"].append({**e.record, "modelId": model["id"], "explanationId": eid})
+    return tables
+
+
+def config_tables(entries: list[Entry], creator: str) -> dict[str, list[dict]]:
+    """The explanation type and explanation model rows the explanations name."""
+    kinds = sorted({e.explanation["explanationModelName"] for e in entries if e.explanation})
+    return {
+        "explanation_type": [{"name": EXPLANATION_TYPE, "displayName": "ft textualization",
+                              "description": "The input ft optimized to maximize the unit (activation maximization): "
+                                             "the searched text, else the words closest to the optimized input",
+                              "featured": False, "creatorName": "ft", "creatorId": creator}],
+        "explanation_model_type": [{"name": k, "displayName": f"ft ({k.removeprefix('ft-')} input)",
+                                    "description": f"ft's optimizer, input={k.removeprefix('ft-')}",
+                                    "featured": False, "creatorName": "ft"} for k in kinds],
+    }
+
+
+def layout(entries: list[Entry], creator: str, corpus: str) -> dict[str, bytes]:
+    """Relative path -> file content of the whole export."""
+    models: dict[str, str] = {}
+    for e in entries:
+        known = models.setdefault(e.model["id"], e.model_path)
+        if known != e.model_path:
+            raise ConfigError(f"two models export as Neuronpedia model id {e.model['id']!r} ({known} and "
+                              f"{e.model_path}); valid: export them separately")
+    groups: dict[tuple[str, str], list[Entry]] = {}
+    for e in entries:
+        groups.setdefault((e.model["id"], e.unit.source), []).append(e)
+    files: dict[str, bytes] = {}
+    for name, lines in config_tables(entries, creator).items():
+        if lines:
+            files[f"config/{name}.jsonl"] = jsonl(lines)
+    for (model_id, source), group in sorted(groups.items()):
+        for name, lines in source_tables(group, creator, corpus).items():
+            if name in GZ_TABLES:
+                for i in range(0, len(lines), BATCH):
+                    files[f"{model_id}/{source}/{name}/batch-{i // BATCH}.jsonl.gz"] = gz(jsonl(lines[i : i + BATCH]))
+            elif lines:
+                files[f"{model_id}/{source}/{name}.jsonl"] = jsonl(lines)
+    return files
+
+
+def export_neuronpedia(runs: list[Path], out: Path, corpus: str = DEFAULT_CORPUS, top_n: int = 5,
+                       max_sentences: int = 2000, creator: str = CREATOR_ID) -> Path:
+    with staging(out) as tmp:
+        labels = run_labels(runs)
+        entries = separate_saes([e for r in runs for e in run_entries(r, labels[r], corpus, top_n, max_sentences)])
+        write_files(tmp, layout(entries, creator, corpus))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help="neuronpedia: the corpus of the top activations")
     p.add_argument("--top-n", type=int, default=5, help="neuronpedia: top sentences per target")
     p.add_argument("--max-sentences", type=int, default=2000, help="neuronpedia: corpus sentences scanned")
+    p.add_argument("--creator-id", default=CREATOR_ID,
+                   help="neuronpedia: the user id every row names as creator/author (default: the seeded bot user)")
     a = p.parse_args(argv)
     from ft.chatter import configure_output
     from ft.results import expand
@@ -268,15 +622,17 @@ def main(argv: list[str] | None = None) -> int:
         check_out(out)
         if a.top_n < 1 or a.max_sentences < 1:
             raise ConfigError(f"--top-n {a.top_n}, --max-sentences {a.max_sentences}; valid: integers >= 1")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", a.creator_id):
+            raise ConfigError(f"--creator-id {a.creator_id!r}; valid: a Neuronpedia user id (letters, digits, - or _)")
         runs = [finished(Path(r)) for r in expand(a.runs)]
         if not runs:
             raise ConfigError(f"no run directories under {a.runs}")
         if a.format == "hf":
             export_hf(runs, out)
         else:
-            export_neuronpedia(runs, out, a.corpus, a.top_n, a.max_sentences)
-    except FtError as e:
-        print(f"error: {e}", file=sys.stderr)
+            export_neuronpedia(runs, out, a.corpus, a.top_n, a.max_sentences, a.creator_id)
+    except (FtError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     print(f"{a.format} export of {len(runs)} runs: {out}")
     return 0

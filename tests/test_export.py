@@ -1,10 +1,12 @@
-"""Exports others can load: the `hf` folder through Hugging Face `datasets`, the `neuronpedia` JSON
-against Neuronpedia's record shape, both round-tripped against the run's own files."""
+"""Exports others can load: the `hf` folder through Hugging Face `datasets`, round-tripped against the
+run's own files; what both formats share: run names, refusals, failed writes, repeatability. (The
+`neuronpedia` layout: tests/test_neuronpedia.py.)"""
 
 from __future__ import annotations
 
-import json
+import shutil
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -12,14 +14,6 @@ import yaml
 from ft.export import main
 from ft.results import read_inputs, read_summary, read_targets
 from tests.test_train import compose_cfg
-
-# Neuronpedia's records (hijohnnylin/neuronpedia, apps/webapp/prisma/schema.prisma): the required
-# fields of `Neuron` and of `Activation`, with their types (the database assigns ids and creators)
-NEURON = {"modelId": str, "layer": str, "index": str}
-NEURON_OPTIONAL = {"maxActApprox": float, "frac_nonzero": float, "pos_str": list, "pos_values": list,
-                   "neg_str": list, "neg_values": list}
-ACTIVATION = {"tokens": list, "values": list, "maxValue": float, "maxValueTokenIndex": int, "minValue": float,
-              "modelId": str, "layer": str, "index": str}
 
 
 @pytest.fixture(scope="module")
@@ -60,47 +54,6 @@ def test_hf_export_loads_with_datasets_and_round_trips(runs, tmp_path):
     assert "```yaml" in (out / "README.md").read_text()  # each run's config, as it was made
 
 
-def test_neuronpedia_export_has_the_record_shape_and_true_activations(runs, tiny, tmp_path):
-    out = tmp_path / "np"
-    assert main([str(runs / "neurons"), "--format", "neuronpedia", "-o", str(out), "--top-n", "3",
-                 "--max-sentences", "200"]) == 0
-    [folder] = list(out.iterdir())
-    docs = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
-    assert sorted(docs) == ["0", "1", "2"]
-    t = read_targets(runs / "neurons").set_index("target_id")
-    for tid, doc in docs.items():
-        for key, kind in {**NEURON, **NEURON_OPTIONAL}.items():
-            assert isinstance(doc[key], kind), (key, doc[key])
-        assert len(doc["pos_str"]) == len(doc["pos_values"]) and len(doc["activations"]) == 3
-        for a in doc["activations"]:
-            for key, kind in ACTIVATION.items():
-                assert isinstance(a[key], kind), key
-            assert len(a["tokens"]) == len(a["values"]) and a["maxValue"] == max(a["values"])
-            assert a["values"][a["maxValueTokenIndex"]] == a["maxValue"] and a["maxValue"] <= doc["maxActApprox"]
-        assert doc["ft"]["objective"] == pytest.approx(t.loc[int(tid)].objective)
-        assert 0 <= doc["frac_nonzero"] <= 1
-    unit = docs["0"]
-    assert (unit["layer"], unit["index"]) == ("0-ft-ffn_out", "3") and docs["2"]["layer"] == "ft-head"
-    assert unit["explanations"][0]["description"] == ", ".join(list(t.loc[0].closest_words)[:10])
-    # the per-token values are the unit's activation, recomputed by a hook on the HF module
-    a = unit["activations"][0]
-    ids = tiny.tokenizer.convert_tokens_to_ids(a["tokens"])
-    seen = []
-    h = tiny.model.encoder.layer[0].output.dense.register_forward_hook(lambda _m, _i, o: seen.append(o[0, 1:-1, 3]))
-    with torch.no_grad():
-        tiny.model(input_ids=torch.tensor([[tiny.tokenizer.cls_token_id, *ids, tiny.tokenizer.sep_token_id]]))
-    h.remove()
-    assert a["values"] == pytest.approx(seen[0].tolist(), abs=1e-5)
-    # static readings: the largest E.v over the vocabulary (v: the unit's row of the output projection)
-    from ft.vocab import Vocabulary
-
-    vocab = Vocabulary.from_tokenizer(tiny.tokenizer)  # the items that count as words (no special tokens)
-    column = tiny.model.embeddings.word_embeddings.weight[vocab.ids, 3]  # E . e_3 for an ffn_out unit
-    assert unit["pos_values"][0] == pytest.approx(float(column.max()), abs=1e-6)
-    assert unit["neg_values"][0] == pytest.approx(float(column.min()), abs=1e-6)
-    assert unit["pos_str"][0] == vocab.tokens[int(column.argmax())]
-
-
 def test_exports_refuse_bad_input_and_leave_nothing(runs, tmp_path, capsys):
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -111,3 +64,79 @@ def test_exports_refuse_bad_input_and_leave_nothing(runs, tmp_path, capsys):
     assert "no run directories" in capsys.readouterr().err and not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         main([str(runs / "neurons"), "--format", "csv", "-o", str(tmp_path / "o")])
+
+
+@pytest.fixture(scope="module")
+def sae_run(tiny_dir, tmp_path_factory):
+    from ft.sae import SAE
+    from ft.train import run
+
+    root = tmp_path_factory.mktemp("export_sae")
+    g = torch.Generator().manual_seed(1)
+    SAE(torch.randn(32, 8, generator=g), torch.randn(8, generator=g), torch.randn(8, 32, generator=g),
+        torch.zeros(32)).save(root / "sae")
+    run(compose_cfg([f"model.name_or_path={tiny_dir}", "trainer.max_steps=4", "logger.wandb.mode=disabled",
+                     "+trainer.enable_progress_bar=false", "target=sae", f"target.path={root / 'sae'}",
+                     "target.site=layer.1.resid", "target.latents=[2,5]"]), root / "run")
+    return root / "run"
+
+
+def hf(paths, out) -> int:
+    return main([*map(str, paths), "--format", "hf", "-o", str(out)])
+
+
+def test_hf_rows_of_sae_latents_name_their_latent_and_sae(sae_run, tmp_path):
+    assert hf([sae_run], tmp_path / "hf") == 0
+    df = pd.read_parquet(tmp_path / "hf" / "data" / "train-00000-of-00001.parquet")
+    t = read_targets(sae_run)
+    assert list(df.latent) == [2, 5] and list(df.label) == ["layer.1.resid:sae.2", "layer.1.resid:sae.5"]
+    assert list(df.sae_path) == list(t.sae_path) and df.sae_post.tolist() == pytest.approx(list(t.sae_post))
+
+
+def test_two_runs_with_one_name_are_both_exported(runs, tmp_path, capsys):
+    for side in ("a", "b"):
+        shutil.copytree(runs / "neurons", tmp_path / side / "neurons")
+    (tmp_path / "b" / "neurons" / "marker").write_text("")  # a file outside the record: the run still loads
+    assert hf([tmp_path / "a", tmp_path / "b"], tmp_path / "hf") == 0
+    assert "2 runs" in capsys.readouterr().out
+    df = pd.read_parquet(tmp_path / "hf" / "data" / "train-00000-of-00001.parquet")
+    names = sorted(set(df.run))
+    assert len(df) == 6 and len(names) == 2 and all(n.startswith("default-neurons-") for n in names)
+    text = (tmp_path / "hf" / "README.md").read_text()
+    header = yaml.safe_load(text.split("---\n")[1])
+    assert sorted(r["name"] for r in header["runs"]) == names
+    assert all(f"## {n}\n" in text for n in names)  # each run's config
+
+
+def test_the_same_hf_export_twice_is_the_same_bytes(runs, tmp_path):
+    for name in ("one", "two"):
+        assert hf([runs / "neurons", runs / "tokens"], tmp_path / name) == 0
+    for f in ("README.md", "data/train-00000-of-00001.parquet"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
+
+
+def one_line_error(capsys, *words: str) -> None:
+    """One line of error (beside progress bars), naming `words`, and no traceback."""
+    text = capsys.readouterr().err
+    [err] = [line for line in text.splitlines() if "error" in line.lower()]
+    assert err.startswith("error: ") and "Traceback" not in text, text
+    assert all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("fmt", ["hf", "neuronpedia"])
+def test_an_unwritable_out_is_one_line_and_leaves_nothing(runs, tmp_path, capsys, fmt):
+    from tests.faults import fill, tmpfs
+
+    args = [str(runs / "neurons"), "--format", fmt, "--max-sentences", "40", "-o"]
+    (tmp_path / "file").write_text("x")
+    assert main([*args, str(tmp_path / "file" / "deeper" / "out")]) == 2
+    one_line_error(capsys, "is a file", "valid:")
+    assert (tmp_path / "file").read_text() == "x"
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        assert main([*args, str(ro / "out")]) == 2
+        one_line_error(capsys, str(ro / "out"), "Read-only file system")
+    with tmpfs(tmp_path / "full", size="256k") as full:
+        fill(full)
+        assert main([*args, str(full / "a" / "b" / "out")]) == 2
+        one_line_error(capsys, "cannot write", "No space left on device")
+        assert sorted(p.name for p in full.iterdir()) == ["filler.bin"]  # no temp folder, no parents made
