@@ -270,7 +270,7 @@ def check_normalization(cfg: dict[str, Any], where: str) -> None:
     norm = cfg.get("normalize_activations", "none")
     if norm in ("none", None, False):
         return
-    why = NORMALIZATIONS["expected_average_only_in"] if norm is True else NORMALIZATIONS.get(norm)
+    why = NORMALIZATIONS["expected_average_only_in"] if norm is True else NORMALIZATIONS.get(str(norm))
     raise refuse(where, "normalize_activations", norm, f"'none' ({why})" if why else
                  f"'none' (ft reads raw activations; SAELens knows {['none', *NORMALIZATIONS]})")
 
@@ -296,6 +296,8 @@ def check_dtype(cfg: dict[str, Any], where: str) -> None:
 def architecture_of(cfg: dict[str, Any], where: str) -> str:
     """The architecture, pre-6 activation_fn / activation_fn_str applied."""
     arch = cfg.get("architecture")
+    if arch is not None and not isinstance(arch, str):
+        raise refuse(where, "architecture", arch, f"one of {VALID}")
     if arch in REFUSED:
         raise refuse(where, "architecture", arch, f"one of {VALID} ({arch}: {REFUSED[arch]})")
     if arch is not None and arch not in VALID:

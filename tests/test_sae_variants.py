@@ -347,3 +347,17 @@ def test_batchtopk_training_save_is_refused(sae_lens, tmp_path):
     lens.save_model(tmp_path)
     with pytest.raises(TargetError, match="architecture='batchtopk'; valid: one of .*save_inference_model"):
         load_sae(tmp_path)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("architecture", ["standard"]), ("architecture", {"name": "topk"}), ("normalize_activations", ["none"]),
+    ("reshape_activations", {"z": 1}), ("activation_fn_str", ["relu"]), ("dtype", ["float32"]),
+    ("activation_fn_kwargs", [6]), ("k", "6"), ("d_out", -1), ("finetuning_scaling_factor", "no"),
+])
+def test_a_field_of_the_wrong_type_is_one_line(tmp_path, field, value):
+    write_pre6(tmp_path, {"architecture": "topk", "k": K} if field != "architecture" else {})
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(TargetError) as e:
+        load_sae(tmp_path)
+    assert f"{field}=" in str(e.value) and "\n" not in str(e.value), str(e.value)
