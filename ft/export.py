@@ -321,18 +321,23 @@ class SaeCopy:
     recorded: str
 
 
+def kept_input(run_dir: Path, role: str) -> Path | None:
+    """`ft.kept.kept`: the run's verified input (RunFileError when it changed since the run), or None
+    for a run that kept none."""
+    try:
+        from ft.kept import kept
+    except ImportError:  # ft before runs kept their inputs
+        return None
+    return kept(run_dir, role)
+
+
 def sae_copy(run_dir: Path, recorded: str) -> SaeCopy:
     """The SAE a run read: its kept copy (`ft.kept`, checked against the run), or, for a run made
     before runs kept their inputs, the recorded path with a warning that it may have changed."""
     from ft.integrity import sha256_file
     from ft.sae import WEIGHTS, load_sae
 
-    try:
-        from ft.kept import kept
-    except ImportError:
-        copy = None
-    else:
-        copy = kept(run_dir, "sae")
+    copy = kept_input(run_dir, "sae")
     if copy is None:
         log.warning("%s kept no copy of its SAE: reading target.path=%s as it is now (if it changed since the run, "
                     "the export differs from the run)", run_dir, recorded)
@@ -469,6 +474,7 @@ def run_entries(run_dir: Path, name: str, corpus: str, top_n: int, max_sentences
         raise ConfigError(f"{run_dir}: class-logit targets have no per-token activations; valid: runs of "
                           "units (neurons, groups, terms, directions, SAE latents)")
     table, saes = with_sae_copies(run_dir, targets)
+    kept_input(run_dir, "model")  # a model folder changed since the run is refused, not read
     encoder = load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     scorer = TargetScorer(encoder, readouts_of_table(encoder.model, table, read_directions(run_dir)))
     longest = type(encoder.arch).max_tokens(encoder.model.config)  # with its two framing tokens

@@ -349,3 +349,35 @@ def test_an_sae_changed_after_the_run_does_not_change_the_export(runs, tiny_dir,
     assert export([tmp_path / "run"], tmp_path / "after") == 0
     for f in (tmp_path / "before").rglob("*.gz"):
         assert f.read_bytes() == (tmp_path / "after" / f.relative_to(tmp_path / "before")).read_bytes()
+
+
+def test_a_model_changed_after_the_run_is_refused(tmp_path, capsys):
+    pytest.importorskip("ft.kept")
+    from ft.train import run
+    from tests.conftest import build_tiny
+
+    model = build_tiny(tmp_path / "model")
+    run(compose_cfg([f"model.name_or_path={model}", "trainer.max_steps=2", "logger.wandb.mode=disabled",
+                     "+trainer.enable_progress_bar=false", "target.sites=[layer.0.ffn_out.3]"]), tmp_path / "run")
+    build_tiny(model, seed=5)  # other weights at the same path
+    assert export([tmp_path / "run"], tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "altered" in err and not (tmp_path / "out").exists()
+
+
+def test_two_saes_of_one_name_get_sources_of_their_own(runs, tiny_dir, tmp_path):
+    from ft.sae import load_sae
+    from ft.train import run
+
+    sae = load_sae(runs / "sae")
+    sae.rescaled(2.0).save(tmp_path / "sae")  # another SAE: the same site and width
+    run(compose_cfg([f"model.name_or_path={tiny_dir}", "trainer.max_steps=2", "logger.wandb.mode=disabled",
+                     "+trainer.enable_progress_bar=false", "target=sae", f"target.path={tmp_path / 'sae'}",
+                     "target.site=layer.1.resid", "target.latents=[2]"]), tmp_path / "other")
+    assert export([runs / "sae_run", tmp_path / "other"], tmp_path / "out") == 0
+    got = read_export(tmp_path / "out")
+    check_references(got)
+    sources = sorted(s for _, s in got["sources"])
+    assert len(sources) == 2 and all(s.startswith("1-ft-sae-resid-8__") for s in sources)
+    counts = sorted(len(t["Neuron"]) for t in got["sources"].values())
+    assert counts == [1, 3]  # latent 2 of each SAE, apart
