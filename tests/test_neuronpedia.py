@@ -381,3 +381,18 @@ def test_two_saes_of_one_name_get_sources_of_their_own(runs, tiny_dir, tmp_path)
     assert len(sources) == 2 and all(s.startswith("1-ft-sae-resid-8__") for s in sources)
     counts = sorted(len(t["Neuron"]) for t in got["sources"].values())
     assert counts == [1, 3]  # latent 2 of each SAE, apart
+
+
+def test_a_runs_kept_sae_is_read_checked_or_refused(runs, tmp_path, capsys, caplog):
+    kept_dir = pytest.importorskip("ft.kept").KEPT
+    old, altered = tmp_path / "old", tmp_path / "altered"
+    shutil.copytree(runs / "sae_run", old)
+    shutil.copytree(runs / "sae_run", altered)
+    shutil.rmtree(old / kept_dir)  # a run from before runs kept their inputs: the recorded path, said
+    assert export([old], tmp_path / "out_old") == 0
+    assert "kept no copy of its SAE" in caplog.text
+    [weights] = (altered / kept_dir).rglob("sae_weights.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # the run's own copy, altered
+    assert export([altered], tmp_path / "out_altered") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "altered" in err and not (tmp_path / "out_altered").exists()
