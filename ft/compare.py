@@ -12,16 +12,24 @@ sentence; at l = 1 the most activating word. Every text's fluency is the run's f
 
 Writes OUT/comparison.parquet (one row per length and method), OUT/comparison.md and
 OUT/report.html (the table, the frontiers, the runs) and prints the table.
+
+Resumable: OUT/compare_state.json (the ledger) holds the arguments and each step's seconds, so a
+comparison stopped by SIGTERM/SIGINT (exit 143/130, one line) continues where it stopped and
+reports the seconds of every attempt; a finished one re-run changes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
+import shlex
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -50,12 +58,77 @@ def comparison_sites(encoder: object, n: int) -> list[str]:
     return [str(t.sites[0]) for t in targets]
 
 
-def timed_run(overrides: list[str], run_dir: Path) -> float:
+LEDGER = "compare_state.json"
+
+
+class Stopped(Exception):  # noqa: N818 - what happened, not an error in the input
+    """SIGTERM or SIGINT outside a run's fit (inside one, the run saves its checkpoint first)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name}")
+
+
+class Ledger:
+    """OUT/compare_state.json: the comparison's arguments, the seconds of each finished step, the
+    seconds spent so far in each unfinished one, and whether the tables were written."""
+
+    def __init__(self, out: Path, args: dict[str, object]):
+        self.path, self.args = out / LEDGER, args
+        self.seconds: dict[str, float] = {}
+        self.partial: dict[str, float] = {}
+        self.done = False
+        if self.path.exists():
+            self.load()
+
+    def load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+            old, self.seconds, self.partial = data["args"], dict(data["seconds"]), dict(data["partial"])
+            self.done = bool(data["done"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{self.path} is damaged ({type(e).__name__}); valid: delete it to start the "
+                              "comparison over, or another --out") from None
+        if old != self.args:
+            key = next(k for k in sorted(set(old) | set(self.args)) if old.get(k) != self.args.get(k))
+            raise ConfigError(f"--out {self.path.parent} holds a comparison made with --{key.replace('_', '-')}="
+                              f"{old.get(key)!r}, this one has {self.args.get(key)!r}; valid: the same arguments, "
+                              "or another --out")
+
+    def save(self) -> None:
+        from ft.results import atomic_write
+
+        text = json.dumps({"args": self.args, "seconds": self.seconds, "partial": self.partial, "done": self.done},
+                          indent=1, sort_keys=True)
+        atomic_write(self.path, lambda p: p.write_text(text))
+
+    def timed(self, key: str, work: Callable[[], object]) -> tuple[object, float]:
+        """Run `work`; its seconds are those of every attempt (a finished step keeps its own)."""
+        start = time.perf_counter()
+        try:
+            value = work()
+        except Exception as e:
+            from ft.signals import Interrupted
+
+            if isinstance(e, (Stopped, Interrupted)):
+                self.partial[key] = self.partial.get(key, 0.0) + time.perf_counter() - start
+                self.save()
+            raise
+        if key not in self.seconds:
+            self.seconds[key] = self.partial.pop(key, 0.0) + time.perf_counter() - start
+            self.save()
+        return value, self.seconds[key]
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+def timed_run(overrides: list[str], run_dir: Path, ledger: Ledger, key: str) -> float:
+    """One ft run (a finished one is a no-op) and its seconds over every attempt."""
     from ft.train import run
 
-    start = time.perf_counter()
-    run(compose_run(overrides), run_dir)
-    return time.perf_counter() - start
+    return ledger.timed(key, lambda: run(compose_run(overrides), run_dir))[1]
 
 
 def fluency_of_texts(fluency: object, ids: list[list[int]]) -> float:
@@ -67,7 +140,7 @@ def fluency_of_texts(fluency: object, ids: list[list[int]]) -> float:
 
 
 def compare(out: Path, lengths: list[int], weights: list[float], n_targets: int, steps: int, search_steps: int,
-            candidates: int, patience: int, model: str | None = None) -> pd.DataFrame:
+            candidates: int, patience: int, model: str | None = None, ledger: Ledger | None = None) -> pd.DataFrame:
     from ft.encoder import PACKAGED, load_encoder
     from ft.examples import run_examples
     from ft.fluency import build_fluency, check_weights
@@ -82,6 +155,7 @@ def compare(out: Path, lengths: list[int], weights: list[float], n_targets: int,
     if any(not 1 <= length <= 32 for length in lengths):
         raise ConfigError(f"--lengths={lengths}; valid: lengths in 1..32")
     model = model or PACKAGED
+    ledger = ledger or Ledger(out, {})
     encoder = load_encoder(model)
     sites = comparison_sites(encoder, n_targets)
     fluency = build_fluency("auto", encoder, Vocabulary.from_tokenizer(encoder.tokenizer), model)
@@ -94,11 +168,12 @@ def compare(out: Path, lengths: list[int], weights: list[float], n_targets: int,
         base = [*common, f"input.length={length}"]
         d = out / f"l{length}"
         t_tok = timed_run([*base, "input=tokens", f"search.fluency_weights={w_list}", f"search.candidates={candidates}",
-                           f"search.patience={patience}", f"trainer.max_steps={search_steps}"], d / "tokens")
-        start = time.perf_counter()
-        _, corpus = run_examples(d / "tokens", top_n=1, ngram=length, substitutes=0)
+                           f"search.patience={patience}", f"trainer.max_steps={search_steps}"], d / "tokens", ledger,
+                          f"l{length}/tokens")
+        (_, corpus), t_ex = ledger.timed(f"l{length}/examples",
+                                         lambda d=d, length=length: run_examples(d / "tokens", top_n=1, ngram=length,
+                                                                                 substitutes=0))
         examples = pd.read_parquet(d / "tokens" / "examples.parquet")
-        t_ex = time.perf_counter() - start
         corpus = corpus.set_index("target_id")
 
         def row(method: str, act: pd.Series, seconds: float, flu: float, corpus: pd.DataFrame = corpus,
@@ -119,7 +194,8 @@ def compare(out: Path, lengths: list[int], weights: list[float], n_targets: int,
                                   ("gumbel argmax", ["input=gumbel"]),
                                   ("PEZ (projected)", ["input=projected", "engine.keep=best"])):
             name = overrides[0].split("=", 1)[1]
-            seconds = timed_run([*base, *overrides, f"trainer.max_steps={steps}"], d / name)
+            seconds = timed_run([*base, *overrides, f"trainer.max_steps={steps}"], d / name, ledger,
+                                f"l{length}/{name}")
             df = read_targets(d / name).set_index("target_id")
             if name == "gumbel":  # its discrete readout: the argmax token of each position
                 ids = [tok.convert_tokens_to_ids(list(t)) for t in df.snapped_tokens]
@@ -166,6 +242,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m ft.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="logs/compare", help="output folder (one run directory per length and method)")
     p.add_argument("--model", default=None, help="encoder (default: the packaged MiniLM)")
@@ -179,14 +256,37 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     out = Path(a.out)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        start = time.perf_counter()
-        table = compare(out, a.lengths, a.weights, a.targets, a.steps, a.search_steps, a.candidates, a.patience,
-                        a.model)
-        total = time.perf_counter() - start
+        return compare_and_write(a, out)
     except FtError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from ft.signals import Interrupted
+
+        if not isinstance(e, (Stopped, Interrupted)):
+            raise
+        print(f"interrupted: {e}; resume with: python -m ft.compare {shlex.join(argv)}", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def stop(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
+def compare_and_write(a: argparse.Namespace, out: Path) -> int:
+    """The comparison and its files; a finished one (same arguments) is left as it is."""
+    args = {k: v for k, v in vars(a).items() if k != "out"}
+    ledger = Ledger(out, args)
+    if ledger.done and (out / "comparison.parquet").exists():
+        print(f"comparison already finished: {out}; nothing to do")
+        return 0
+    table = compare(out, a.lengths, a.weights, a.targets, a.steps, a.search_steps, a.candidates, a.patience,
+                    a.model, ledger)
     from ft.report import build_report
     from ft.report import table as html_table
     from ft.results import atomic_write
@@ -196,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(table)
     sizes = (f"{int(table.targets.iloc[0])} neurons; token search: candidates {a.candidates}, patience {a.patience}, "
              f"at most {a.search_steps} steps, fluency weights {a.weights}; continuous, gumbel, PEZ: {a.steps} steps; "
-             f"total {total:.0f} s")
+             f"total {ledger.total:.0f} s")
     atomic_write(out / "comparison.md", lambda q: q.write_text(text + "\n\n" + sizes + "\n"))
     cols = ["length", "method", "mean_activation", "beats_ngram", "reaches_ngram", "beats_sentence", "fluency",
             "seconds_per_target"]
@@ -205,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                           extra=[("Comparison: optimized texts against the corpus",
                                   html_table(table[cols].to_dict("records"), cols, "comparison")
                                   + f"<p class='note'>{sizes}</p>")])
+    ledger.done = True
+    ledger.save()
     print(text)
     print(sizes)
     print(f"report: {report}")

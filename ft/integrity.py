@@ -98,6 +98,15 @@ def read_manifest(run_dir: Path) -> dict[str, dict] | None:
         raise RunFileError(f"{path} is damaged ({e}); the run directory cannot be trusted") from None
 
 
+def read_run_record(run_dir: Path) -> dict | None:
+    """What the committed results record about the run that made them (`run` in the manifest:
+    the step it reached, whether it stopped before its step budget); None before ft recorded it."""
+    if read_manifest(run_dir) is None:
+        return None
+    record = json.loads((Path(run_dir) / MANIFEST).read_text()).get("run")
+    return dict(record) if isinstance(record, dict) else None
+
+
 def verify(run_dir: str | Path, name: str) -> Path:
     """The path of `name` in `run_dir` after checking it against the manifest. Run directories
     written before manifests existed load with a warning."""
@@ -123,18 +132,21 @@ def verify(run_dir: str | Path, name: str) -> Path:
     return path
 
 
-def commit(run_dir: Path, staged: dict[str, Path], merge: bool = False) -> None:
+def commit(run_dir: Path, staged: dict[str, Path], merge: bool = False, record: dict | None = None) -> None:
     """Rename the staged files (name -> temporary file, each flushed) into place as one set, with
     the manifest of their checksums. `merge`: the manifest keeps the other files it lists (a
     resumed run's config.yaml); otherwise result files of the old manifest that the new set lacks
-    are removed. A crash at any point leaves the old set or (through the journal) the new one."""
+    are removed. `record`: what the manifest says about the run (`read_run_record`; kept on a
+    merge). A crash at any point leaves the old set or (through the journal) the new one."""
     run_dir = Path(run_dir)
     finish_commit(run_dir)
     old = read_manifest(run_dir) or {}
+    if record is None and merge:
+        record = read_run_record(run_dir)
     entries = {name: {"size": tmp.stat().st_size, "sha256": sha256_file(tmp)} for name, tmp in staged.items()}
     files = {**old, **entries} if merge else entries
     manifest_tmp = temp_name(run_dir / MANIFEST)
-    manifest_tmp.write_text(json.dumps({"version": 1, "files": files}, indent=1))
+    manifest_tmp.write_text(json.dumps({"version": 1, "files": files, **({"run": record} if record else {})}, indent=1))
     _fsync(manifest_tmp)
     moves = {name: {"tmp": tmp.name, **entries[name]} for name, tmp in staged.items()}
     moves[MANIFEST] = {"tmp": manifest_tmp.name, **manifest_entry(manifest_tmp)}

@@ -26,7 +26,7 @@ from ft.integrity import RunFileError, pid_alive, sha256_file, storage_error
 
 KEPT = "kept"
 INDEX = "index.json"
-HASH_ONLY = frozenset({"model"})  # recorded by fingerprint, not copied (hundreds of MB)
+HASH_ONLY = frozenset({"model", "fluency_model"})  # recorded by fingerprint, not copied (hundreds of MB)
 _ROLE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _STAGE = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")
 
@@ -67,18 +67,21 @@ def index(run_dir: str | Path) -> dict[str, dict]:
         raise RunFileError(f"{path} is damaged ({type(e).__name__}); the run's kept inputs cannot be trusted") from None
 
 
-def keep(run_dir: str | Path, role: str, path: str | Path) -> Path:
+def keep(run_dir: str | Path, role: str, path: str | Path, digest: str | None = None) -> Path:
     """Copy `path` (a file or folder) into `<run_dir>/kept/<role>/` and record its sha256; returns
     the copy (for HASH_ONLY roles: records the fingerprint and returns `path`). Keeping the same
-    content again is free; other content replaces the copy."""
+    content again is cheap; other content replaces the copy. `digest`: the fingerprint the caller
+    took when it read `path`; a copy that differs from it (the file changed since) is refused."""
     if not _ROLE.match(role):
         raise ValueError(f"role {role!r}; valid: lowercase letters, digits, '_' and '-'")
     run_dir, src = Path(run_dir), Path(str(path)).expanduser().resolve()
     if not src.exists():
         raise RunFileError(f"{src} does not exist: the run cannot keep its {role}")
     have = index(run_dir).get(role)
-    digest = fingerprint(src)
+    digest = digest or fingerprint(src)
     if role in HASH_ONLY:
+        if have and have.get("sha256") == digest and have.get("source") == str(src):
+            return src
         record(run_dir, role, {"source": str(src), "sha256": digest, "path": None, "copied": False})
         return src
     dest = run_dir / KEPT / role / src.name

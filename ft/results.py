@@ -96,8 +96,10 @@ def write_run(
     curves: pd.DataFrame | None = None,
     directions: DirectionSet | None = None,
     frontier: pd.DataFrame | None = None,
+    record: dict | None = None,
 ) -> Path:
-    """All result files of a run or none (`write_files`)."""
+    """All result files of a run or none (`write_files`); `record`: what made them (the step
+    reached, ...), kept in the manifest."""
     run_dir = Path(run_dir)
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     summary_text = json.dumps(strict_summary(summary), indent=1, allow_nan=False)
@@ -113,14 +115,16 @@ def write_run(
         writers[FRONTIER] = lambda p: frontier.to_parquet(p, index=False)
     if directions is not None:  # the run's own copy: its objectives rebuild without the original file
         writers[DIRECTIONS] = directions.save
-    return write_files(run_dir, writers)
+    return write_files(run_dir, writers, record=record)
 
 
-def write_files(run_dir: str | Path, writers: dict[str, Callable[[Path], None]], merge: bool = False) -> Path:
+def write_files(run_dir: str | Path, writers: dict[str, Callable[[Path], None]], merge: bool = False,
+                record: dict | None = None) -> Path:
     """Write every file of `writers` (name -> write(path)) or none, with the manifest: each to a
     temporary file first; when every one is on disk they are committed as one set
     (`ft.integrity.commit`: a journal, then the renames), so a crash at any point leaves the old
-    results or the new ones. `merge`: the other files the manifest lists stay in it."""
+    results or the new ones. `merge`: the other files the manifest lists stay in it; `record`:
+    what the manifest says about the run (`ft.integrity.read_run_record`)."""
     run_dir = Path(run_dir)
     staged: dict[str, Path] = {}
     current = run_dir / next(iter(writers))
@@ -133,7 +137,7 @@ def write_files(run_dir: str | Path, writers: dict[str, Callable[[Path], None]],
             write(staged[name])
             _fsync(staged[name])
         current = run_dir / MANIFEST
-        commit(run_dir, staged, merge=merge)
+        commit(run_dir, staged, merge=merge, record=record)
     except OSError as e:
         if not (run_dir / COMMIT).exists():  # not committed: the old results stand
             for tmp in [*staged.values(), temp_name(run_dir / MANIFEST)]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 
+import pytorch_lightning as pl
 import torch
 
 from ft.strategy import interleave
@@ -129,3 +130,17 @@ class FitResult:
     fluency_weight: torch.Tensor | None = None  # [rows] input=tokens: the weight its search gave fluency
     fluency_source: str | None = None  # which fluency: `bigram:CORPUS` or `mlm-pll:MODEL`
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the input's own tensors to save
+
+
+class CheckpointRecord(pl.Callback):
+    """What made a checkpoint, stored inside it under `ft`: the run's resolved settings (flat dotted
+    keys), the fingerprints of its input files and one line naming it. A checkpoint passed
+    anywhere (`ckpt_path=FILE`, outside its run directory) is checked against this record."""
+
+    KEY = "ft"
+
+    def __init__(self, settings: dict[str, object], inputs: dict[str, dict], made_by: str):
+        self.record = {"settings": settings, "inputs": inputs, "made_by": made_by}
+
+    def on_save_checkpoint(self, trainer: object, pl_module: object, checkpoint: dict) -> None:
+        checkpoint[self.KEY] = self.record

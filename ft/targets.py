@@ -325,10 +325,16 @@ def direction_targets(model: torch.nn.Module, directions: DirectionSet, sites: s
     return out
 
 
-def readouts_of_table(model: torch.nn.Module, table, directions: DirectionSet | None = None) -> list[Readout]:
+def readouts_of_table(model: torch.nn.Module, table, directions: DirectionSet | None = None,
+                      run_dir: str | Path | None = None) -> list[Readout]:
     """Each row's objective rebuilt from a targets table (`targets.parquet`): neurons and groups are
-    the mean of their `sites`, terms and directions their `spec` (directions from the run's copy)."""
+    the mean of their `sites`, terms and directions their `spec` (directions from the run's copy).
+    SAE rows read the run's kept SAE (`ft.kept`, verified) when `run_dir` is given and has one;
+    only runs from before ft kept inputs re-read `sae_path`."""
+    from ft.kept import kept
+
     lookup = direction_lookup(model, directions)
+    kept_sae = kept(run_dir, "sae") if run_dir is not None else None
     out, saes = [], {}
     for row in table.itertuples():
         spec = getattr(row, "spec", None)
@@ -339,7 +345,7 @@ def readouts_of_table(model: torch.nn.Module, table, directions: DirectionSet | 
             from ft.sae import load_sae
 
             if row.sae_path not in saes:
-                saes[row.sae_path] = load_sae(row.sae_path)
+                saes[row.sae_path] = load_sae(kept_sae or row.sae_path)
             sae = saes[row.sae_path]
             layer, point = parse_point(row.sites[0], model)
             out.append(sae.readout(layer, point, int(row.latent)))

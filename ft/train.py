@@ -27,14 +27,15 @@ from ft.directions import DirectionSet, load_directions
 from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
 from ft.hydra_conf import register as register_resolvers
-from ft.integrity import StorageError
+from ft.integrity import RunFileError, StorageError
+from ft.kept import fingerprint
 from ft.metrics import VocabFacts, evaluate, summarize, target_word_rows
 from ft.module import TextualizationModule, rows_for_budget
 from ft.preflight import preflight
-from ft.results import CONFIG, RunLock, atomic_write, write_config, write_run
+from ft.results import CONFIG, RunLock, atomic_write, read_config, read_summary, write_config, write_run
 from ft.schema import TARGET_KEYS, check_config, check_model
 from ft.signals import AtomicCheckpoint, Interrupted, StopOnSignal
-from ft.state import FitResult
+from ft.state import CheckpointRecord, FitResult
 from ft.strategy import choose_strategy, node_process_rank, shard_rows
 from ft.targets import (
     Target,
@@ -278,43 +279,95 @@ RESUME_DEFAULTS = {"engine.keep": "last", "log_level": "info", "examples_after_r
                    "search.candidates": 256, "search.population": 1, "search.patience": 40,
                    "search.fluency_weights": [0], "search.fluency_model": "auto"}
 RESUME_LOG = "resume_log.jsonl"
+IDENTITY = ("model.name_or_path", "input.kind", "target.kind")  # named first when a checkpoint is foreign
 
 
-def resume_changes(old: DictConfig, new: DictConfig, path: Path) -> dict[str, list]:
+def resume_changes(old: DictConfig | dict, new: DictConfig, path: Path, maker: str | None = None) -> dict[str, list]:
     """The allowed changes of a resumed run ({key: [old, new]}); a change of any other key is a
-    ConfigError naming the key and both values."""
+    ConfigError naming the key, both values and (`maker`) what made the checkpoint."""
     a, b = flat_config(old), flat_config(new)
     changed = {}
-    for key in sorted(set(a) | set(b)):
+    for key in sorted(set(a) | set(b), key=lambda k: (k not in IDENTITY, k)):  # what a run is, first
         va, vb = a.get(key, RESUME_DEFAULTS.get(key)), b.get(key, RESUME_DEFAULTS.get(key))
         if va == vb:
             continue
         if key.startswith(RESUME_MAY_CHANGE):
             changed[key] = [va, vb]
             continue
-        raise ConfigError(f"cannot resume {path}: it was made with {key}={va!r}, this run has {key}={vb!r}; "
+        by = f" (made by {maker})" if maker else ""
+        raise ConfigError(f"cannot resume {path}{by}: it was made with {key}={va!r}, this run has {key}={vb!r}; "
                           f"valid: {key}={va!r}, a new run directory (hydra.run.dir=...), or ckpt_path=none "
                           "to start over")
     return changed
 
 
-def read_checkpoint_step(path: Path) -> int:
-    """The checkpoint's global step; a truncated or damaged file is a one-line error naming it."""
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's dict (tensors memory-mapped); a truncated or damaged file is a one-line
+    error naming it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(ckpt.get("global_step", 0))
     except Exception as e:  # torch raises RuntimeError, OSError, EOFError, pickle errors...
         cause = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise ConfigError(f"checkpoint {path} is unreadable ({cause}): it was cut short or damaged; valid: "
                           f"delete it to start over, or ckpt_path=none") from None
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (a {type(ckpt).__name__}); valid: a "
+                          "checkpoints/last.ckpt that ft wrote, or ckpt_path=none")
+    return ckpt
 
 
-def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict]:
+def read_checkpoint_step(path: Path) -> int:
+    """The checkpoint's global step; a truncated or damaged file is a one-line error naming it."""
+    return int(read_checkpoint(path).get("global_step", 0))
+
+
+def made_by(cfg: DictConfig | dict) -> str:
+    """One line naming what a run is: its input, its targets and its model."""
+    c = flat_config(cfg)
+    return (f"input={c.get('input.kind')} target={c.get('target.kind')} model={c.get('model.name_or_path')} "
+            f"seed={c.get('seed')}")
+
+
+def checkpoint_origin(path: Path, ckpt: dict) -> tuple[dict | DictConfig, dict[str, dict], str]:
+    """What made a checkpoint: its settings, its input fingerprints and a line naming it, from the
+    record stored inside it (`ft.state.CheckpointRecord`), else from the config.yaml of the run
+    directory it lies in (checkpoints written before the record). Neither: a ConfigError."""
+    from ft.kept import index
+    from ft.state import CheckpointRecord
+
+    record = ckpt.get(CheckpointRecord.KEY)
+    if isinstance(record, dict) and isinstance(record.get("settings"), dict):
+        return record["settings"], dict(record.get("inputs") or {}), str(record.get("made_by"))
+    origin = path.parent.parent
+    if (origin / CONFIG).exists():
+        old = OmegaConf.load(origin / CONFIG)
+        return old, index(origin), made_by(old)
+    raise ConfigError(f"checkpoint {path} records no settings and lies outside a run directory (no "
+                      f"{origin / CONFIG}): ft cannot check what made it; valid: a checkpoint in its run directory "
+                      "(RUN/checkpoints/last.ckpt), or ckpt_path=none to start over")
+
+
+def refuse_changed_inputs(path: Path, recorded: dict[str, dict], digests: dict[str, str],
+                          sources: dict[str, Path]) -> None:
+    """A ConfigError naming the first input file whose content differs from the one the
+    checkpoint's run started with (same path or not)."""
+    for role, digest in digests.items():
+        old = (recorded.get(role) or {}).get("sha256")
+        if old and old != digest:
+            raise ConfigError(f"cannot resume from {path}: {role} {sources[role]} is not the one that run started "
+                              f"with (sha256 {digest[:12]}, it used {old[:12]}); valid: restore that file, a new run "
+                              "directory (hydra.run.dir=...), or ckpt_path=none to start over")
+
+
+def checkpoint_to_resume(cfg: DictConfig, run_dir: Path, digests: dict[str, str] | None = None,
+                         sources: dict[str, Path] | None = None) -> tuple[Path | None, dict]:
     """`ckpt_path`: auto (last.ckpt when the run directory has one), last (required), none, or a path.
 
-    Returns the checkpoint and the allowed settings this run changes ({key: [old, new]}, recorded
-    in resume_log.jsonl). Refuses, before anything is written, a checkpoint that cannot be read
-    and one whose run directory was made with other settings.
+    Returns the checkpoint and what to record in resume_log.jsonl ({at_step, changed: {key: [old,
+    new]}, from: a checkpoint of another run directory}; {} when nothing is worth recording).
+    Refuses, before anything is written, a checkpoint that cannot be read, one made with other
+    settings (its own record, wherever it lies), and one whose run read other input files
+    (`digests`: role -> sha256 of the files this run reads, `sources`: their paths).
     """
     last = run_dir / "checkpoints" / "last.ckpt"
     choice = str(cfg.get("ckpt_path", "auto"))
@@ -325,10 +378,16 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, d
         if choice == "auto":
             return None, {}
         raise ConfigError(f"ckpt_path={choice!r}: {path} does not exist; valid: auto, last, none, a .ckpt file")
-    step = read_checkpoint_step(path)
-    old_file = path.parent.parent / CONFIG
-    changed = resume_changes(OmegaConf.load(old_file), cfg, path.parent.parent) if old_file.exists() else {}
-    return path, {"at_step": step, "changed": changed} if changed else {}
+    ckpt = read_checkpoint(path)
+    settings, inputs, maker = checkpoint_origin(path, ckpt)
+    changed = resume_changes(settings, cfg, path, maker)
+    refuse_changed_inputs(path, inputs, digests or {}, sources or {})
+    entry: dict = {"at_step": int(ckpt.get("global_step", 0))}
+    if changed:
+        entry["changed"] = changed
+    if path.resolve().parent.parent != run_dir.resolve():
+        entry["from"] = str(path.resolve())
+    return path, entry if len(entry) > 1 else {}
 
 
 def record_resume(run_dir: Path, entry: dict) -> None:
@@ -340,6 +399,85 @@ def record_resume(run_dir: Path, entry: dict) -> None:
     old = path.read_text() if path.exists() else ""
     line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}, default=str)
     atomic_write(path, lambda p: p.write_text(old + line + "\n"))
+
+
+def finished_step(cfg: DictConfig, run_dir: Path) -> int | None:
+    """The step a finished run in `run_dir` reached when this run would add nothing to it (its
+    intact results reached `trainer.max_steps`, or every row stopped before it); else None."""
+    from ft.integrity import read_manifest, read_run_record, verify
+
+    if str(cfg.get("ckpt_path", "auto")) not in ("auto", "last"):
+        return None
+    try:
+        files = read_manifest(run_dir)
+        if files is None:
+            return None
+        for name in files:
+            verify(run_dir, name)
+        record = read_run_record(run_dir)
+    except RunFileError:
+        return None  # damaged results: the run resumes and writes them again
+    if record is None:  # results from before ft recorded the step: the checkpoint's
+        last = run_dir / "checkpoints" / "last.ckpt"
+        step = read_checkpoint_step(last) if last.exists() else None
+        return step if step is not None and step >= cfg.trainer.max_steps else None
+    step = int(record["step"])
+    if step >= cfg.trainer.max_steps or record.get("stopped_early") and cfg.engine.stop_when_converged:
+        return step
+    return None
+
+
+def input_sources(cfg: DictConfig) -> dict[str, Path]:
+    """The local files and folders this run reads (role -> path), which it keeps (`ft.kept`): the
+    model folder (by fingerprint), a directions file, an SAE folder, a probe run's table and
+    concept file, a fluency model or corpus, a clusters corpus. Hub names are not files."""
+    from ft.encoder import resolve
+
+    t, out = cfg.target, {}
+    try:
+        out["model"] = Path(resolve(cfg.model.name_or_path))
+    except FtError:
+        pass  # the packaged model's package is missing: load_encoder says so
+    if t.get("file"):
+        out["directions"] = Path(str(t.file))
+    if t.kind == "sae" and t.get("path"):
+        out["sae"] = Path(str(t.path))
+    if t.kind == "probe" and t.get("run"):
+        out["probe"] = Path(str(t.run)) / "probe.parquet"
+        concept = probe_concept(Path(str(t.run)))
+        if concept is not None:
+            out["concept"] = concept
+    if t.kind == "clusters" and isinstance(t.get("corpus"), str):
+        out["corpus"] = Path(t.corpus.removeprefix("hf:").split(":")[0])
+    if cfg.input.get("kind") == "tokens":
+        spec = str(cfg.search.get("fluency_model", "auto"))
+        if spec.startswith("bigram:"):
+            out["fluency_corpus"] = Path(spec.split(":", 1)[1].removeprefix("hf:").split(":")[0])
+        elif spec not in ("auto", "self", "bigram"):
+            out["fluency_model"] = Path(spec)
+    return {role: p.expanduser() for role, p in out.items() if p.expanduser().exists()}
+
+
+def probe_concept(probe_run: Path) -> Path | None:
+    """The concept file of an ft.probe run (None for a builtin concept or an unreadable run)."""
+    try:
+        concept = OmegaConf.load(probe_run / CONFIG).get("concept")
+    except Exception:  # no run there, or not YAML: probe_targets names the problem
+        return None
+    return Path(concept) if isinstance(concept, str) and Path(concept).is_file() else None
+
+
+def keep_inputs(run_dir: Path, cfg: DictConfig, sources: dict[str, Path], digests: dict[str, str],
+                targets: list[Target]) -> dict[str, dict]:
+    """Keep every input in the run (`ft.kept`), the demo SAE too; returns the kept index."""
+    from ft.kept import index, keep
+
+    for role, path in sources.items():
+        keep(run_dir, role, path, digest=digests[role])
+    sae = targets[0].meta.get("sae") if targets else None
+    if cfg.target.kind == "sae" and "sae" not in sources and sae is not None:
+        keep(run_dir, "sae", sae.source)
+    return index(run_dir)
 
 
 def prepare_targets(cfg: DictConfig, encoder: Encoder, directions: DirectionSet | None = None
@@ -395,7 +533,15 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     configure_output(cfg.get("log_level", "info"))
     warn_cpu_precision(cfg.trainer)  # bf16 on a CPU without bf16 units: slower than fp32
     quiet_expected_warnings()
-    resume_from, resume_entry = checkpoint_to_resume(cfg, run_dir)
+    sources = input_sources(cfg)
+    digests = {role: fingerprint(path) for role, path in sources.items()}
+    resume_from, resume_entry = checkpoint_to_resume(cfg, run_dir, digests, sources)
+    done = finished_step(cfg, run_dir)
+    if done is not None:  # a finished run: its results stand, byte for byte
+        if resume_from is None:
+            resume_changes(read_config(run_dir), cfg, run_dir)
+        print(f"run already finished: {run_dir} ({done} steps); nothing to do")
+        return read_summary(run_dir)
     pl.seed_everything(cfg.seed, verbose=False)
     encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     check_model(cfg, encoder.model.config)
@@ -410,11 +556,14 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     with RunLock(run_dir) if rank0 else nullcontext():
         if rank0:
             write_config(run_dir, cfg)
+            kept_inputs = keep_inputs(run_dir, cfg, sources, digests, targets)
             if resume_entry:
                 record_resume(run_dir, resume_entry)
         loggers = build_loggers(cfg, run_dir, cfg.run_name or cfg.experiment_name)
         # the control first: a step's rows are decided before any other callback (a checkpoint) sees it
         callbacks = [module.control, *(instantiate(c) for c in cfg.callbacks.values() if c is not None)]
+        callbacks.append(CheckpointRecord(OmegaConf.to_container(cfg, resolve=True),
+                                          kept_inputs if rank0 else {}, made_by(cfg)))
         callbacks.append(AtomicCheckpoint(
             dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
             every_n_train_steps=cfg.engine.checkpoint_every_n_steps,
@@ -461,7 +610,8 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         quality = targets[0].meta.get("sae_quality")
         if quality:  # the demo SAE's own quality, on held-out corpus tokens
             summary.update({f"sae/{k}": float(v) for k, v in quality.items()})
-        write_run(run_dir, cfg, df, tensors, summary, curve_table(result, targets, df), directions, frontier)
+        record = {"step": result.total_steps, "stopped_early": result.total_steps < cfg.trainer.max_steps}
+        write_run(run_dir, cfg, df, tensors, summary, curve_table(result, targets, df), directions, frontier, record)
         note = log_summary(loggers, summary, df, result.total_steps, run_dir)
     if cfg.get("examples_after_run") and rank0:
         from ft.examples import run_examples
@@ -518,8 +668,11 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     """The `ft-train` console script (and `python -m ft.train`): checks, then Hydra."""
+    from ft.preflight import nothing_left_if_refused
+
     preflight(sys.argv[1:])  # one-line errors (exit 2) before Hydra writes anything
-    main()
+    with nothing_left_if_refused(sys.argv[1:]):  # a job's own later refusal: Hydra's files go too
+        main()
 
 
 if __name__ == "__main__":

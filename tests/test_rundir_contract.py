@@ -181,3 +181,247 @@ def test_a_commit_whose_staged_file_is_gone_is_refused_not_read_as_a_mix(tmp_pat
     (tmp_path / "commit.json").write_text(json.dumps(journal))
     with pytest.raises(RunFileError, match="targets.parquet is missing or damaged"):
         verify(tmp_path, "inputs.safetensors")
+
+
+# -- runs: a finished run re-run, checkpoints anywhere, inputs by content ---------------------
+def quick(tiny_dir: Path, steps: int = 20, *extra: str):
+    from tests.test_train import compose_cfg, tiny_overrides
+
+    return compose_cfg(tiny_overrides(tiny_dir, "default", steps) + [
+        "logger.wandb.mode=disabled", "engine.checkpoint_every_n_steps=10", "engine.stop_when_converged=false",
+        *extra])
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("steps,extra", [(20, []), (20, ["input=tokens", "engine.keep=best"]),
+                                         (15, ["engine.keep=best"])],
+                         ids=["embedding", "tokens-keep-best", "keep-best-between-checkpoints"])
+def test_a_finished_run_re_run_changes_nothing_byte_for_byte(steps, extra, tiny_dir, tmp_path, capsys):
+    from ft.train import run
+
+    d = tmp_path / "run"
+    run(quick(tiny_dir, steps, *extra), d)
+    before = tree_hashes(d)
+    assert {"targets.parquet", "inputs.safetensors", "curves.parquet", "manifest.json"} <= set(before)
+    capsys.readouterr()
+    again = run(quick(tiny_dir, steps, *extra), d)
+    out = capsys.readouterr().out
+    assert tree_hashes(d) == before
+    assert len(out.strip().splitlines()) == 1 and out.startswith(f"run already finished: {d} (") \
+        and out.strip().endswith("nothing to do")
+    assert again == json.loads((d / "summary.json").read_text())
+
+
+def directions_cfg(tiny_dir: Path, file: Path, steps: int):
+    from tests.test_train import compose_cfg, tiny_overrides
+
+    base = [o for o in tiny_overrides(tiny_dir, "default", steps) if not o.startswith("target.")]
+    return compose_cfg(base + ["logger.wandb.mode=disabled", "engine.checkpoint_every_n_steps=10",
+                               "engine.stop_when_converged=false", "target=directions", f"target.file={file}",
+                               "target.site=layer.1.resid"])
+
+
+def save_directions(path: Path, seed: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"directions": torch.randn(2, 32, generator=torch.Generator().manual_seed(seed))}, str(path))
+
+
+def test_a_directions_file_replaced_at_the_same_path_is_refused_on_resume_and_kept_in_the_run(tiny_dir, tmp_path):
+    from ft.errors import ConfigError
+    from ft.train import run
+
+    file, d = tmp_path / "d.safetensors", tmp_path / "run"
+    save_directions(file, 0)
+    original = file.read_bytes()
+    run(directions_cfg(tiny_dir, file, 10), d)
+    copy = kept(d, "directions")
+    assert copy.read_bytes() == original and index(d)["model"]["copied"] is False
+    save_directions(file, 1)  # same path, same size, other directions
+    before = tree_hashes(d)
+    with pytest.raises(ConfigError) as e:
+        run(directions_cfg(tiny_dir, file, 20), d)  # would resume 10 -> 20 on other directions
+    message = str(e.value)
+    assert "\n" not in message and f"directions {file} is not the one that run started with" in message
+    assert tree_hashes(d) == before  # nothing written
+    file.write_bytes(original)  # restored: the resume goes on
+    run(directions_cfg(tiny_dir, file, 20), d)
+    assert kept(d, "directions").read_bytes() == original
+
+
+def test_model_weights_changed_under_a_run_are_refused_on_resume(tiny_dir, tmp_path):
+    import shutil
+
+    from ft.errors import ConfigError
+    from ft.train import run
+
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    d = tmp_path / "run"
+    run(quick(model, 10), d)
+    weights = next(p for p in model.iterdir() if p.suffix in (".safetensors", ".bin"))
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(b ^ 0x01 for b in data[-8:])  # a few weights, same size, same path
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=f"model {model} is not the one that run started with"):
+        run(quick(model, 20), d)
+    with pytest.raises(RunFileError, match="altered"):
+        kept(d, "model")
+
+
+@pytest.fixture(scope="module")
+def lr_run(tiny_dir, tmp_path_factory):
+    """A 10-step run at optim.lr=0.1 whose checkpoint is then copied out of its run directory."""
+    import os
+    import shutil
+
+    from ft.train import run
+
+    root = tmp_path_factory.mktemp("lr")
+    old = os.environ.get("FT_CACHE_DIR")
+    os.environ["FT_CACHE_DIR"] = str(root / "cache")
+    try:
+        run(quick(tiny_dir, 10, "optim.lr=0.1"), root / "run")
+    finally:
+        os.environ.pop("FT_CACHE_DIR") if old is None else os.environ.update(FT_CACHE_DIR=old)
+    loose = root / "elsewhere" / "lr01.ckpt"
+    loose.parent.mkdir()
+    shutil.copy(root / "run" / "checkpoints" / "last.ckpt", loose)
+    return root / "run", loose
+
+
+def test_a_checkpoint_outside_its_run_directory_is_checked_against_its_own_settings(lr_run, tiny_dir, tmp_path):
+    from ft.errors import ConfigError
+    from ft.train import run
+
+    _, loose = lr_run
+    d = tmp_path / "new"
+    with pytest.raises(ConfigError) as e:
+        run(quick(tiny_dir, 20, "optim.lr=0.5", f"ckpt_path={loose}"), d)
+    message = str(e.value)
+    assert "\n" not in message and str(loose) in message and "optim.lr=0.1" in message and "optim.lr=0.5" in message
+    assert not d.exists() or not any(d.iterdir())
+
+
+def test_a_checkpoint_outside_its_run_directory_resumes_and_is_logged(lr_run, tiny_dir, tmp_path):
+    from ft.results import read_targets
+    from ft.train import RESUME_LOG, run
+
+    _, loose = lr_run
+    d = tmp_path / "new"
+    run(quick(tiny_dir, 20, "optim.lr=0.1", f"ckpt_path={loose}"), d)
+    [entry] = [json.loads(line) for line in (d / RESUME_LOG).read_text().splitlines()]
+    assert entry["from"] == str(loose.resolve()) and entry["at_step"] == 10
+    straight = tmp_path / "straight"
+    run(quick(tiny_dir, 20, "optim.lr=0.1"), straight)
+    a, b = read_targets(d), read_targets(straight)
+    assert ((a.objective - b.objective).abs() / b.objective.abs().clip(lower=1e-6)).max() <= 1e-4
+
+
+def test_a_foreign_checkpoint_is_refused_naming_it_and_what_made_it(lr_run, tiny_dir, tmp_path):
+    from ft.errors import ConfigError
+    from ft.train import run
+
+    _, loose = lr_run  # an input=embedding run's checkpoint, into input=tokens
+    with pytest.raises(ConfigError) as e:
+        run(quick(tiny_dir, 20, "input=tokens", f"ckpt_path={loose}"), tmp_path / "new")
+    message = str(e.value)
+    assert "\n" not in message and str(loose) in message and "made by input=embedding" in message
+    assert "input.kind='embedding'" in message and "input.kind='tokens'" in message
+
+
+def test_a_checkpoint_without_a_record_outside_a_run_directory_is_refused(lr_run, tiny_dir, tmp_path):
+    import torch
+
+    from ft.errors import ConfigError
+    from ft.train import run
+
+    _, loose = lr_run
+    ckpt = torch.load(loose, weights_only=True)
+    del ckpt["ft"]  # as ft wrote checkpoints before it recorded their settings
+    bare = tmp_path / "bare.ckpt"
+    torch.save(ckpt, bare)
+    with pytest.raises(ConfigError, match=f"checkpoint {bare} records no settings and lies outside a run directory"):
+        run(quick(tiny_dir, 20, f"ckpt_path={bare}"), tmp_path / "new")
+
+
+def test_an_sae_run_keeps_its_sae_and_rebuilds_its_objectives_from_the_copy(tiny, tiny_dir, tmp_path):
+    """The SAE folder changes after the run: the run's objectives, rebuilt from its table, still
+    reproduce its `objective` (the kept copy), while the changed original would not."""
+    import torch
+
+    from ft.metrics import measure
+    from ft.results import read_inputs, read_targets
+    from ft.targets import readouts_of_table
+    from ft.train import run
+    from tests.reference import frame
+    from tests.test_train import compose_cfg
+    from tests.test_units import random_sae
+
+    src = tmp_path / "sae"
+    random_sae(32, 16, seed=0).save(src)
+    cfg = compose_cfg([f"model.name_or_path={tiny_dir}", "target=sae", f"target.path={src}",
+                       "target.site=layer.1.resid", "target.latents=[1,4]", "trainer.max_steps=5",
+                       "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false", "logger.wandb.mode=disabled"])
+    d = tmp_path / "run"
+    run(cfg, d)
+    random_sae(32, 16, seed=1).save(src)  # the original replaced after the run
+    df, embeds = read_targets(d), read_inputs(d)["embeds"]
+
+    def objectives(readouts) -> torch.Tensor:
+        return measure(tiny.model, readouts, frame(tiny.model, tiny.tokenizer, embeds), position=1)
+
+    kept_values = objectives(readouts_of_table(tiny.model, df, run_dir=d))
+    assert torch.allclose(kept_values, torch.tensor(df.objective.to_numpy(), dtype=torch.float32), rtol=1e-3)
+    assert not torch.allclose(objectives(readouts_of_table(tiny.model, df)), kept_values, rtol=1e-3)
+    assert kept(d, "sae") == d / "kept" / "sae" / "sae"
+
+
+# -- ft.compare: stopped and resumed, re-run when finished --------------------------------------
+CMP = ["--lengths", "2", "--targets", "2", "--steps", "4", "--search-steps", "3", "--candidates", "4",
+       "--patience", "2", "--weights", "0"]
+
+
+def test_compare_stopped_by_sigterm_exits_143_resumes_and_a_finished_one_changes_nothing(tiny_dir, tmp_path,
+                                                                                          monkeypatch, capsys):
+    import os
+    import signal
+
+    import ft.examples
+    from ft.compare import LEDGER, main
+
+    out = tmp_path / "cmp"
+    argv = ["--model", str(tiny_dir), "--out", str(out), *CMP]
+    real = ft.examples.run_examples
+    calls = []
+
+    def sigterm_once(*a, **k):  # SIGTERM arrives while the corpus examples are scored
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft.examples, "run_examples", sigterm_once)
+    assert main(argv) == 143
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("interrupted") == 1
+    assert err.strip().splitlines()[-1].startswith("interrupted: SIGTERM; resume with: python -m ft.compare --model")
+    ledger = json.loads((out / LEDGER).read_text())
+    assert set(ledger["seconds"]) == {"l2/tokens"} and ledger["partial"]["l2/examples"] >= 0
+    assert not (out / "comparison.parquet").exists()
+    assert main(argv) == 0  # resumed: the finished token run is not redone
+    ledger = json.loads((out / LEDGER).read_text())
+    assert ledger["done"] and not ledger["partial"] and len(calls) == 2
+    assert set(ledger["seconds"]) == {"l2/tokens", "l2/examples", "l2/embedding", "l2/gumbel", "l2/projected"}
+    capsys.readouterr()
+    before = tree_hashes(out)
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == f"comparison already finished: {out}; nothing to do"
+    assert tree_hashes(out) == before
+    assert main([*argv[:-2], "--weights", "0.5"]) == 2  # other arguments into the same folder: refused
+    assert "holds a comparison made with --weights=[0.0], this one has [0.5]" in capsys.readouterr().err
+    assert tree_hashes(out) == before
