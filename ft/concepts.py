@@ -14,6 +14,7 @@ Every word must be one token of the model's vocabulary (word lists) or is split 
 from __future__ import annotations
 
 import csv
+import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +80,27 @@ def builtin(name: str, tokenizer: object, seed: int = 0) -> Concept:
     return Concept(f"builtin:{name}", [[w] for w, _ in items], [[lab] for _, lab in items])
 
 
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text, a byte-order mark dropped; ConfigError naming the file and the line of
+    the first byte that is not UTF-8 (a Latin-1 file, say)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"concept={str(path)!r}: cannot read it ({e.strerror or e}); valid: a readable "
+                          "file") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"concept={str(path)!r}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); valid: a "
+                          "UTF-8 file (re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def read_word_file(path: Path) -> Concept:
     sentences, labels = [], []
-    with path.open(newline="") as f:
-        dialect = "excel-tab" if path.suffix == ".tsv" or "\t" in f.read(4096) else "excel"
-        f.seek(0)
+    text = read_text(path)
+    dialect = "excel-tab" if path.suffix == ".tsv" or "\t" in text[:4096] else "excel"
+    with io.StringIO(text, newline="") as f:
         for i, row in enumerate(csv.reader(f, dialect=dialect), 1):
             row = [c.strip() for c in row]
             if not row or not any(row) or row[0].startswith("#"):
@@ -99,7 +116,7 @@ def read_word_file(path: Path) -> Concept:
 
 def read_conll(path: Path) -> Concept:
     sentences, labels, s, lab = [], [], [], []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             if s:
                 sentences.append(s)

@@ -87,6 +87,63 @@ def not_found(name_or_path: str, path: str, error: Exception) -> ModelNotFoundEr
     return ModelNotFoundError(f"cannot load model {name_or_path!r}: {hint}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "spm.model", "tokenizer.model")
+
+
+def check_tokenizer_files(name_or_path: str, path: str, what: str = "model.name_or_path") -> None:
+    """A local model folder holds its tokenizer (without one, transformers falls back to a few
+    special tokens and every word would read as [UNK])."""
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelNotFoundError(f"{what}={name_or_path!r} has no tokenizer files (none of "
+                                 f"{', '.join(TOKENIZER_FILES)}); valid: a folder saved with its tokenizer "
+                                 "(tokenizer.save_pretrained(folder))")
+
+
+def check_weights_file(name_or_path: str, path: str) -> None:
+    """Each `*.safetensors` in a local model folder is whole: its header's tensors end where the
+    file ends (a truncated download is refused by name, not by a deserializer's traceback)."""
+    import json
+    import struct
+
+    folder = Path(path)
+    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        size = f.stat().st_size
+        try:
+            with f.open("rb") as h:
+                (n,) = struct.unpack("<Q", h.read(8))
+                header = json.loads(h.read(n)) if 8 + n <= size else None
+            need = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (OSError, struct.error, ValueError, TypeError, KeyError, AttributeError):
+            need = None
+        if need != size:
+            raise ModelNotFoundError(f"model.name_or_path={name_or_path!r}: {f.name} is damaged or truncated "
+                                     f"({size} bytes{f', its header needs {need}' if need else ', no valid header'}); "
+                                     "valid: a complete copy (download or save it again)")
+
+
+def check_vocabulary_size(name_or_path: str, tokenizer: object, rows: int) -> None:
+    """Every id the tokenizer gives has a row of the embedding matrix."""
+    if len(tokenizer) > rows:
+        raise ModelNotFoundError(f"model.name_or_path={name_or_path!r}: the tokenizer has {len(tokenizer)} tokens, "
+                                 f"the embedding matrix {rows} rows; valid: the tokenizer saved with this model")
+
+
+def check_tokenizer_fits(name_or_path: str, config: object) -> None:
+    """Before a run: a local model's tokenizer has no more tokens than its config's embedding rows
+    (`vocab_size`); read without the weights."""
+    path = resolve(name_or_path)
+    rows = getattr(config, "vocab_size", None)
+    if not Path(path).is_dir() or not isinstance(rows, int):
+        return
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"model.name_or_path={name_or_path!r}: its tokenizer does not load "
+                                 f"({type(e).__name__}); valid: a folder saved with its tokenizer") from None
+    check_vocabulary_size(name_or_path, tokenizer, rows)
+
+
 def load_model_config(name_or_path: str = PACKAGED, trust_remote_code: bool = False) -> object:
     """The model's config alone (no weights): what the checks before a run need. A model of a
     family ft has no adapter for is refused here, naming the supported families."""
@@ -100,6 +157,8 @@ def load_model_config(name_or_path: str = PACKAGED, trust_remote_code: bool = Fa
         adapter_class(config)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"model {name_or_path!r}: {e}") from None
+    check_tokenizer_files(name_or_path, path)
+    check_weights_file(name_or_path, path)
     return config
 
 
@@ -117,10 +176,16 @@ def load_encoder(name_or_path: str = PACKAGED, trust_remote_code: bool = False) 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
     except (OSError, ValueError) as e:
         raise not_found(name_or_path, path, e) from e
+    except Exception as e:  # safetensors' own error for a file damaged after the check above
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelNotFoundError(f"model.name_or_path={name_or_path!r}: its weights do not read ({e}); valid: a "
+                                 "complete copy (download or save it again)") from None
     head = None
     if head_class is not None:  # a fine-tuned checkpoint: the sites are its encoder's; the head stays at hand
         head, model = freeze(model), model.base_model
     adapter(model)  # UnsupportedModelError (one line, the supported families) for other models
+    check_vocabulary_size(name_or_path, tokenizer, int(adapter(model).word_embeddings.shape[0]))
     return Encoder(model=freeze(model), tokenizer=tokenizer, name=name_or_path, head=head)
 
 

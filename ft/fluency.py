@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
+from ft.encoder import TOKENIZER_FILES
 from ft.errors import ConfigError
 
 log = logging.getLogger("ft")
 LAMBDA = 0.5
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                   "spm.model", "tokenizer.model")
 
 
 class BigramPrior:

@@ -4,26 +4,35 @@ Hydra writes `.hydra/` before the job starts and exits 1 with a multi-line messa
 composition errors. `preflight(argv)` composes the same config with Hydra's compose API, runs
 `ft.schema`'s checks on it (and those needing the model's config, read without its weights), and
 turns any problem into one line on stderr and exit code 2, with nothing written. Under
-`--multirun` every value of a swept key is checked (each with the other keys' first values).
+`--multirun` every combination of the swept values is checked before any job starts (beyond
+MAX_VARIANTS combinations, every value once). `nothing_left_if_refused` removes (or restores)
+what Hydra wrote for a job that the job's own checks then refused.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from ft.encoder import load_model_config
+from ft.encoder import check_tokenizer_fits, load_model_config
 from ft.errors import FtError
-from ft.schema import check_config, check_model
+from ft.schema import check_config, check_model, check_probe_config, check_probe_model
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
-MAX_VARIANTS = 256
+MAX_VARIANTS = 512  # combinations checked one by one (about 0.1 s each)
 
 
 class PreflightError(FtError):
@@ -88,27 +97,58 @@ def variants(overrides: list[str], multirun: bool) -> list[list[str]]:
             choices.append([f"{prefix}{o.get_key_element()}={v}" for v in sweep_values(o)])
         else:
             choices.append([o.input_line])
-    first = [c[0] for c in choices]
+    total = math.prod(len(c) for c in choices)
+    if total <= MAX_VARIANTS:  # every combination: two values fine alone may not be together
+        return [list(line) for line in itertools.product(*choices)]
+    first = [c[0] for c in choices]  # too many to compose each: every value once, with the others' first
     out = [first]
     for i, c in enumerate(choices):
         out += [first[:i] + [v] + first[i + 1:] for v in c[1:]]
-    return out[:MAX_VARIANTS]
+    return out
 
 
-def check_command_line(overrides: list[str]) -> None:
-    """Compose `overrides` as `python -m ft.train` would and check every value."""
+def check_train(cfg: DictConfig) -> None:
+    """`python -m ft.train`'s checks: the schemas, then those that need the model's config."""
+    check_config(cfg)
+    config = model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    check_model(cfg, config)
+    tokenizer_fits(cfg.model.name_or_path, cfg.model.trust_remote_code)
+
+
+def check_probe(cfg: DictConfig) -> None:
+    """`python -m ft.probe`'s checks: the schemas, the model, its layers."""
+    check_probe_config(cfg)
+    check_probe_model(cfg, model_config(cfg.model.name_or_path, cfg.model.trust_remote_code))
+
+
+@functools.lru_cache(maxsize=8)
+def model_config(name: str, trust_remote_code: bool) -> object:
+    """The model's config (read once per command line, however many sweep variants)."""
+    return load_model_config(name, trust_remote_code)
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_fits(name: str, trust_remote_code: bool) -> None:
+    """The model's tokenizer has no more tokens than its embedding rows (once per command line)."""
+    check_tokenizer_fits(name, model_config(name, trust_remote_code))
+
+
+CHECKS: dict[str, Callable[[DictConfig], None]] = {"train": check_train, "probe": check_probe}
+
+
+def check_command_line(overrides: list[str], command: str = "train") -> None:
+    """Compose `overrides` as `python -m ft.<command>` would and check every value."""
     job = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     check_choices(job)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose("train", overrides=job)
-        check_config(cfg)
+            cfg = compose(command, overrides=job)
+        CHECKS[command](cfg)
     except (HydraException, OmegaConfBaseException) as e:
         raise PreflightError(one_line(e)) from None
     finally:
         GlobalHydra.instance().clear()
-    check_model(cfg, load_model_config(cfg.model.name_or_path, cfg.model.trust_remote_code))
 
 
 def check_writable(overrides: list[str], multirun: bool) -> None:
@@ -129,7 +169,7 @@ def check_writable(overrides: list[str], multirun: bool) -> None:
                          "valid: a writable hydra.run.dir=...")
 
 
-def preflight(argv: list[str]) -> None:
+def preflight(argv: list[str], command: str = "train") -> None:
     """Exit 2 with one line on stderr if `argv` cannot run; return if it can. Hydra's own flags
     (--help, --cfg, --config-dir, ...) are left to Hydra, and the job checks its config again."""
     flags = [a for a in argv if a.startswith("-")]
@@ -138,8 +178,150 @@ def preflight(argv: list[str]) -> None:
     overrides = [a for a in argv if not a.startswith("-")]
     try:
         for line in variants(overrides, multirun=bool(flags)):
-            check_command_line(line)
+            check_command_line(line, command)
         check_writable(overrides, multirun=bool(flags))
     except FtError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (ValueError, TypeError) as e:  # a value no check foresaw: still one line, never a traceback
+        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -- a job refused after Hydra wrote its run directory leaves nothing -------------------------------
+HYDRA_FILES = (".hydra", "multirun.yaml")  # with `<job>.log`: what Hydra writes before the job runs
+DEPTH = 4  # how deep under the output root a new run directory is looked for
+
+
+@dataclass
+class Before:
+    """The output root of a command line as it was before Hydra ran: the run directory given
+    (`kept`: the bytes of Hydra's files in it, so that a refused re-run restores them), or the
+    static part of the configured pattern (`dirs`: the folders that existed under it)."""
+
+    root: Path
+    given: bool
+    existed: bool
+    dirs: set[Path]
+    entries: set[str]
+    kept: dict[Path, bytes]
+    ancestor: Path  # the nearest folder that existed (empty folders are removed up to it)
+
+
+def output_root(overrides: list[str], command: str, multirun: bool) -> tuple[Path, bool]:
+    """(the run directory given with hydra.run.dir / hydra.sweep.dir, True), or (the part of the
+    configured pattern before its first interpolation, False)."""
+    from omegaconf import OmegaConf
+
+    key = "sweep" if multirun else "run"
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith(f"hydra.{key}.dir=")]
+    if given:
+        return Path(given[-1]).absolute(), True
+    try:
+        pattern = str(OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / f"{command}.yaml"))
+                      ["hydra"][key]["dir"])
+    except (OSError, KeyError, TypeError):
+        pattern = "outputs/"
+    static = pattern.split("${", 1)[0]
+    return (Path.cwd() / static.rpartition("/")[0]).absolute(), False
+
+
+def hydra_file(path: Path, root: Path) -> bool:
+    rel = path.relative_to(root)
+    return rel.parts[0] in HYDRA_FILES or (len(rel.parts) == 1 and path.suffix == ".log")
+
+
+def folders(root: Path, depth: int = DEPTH) -> set[Path]:
+    """The folders under `root`, `depth` levels deep (`.hydra` folders left out)."""
+    out: set[Path] = set()
+    level = [root] if root.is_dir() else []
+    for _ in range(depth):
+        level = [p for d in level for p in d.iterdir() if p.is_dir() and not p.is_symlink() and p.name != ".hydra"]
+        out.update(level)
+    return out
+
+
+def take(overrides: list[str], command: str, multirun: bool) -> Before:
+    root, given = output_root(overrides, command, multirun)
+    existed = root.is_dir()
+    entries, kept = set(), {}
+    if given and existed:
+        entries = {p.name for p in root.iterdir()}
+        for p in [*root.glob(".hydra/*"), *root.glob("*.log"), root / "multirun.yaml"]:
+            if p.is_file():
+                kept[p] = p.read_bytes()
+    ancestor = next(d for d in [root, *root.parents] if d.exists())
+    return Before(root, given, existed, set() if given else folders(root), entries, kept, ancestor)
+
+
+def only_hydra_files(folder: Path) -> bool:
+    """Nothing in `folder` (or its sub-folders' run directories) but what Hydra writes."""
+    for p in folder.rglob("*"):
+        if p.is_file() and not any(hydra_file(p, d) for d in [folder, *p.parents] if d.is_relative_to(folder)
+                                   and p.is_relative_to(d) and d != p):
+            return False
+    return True
+
+
+def remove_empty_up_to(folder: Path, stop: Path) -> None:
+    """`folder` and its parents below `stop`, each only if empty."""
+    for d in [folder, *folder.parents]:
+        if d == stop or not d.is_relative_to(stop):
+            return
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def undo(before: Before) -> None:
+    """Put the output root back as it was before a refused job: a run directory given restores
+    Hydra's files and drops what the job added; otherwise a new folder holding only Hydra's files
+    (the refused job's run directory) is removed."""
+    import shutil
+
+    root = before.root
+    if before.given and before.existed:
+        for p in root.iterdir():
+            if p.name not in before.entries:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        for p in [*root.glob(".hydra/*"), *root.glob("*.log"), root / "multirun.yaml"]:
+            if p.is_file() and p not in before.kept:
+                p.unlink()
+        for p, data in before.kept.items():
+            p.parent.mkdir(exist_ok=True)
+            p.write_bytes(data)
+        return
+    if before.given:  # a new folder: everything in it is the refused job's
+        shutil.rmtree(root, ignore_errors=True)
+        remove_empty_up_to(root.parent, before.ancestor)
+        return
+    new = sorted(folders(before.root) - before.dirs, key=lambda d: len(d.parts))
+    for d in new:
+        if d.is_dir() and only_hydra_files(d):
+            shutil.rmtree(d, ignore_errors=True)
+            remove_empty_up_to(d.parent, before.ancestor)
+
+
+@contextmanager
+def nothing_left_if_refused(argv: list[str], command: str = "train") -> Iterator[None]:
+    """Around Hydra's main: a job that exits 2 (its own checks refused it after Hydra created its
+    run directory) leaves the output folder as it found it."""
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in MULTIRUN_FLAGS for f in flags):
+        yield
+        return
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        before = take(overrides, command, bool(flags))
+    except OSError:
+        before = None
+    try:
+        yield
+    except SystemExit as e:
+        if e.code == 2 and before is not None:
+            try:
+                undo(before)
+            except OSError as err:  # the refusal's own line stays the message
+                print(f"note: could not remove {before.root}: {err.strerror or err}", file=sys.stderr)
+        raise

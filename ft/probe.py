@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from ft.concepts import Concept, load_concept
 from ft.errors import ConfigError, FtError
 from ft.probe_ablation import ABLATION, ablation_sets, ablation_summary, ablation_table, find_mlm, masked_tokens
-from ft.sites import POINTS, Site, SiteReader, num_layers, register_point_hook
+from ft.sites import Site, SiteReader, num_layers, register_point_hook
 
 log = logging.getLogger("ft")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -68,8 +68,13 @@ def concept_activations(encoder: object, concept: Concept, point: str, layers: l
             out.append(acts[:, layers].flatten(1))
         return torch.cat(out)
     rows = []
-    for words in concept.sentences:  # in context: each word at its first piece
-        enc = tok(words, is_split_into_words=True, return_tensors="pt", truncation=True)
+    most = max_positions(model)
+    for n, words in enumerate(concept.sentences, 1):  # in context: each word at its first piece
+        enc = tok(words, is_split_into_words=True, return_tensors="pt", truncation=False)
+        if most is not None and enc["input_ids"].shape[1] > most:
+            raise ConfigError(f"concept={concept.name}: sentence {n} ({' '.join(words[:5])} ...) is "
+                              f"{enc['input_ids'].shape[1]} tokens with [CLS] and [SEP]; valid: sentences of at "
+                              f"most {most} tokens, what the model takes")
         first: dict[int, int] = {}
         for pos, w in enumerate(enc.word_ids()):
             if w is not None and w not in first:
@@ -89,6 +94,13 @@ def concept_activations(encoder: object, concept: Concept, point: str, layers: l
         pos = torch.tensor([first[i] for i in range(len(words))])
         rows.append(torch.cat([seen[layer][pos].float().cpu() for layer in layers], dim=1))
     return torch.cat(rows)
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """How many tokens the model takes, special tokens included (None: no limit)."""
+    from ft.arch import adapter_class
+
+    return adapter_class(model.config).max_tokens(model.config)
 
 
 def split_types(types: list[str], test_fraction: float, seed: int) -> np.ndarray:
@@ -170,14 +182,12 @@ def probe(cfg: DictConfig, run_dir: Path, encoder: object | None = None) -> dict
     """The probe run of `cfg` (configs/probe.yaml); writes probe.parquet and summary.json."""
     from ft.encoder import load_encoder
     from ft.results import write_files
+    from ft.schema import check_probe_config, check_probe_model
 
     p = cfg.probe
-    if cfg.point not in POINTS:
-        raise ConfigError(f"point={cfg.point!r}; valid: {list(POINTS)}")
-    if not 0 <= float(p.l1_ratio) <= 1 or float(p.C) <= 0 or not 0 < float(p.test_fraction) < 1:
-        raise ConfigError(f"probe.l1_ratio={p.l1_ratio}, probe.C={p.C}, probe.test_fraction={p.test_fraction}; "
-                          "valid: 0 <= l1_ratio <= 1, C > 0, 0 < test_fraction < 1")
+    check_probe_config(cfg)
     encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    check_probe_model(cfg, encoder.model.config)
     concept = load_concept(cfg.concept, encoder.tokenizer, cfg.seed)
     n_layers = num_layers(encoder.model)
     layers = list(range(n_layers)) if cfg.layers is None else [int(x) for x in cfg.layers]
@@ -305,5 +315,14 @@ def main(cfg: DictConfig) -> None:
     print(f"run directory: {run_dir}")
 
 
+def cli() -> None:
+    """`python -m ft.probe`: the checks ft.train has (one line, exit 2, nothing written), then Hydra."""
+    from ft.preflight import nothing_left_if_refused, preflight
+
+    preflight(sys.argv[1:], "probe")
+    with nothing_left_if_refused(sys.argv[1:], "probe"):
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    cli()

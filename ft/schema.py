@@ -238,6 +238,40 @@ class RootSchema:
     optimized_metric: str | None
 
 
+@dataclass
+class ProbeRootSchema:
+    """configs/probe.yaml (ft.probe)."""
+
+    concept: str
+    point: Choice(*POINTS)
+    layers: Annotated[list[Int(ge=0)], Unique] | None
+    seed: Int(ge=0, lt=2**32)
+
+
+@dataclass
+class ProbeSettingsSchema:
+    l1_ratio: Num(ge=0, le=1)
+    C: Num(gt=0)
+    test_fraction: Num(gt=0, lt=1)
+
+
+@dataclass
+class AblateSchema:
+    top: Int(ge=0)
+    sites: Annotated[list[str], Unique] | None
+    mode: Choice("zero", "mean")
+    seeds: Int(ge=0)
+    mlm: str
+    mlm_corpus: str | None
+    mlm_sentences: Int(ge=1)
+
+
+PROBE_NODES: dict[str, tuple[type, bool]] = {
+    "": (ProbeRootSchema, False), "model": (ModelSchema, True), "probe": (ProbeSettingsSchema, True),
+    "ablate": (AblateSchema, True),
+}
+
+
 # node path -> (schema, closed: unknown keys are refused)
 NODES: dict[str, tuple[type, bool]] = {
     "": (RootSchema, False), "model": (ModelSchema, True), "target": (TargetSchema, True),
@@ -330,17 +364,44 @@ def check_class(cfg: dict, node: str, base: type, valid: str) -> None:
         raise fail(f"{node}._target_", sub["_target_"], valid)
 
 
+def check_nodes(c: dict, nodes: dict[str, tuple[type, bool]]) -> None:
+    for path, (schema, closed) in nodes.items():
+        node: Any = c
+        for part in path.split(".") if path else []:
+            node = node.get(part) if isinstance(node, dict) else None
+        check_node(path, node, schema, closed)
+
+
+def check_probe_config(cfg: DictConfig | dict) -> None:
+    """Every value of a composed `ft.probe` config has its declared type and range (ConfigError)."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    check_nodes(c, PROBE_NODES)
+    if c.get("layers") == []:
+        raise ConfigError("layers=[] is an empty list; valid: null (every layer) or a list of layers, e.g. [2,3]")
+    ablate = c.get("ablate") or {}
+    if ablate.get("sites") == []:
+        raise ConfigError("ablate.sites=[] is an empty list; valid: null (the probe's top units) or a list of sites")
+    for text in ablate.get("sites") or []:
+        Site.parse(text)
+
+
+def check_probe_model(cfg: DictConfig | dict, model_config: object) -> None:
+    """`layers` are layers of the model."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    n = getattr(model_config, "num_hidden_layers", None)
+    bad = [x for x in c.get("layers") or [] if isinstance(n, int) and not 0 <= x < n]
+    if bad:
+        raise ConfigError(f"layers={c['layers']}: layer {bad[0]} is out of range; valid: null (all) or layers in "
+                          f"0..{n - 1}")
+
+
 def check_config(cfg: DictConfig | dict) -> None:
     """Every value of a composed config has its declared type and range; keys that must agree do.
     Raises ConfigError (a one-line message naming the key, the value and what is valid)."""
     import torch
 
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    for path, (schema, closed) in NODES.items():
-        node: Any = c
-        for part in path.split(".") if path else []:
-            node = node.get(part) if isinstance(node, dict) else None
-        check_node(path, node, schema, closed)
+    check_nodes(c, NODES)
     check_class(c, "optim", torch.optim.Optimizer, "a torch.optim optimizer class, e.g. torch.optim.Adam")
     check_class(c, "scheduler", torch.optim.lr_scheduler.LRScheduler,
                 "a torch.optim.lr_scheduler class, e.g. torch.optim.lr_scheduler.CosineAnnealingLR")

@@ -5,6 +5,7 @@ Each asserts the exact value kept, or one line, exit 2 and nothing written."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,183 @@ def test_act_metrics_are_the_activation_alone_at_a_huge_fluency_weight(tiny_dir,
     assert s["act/mean"] == pytest.approx(df.objective.mean(), rel=1e-4, abs=1e-5)
     assert s["act/max"] == pytest.approx(df.objective.max(), rel=1e-4, abs=1e-5)
     assert s["fluency/mean"] == pytest.approx(df.fluency.mean(), rel=1e-5)
+
+
+# -- B: one line, never a traceback ----------------------------------------------------------------
+def refused(capsys: pytest.CaptureFixture, call, *args) -> str:
+    """`call(*args)` exits 2 with one line on stderr; that line."""
+    capsys.readouterr()  # what came before
+    with pytest.raises(SystemExit) as e:
+        call(*args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("value, message", [
+    ("probe.C=abc", "probe.C='abc'; valid: a finite number > 0"),
+    ("layers=[a]", "layers=['a']; valid: null or a list of integers >= 0"),
+    ("seed=abc", "seed='abc'; valid: an integer >= 0"),
+    ("layers=[7]", "layers=[7]: layer 7 is out of range; valid: null (all) or layers in 0..1"),
+    ("layers=[]", "layers=[] is an empty list"),
+    ("ablate.mode=max", "ablate.mode='max'; valid: zero, mean"),
+])
+def test_ft_probe_values_are_refused_before_hydra(tiny_dir, tmp_path, capsys, value, message):
+    from ft.preflight import preflight
+
+    err = refused(capsys, preflight, [f"model.name_or_path={tiny_dir}", value, f"hydra.run.dir={tmp_path / 'p'}"],
+                  "probe")
+    assert message in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_concept_files_read_a_bom_and_refuse_other_encodings_by_line(tiny, tmp_path):
+    from ft.concepts import load_concept
+
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffword,label\nthe,1\nof,1\ncat,0\ndog,0\n".encode())
+    concept = load_concept(str(bom), tiny.tokenizer)
+    assert concept.words == ["the", "of", "cat", "dog"]  # the header is a header, not a word "\ufeffword"
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("the,1\nof,1\ncaf\xe9,0\ncat,0\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.csv': line 3 is not UTF-8 \(byte 0xe9\); valid: a UTF-8 file"):
+        load_concept(str(latin), tiny.tokenizer)
+    conll = tmp_path / "bad.conll"
+    conll.write_bytes(b"the\t1\nof\t0\n\ncaf\xe9\t1\n")
+    with pytest.raises(ConfigError, match="bad.conll': line 4 is not UTF-8"):
+        load_concept(str(conll), tiny.tokenizer)
+
+
+def test_a_conll_sentence_longer_than_the_model_takes_is_refused(tiny, tmp_path):
+    from ft.concepts import load_concept
+    from ft.probe import concept_activations
+
+    words = "the of and to in is that for it was on with he as you at be this".split()
+    path = tmp_path / "long.conll"
+    path.write_text("the\t1\nof\t0\n\n" + "\n".join(f"{w}\t{i % 2}" for i, w in enumerate(words)) + "\n")
+    concept = load_concept(str(path), tiny.tokenizer)
+    with pytest.raises(ConfigError, match=r"sentence 2 \(the of and to in \.\.\.\) is 20 tokens with \[CLS\] and "
+                                          r"\[SEP\]; valid: sentences of at most 16 tokens"):
+        concept_activations(tiny, concept, "ffn_out", [0, 1])
+
+
+def damaged_copies(tiny_dir: Path, root: Path) -> dict[str, Path]:
+    """The tiny model without its tokenizer, with half its weights file, with a tokenizer larger
+    than its embedding matrix."""
+    import shutil
+
+    out = {name: Path(shutil.copytree(tiny_dir, root / name)) for name in ("notok", "trunc", "bigtok")}
+    for f in out["notok"].iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            f.unlink()
+    weights = out["trunc"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    big = VOCAB + [f"extra{i}" for i in range(20)]
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(big)}, do_lower_case=True).save_pretrained(out["bigtok"])
+    return out
+
+
+@pytest.mark.parametrize("name, message", [
+    ("notok", "has no tokenizer files"), ("trunc", "model.safetensors is damaged or truncated"),
+    ("bigtok", f"the tokenizer has {len(VOCAB) + 20} tokens, the embedding matrix {len(VOCAB)} rows"),
+])
+def test_a_damaged_model_folder_is_refused_by_name(tiny_dir, tmp_path, capsys, name, message):
+    from ft.encoder import load_encoder
+    from ft.errors import ModelNotFoundError
+    from ft.preflight import preflight
+
+    model = damaged_copies(tiny_dir, tmp_path)[name]
+    with pytest.raises(ModelNotFoundError, match=message):
+        load_encoder(str(model))
+    err = refused(capsys, preflight, [f"model.name_or_path={model}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert message in err and not (tmp_path / "run").exists()
+
+
+# -- C: a refused command leaves nothing -----------------------------------------------------------
+def hydra_writes(run_dir: Path, overrides: list[str]) -> None:
+    """What Hydra writes before the job runs."""
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    with (run_dir / "train.log").open("a") as f:
+        f.write("[ft] a refused job's log line\n")
+
+
+def test_a_job_refused_after_hydra_leaves_no_new_run_directory(tmp_path):
+    from ft.preflight import nothing_left_if_refused
+
+    run_dir = tmp_path / "new" / "deeper" / "run"
+    argv = ["optim.lr=0.5", f"hydra.run.dir={run_dir}"]
+    with pytest.raises(SystemExit), nothing_left_if_refused(argv):
+        hydra_writes(run_dir, argv[:1])
+        sys.exit(2)
+    assert list(tmp_path.iterdir()) == []  # the folders made for it went too
+
+
+def test_a_refused_rerun_of_a_finished_run_changes_none_of_its_files(tmp_path):
+    from ft.preflight import nothing_left_if_refused
+
+    run_dir = tmp_path / "done"
+    hydra_writes(run_dir, ["optim.lr=0.1"])
+    (run_dir / "targets.parquet").write_bytes(b"results")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit), nothing_left_if_refused(["optim.lr=0.5", f"hydra.run.dir={run_dir}"]):
+        hydra_writes(run_dir, ["optim.lr=0.5"])
+        (run_dir / ".hydra" / "hydra.yaml").write_text("new")
+        sys.exit(2)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_refused_job_in_the_default_folder_leaves_the_other_runs(tmp_path, monkeypatch):
+    from ft.preflight import nothing_left_if_refused
+
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "logs/train/runs/default/2020-01-01_00-00-00"
+    hydra_writes(old, [])
+    with pytest.raises(SystemExit), nothing_left_if_refused(["target.sites=[layer.9.ffn_out.0]"]):
+        hydra_writes(tmp_path / "logs/train/runs/other/2026-01-01_00-00-00", ["target.sites=[layer.9.ffn_out.0]"])
+        sys.exit(2)
+    assert [p.name for p in (tmp_path / "logs/train/runs").iterdir()] == ["default"] and (old / "train.log").exists()
+    with pytest.raises(SystemExit), nothing_left_if_refused([]):  # exit 1 (a crash): its files stay to read
+        hydra_writes(tmp_path / "logs/train/runs/default/2026-01-01_00-00-01", [])
+        sys.exit(1)
+    assert len(list((tmp_path / "logs/train/runs/default").iterdir())) == 2
+
+
+def test_multirun_checks_every_combination_before_any_job(tiny_dir, tmp_path, capsys):
+    """input.length=8 and 2 are each fine with position=1, and position=5 with input.length=8: only
+    the combination (2, 5) is out of range, and it is refused before the first job."""
+    from ft.preflight import preflight, variants
+
+    argv = ["-m", f"model.name_or_path={tiny_dir}", "input.length=8,2", "position=1,5",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    assert len(variants(argv[1:], multirun=True)) == 4
+    err = refused(capsys, preflight, argv)
+    assert "position=5; valid 1..input.length=2" in err and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_commands_refused_after_hydra_leave_nothing(tiny_dir, tmp_path):
+    """Across the process boundary: ft.train refusing a site of another model (a check that needs
+    the weights), exit 2 with one line, and no run directory; the same against a finished run
+    leaves its .hydra/overrides.yaml as it was; ft.probe's values are refused in one line."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    tmp_path = tmp_path / "cwd"  # the cache goes beside it
+    tmp_path.mkdir()
+    base = [sys.executable, "-m", "ft.train", f"model.name_or_path={tiny_dir}", "trainer.max_steps=1",
+            "target.per_layer=1", "logger.wandb.mode=disabled"]
+
+    def cli(*args: str, module: list[str] = base) -> subprocess.CompletedProcess:
+        return subprocess.run([*module, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+
+    bad = cli("target.sites=[layer.1.ffn_out.999]", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: site 'layer.1.ffn_out.999': unit 999 out of range for ffn_out; valid 0..31"]
+    assert not (tmp_path / "bad").exists()
+    assert cli(f"hydra.run.dir={tmp_path / 'done'}").returncode == 0
+    files = {p: p.read_bytes() for p in (tmp_path / "done").rglob("*") if p.is_file()}
+    again = cli("optim.lr=0.5", f"hydra.run.dir={tmp_path / 'done'}")
+    assert again.returncode == 2 and "optim.lr=0.1" in again.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "done").rglob("*") if p.is_file()} == files
+    probe = cli("probe.C=abc", module=[sys.executable, "-m", "ft.probe", f"model.name_or_path={tiny_dir}"])
+    assert probe.returncode == 2 and probe.stderr.strip() == "error: probe.C='abc'; valid: a finite number > 0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done"]
