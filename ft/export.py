@@ -111,6 +111,14 @@ def run_labels(runs: Iterable[Path]) -> dict[Path, str]:
             for r, n in base.items()}
 
 
+def distinct(runs: Iterable[Path]) -> list[Path]:
+    """Each run once, however many paths (links, `..`) lead to it."""
+    seen: dict[Path, Path] = {}
+    for r in runs:
+        seen.setdefault(Path(r).resolve(), Path(r))
+    return list(seen.values())
+
+
 def label_of(row: object) -> str:
     """The row's `label` column where the run wrote one, else what `target_label` makes of it."""
     label = getattr(row, "label", None)
@@ -165,6 +173,7 @@ def card(rows: pd.DataFrame, labels: dict[Path, str]) -> str:
 
 
 def export_hf(runs: list[Path], out: Path) -> Path:
+    runs = distinct(runs)
     with staging(out) as tmp:
         labels = run_labels(runs)
         rows = pd.concat([hf_rows(r, labels[r]) for r in runs], ignore_index=True)
@@ -601,6 +610,7 @@ def layout(entries: list[Entry], creator: str, corpus: str) -> dict[str, bytes]:
 
 def export_neuronpedia(runs: list[Path], out: Path, corpus: str = DEFAULT_CORPUS, top_n: int = 5,
                        max_sentences: int = 2000, creator: str = CREATOR_ID) -> Path:
+    runs = distinct(runs)
     with staging(out) as tmp:
         labels = run_labels(runs)
         entries = separate_saes([e for r in runs for e in run_entries(r, labels[r], corpus, top_n, max_sentences)])
@@ -630,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--top-n {a.top_n}, --max-sentences {a.max_sentences}; valid: integers >= 1")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", a.creator_id):
             raise ConfigError(f"--creator-id {a.creator_id!r}; valid: a Neuronpedia user id (letters, digits, - or _)")
-        runs = [finished(Path(r)) for r in expand(a.runs)]
+        runs = distinct(finished(Path(r)) for r in expand(a.runs))
         if not runs:
             raise ConfigError(f"no run directories under {a.runs}")
         if a.format == "hf":

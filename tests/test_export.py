@@ -96,8 +96,8 @@ def test_hf_rows_of_sae_latents_name_their_latent_and_sae(sae_run, tmp_path):
 def test_two_runs_with_one_name_are_both_exported(runs, tmp_path, capsys):
     for side in ("a", "b"):
         shutil.copytree(runs / "neurons", tmp_path / side / "neurons")
-    (tmp_path / "b" / "neurons" / "marker").write_text("")  # a file outside the record: the run still loads
-    assert hf([tmp_path / "a", tmp_path / "b"], tmp_path / "hf") == 0
+    (tmp_path / "link").symlink_to(tmp_path / "a" / "neurons")  # one of them again, by another path
+    assert hf([tmp_path / "a", tmp_path / "b", tmp_path / "link"], tmp_path / "hf") == 0
     assert "2 runs" in capsys.readouterr().out
     df = pd.read_parquet(tmp_path / "hf" / "data" / "train-00000-of-00001.parquet")
     names = sorted(set(df.run))
