@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from ft.errors import ConfigError, FtError
+from ft.integrity import StorageError
 from ft.results import (
     CONFIG,
     TARGETS,
@@ -111,11 +112,26 @@ def merged_summary(df: pd.DataFrame, summaries: list[dict]) -> dict[str, float]:
     return out
 
 
-def merge(dirs: list[Path], out: Path) -> Path:
-    """Join the shards `dirs` (any order) into the run directory `out`."""
-    shards = collect(dirs)
+def check_out(dirs: list[Path], out: Path) -> None:
+    """`-o` is a new or empty folder that can be written, and holds none of the shards."""
+    from ft.preflight import writable_place
+
+    out = Path(out)
     if (out / TARGETS).exists() or (out / CONFIG).exists():
         raise ShardError(f"-o {out} already holds a run; valid: a new or empty folder")
+    inside = [d for d in dirs if Path(d).resolve().is_relative_to(out.resolve())]
+    if inside:
+        raise ShardError(f"-o {out} holds the shard {inside[0]}: the merge would hide the shards among its files; "
+                         "valid: a new or empty folder outside the shards")
+    if out.is_dir() and any(out.iterdir()):
+        raise ShardError(f"-o {out} is not empty ({next(out.iterdir()).name}, ...); valid: a new or empty folder")
+    writable_place(out, "-o", "a new or empty folder where you can write", folder=True)
+
+
+def merge(dirs: list[Path], out: Path) -> Path:
+    """Join the shards `dirs` (any order) into the run directory `out`."""
+    check_out(dirs, out)
+    shards = collect(dirs)
     tables, tensors, curves, frontiers = [], [], [], []
     for d in shards:
         t = read_targets(d).reset_index(drop=True)
@@ -161,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except FtError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk filled while writing: one line (write_run leaves no half-written file)
+        print(f"error: {e if isinstance(e, StorageError) else f'{a.out}: {e.strerror or e}'}", file=sys.stderr)
+        return 1
     print(f"merged {read_config(out).merged_from.__len__()} shards: {out}")
     return 0
 

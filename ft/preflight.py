@@ -153,20 +153,33 @@ def check_command_line(overrides: list[str], command: str = "train") -> None:
 
 def check_writable(overrides: list[str], multirun: bool) -> None:
     """The folder the run directory goes in can be written (Hydra writes `.hydra/` there first)."""
-    import os
-
     key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
     given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith(key)]
     target = Path(given[-1]) if given else Path.cwd() / "logs"
-    existing = target
+    writable_place(target, "the run directory", "a writable hydra.run.dir=...", folder=True)
+
+
+def writable_place(path: Path, what: str, valid: str, folder: bool) -> None:
+    """`path` (a folder if `folder`, else a file) can be created or written: PreflightError naming
+    the place in the way (a file where a folder must be, a read-only file system, no permission)."""
+    import os
+
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise PreflightError(f"cannot write {what} {path}: it is a file; valid: {valid}")
+    if not folder and path.is_dir():
+        raise PreflightError(f"cannot write {what} {path}: it is a folder; valid: {valid}")
+    existing = path if folder else path.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if os.access(existing, os.W_OK):
+    if not existing.is_dir():
+        raise PreflightError(f"cannot write {what} {path}: {existing} is a file, not a folder; valid: {valid}")
+    if os.access(existing, os.W_OK) and not os.statvfs(existing).f_flag & os.ST_RDONLY:
         return
     ro = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
-    raise PreflightError(f"cannot write the run directory {target}: {existing} is "
+    raise PreflightError(f"cannot write {what} {path}: {existing} is "
                          f"{'on a read-only file system' if ro else 'not writable (permission denied)'}; "
-                         "valid: a writable hydra.run.dir=...")
+                         f"valid: {valid}")
 
 
 def preflight(argv: list[str], command: str = "train") -> None:

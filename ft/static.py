@@ -120,6 +120,8 @@ def all_units(model: torch.nn.Module, vocab: object, points: Sequence[str], k: i
 
 def main(argv: list[str] | None = None) -> int:
     from ft.encoder import PACKAGED, load_encoder
+    from ft.integrity import StorageError
+    from ft.preflight import writable_place
     from ft.results import atomic_write
     from ft.vocab import Vocabulary
 
@@ -132,15 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.top < 1:
             raise ConfigError(f"--top={a.top}; valid: an integer >= 1")
+        out = Path(a.out)
+        writable_place(out, "--out", "a parquet file in a writable folder", folder=False)  # before the work
         start = time.perf_counter()
         enc = load_encoder(a.model)
         df = all_units(enc.model, Vocabulary.from_tokenizer(enc.tokenizer), a.points, a.top)
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, lambda q: df.to_parquet(q, index=False))
     except FtError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk filled while writing: one line, nothing half-written
+        print(f"error: {e if isinstance(e, StorageError) else f'{out}: {e.strerror or e}'}", file=sys.stderr)
+        return 1
     counts = df.groupby("point").size().to_dict()
     print(f"{len(df)} units ({counts}) read in {time.perf_counter() - start:.1f} s -> {out}")
     return 0

@@ -292,3 +292,58 @@ def test_commands_refused_after_hydra_leave_nothing(tiny_dir, tmp_path):
     probe = cli("probe.C=abc", module=[sys.executable, "-m", "ft.probe", f"model.name_or_path={tiny_dir}"])
     assert probe.returncode == 2 and probe.stderr.strip() == "error: probe.C='abc'; valid: a finite number > 0"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done"]
+
+
+# -- B: outputs that cannot be written -------------------------------------------------------------
+def one_line(capsys: pytest.CaptureFixture, rc: int, code: int = 2) -> str:
+    err = capsys.readouterr().err.strip()
+    assert rc == code and len(err.splitlines()) == 1 and err.startswith("error: "), (rc, err)
+    return err
+
+
+def test_ft_static_refuses_an_unwritable_out_before_reading_the_model(tmp_path, capsys):
+    from ft.static import main
+    from tests.faults import tmpfs
+
+    (tmp_path / "file").write_text("x")
+    nowhere = "/nonexistent/model"  # never loaded: the place is checked first
+    err = one_line(capsys, main(["--model", nowhere, "--out", str(tmp_path / "file" / "static.parquet")]))
+    assert "file is a file, not a folder; valid: a parquet file in a writable folder" in err
+    err = one_line(capsys, main(["--model", nowhere, "--out", str(tmp_path)]))
+    assert "it is a folder" in err
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        err = one_line(capsys, main(["--model", nowhere, "--out", str(Path(ro) / "sub" / "static.parquet")]))
+        assert "is on a read-only file system" in err and not (Path(ro) / "sub").exists()
+
+
+def fake_shards(root: Path, n: int = 2) -> list[Path]:
+    out = []
+    for i in range(n):
+        (root / str(i)).mkdir(parents=True)
+        (root / str(i) / "config.yaml").write_text(f"target:\n  shard: {i}\n  num_shards: {n}\n")
+        out.append(root / str(i))
+    return out
+
+
+@pytest.mark.parametrize("where, message", [
+    ("multirun", "holds the shard"), ("file", "it is a file"), ("full", "is not empty (other.txt, ...)"),
+    ("ro", "is on a read-only file system"),
+])
+def test_ft_merge_refuses_an_out_it_cannot_or_must_not_write(tmp_path, capsys, where, message):
+    from ft.merge import main
+    from tests.faults import tmpfs
+
+    multirun = tmp_path / "multirun"
+    fake_shards(multirun)
+    places = {"multirun": multirun, "file": tmp_path / "a-file", "full": tmp_path / "full"}
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "other.txt").write_text("x")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    if where == "ro":
+        with tmpfs(tmp_path / "ro", read_only=True) as ro:
+            err = one_line(capsys, main([str(multirun), "-o", str(Path(ro) / "merged")]))
+    else:
+        err = one_line(capsys, main([str(multirun), "-o", str(places[where])]))
+    assert message in err
+    assert sorted(p for p in tmp_path.rglob("*") if p.name != "ro") == [p for p in before if p.name != "ro"]
