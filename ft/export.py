@@ -31,17 +31,19 @@
   Source ids follow Neuronpedia's `<layer>-<set>[__<more>]` convention (lib/utils/source.ts):
   a single unit `layer.L.<point>.U` is index `U` of source `L-ft-<point>` (`3-ft-ffn_out`,
   `5-ft-head`); an SAE latent is index `<latent>` of `L-ft-sae-<point>-<d_sae>`
-  (`3-ft-sae-resid-16384`; two different SAEs with the same name in one export get
-  `__<sha256 of their weights, 8 hex>`); units that exist only in their run (groups,
-  clusters, terms, directions, probes) are index `<target_id>` of
-  `L-ft-<kind>__<run>` at their highest layer. The same unit textualized by two runs is one
-  Neuron with one explanation per run. Activation values are ft's objective for the unit
-  (for an SAE latent its pre-activation), over the top `--top-n` sentences of `--corpus`;
-  a diverged target keeps its feature and activations and gets no explanation (said on stderr).
+  (`3-ft-sae-resid-16384`; where one export holds two different SAEs of one site and width,
+  each gets `__<sha256 of its weights, 8 hex>`); units that exist only in their run (groups,
+  clusters, terms and probes, directions) are index `<target_id>` of `L-ft-<kind>__<run>`, L
+  their highest layer. The same unit textualized by two runs is one Neuron with one explanation
+  per run (its `notes` name the run and target). Activation values are ft's objective for the
+  unit (for an SAE latent its pre-activation), over the top `--top-n` sentences of `--corpus`; a
+  diverged target keeps its feature and activations and gets no explanation (said on stderr).
 
-The corpus statistics (top sentences, max activation, share of tokens above 0) are computed here,
-over `--corpus` (default the packaged Lee corpus), with the run's own model; an SAE is read from
-the run's kept copy (`ft.kept`), never from a file that may have changed since.
+Runs are named `<run_name>-<folder>`; two runs of one name each get `-<6 hex of their path>`, and
+a run reached by two paths is exported once. The corpus statistics (top sentences, max
+activation, share of tokens above 0) are computed here, over `--corpus` (default the packaged Lee
+corpus), with the run's own model, refused if its files changed since the run; an SAE is read
+from the run's kept copy (`ft.kept`), never from a file that may have changed since.
 """
 
 from __future__ import annotations
@@ -453,8 +455,10 @@ def explanation_of(row: object, name: str, input_kind: str) -> dict:
 
 
 def is_diverged(row: object) -> bool:
-    flag = getattr(row, "diverged", False)
-    return bool(flag) and flag == flag or finite(row.objective) is None
+    """Flagged diverged by the run, or an objective that is not a finite number."""
+    flag = getattr(row, "diverged", None)
+    flagged = flag is not None and flag == flag and bool(flag)  # (NaN: a column older runs lack here)
+    return flagged or finite(row.objective) is None
 
 
 def top_activations(scorer, tokenizer, text, rows: list[int], t: int, corpus: str) -> list[dict]:
