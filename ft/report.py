@@ -11,13 +11,16 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Callable
 from html import escape
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ft.errors import FtError
 from ft.results import (
     CONFIG,
     atomic_write,
@@ -31,6 +34,8 @@ from ft.results import (
     target_label,
 )
 from ft.svg import chart
+
+T = TypeVar("T")
 
 # The paper's numbers (Baeumel et al. 2023, bert-base-uncased), shown beside ft's.
 PAPER_TABLE4 = {("absolute", 10): (0.01, 0.03), ("absolute", 100): (0.22, 0.32),
@@ -99,6 +104,25 @@ if(document.getElementById('atlas-layer')){if(H.has('layer'))document.getElement
 
 _NAMES: dict[str, str] = {}  # path -> short unique folder name (stable: chart ids use it)
 _LABELS: dict[str, str] = {}  # path -> what the page calls the run
+
+
+DAMAGED: list[str] = []  # "<file>: <cause>" for each secondary file a section had to leave out
+
+
+def secondary(read: Callable[[], T], path: Path | str) -> T | None:
+    """`read()` of one run's secondary file (curves, frontier, examples, inputs); a damaged one is
+    noted by name (`DAMAGED`, the report's warnings) and left out, and the report goes on."""
+    try:
+        return read()
+    except (FtError, OSError, ValueError, KeyError, RuntimeError) as e:  # RunFileError, ArrowInvalid, ...
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        DAMAGED.append(f"{path}: {cause}" if str(path) not in cause else cause)
+        return None
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """[n, d] -> the rows without inf or NaN (a diverged target's vector)."""
+    return x[np.isfinite(x).all(1)] if x.ndim == 2 else x[np.isfinite(x)]
 
 
 def name_runs(paths: list[str]) -> None:
@@ -320,10 +344,16 @@ def section_pca(runs: pd.DataFrame, words: int) -> str:
     same = runs[runs.model == runs.model.iloc[0]] if "model" in runs and len(runs) else runs
     left_out = len(runs) - len(same)  # one analysis space per model: the first run's model
     runs = same
-    opt = [read_inputs(p)["analysis"][:, 0].numpy() for p in runs.path]
+    read = [secondary(lambda p=p: read_inputs(p)["analysis"][:, 0].float().numpy(), Path(p) / "inputs.safetensors")
+            for p in runs.path]
+    opt = [x for x in read if x is not None]
     if not opt:
         return '<p class="note">No inputs.</p>'
     opt_all = np.concatenate(opt)
+    diverged = len(opt_all) - len(finite_rows(opt_all))
+    opt_all = finite_rows(opt_all)  # a diverged target's inf or NaN would break the SVD
+    if not len(opt_all):
+        return '<p class="note">No finite optimized inputs (every target diverged).</p>'
     wv = word_vectors_for(runs.path.iloc[0], words) if words else None
     data = opt_all if wv is None else np.concatenate([opt_all, wv])
     centered = data - data.mean(0)
@@ -338,6 +368,8 @@ def section_pca(runs: pd.DataFrame, words: int) -> str:
     if left_out:
         note += (f'<p class="note">The runs of {escape(str(runs.model.iloc[0]))} only: {left_out} run(s) of other '
                  "models live in other analysis spaces.</p>")
+    if diverged:
+        note += f'<p class="note">{diverged} diverged target(s) (inf or NaN inputs) left out.</p>'
     return chart(series, "Fig. 5 PCA of optimized inputs and words (analysis space)", "PC1", "PC2",
                  kind="scatter", chart_id="fig5") + note
 
@@ -345,8 +377,9 @@ def section_pca(runs: pd.DataFrame, words: int) -> str:
 def section_curves(runs: pd.DataFrame) -> str:
     series = {}
     for p in runs.path:
-        c = read_curves(p)
+        c = secondary(lambda p=p: read_curves(p), Path(p) / "curves.parquet")
         if c is not None and len(c):
+            c = c[np.isfinite(c.objective.astype(float))]  # a diverged target's -inf
             m = c.groupby("step").objective.mean()
             series[run_name(p)] = (list(m.index), list(m.values))
     if not series:
@@ -411,9 +444,10 @@ def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> st
     out = []
     for p in runs.path:
         d = targets[targets.run == p].head(per_run)
-        curves = read_curves(p)
+        curves = secondary(lambda p=p: read_curves(p), Path(p) / "curves.parquet")
         examples_path = Path(p) / "examples.parquet"
-        examples = pd.read_parquet(examples_path) if examples_path.exists() else None
+        examples = (secondary(lambda q=examples_path: pd.read_parquet(q), examples_path) if examples_path.exists()
+                    else None)
         for r in d.itertuples():
             name = target_label(r)
             close = ", ".join(f"{escape(w)} ({c:.2f})"
@@ -493,10 +527,11 @@ def section_frontier(runs: pd.DataFrame, per_run: int = 12) -> str:
     point per weight, labelled with its weight and text."""
     out = []
     for p in runs.path:
-        frontier = read_frontier(p)
+        frontier = secondary(lambda p=p: read_frontier(p), Path(p) / "frontier.parquet")
         if frontier is None or frontier.fluency_weight.nunique() < 2:
             continue
         labels = {int(r.target_id): target_label(r) for r in read_targets(p).itertuples()}
+        frontier = frontier[np.isfinite(frontier.objective.astype(float)) & np.isfinite(frontier.fluency.astype(float))]
         source = frontier.fluency_source.iloc[0]
         for tid, f in list(frontier.groupby("target_id"))[:per_run]:
             f = f.sort_values("fluency_weight")
@@ -513,7 +548,10 @@ def section_frontier(runs: pd.DataFrame, per_run: int = 12) -> str:
 def build_report(paths: list[str], out: str | Path = "report.html", words: int = 3000,
                  atlas_per_run: int = 50, extra: list[tuple[str, str]] | None = None) -> Path:
     """`extra`: (heading, html) sections to put first (ft.compare's table)."""
-    targets, runs = load_runs(paths)
+    from ft.api import run_paths
+
+    DAMAGED.clear()
+    targets, runs = load_runs(run_paths(paths))
     if runs.empty:
         raise SystemExit(f"error: no run directories under {paths}")
     name_runs([str(p) for p in runs.path])
@@ -531,6 +569,9 @@ def build_report(paths: list[str], out: str | Path = "report.html", words: int =
             "<h2>Fluency frontier: activation against fluency, per target</h2>", section_frontier(runs),
             "<h2>Concepts and clusters</h2>", section_concepts(targets),
             "<h2>Atlas: per target</h2>", section_atlas(targets, runs, atlas_per_run)]
+    if DAMAGED:  # after the sections, which found them: named at the top, the rest reported
+        body.insert(2, '<p class="note" id="damaged">Left out, damaged or unreadable: '
+                    + "; ".join(escape(d) for d in DAMAGED) + "</p>")
     html = (f"<!doctype html><html><head><meta charset='utf-8'><title>ft report</title><style>{CSS}</style></head>"
             f"<body>{''.join(body)}<script type='application/json' id='runs-data'>{runs_json}</script>"
             f"<script>{JS}</script></body></html>")
@@ -577,6 +618,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_output("info")  # no weight-loading bars from transformers
     t = time.perf_counter()
     out = build_report(args.runs, args.out, args.words, args.atlas_per_run)
+    for damaged in DAMAGED:
+        print(f"warning: left out of the report: {damaged}", file=sys.stderr)
     print(f"report: {out} ({time.perf_counter() - t:.1f} s)")
 
 

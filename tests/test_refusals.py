@@ -10,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
 from ft.errors import ConfigError
 from tests.conftest import VOCAB
+from tests.test_train import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -347,3 +349,52 @@ def test_ft_merge_refuses_an_out_it_cannot_or_must_not_write(tmp_path, capsys, w
         err = one_line(capsys, main([str(multirun), "-o", str(places[where])]))
     assert message in err
     assert sorted(p for p in tmp_path.rglob("*") if p.name != "ro") == [p for p in before if p.name != "ro"]
+
+
+# -- B: the report goes on past a diverged target and a damaged secondary file ----------------------
+@pytest.fixture(scope="module")
+def neuron_run(tiny_dir, tmp_path_factory) -> Path:
+    from tests.test_train import run_isolated, tiny_overrides
+
+    root = tmp_path_factory.mktemp("report_runs")
+    run_isolated(compose_cfg(tiny_overrides(tiny_dir, "default", steps=4)), root / "ok", root)
+    return root / "ok"
+
+
+def diverged_copy(run_dir: Path, out: Path) -> Path:
+    """The run with its first target diverged (objective and curve -inf, analysis vector inf),
+    written with a valid manifest as a run that diverged writes it."""
+    from ft.results import read_config, read_curves, read_inputs, read_summary, read_targets, write_run
+
+    df, tensors, curves = read_targets(run_dir), read_inputs(run_dir), read_curves(run_dir)
+    df.loc[0, "objective"] = -np.inf
+    tensors["analysis"][0] = torch.inf
+    curves.loc[curves.target_id == 0, "objective"] = -np.inf
+    write_run(out, read_config(run_dir), df, tensors, read_summary(run_dir), curves, None, None)
+    return out
+
+
+def test_a_diverged_target_does_not_break_the_report(neuron_run, tmp_path):
+    from ft.report import build_report
+
+    run = diverged_copy(neuron_run, tmp_path / "diverged")
+    html = build_report([str(run)], tmp_path / "report.html", words=0).read_text()
+    assert "1 diverged target(s) (inf or NaN inputs) left out" in html and 'id="fig5"' in html
+
+
+def test_one_damaged_secondary_file_leaves_the_rest_of_the_report(neuron_run, tmp_path, capsys):
+    import shutil
+
+    from ft.report import main
+
+    runs = {}
+    for name in ("curves.parquet", "inputs.safetensors", "examples.parquet"):
+        d = Path(shutil.copytree(neuron_run, tmp_path / "runs" / name.split(".")[0]))
+        (d / name).write_bytes(b"PAR1 not a file")  # damaged (or, for examples, unreadable)
+        runs[name] = d
+    main([str(tmp_path / "runs"), "-o", str(tmp_path / "report.html"), "--words", "0"])
+    err = capsys.readouterr().err
+    html = (tmp_path / "report.html").read_text()
+    for name, d in runs.items():
+        assert str(d / name) in err and str(d / name) in html, name
+    assert html.count("<h2>") >= 10 and "Atlas: per target" in html
