@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -324,6 +325,10 @@ def test_a_diverged_target_is_exported_without_an_explanation(runs, tmp_path, ca
         rec, neuron, expl, acts, _ = find(got, label, t)
         assert (expl is not None) == has and len(acts) == 3 and neuron["maxActApprox"] is not None
         assert rec["diverged"] == (not has) and (rec["objective"] is None) == (not has)
+    # the hf export keeps the values as they are
+    assert main([str(dst), "--format", "hf", "-o", str(tmp_path / "hf")]) == 0
+    rows = pd.read_parquet(tmp_path / "hf" / "data" / "train-00000-of-00001.parquet")
+    assert rows.objective[1] == -float("inf") and rows.objective.isna().tolist() == [False, False, True]
 
 
 def test_the_same_export_twice_is_the_same_bytes(runs, tmp_path):
