@@ -5,14 +5,24 @@ Standard ReLU SAE: f = relu((h - b_dec) W_enc + b_enc), h_hat = f W_dec + b_dec,
 squared error + l1 * sum_i f_i |W_dec[i]| (the decoder-norm-weighted L1, so rescaling the
 decoder cannot buy sparsity). Reports explained variance (1 - SSE / total variance) and mean L0
 on a held-out tenth of the tokens.
+
+SIGTERM or SIGINT while the demo SAE is made raises `DemoInterrupted` (an `ft.signals.Interrupted`:
+`ft.train` prints one line and exits 128 + signum): nothing is written before the SAE is trained,
+and it is written to the cache as a whole directory (a temporary one renamed), or not at all.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -21,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ft.bars import bar
 from ft.encoder import Encoder
 from ft.sae import CFG, SAE, load_sae
+from ft.signals import HANDLED, Interrupted
 from ft.sites import SiteReader
 
 log = logging.getLogger("ft")
@@ -109,10 +120,89 @@ def quality(sae: SAE, x: torch.Tensor) -> dict[str, float]:
     return {"explained_variance": float(1 - sse / total), "l0": float((f > 0).float().sum(-1).mean())}
 
 
+class DemoInterrupted(Interrupted):
+    """A signal while the demo SAE was made. Nothing of it is kept unless `saved` (the signal came
+    while it was being written, which finished first); the same command makes it again."""
+
+    def __init__(self, signum: int, site: str, step: int, steps: int, folder: Path, saved: bool = False):
+        super().__init__(signum, step, folder)
+        what = (f"after the demo SAE for {site} was saved to {folder}" if saved else
+                f"while training the demo SAE for {site} (step {step} of {steps}; nothing of it was saved)")
+        self.args = (f"{signal.Signals(signum).name} {what}",)
+
+
+class DemoSignals(pl.Callback):
+    """SIGTERM/SIGINT while the demo SAE is made: DemoInterrupted at once (nothing is written until
+    it is trained), or right after the write when one comes while the SAE is being written."""
+
+    def __init__(self, site: str, steps: int, folder: Path):
+        self.site, self.steps, self.folder = site, steps, folder
+        self.step, self.pending, self.writing, self.raised = 0, None, False, False
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        if self.raised:  # already stopping
+            return
+        if self.writing:
+            self.pending = signum
+            return
+        self.raised = True
+        raise DemoInterrupted(signum, self.site, self.step, self.steps, self.folder)
+
+    @contextmanager
+    def installed(self):
+        """The handlers for the duration (only the main thread may set them)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self.handle) for s in HANDLED}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    @contextmanager
+    def writing_files(self):
+        """A signal while the files are written waits for them, then stops the run."""
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+        if self.pending is not None:
+            self.raised = True
+            raise DemoInterrupted(self.pending, self.site, self.step, self.steps, self.folder, saved=True)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning installs its own SIGTERM handler when the fit starts (it would end the fit
+        quietly, and a half-trained SAE would be cached); ours goes back on top of it."""
+        if threading.current_thread() is threading.main_thread():
+            for s in HANDLED:
+                signal.signal(s, self.handle)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.step = trainer.global_step
+
+
+def save_whole(sae: SAE, folder: Path, extra: dict) -> None:
+    """Write the SAE to a temporary sibling directory, then rename it to `folder` (replacing a
+    damaged cache entry): `folder` holds a whole SAE or none."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        sae.save(tmp, extra)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def demo_sae(encoder: Encoder, layer: int, point: str, corpus: str = "packaged:lee", expansion: int = 4,
              l1: float = 0.1, steps: int = 1000, lr: float = 1e-3, seed: int = 0, use_cache: bool = True
              ) -> tuple[Path, dict[str, float]]:
-    """Train (or take from the cache) the demo SAE; returns its directory and its quality."""
+    """Train (or take from the cache) the demo SAE; returns its directory and its quality.
+    DemoInterrupted on SIGTERM/SIGINT, with nothing half-written."""
     from ft.vocab import cache_dir, model_key
 
     site = f"layer.{layer}.{point}"
@@ -126,8 +216,23 @@ def demo_sae(encoder: Encoder, layer: int, point: str, corpus: str = "packaged:l
             return folder, stats
         except Exception as e:  # a damaged cache entry is rebuilt, never used
             log.warning("demo SAE cache %s unusable (%s); training again", folder, str(e)[:100])
-    t0 = time.perf_counter()
-    x = corpus_activations(encoder, layer, point, corpus)
+    signals = DemoSignals(site, steps, folder)
+    with signals.installed():
+        t0 = time.perf_counter()
+        x = corpus_activations(encoder, layer, point, corpus)
+        sae, stats = train_demo(x, expansion, l1, steps, lr, seed, signals, site)
+        stats["seconds"] = time.perf_counter() - t0
+        with signals.writing_files():
+            save_whole(sae, folder, {"hook_name": site, "model_name": encoder.name, "ft_corpus": corpus,
+                                     "ft_quality": stats})
+    log.info("demo SAE: explained variance %.3f, mean L0 %.1f (%.0f s)", stats["explained_variance"], stats["l0"],
+             stats["seconds"])
+    return folder, stats
+
+
+def train_demo(x: torch.Tensor, expansion: int, l1: float, steps: int, lr: float, seed: int,
+               signals: DemoSignals, site: str) -> tuple[SAE, dict[str, float]]:
+    """The demo SAE trained on activations x [tokens, d_in] (a held-out tenth for its quality)."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=g)
     held = max(1, len(x) // 10)
@@ -138,13 +243,9 @@ def demo_sae(encoder: Encoder, layer: int, point: str, corpus: str = "packaged:l
     loader = DataLoader(TensorDataset(train / scale), batch_size=1024, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, enable_progress_bar=False, max_epochs=-1)
+                         enable_model_summary=False, enable_progress_bar=False, max_epochs=-1, callbacks=[signals])
     log.info("training a demo SAE at %s: %d tokens, d_sae=%d, %d steps", site, len(train), expansion * x.shape[1],
              steps)
     trainer.fit(module, loader)
     sae = module.sae().rescaled(scale)
-    stats = {**quality(sae, test), "tokens": len(x), "seconds": time.perf_counter() - t0}
-    sae.save(folder, {"hook_name": site, "model_name": encoder.name, "corpus": corpus, "ft_quality": stats})
-    log.info("demo SAE: explained variance %.3f, mean L0 %.1f (%.0f s)", stats["explained_variance"], stats["l0"],
-             stats["seconds"])
-    return folder, stats
+    return sae, {**quality(sae, test), "tokens": len(x)}

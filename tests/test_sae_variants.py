@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -361,3 +365,57 @@ def test_a_field_of_the_wrong_type_is_one_line(tmp_path, field, value):
     with pytest.raises(TargetError) as e:
         load_sae(tmp_path)
     assert f"{field}=" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_demo_sae_trains_is_one_line_and_caches_nothing(signum, tiny_dir, tmp_path):
+    """ft.train's convention: exit 128 + signum, one line saying what stopped and how to resume,
+    and no demo SAE in the cache (a half-trained one would be served to every later run)."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {
+        "WANDB_MODE": "offline", "FT_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "ft.train", "experiment=sae_demo", f"model.name_or_path={tiny_dir}",
+           "target.demo.steps=1000000", "trainer.max_steps=5", "+trainer.enable_progress_bar=false",
+           f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log, deadline = run_dir / "train.log", time.time() + 240
+    while proc.poll() is None and time.time() < deadline and "training a demo SAE" not in (
+            log.read_text() if log.exists() else ""):
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    time.sleep(1.0)  # some steps in
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    name = signal.Signals(signum).name
+    assert last.startswith(f"interrupted: {name} while training the demo SAE for layer.1.resid (step "), last
+    assert "nothing of it was saved" in last and "resume with: python -m ft.train " in last, last
+    assert "Traceback" not in err, err[-2000:]
+    assert not (cache / "sae").exists() or not any((cache / "sae").iterdir())  # neither whole nor half
+    assert not (run_dir / "targets.parquet").exists()
+
+
+def test_the_demo_sae_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from ft.sae_train import save_whole
+
+    g = torch.Generator().manual_seed(0)
+    sae = SAE(torch.randn(D_IN, D_SAE, generator=g), torch.randn(D_SAE, generator=g),
+              torch.randn(D_SAE, D_IN, generator=g), torch.randn(D_IN, generator=g))
+    folder = tmp_path / "sae" / "entry"
+    folder.mkdir(parents=True)
+    (folder / "cfg.json").write_text("{damaged")  # a damaged cache entry is replaced as a whole
+    save_whole(sae, folder, {"ft_quality": {"l0": 1.0}})
+    torch.testing.assert_close(load_sae(folder).encode(inputs()), sae.encode(inputs()))
+    assert [p.name for p in (tmp_path / "sae").iterdir()] == ["entry"]
+
+    def dies_half_way(self, tmp, extra=None):
+        (Path(tmp) / "sae_weights.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (Path(tmp) / "sae_weights.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SAE, "save", dies_half_way)
+    with pytest.raises(OSError):
+        save_whole(sae, tmp_path / "sae" / "other", {})
+    assert [p.name for p in (tmp_path / "sae").iterdir()] == ["entry"]  # no half entry, no temporary left
