@@ -151,7 +151,11 @@ def test_topk_and_abstopk(sae_lens, tmp_path, arch, rescale):
     if rescale:  # the defect this guards: the file read as if not rescaled
         naive = SAE(lens.W_enc.detach(), lens.b_enc.detach(), lens.W_dec.detach(), lens.b_dec.detach(), arch, True,
                     k=K)
-        assert not torch.equal(naive.encode(inputs()) != 0, lens_readings(lens, inputs())[1] != 0)
+        lens_pre, lens_post = lens_readings(lens, inputs())
+        assert not torch.equal(naive.encode(inputs()) != 0, lens_post != 0)
+        TABLE.append((f"{arch} rescaled, read without the rescale (the defect)", "for comparison",
+                      float((naive.pre(inputs()) - lens_pre * norms).abs().max()),
+                      float((naive.encode(inputs()) - lens_post).abs().max())))
 
 
 def test_topk_training_sae_saved_unfolded(sae_lens, tmp_path):
@@ -419,3 +423,39 @@ def test_the_demo_sae_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_whole(sae, tmp_path / "sae" / "other", {})
     assert [p.name for p in (tmp_path / "sae").iterdir()] == ["entry"]  # no half entry, no temporary left
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["lean", "hooked"])
+@pytest.mark.parametrize("variant", ["topk-rescaled", "abstopk-rescaled", "gated", "jumprelu"])
+def test_the_objective_on_a_site_is_saelens_pre_activation(sae_lens, tiny, tmp_path, variant, fast):
+    """The textualization's objective (ft's readers at layer.1.resid of the tiny BERT) equals
+    SAELens's pre-activation of the same activations (times ||W_dec[i]|| where it rescales)."""
+    from ft.targets import sae_targets
+    from tests.test_objectives import hf_points
+    from tests.test_units import module_of
+
+    H = tiny.model.config.hidden_size
+    arch, rescale = variant.split("-")[0], variant.endswith("rescaled")
+    cls, cfg_cls = {"topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
+                    "abstopk": (sae_lens.AbsTopKSAE, sae_lens.AbsTopKSAEConfig),
+                    "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig),
+                    "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig)}[arch]
+    extra = {"k": K, "rescale_acts_by_decoder_norm": True} if rescale else {}
+    lens = cls(cfg_cls(d_in=H, d_sae=D_SAE, **extra))
+    randomize(lens)
+    lens.save_model(tmp_path)
+    latents = [0, 5, 17, D_SAE - 1]
+    targets = sae_targets(tiny.model, load_sae(tmp_path), "layer.1.resid", latents=latents)
+    m = module_of(tiny, [t.readout for t in targets], fast)
+    with torch.no_grad():
+        got = m()  # [rows]
+        h = hf_points(tiny.model, m.reading(slice(None)).seq)[(1, "resid")]  # [rows, H]
+    lens_pre, lens_post = lens_readings(lens, h)
+    if rescale:
+        lens_pre = lens_pre * lens.W_dec.detach().norm(dim=-1)
+    want = lens_pre[torch.arange(len(latents)), latents]
+    ft_post = load_sae(tmp_path).encode(h)
+    d_obj, d_post = float((got - want).abs().max()), float((ft_post - lens_post).abs().max())
+    TABLE.append((f"{variant} on layer.1.resid ({'lean' if fast else 'hooked'} reader)", f"{cls.__name__}.save_model",
+                  d_obj, d_post))
+    assert d_obj <= 1e-4 * float(want.abs().max()) and d_post <= 1e-5 * float(lens_post.abs().max()), (d_obj, d_post)
