@@ -175,7 +175,7 @@ class SAE:
             tensors |= {"b_mag": self.b_enc, "b_gate": self.b_gate, "r_mag": self.r_mag}
         else:
             tensors["b_enc"] = self.b_enc
-        if self.threshold is not None:
+        if self.activation == "jumprelu":
             tensors["threshold"] = self.threshold
         cfg = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
                "apply_b_dec_to_input": self.apply_b_dec_to_input, "normalize_activations": "none",

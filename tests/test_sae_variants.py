@@ -459,3 +459,20 @@ def test_the_objective_on_a_site_is_saelens_pre_activation(sae_lens, tiny, tmp_p
     TABLE.append((f"{variant} on layer.1.resid ({'lean' if fast else 'hooked'} reader)", f"{cls.__name__}.save_model",
                   d_obj, d_post))
     assert d_obj <= 1e-4 * float(want.abs().max()) and d_post <= 1e-5 * float(lens_post.abs().max()), (d_obj, d_post)
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk", "abstopk", "gated", "transcoder",
+                                  "jumprelu_transcoder"])
+def test_ft_save_and_load_round_trip_exactly(tmp_path, arch):
+    g = torch.Generator().manual_seed(5)
+    d_out = D_OUT if "transcoder" in arch else D_IN
+    per = lambda: torch.randn(D_SAE, generator=g) * 0.3  # noqa: E731
+    sae = SAE(torch.randn(D_IN, D_SAE, generator=g) / 4, per(), torch.randn(D_SAE, d_out, generator=g),
+              torch.randn(d_out, generator=g), arch, "transcoder" not in arch,
+              per() if "jumprelu" in arch else None, K if "topk" in arch else None,
+              b_gate=per() if arch == "gated" else None, r_mag=per() if arch == "gated" else None)
+    sae.save(tmp_path)
+    back, x = load_sae(tmp_path), inputs()
+    assert back.architecture == arch and back.W_dec.shape == (D_SAE, d_out)
+    assert torch.equal(back.pre(x), sae.pre(x)) and torch.equal(back.encode(x), sae.encode(x))
+    assert torch.equal(back.decode(sae.encode(x)), sae.decode(sae.encode(x)))
