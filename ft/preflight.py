@@ -338,3 +338,24 @@ def nothing_left_if_refused(argv: list[str], command: str = "train") -> Iterator
             except OSError as err:  # the refusal's own line stays the message
                 print(f"note: could not remove {before.root}: {err.strerror or err}", file=sys.stderr)
         raise
+
+
+def storage_line(e: OSError, run_dir: Path | str) -> str:
+    """One line for a write that failed during a run: the path and the cause, and where the cause
+    is the place (a full disk, a read-only file system) the run directory and what to do. A
+    library's temporary file (W&B stages its tables in /tmp) is not the place to fix."""
+    import errno
+    import os
+
+    from ft.integrity import StorageError
+
+    message = str(e) if isinstance(e, StorageError) else f"cannot write {e.filename or 'a file'}: {e.strerror or e}"
+    code = e.errno or next((c for c in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+                            if os.strerror(c) in message), None)  # a StorageError keeps the cause in words
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{message}; the run directory {run_dir} is on a full disk: free space there (or choose another "
+                "hydra.run.dir=...) and run the same command again, it resumes")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"{message}; the run directory {run_dir} cannot be written: choose a writable hydra.run.dir=... "
+                "and run the command again")
+    return message

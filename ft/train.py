@@ -27,7 +27,7 @@ from ft.directions import DirectionSet, load_directions
 from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
 from ft.hydra_conf import register as register_resolvers
-from ft.integrity import RunFileError, StorageError
+from ft.integrity import RunFileError
 from ft.kept import fingerprint
 from ft.metrics import VocabFacts, evaluate, summarize, target_word_rows
 from ft.module import TextualizationModule, rows_for_budget
@@ -660,9 +660,10 @@ def main(cfg: DictConfig) -> float | None:
         print(f"interrupted: {e}; resume with: python -m ft.train {again} "
               f"hydra.run.dir={shlex.quote(str(hc.runtime.output_dir))}".replace("  ", " "), file=sys.stderr)
         sys.exit(e.exit_code)
-    except OSError as e:  # a full disk, a read-only folder: one line, the path and the cause
-        message = str(e) if isinstance(e, StorageError) else f"{e.filename or 'a file'}: {e.strerror or e}"
-        print(f"error: {message}", file=sys.stderr)
+    except OSError as e:  # a full disk, a read-only folder: one line, the path, the cause, what to do
+        from ft.preflight import storage_line
+
+        print(f"error: {storage_line(e, hc.runtime.output_dir)}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -671,6 +672,7 @@ def cli() -> None:
     from ft.preflight import nothing_left_if_refused
 
     preflight(sys.argv[1:])  # one-line errors (exit 2) before Hydra writes anything
+    logging.raiseExceptions = False  # a library's log file on a full disk: no "--- Logging error ---" traceback
     with nothing_left_if_refused(sys.argv[1:]):  # a job's own later refusal: Hydra's files go too
         main()
 

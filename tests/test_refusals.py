@@ -398,3 +398,21 @@ def test_one_damaged_secondary_file_leaves_the_rest_of_the_report(neuron_run, tm
     for name, d in runs.items():
         assert str(d / name) in err and str(d / name) in html, name
     assert html.count("<h2>") >= 10 and "Atlas: per target" in html
+
+
+def test_a_full_disk_names_the_run_directory_not_a_libraries_temporary_file(tmp_path):
+    """W&B stages a table in /tmp and copies it into the run: the error names the /tmp file; the
+    line must say which run directory is full and what to do."""
+    import errno
+
+    from ft.integrity import StorageError
+    from ft.preflight import storage_line
+
+    staged = OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpu1v7wandb-media/7dlpcvei.table.json")
+    line = storage_line(staged, tmp_path / "run")
+    assert line.startswith("cannot write /tmp/tmpu1v7wandb-media/7dlpcvei.table.json: No space left on device; ")
+    assert f"the run directory {tmp_path / 'run'} is on a full disk: free space there" in line
+    assert "run the same command again, it resumes" in line and "\n" not in line
+    ours = StorageError(f"cannot write {tmp_path / 'run' / 'targets.parquet'}: No space left on device")  # no errno
+    assert storage_line(ours, tmp_path / "run").startswith(str(ours) + "; the run directory")
+    assert storage_line(OSError(errno.EIO, "I/O error", "/x"), tmp_path) == "cannot write /x: I/O error"
