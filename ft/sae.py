@@ -86,7 +86,8 @@ wandb_entity wandb_id run_name wandb_log_frequency eval_every_n_wandb_logs resum
 b_dec_init_method expansion_factor noise_scale decoder_orthogonal_init decoder_heuristic_init
 init_encoder_as_decoder_transpose normalize_sae_decoder mse_loss_normalization
 scale_sparsity_penalty_by_decoder_norm finetuning_method use_ghost_grads total_training_steps
-total_training_tokens corpus
+total_training_tokens train_batch_size feature_sampling_method resample_batches feature_reinit_scale
+dead_feature_estimation_method corpus
 """.split())  # `corpus` and keys starting with `ft_`: ft's own notes on the demo SAE
 HANDLED_FIELDS = frozenset("""
 architecture d_in d_sae d_out k activation_fn activation_fn_str activation_fn_kwargs apply_b_dec_to_input
@@ -234,13 +235,13 @@ def refuse(where: str, field: str, value: Any, valid: str) -> TargetError:
 
 def encoding_of(cfg: dict[str, Any], where: str) -> Encoding:
     """Check every field of cfg.json; the encoding it describes."""
+    arch = architecture_of(cfg, where)  # first: a refused architecture is named before its own fields
     check_unknown_fields(cfg, where)
     check_normalization(cfg, where)
     check_reshape(cfg, where)
     check_dtype(cfg, where)
     if not isinstance(cfg.get("metadata") or {}, dict):
         raise refuse(where, "metadata", cfg["metadata"], "an object")
-    arch = architecture_of(cfg, where)
     d_sae = size(cfg, "d_sae", where)
     k = k_of(cfg, arch, d_sae, where)
     apply_b_dec = flag(cfg, "apply_b_dec_to_input", True, where)

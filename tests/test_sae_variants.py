@@ -237,6 +237,32 @@ def test_pre6_topk_file(sae_lens, tmp_path):
     compare("pre-6 topk (activation_fn_str)", "hand-written 5.x cfg.json", lens, tmp_path)
 
 
+GPT2_SMALL_RES_JB = {  # the cfg.json of SAELens's release gpt2-small-res-jb (3.x), widths shrunk
+    "activation_fn_str": "relu", "apply_b_dec_to_input": True, "architecture": "standard", "model_name": "gpt2-small",
+    "hook_point": "blocks.0.hook_resid_pre", "hook_point_layer": 0, "hook_point_head_index": None,
+    "dataset_path": "Skylion007/openwebtext", "dataset_trust_remote_code": True, "is_dataset_tokenized": False,
+    "context_size": 128, "use_cached_activations": False, "cached_activations_path": "activations/x",
+    "d_in": D_IN, "n_batches_in_buffer": 128, "total_training_tokens": 300000000, "store_batch_size": 32,
+    "device": "mps", "seed": 42, "dtype": "torch.float32", "b_dec_init_method": "geometric_median",
+    "expansion_factor": 3, "from_pretrained_path": None, "l1_coefficient": 8e-05, "lr": 0.0004,
+    "lr_scheduler_name": None, "lr_warm_up_steps": 5000,
+    "model_from_pretrained_kwargs": {"center_writing_weights": True},
+    "train_batch_size": 4096, "use_ghost_grads": False, "feature_sampling_window": 1000,
+    "finetuning_scaling_factor": False, "feature_sampling_method": None, "resample_batches": 1028,
+    "feature_reinit_scale": 0.2, "dead_feature_window": 5000, "dead_feature_estimation_method": "no_fire",
+    "dead_feature_threshold": 1e-08, "log_to_wandb": True, "wandb_project": "p", "wandb_entity": None,
+    "wandb_log_frequency": 100, "n_checkpoints": 10, "checkpoint_path": "checkpoints/y1t51byy", "d_sae": D_SAE,
+    "tokens_per_buffer": 67108864, "run_name": "r", "neuronpedia_id": "gpt2-small/0-res-jb",
+    "normalize_activations": "none", "prepend_bos": True, "sae_lens_training_version": None,
+}
+
+
+def test_a_released_pre6_cfg_is_read(sae_lens, tmp_path):
+    write_pre6(tmp_path, GPT2_SMALL_RES_JB)
+    compare("standard, a 3.x release's cfg.json", "gpt2-small-res-jb's fields", sae_lens.SAE.load_from_disk(tmp_path),
+            tmp_path)
+
+
 def test_pre6_finetuning_scale_is_folded_into_the_decoder(tmp_path):
     s = torch.linspace(0.5, 2.0, D_SAE)
     w = write_pre6(tmp_path, {"activation_fn_str": "relu", "finetuning_scaling_factor": True}, scaling_factor=s)
@@ -476,3 +502,12 @@ def test_ft_save_and_load_round_trip_exactly(tmp_path, arch):
     assert back.architecture == arch and back.W_dec.shape == (D_SAE, d_out)
     assert torch.equal(back.pre(x), sae.pre(x)) and torch.equal(back.encode(x), sae.encode(x))
     assert torch.equal(back.decode(sae.encode(x)), sae.decode(sae.encode(x)))
+
+
+@pytest.mark.parametrize("name,arch,extra", [("MatchingPursuitSAE", "matching_pursuit", {}),
+                                             ("TemporalSAE", "temporal", {"n_heads": 2, "bottleneck_factor": 4})])
+def test_saelens_architectures_ft_cannot_apply_are_named(sae_lens, tmp_path, name, arch, extra):
+    lens = getattr(sae_lens, name)(getattr(sae_lens, f"{name}Config")(d_in=D_IN, d_sae=D_SAE, **extra))
+    lens.save_model(tmp_path)
+    with pytest.raises(TargetError, match=f"architecture='{arch}'; valid: one of .*standard.*"):
+        load_sae(tmp_path)
