@@ -42,10 +42,10 @@ def sae_lens():
     return pytest.importorskip("sae_lens")
 
 
-def inputs(seed: int = 0, width: int = D_IN) -> torch.Tensor:
-    """[4, 9, width] activations of a site, not centred (so b_dec matters)."""
+def inputs(seed: int = 0) -> torch.Tensor:
+    """[4, 9, D_IN] activations of a site, not centred (so b_dec matters)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(4, 9, width, generator=g) * 2 + 0.5
+    return torch.randn(4, 9, D_IN, generator=g) * 2 + 0.5
 
 
 def randomize(sae, seed: int = 1) -> None:
@@ -81,12 +81,11 @@ def readout_objective(sae: SAE, x: torch.Tensor, latents: list[int]) -> torch.Te
     return torch.stack(cols, -1)
 
 
-def compare(name: str, how: str, lens, folder: Path, pre_scale: torch.Tensor | None = None,
-            width: int = D_IN) -> SAE:
+def compare(name: str, how: str, lens, folder: Path, pre_scale: torch.Tensor | None = None) -> SAE:
     """ft's reading of `folder` against SAELens's `lens`; one table row. `pre_scale` [d_sae]: what
     ft's pre-activation is in units of SAELens's hook_sae_acts_pre (the decoder norms when rescaled)."""
     ft = load_sae(folder)
-    x = inputs(width=width)
+    x = inputs()
     lens_pre, lens_post = lens_readings(lens, x)
     want_pre = lens_pre * pre_scale if pre_scale is not None else lens_pre
     post = ft.encode(x)
