@@ -5,6 +5,7 @@ checkpoints are written under a temporary name and renamed, so a kill never leav
 
 from __future__ import annotations
 
+import re
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,3 +101,84 @@ class StopOnSignal(pl.Callback):
         from ft.callbacks.progress import steps_done
 
         raise Interrupted(signum, steps_done(trainer, pl_module), self.checkpoint)
+
+
+# -- a launcher's jobs stop with it ------------------------------------------------------------------
+PROCESS_LAUNCHERS = ("hydra/launcher=local",)  # launchers whose jobs are child processes of this one
+JOBS_WAIT_S = 300.0  # how long the jobs get to save their checkpoints before they are killed
+
+
+def stop_jobs(signum: int, wait_s: float = JOBS_WAIT_S) -> int:
+    """Stop every descendant process (the launcher's jobs) and wait for them: SIGINT, which a job
+    takes as "save the checkpoint and stop" during its fit and as KeyboardInterrupt before (a
+    submitit job ignores SIGTERM: it is the cluster's preemption signal); the ones still alive
+    after `wait_s` are killed. Returns how many there were."""
+    import psutil
+
+    jobs = psutil.Process().children(recursive=True)
+    for job in jobs:
+        try:
+            job.send_signal(signal.SIGINT)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(jobs, timeout=wait_s)
+    for job in alive:
+        try:
+            job.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    return len(jobs)
+
+
+@contextmanager
+def jobs_stop_with_launcher(argv: list[str], wait_s: float = JOBS_WAIT_S):
+    """Around a `--multirun` with a launcher whose jobs are processes (hydra/launcher=local): a
+    SIGTERM to the launcher stops its jobs (each saves its checkpoint), waits for them and exits
+    143 with one line; without this the jobs run on after the launcher is gone."""
+    import sys
+    import threading
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if not multirun or not any(a in PROCESS_LAUNCHERS for a in argv) or \
+            threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM while the jobs save: still waiting
+        n = stop_jobs(signum, wait_s)
+        print(f"interrupted: {signal.Signals(signum).name}: {n} job process(es) stopped, each with its checkpoint; "
+              "run the same command again to resume them", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -- the command that resumes a run -----------------------------------------------------------------
+BARE = re.compile(r"[A-Za-z0-9_/.\-]+")  # a Hydra value that needs no quotes (unless it reads as another type)
+OTHER_TYPE = re.compile(r"[0-9.\-+eE_]+|true|false|null|[-+]?(nan|inf)", re.IGNORECASE)
+
+
+def hydra_quoted(text: str) -> str:
+    """`text` as a value of Hydra's override grammar that parses back to exactly `text`: bare where
+    it can be, else single-quoted with the quotes (and the backslashes before them) escaped.
+    Unquoted non-ASCII letters, spaces, commas or brackets do not parse."""
+    if BARE.fullmatch(text) and not OTHER_TYPE.fullmatch(text):
+        return text
+    doubled = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + doubled.replace("'", "\\'") + "'"
+
+
+def resume_command(module: str, overrides: list[str], run_dir: str | Path) -> str:
+    """`python -m MODULE OVERRIDES... hydra.run.dir=RUN_DIR` for a shell: each word quoted for the
+    shell, the run directory also for Hydra (the other overrides are as Hydra read them)."""
+    import shlex
+
+    words = [o for o in overrides if not o.lstrip("+").startswith("hydra.run.dir=")]
+    words.append(f"hydra.run.dir={hydra_quoted(str(run_dir))}")
+    return " ".join(["python", "-m", module, *(shlex.quote(w) for w in words)])

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 import warnings
 from contextlib import nullcontext
@@ -656,9 +655,10 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
-        again = " ".join(shlex.quote(o) for o in hc.overrides.task if not o.startswith("hydra.run.dir="))
-        print(f"interrupted: {e}; resume with: python -m ft.train {again} "
-              f"hydra.run.dir={shlex.quote(str(hc.runtime.output_dir))}".replace("  ", " "), file=sys.stderr)
+        from ft.signals import resume_command
+
+        again = resume_command("ft.train", list(hc.overrides.task), hc.runtime.output_dir)
+        print(f"interrupted: {e}; resume with: {again}", file=sys.stderr)
         sys.exit(e.exit_code)
     except OSError as e:  # a full disk, a read-only folder: one line, the path, the cause, what to do
         from ft.preflight import storage_line
@@ -670,10 +670,11 @@ def main(cfg: DictConfig) -> float | None:
 def cli() -> None:
     """The `ft-train` console script (and `python -m ft.train`): checks, then Hydra."""
     from ft.preflight import nothing_left_if_refused
+    from ft.signals import jobs_stop_with_launcher
 
     preflight(sys.argv[1:])  # one-line errors (exit 2) before Hydra writes anything
     logging.raiseExceptions = False  # a library's log file on a full disk: no "--- Logging error ---" traceback
-    with nothing_left_if_refused(sys.argv[1:]):  # a job's own later refusal: Hydra's files go too
+    with nothing_left_if_refused(sys.argv[1:]), jobs_stop_with_launcher(sys.argv[1:]):  # (SIGTERM: the jobs too)
         main()
 
 

@@ -416,3 +416,53 @@ def test_a_full_disk_names_the_run_directory_not_a_libraries_temporary_file(tmp_
     ours = StorageError(f"cannot write {tmp_path / 'run' / 'targets.parquet'}: No space left on device")  # no errno
     assert storage_line(ours, tmp_path / "run").startswith(str(ours) + "; the run directory")
     assert storage_line(OSError(errno.EIO, "I/O error", "/x"), tmp_path) == "cannot write /x: I/O error"
+
+
+# -- D: processes and paths ------------------------------------------------------------------------
+@pytest.mark.parametrize("folder", ["/tmp/run", "/tmp/Straße ü/run 1", "/tmp/日本/実行", "/tmp/a'b\\", "/tmp/a,b=[c]",
+                                    "/tmp/$HOME `x` \"q\"", "/tmp/1e5", "/tmp/-x/ä"])
+def test_the_resume_command_parses_back_for_the_shell_and_for_hydra(folder):
+    """What the shell hands to ft.train from the printed command is what Hydra parses to the run
+    directory and the other overrides as given."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ft.signals import resume_command
+
+    overrides = ["optim.lr=0.5", "target.sites=[layer.1.ffn_out.3,layer.0.ffn_out.2]", "run_name='a b'",
+                 "hydra.run.dir=/old/place"]
+    words = shlex.split(resume_command("ft.train", overrides, Path(folder)))
+    assert words[:3] == ["python", "-m", "ft.train"]
+    parsed = OverridesParser.create().parse_overrides(words[3:])
+    values = {o.key_or_group: o.value() for o in parsed}
+    assert values["hydra.run.dir"] == folder  # the new place, once
+    assert [o.input_line for o in parsed[:-1]] == overrides[:-1]
+    assert values["optim.lr"] == 0.5 and values["run_name"] == "a b"
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_local_launcher_stops_its_jobs_with_their_checkpoints(tiny_dir, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ft.train", "-m", "hydra/launcher=local", "target.shard=range(0,2)",
+                             "target.num_shards=2", f"model.name_or_path={tiny_dir}", "trainer.max_steps=1000000",
+                             "target.per_layer=1", "logger.wandb.mode=disabled", "engine.stop_when_converged=false",
+                             "engine.checkpoint_every_n_steps=50", f"hydra.sweep.dir={sweep}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not all((sweep / str(i) / "checkpoints" / "last.ckpt").exists() for i in (0, 1)):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    jobs = psutil.Process(proc.pid).children(recursive=True)
+    assert len(jobs) >= 2
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: SIGTERM: ")
+    assert not [j for j in jobs if j.is_running() and j.status() != psutil.STATUS_ZOMBIE]  # none left running
