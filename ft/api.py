@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, open_dict
 
-from ft.errors import ConfigError
+from ft.errors import ConfigError, FtError
 from ft.hydra_conf import register
 
 register()  # the resolvers the configs use
@@ -149,6 +149,14 @@ def textualize(sites: Sequence[str] | None = None, model: str | object = "packag
         from ft.encoder import load_encoder
 
         encoder = load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    made = run_dir is None
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="ft-run-"))
-    run(cfg, run_dir, encoder)
+    try:
+        run(cfg, run_dir, encoder)
+    except FtError:
+        if made:  # refused: the temporary folder made for it goes too
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return load(run_dir)

@@ -100,7 +100,7 @@ def check_tokenizer_files(name_or_path: str, path: str, what: str = "model.name_
                                  "(tokenizer.save_pretrained(folder))")
 
 
-def check_weights_file(name_or_path: str, path: str) -> None:
+def check_weights_file(name_or_path: str, path: str, what: str = "model.name_or_path") -> None:
     """Each `*.safetensors` in a local model folder is whole: its header's tensors end where the
     file ends (a truncated download is refused by name, not by a deserializer's traceback)."""
     import json
@@ -117,7 +117,7 @@ def check_weights_file(name_or_path: str, path: str) -> None:
         except (OSError, struct.error, ValueError, TypeError, KeyError, AttributeError):
             need = None
         if need != size:
-            raise ModelNotFoundError(f"model.name_or_path={name_or_path!r}: {f.name} is damaged or truncated "
+            raise ModelNotFoundError(f"{what}={name_or_path!r}: {f.name} is damaged or truncated "
                                      f"({size} bytes{f', its header needs {need}' if need else ', no valid header'}); "
                                      "valid: a complete copy (download or save it again)")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ft.encoder import TOKENIZER_FILES
+from ft.encoder import TOKENIZER_FILES, check_weights_file
 from ft.errors import ConfigError
 
 log = logging.getLogger("ft")
@@ -172,6 +172,7 @@ def build_fluency(spec: str | None, encoder: object, vocab: object, model_path: 
     if not Path(spec).is_dir():
         raise ConfigError(f"search.fluency_model={spec!r}: no such directory; valid: auto, self, bigram, "
                           "bigram:CORPUS, or a local masked-LM directory of the same vocabulary")
+    check_weights_file(spec, spec, "search.fluency_model")  # a truncated file: by name, not a traceback
     mlm = masked_lm_of(spec, trust_remote_code)
     if mlm is None:
         raise ConfigError(f"search.fluency_model={spec!r} has no masked-LM head weights; valid: a masked-LM "

@@ -219,6 +219,7 @@ class Before:
     entries: set[str]
     kept: dict[Path, bytes]
     ancestor: Path  # the nearest folder that existed (empty folders are removed up to it)
+    multirun: bool = False  # the root is a sweep folder: earlier jobs' run directories in it stay
 
 
 def output_root(overrides: list[str], command: str, multirun: bool) -> tuple[Path, bool]:
@@ -264,7 +265,8 @@ def take(overrides: list[str], command: str, multirun: bool) -> Before:
             if p.is_file():
                 kept[p] = p.read_bytes()
     ancestor = next(d for d in [root, *root.parents] if d.exists())
-    return Before(root, given, existed, set() if given else folders(root), entries, kept, ancestor)
+    dirs = set() if given and not multirun else folders(root)
+    return Before(root, given, existed, dirs, entries, kept, ancestor, multirun)
 
 
 def only_hydra_files(folder: Path) -> bool:
@@ -295,7 +297,7 @@ def undo(before: Before) -> None:
 
     root = before.root
     if before.given and before.existed:
-        for p in root.iterdir():
+        for p in [] if before.multirun else root.iterdir():  # a sweep's new job folders: below
             if p.name not in before.entries:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         for p in [*root.glob(".hydra/*"), *root.glob("*.log"), root / "multirun.yaml"]:
@@ -304,16 +306,20 @@ def undo(before: Before) -> None:
         for p, data in before.kept.items():
             p.parent.mkdir(exist_ok=True)
             p.write_bytes(data)
-        return
-    if before.given:  # a new folder: everything in it is the refused job's
+        if not before.multirun:
+            return
+    elif before.given and not before.multirun:  # a new run directory: everything in it is the refused job's
         shutil.rmtree(root, ignore_errors=True)
         remove_empty_up_to(root.parent, before.ancestor)
         return
-    new = sorted(folders(before.root) - before.dirs, key=lambda d: len(d.parts))
-    for d in new:
+    new = sorted(folders(root) - before.dirs, key=lambda d: len(d.parts))
+    for d in new:  # the refused job's run directory; never an earlier job's, which holds its results
         if d.is_dir() and only_hydra_files(d):
             shutil.rmtree(d, ignore_errors=True)
             remove_empty_up_to(d.parent, before.ancestor)
+    if before.multirun and not before.existed and root.is_dir() and only_hydra_files(root):
+        shutil.rmtree(root, ignore_errors=True)  # a new sweep folder with no job left in it
+        remove_empty_up_to(root.parent, before.ancestor)
 
 
 @contextmanager

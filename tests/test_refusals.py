@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-from ft.errors import ConfigError
+from ft.errors import ConfigError, FtError
 from tests.conftest import VOCAB
 from tests.test_train import compose_cfg
 
@@ -466,3 +466,47 @@ def test_sigterm_to_a_local_launcher_stops_its_jobs_with_their_checkpoints(tiny_
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("interrupted: SIGTERM: ")
     assert not [j for j in jobs if j.is_running() and j.status() != psutil.STATUS_ZOMBIE]  # none left running
+
+
+def test_a_refused_job_of_a_sweep_leaves_the_earlier_jobs_results(tmp_path):
+    from ft.preflight import nothing_left_if_refused
+
+    sweep = tmp_path / "sweep"
+    argv = ["-m", "optim.lr=0.1,0.5", f"hydra.sweep.dir={sweep}"]
+    with pytest.raises(SystemExit), nothing_left_if_refused(argv):
+        (sweep).mkdir()
+        (sweep / "multirun.yaml").write_text("hydra: {}\n")
+        hydra_writes(sweep / "0", ["optim.lr=0.1"])
+        (sweep / "0" / "targets.parquet").write_bytes(b"results")  # job 0 finished
+        hydra_writes(sweep / "1", ["optim.lr=0.5"])  # job 1 refused
+        sys.exit(2)
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml"]
+    assert (sweep / "0" / "targets.parquet").read_bytes() == b"results"
+    argv = ["-m", "optim.lr=0.1,0.5", f"hydra.sweep.dir={tmp_path / 's2'}"]
+    with pytest.raises(SystemExit), nothing_left_if_refused(argv):
+        hydra_writes(tmp_path / "s2" / "0", ["optim.lr=0.1"])  # the first job refused: nothing stays
+        (tmp_path / "s2" / "multirun.yaml").write_text("hydra: {}\n")
+        sys.exit(2)
+    assert not (tmp_path / "s2").exists()
+
+
+def test_a_truncated_fluency_model_is_refused_by_name(tiny, tiny_dir, tmp_path):
+    from ft.errors import ModelNotFoundError
+    from ft.fluency import build_fluency
+
+    mlm = save_mlm(tmp_path / "mlm", VOCAB)
+    weights = mlm / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelNotFoundError, match=r"search.fluency_model=.*model.safetensors is damaged or truncated"):
+        build_fluency(str(mlm), tiny, _vocab(tiny), str(tiny_dir))
+
+
+def test_textualize_refused_by_the_model_leaves_no_temporary_folder(tiny_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    import ft
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(FtError, match="unit 999 out of range"):
+        ft.textualize(sites=["layer.1.ffn_out.999"], model=str(tiny_dir), steps=1)
+    assert list(tmp_path.iterdir()) == []
