@@ -61,8 +61,9 @@ def comparison_sites(encoder: object, n: int) -> list[str]:
 LEDGER = "compare_state.json"
 
 
-class Stopped(Exception):  # noqa: N818 - what happened, not an error in the input
-    """SIGTERM or SIGINT outside a run's fit (inside one, the run saves its checkpoint first)."""
+class Stopped(BaseException):  # noqa: N818 - what happened, not an error in the input
+    """SIGTERM or SIGINT outside a run's fit (inside one, the run saves its checkpoint first). A
+    BaseException, like KeyboardInterrupt: no `except Exception` on its way turns it into an error."""
 
     def __init__(self, signum: int):
         self.signum = signum
@@ -107,7 +108,7 @@ class Ledger:
         start = time.perf_counter()
         try:
             value = work()
-        except Exception as e:
+        except BaseException as e:
             from ft.signals import Interrupted
 
             if isinstance(e, (Stopped, Interrupted)):
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     except FtError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
+    except (Stopped, Exception) as e:
         from ft.signals import Interrupted
 
         if not isinstance(e, (Stopped, Interrupted)):

@@ -10,6 +10,7 @@ by fingerprint only (`HASH_ONLY`): `kept` then checks the original still matches
 - `keep(run_dir, role, path)`: copy (atomically: a staging folder, then a rename) and record.
 - `kept(run_dir, role)`: the verified path, or None for runs written before ft kept inputs (or
   a role the run does not use); RunFileError naming the file when it was altered or removed.
+- `forget(run_dir, roles)`: drop roles a run started over no longer reads.
 - `changed_inputs(recorded, current)`: which recorded inputs differ from files now on disk (resume).
 """
 
@@ -140,6 +141,21 @@ def record(run_dir: Path, role: str, entry: dict) -> None:
 
     inputs = index(run_dir)
     inputs[role] = entry
+    text = json.dumps({"version": 1, "inputs": inputs}, indent=1, sort_keys=True)
+    atomic_write(run_dir / KEPT / INDEX, lambda p: p.write_text(text))
+
+
+def forget(run_dir: str | Path, roles: set[str] | frozenset[str]) -> None:
+    """Drop `roles` from the run's kept inputs (a run started over that no longer reads them)."""
+    run_dir = Path(run_dir)
+    inputs = index(run_dir)
+    if not set(inputs) & set(roles):
+        return
+    from ft.results import atomic_write
+
+    for role in set(inputs) & set(roles):
+        del inputs[role]
+        shutil.rmtree(run_dir / KEPT / role, ignore_errors=True)
     text = json.dumps({"version": 1, "inputs": inputs}, indent=1, sort_keys=True)
     atomic_write(run_dir / KEPT / INDEX, lambda p: p.write_text(text))
 

@@ -467,15 +467,18 @@ def probe_concept(probe_run: Path) -> Path | None:
 
 
 def keep_inputs(run_dir: Path, cfg: DictConfig, sources: dict[str, Path], digests: dict[str, str],
-                targets: list[Target]) -> dict[str, dict]:
-    """Keep every input in the run (`ft.kept`), the demo SAE too; returns the kept index."""
-    from ft.kept import index, keep
+                targets: list[Target], fresh: bool) -> dict[str, dict]:
+    """Keep every input in the run (`ft.kept`), the demo SAE too; a `fresh` start forgets the inputs
+    an earlier run in this directory kept and this one does not read. Returns the kept index."""
+    from ft.kept import forget, index, keep
 
     for role, path in sources.items():
         keep(run_dir, role, path, digest=digests[role])
     sae = targets[0].meta.get("sae") if targets else None
     if cfg.target.kind == "sae" and "sae" not in sources and sae is not None:
         keep(run_dir, "sae", sae.source)
+    if fresh:
+        forget(run_dir, set(index(run_dir)) - set(sources) - ({"sae"} if cfg.target.kind == "sae" else set()))
     return index(run_dir)
 
 
@@ -555,7 +558,7 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     with RunLock(run_dir) if rank0 else nullcontext():
         if rank0:
             write_config(run_dir, cfg)
-            kept_inputs = keep_inputs(run_dir, cfg, sources, digests, targets)
+            kept_inputs = keep_inputs(run_dir, cfg, sources, digests, targets, fresh=resume_from is None)
             if resume_entry:
                 record_resume(run_dir, resume_entry)
         loggers = build_loggers(cfg, run_dir, cfg.run_name or cfg.experiment_name)

@@ -91,6 +91,18 @@ def test_changed_inputs_compares_contents_at_the_same_path(tmp_path):
     assert role == "directions" and path == f and old != new
 
 
+def test_forget_drops_a_role_and_its_copy(tmp_path):
+    from ft.kept import forget
+
+    run, f = tmp_path / "run", tmp_path / "d.bin"
+    f.write_bytes(b"one")
+    keep(run, "directions", f)
+    keep(run, "model", make_folder(tmp_path / "model"))
+    forget(run, {"directions"})
+    assert kept(run, "directions") is None and not (run / "kept" / "directions").exists()
+    assert set(index(run)) == {"model"}
+
+
 def test_a_damaged_index_is_refused_by_name(tmp_path):
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "index.json").write_text(json.dumps([1, 2]))
@@ -425,3 +437,80 @@ def test_compare_stopped_by_sigterm_exits_143_resumes_and_a_finished_one_changes
     assert main([*argv[:-2], "--weights", "0.5"]) == 2  # other arguments into the same folder: refused
     assert "holds a comparison made with --weights=[0.0], this one has [0.5]" in capsys.readouterr().err
     assert tree_hashes(out) == before
+
+
+def test_a_probe_target_run_keeps_the_probe_table_and_its_concept_file(tiny, tiny_dir, tmp_path):
+    from ft.errors import ConfigError
+    from ft.probe import probe
+    from ft.train import run
+    from tests.test_probe import ANIMALS, OTHERS, concept_file, planted_encoder, probe_cfg
+    from tests.test_train import compose_cfg
+
+    enc = planted_encoder(tiny)
+    concept = Path(concept_file(tmp_path, [(w, "1") for w in ANIMALS] + [(w, "0") for w in OTHERS[:9]]))
+    probe(probe_cfg(str(concept)), tmp_path / "probe", enc)
+    text = concept.read_text()
+
+    def cfg(steps: int):
+        return compose_cfg([f"model.name_or_path={tiny_dir}", "target=probe", f"target.run={tmp_path / 'probe'}",
+                            "target.k=3", f"trainer.max_steps={steps}", "trainer.accelerator=cpu",
+                            "logger.wandb.mode=disabled", "+trainer.enable_progress_bar=false",
+                            "engine.checkpoint_every_n_steps=5", "engine.stop_when_converged=false"])
+
+    d = tmp_path / "run"
+    run(cfg(5), d, enc)
+    assert kept(d, "concept").read_text() == text
+    assert kept(d, "probe").read_bytes() == (tmp_path / "probe" / "probe.parquet").read_bytes()
+    concept.write_text(text.replace("cat,1", "cat,0"))  # the concept relabelled after the run
+    assert kept(d, "concept").read_text() == text
+    with pytest.raises(ConfigError, match=f"concept {concept} is not the one that run started with"):
+        run(cfg(10), d, enc)
+
+
+# -- the process boundary: exit codes and what is printed ----------------------------------------
+def clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"}
+
+
+@pytest.mark.slow
+def test_cli_a_finished_run_re_run_exits_0_in_one_line_and_keeps_its_results(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+
+    d = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ft.train", f"model.name_or_path={tiny_dir}", "trainer.max_steps=6",
+           "target.per_layer=2", "logger.wandb.mode=disabled", "+trainer.enable_progress_bar=false",
+           f"hydra.run.dir={d}"]
+    first = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    results = {k: v for k, v in tree_hashes(d).items() if not k.startswith(".hydra") and k != "train.log"}
+    again = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.strip() == f"run already finished: {d} (6 steps); nothing to do"
+    assert {k: v for k, v in tree_hashes(d).items() if k in results} == results
+
+
+@pytest.mark.slow
+def test_cli_sigterm_during_compare_exits_143_in_one_line_and_resumes(tiny_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ft.compare import LEDGER
+
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "ft.compare", "--model", str(tiny_dir), "--out", str(out), *CMP]
+    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / LEDGER).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # the token run finished; the examples or the next run are under way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: SIGTERM")
+    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / LEDGER).read_text())["done"] and (out / "comparison.parquet").exists()
