@@ -102,13 +102,21 @@ def agreement(df: pd.DataFrame) -> float:
     return float(sum(hits) / len(hits))
 
 
+def check_points(points: Sequence[str]) -> None:
+    """Points with a static reading, each once (a repeated point would repeat every unit's row)."""
+    for i, point in enumerate(points):
+        if point not in ("ffn_act", *HIDDEN_POINTS):
+            raise ConfigError(f"point {point!r} has no static reading; valid: ffn_act, {', '.join(HIDDEN_POINTS)}")
+        if point in points[:i]:
+            raise ConfigError(f"--points {' '.join(points)} repeats {point!r}; valid: each point once")
+
+
 def all_units(model: torch.nn.Module, vocab: object, points: Sequence[str], k: int = TOP) -> pd.DataFrame:
     """Every unit of `points` in every layer: one row each (site, layer, point, unit, readings)."""
     a = adapter(model)
     rows = []
+    check_points(points)
     for point in points:
-        if point not in ("ffn_act", *HIDDEN_POINTS):
-            raise ConfigError(f"point {point!r} has no static reading; valid: ffn_act, {', '.join(HIDDEN_POINTS)}")
         for layer in range(a.num_layers):
             sites = [Site(layer, point, u) for u in range(a.point_width(point))]
             r = readings(model, vocab, sites, k)
@@ -134,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.top < 1:
             raise ConfigError(f"--top={a.top}; valid: an integer >= 1")
+        check_points(a.points)
         out = Path(a.out)
         writable_place(out, "--out", "a parquet file in a writable folder", folder=False)  # before the work
         start = time.perf_counter()

@@ -33,9 +33,10 @@ class SweepError(FtError):
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
     try:
-        cfg = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SweepError(f"cannot read sweep file {str(path)!r}: {e}") from e
+        cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        cause = " ".join(str(e).split())  # YAML's message spans lines: one line here
+        raise SweepError(f"cannot read sweep file {str(path)!r}: {cause}; valid: a W&B sweep YAML in UTF-8") from None
     validate(cfg, str(path))
     return cfg
 

@@ -510,3 +510,25 @@ def test_textualize_refused_by_the_model_leaves_no_temporary_folder(tiny_dir, tm
     with pytest.raises(FtError, match="unit 999 out of range"):
         ft.textualize(sites=["layer.1.ffn_out.999"], model=str(tiny_dir), steps=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ft_static_refuses_a_repeated_point_instead_of_repeating_every_row(tmp_path, capsys):
+    from ft.static import main
+
+    err = one_line(capsys, main(["--model", "/nonexistent", "--points", "ffn_out", "ffn_out",
+                                 "--out", str(tmp_path / "s.parquet")]))
+    assert "--points ffn_out ffn_out repeats 'ffn_out'; valid: each point once" in err
+    assert not (tmp_path / "s.parquet").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"name: x\nmethod: [\n", "cannot read sweep file"), (b"name: caf\xe9\n", "can't decode byte 0xe9"),
+])
+def test_a_sweep_file_that_does_not_read_is_one_line(tmp_path, capsys, content, message):
+    from ft.sweep import SweepError, load_sweep
+
+    path = tmp_path / "s.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SweepError, match=message) as e:
+        load_sweep(path)
+    assert "\n" not in str(e.value) and "valid: a W&B sweep YAML in UTF-8" in str(e.value)
