@@ -81,19 +81,11 @@ def builtin(name: str, tokenizer: object, seed: int = 0) -> Concept:
 
 
 def read_text(path: Path) -> str:
-    """The file as UTF-8 text, a byte-order mark dropped; ConfigError naming the file and the line of
-    the first byte that is not UTF-8 (a Latin-1 file, say)."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"concept={str(path)!r}: cannot read it ({e.strerror or e}); valid: a readable "
-                          "file") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ConfigError(f"concept={str(path)!r}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); valid: a "
-                          "UTF-8 file (re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`)") from None
+    """The concept file as UTF-8 text (a byte-order mark dropped); ConfigError naming the file and
+    the line of the first byte that is not UTF-8."""
+    from ft.corpus import read_utf8
+
+    return read_utf8(path, "concept")
 
 
 def read_word_file(path: Path) -> Concept:

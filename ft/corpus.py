@@ -67,6 +67,23 @@ def packaged_lee_path() -> Path:
     return path
 
 
+def read_utf8(path: Path, key: str = "corpus") -> str:
+    """A user's text file as UTF-8 (a byte-order mark dropped); ConfigError naming `key`, the file
+    and the line of the first byte that is not UTF-8 (a Latin-1 file would otherwise read as
+    replacement characters, silently [UNK] tokens)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{key}={str(path)!r}: cannot read it ({e.strerror or e}); valid: a readable "
+                          "file") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{key}={str(path)!r}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); valid: a "
+                          "UTF-8 file (re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def read_texts(spec: str) -> list[str]:
     """The raw documents of a corpus spec (see the module docstring)."""
     if spec == DEFAULT_CORPUS:
@@ -77,7 +94,11 @@ def read_texts(spec: str) -> list[str]:
             import datasets
         except ImportError as e:
             raise ConfigError(f"corpus {spec!r} needs the package datasets (pip install datasets)") from e
-        ds = datasets.load_from_disk(path)
+        try:
+            ds = datasets.load_from_disk(path)
+        except (OSError, ValueError) as e:  # FileNotFoundError: not a saved dataset
+            raise ConfigError(f"corpus {spec!r}: {path!r} is not a dataset saved with save_to_disk "
+                              f"({type(e).__name__}); valid: hf:PATH[:COLUMN]") from None
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[next(iter(ds))]
         column = column or "text"
@@ -89,9 +110,9 @@ def read_texts(spec: str) -> list[str]:
         files = sorted(p.rglob("*.txt"))
         if not files:
             raise ConfigError(f"corpus folder {spec!r} holds no *.txt files")
-        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        return [read_utf8(f) for f in files]
     if p.is_file():
-        return [p.read_text(encoding="utf-8", errors="replace")]
+        return [read_utf8(p)]
     raise ConfigError(f"corpus {spec!r} not found; valid: {DEFAULT_CORPUS}, a .txt file, a folder of .txt "
                       "files, or hf:PATH[:COLUMN] (a dataset saved with save_to_disk)")
 

@@ -532,3 +532,17 @@ def test_a_sweep_file_that_does_not_read_is_one_line(tmp_path, capsys, content, 
     with pytest.raises(SweepError, match=message) as e:
         load_sweep(path)
     assert "\n" not in str(e.value) and "valid: a W&B sweep YAML in UTF-8" in str(e.value)
+
+
+def test_a_corpus_file_that_is_not_utf8_is_refused_by_line_not_read_as_unk(tiny, tmp_path):
+    from ft.corpus import load_corpus
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("The cat sat on the table.\n", encoding="utf-8-sig")
+    assert load_corpus(str(tmp_path / "docs"), tiny.tokenizer, use_cache=False).sentences == [
+        "The cat sat on the table."]  # a BOM is read transparently
+    (tmp_path / "docs" / "b.txt").write_bytes("The dog.\nA caf\xe9 by the river.\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"corpus='.*b.txt': line 2 is not UTF-8 \(byte 0xe9\)"):
+        load_corpus(str(tmp_path / "docs"), tiny.tokenizer, use_cache=False)
+    with pytest.raises(ConfigError, match="is not a dataset saved with save_to_disk"):
+        load_corpus(f"hf:{tmp_path / 'nothing'}", tiny.tokenizer, use_cache=False)
