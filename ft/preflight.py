@@ -32,7 +32,7 @@ from ft.errors import FtError
 from ft.schema import check_config, check_model, check_probe_config, check_probe_model
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
-MAX_VARIANTS = 512  # combinations checked one by one (about 0.1 s each)
+MAX_VARIANTS = 256  # combinations checked one by one (about 0.1 s each: Hydra composes each)
 
 
 class PreflightError(FtError):
