@@ -81,6 +81,18 @@ def warn_once(key: str, message: str, *args: object) -> None:
         log.warning(message, *args)
 
 
+def refuse_uncommitted(run_dir: Path, path: Path) -> None:
+    """A run directory without a manifest is read as one from before manifests, unless it shows a
+    commit that never finished: staged files of a writer (`.NAME.PID.tmp`) beside the results, or
+    kept inputs (`kept/`, written only by an ft that also writes manifests). Those are refused."""
+    staged = sorted(m.group("name") for p in run_dir.iterdir() if (m := _TMP.match(p.name)))
+    if staged:
+        raise RunFileError(f"{path} is from a commit that never finished ({', '.join(staged[:4])} staged, no "
+                           f"{MANIFEST}): its files may mix two steps; rerun the run to write them again")
+    if (run_dir / "kept" / "index.json").exists() and path.name != "config.yaml":
+        raise RunFileError(f"{path} has no {MANIFEST} beside it: the run's results were never committed; rerun it")
+
+
 # -- the run directory's manifest ----------------------------------------------------------------
 def manifest_entry(path: Path) -> dict[str, object]:
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
@@ -116,6 +128,7 @@ def verify(run_dir: str | Path, name: str) -> Path:
     if files is None:
         if not path.exists():
             raise RunFileError(f"{path} is missing: the run did not finish (no {MANIFEST})")
+        refuse_uncommitted(run_dir, path)
         warn_once(str(run_dir), "%s has no %s (written before ft checked its files): its files are used "
                   "unverified", run_dir, MANIFEST)
         return path

@@ -170,8 +170,11 @@ def test_report_skips_a_damaged_and_an_incomplete_run_and_names_them(finished, t
 
 
 def test_a_run_directory_from_before_manifests_loads_with_a_warning(finished, tmp_path, caplog):
+    import shutil
+
     old = copy_run(finished, tmp_path / "old")
     (old / MANIFEST).unlink()
+    shutil.rmtree(old / "kept")  # an ft without manifests kept no inputs either
     with caplog.at_level(logging.WARNING):
         df = read_targets(old)
     assert len(df) == len(read_targets(finished)) and "has no manifest.json" in caplog.text

@@ -195,6 +195,26 @@ def test_a_commit_whose_staged_file_is_gone_is_refused_not_read_as_a_mix(tmp_pat
         verify(tmp_path, "inputs.safetensors")
 
 
+def test_results_without_a_manifest_but_with_staged_files_or_kept_inputs_are_refused(tmp_path):
+    """What an older ft left when killed mid-commit (the manifest deleted, some files renamed, the
+    others still staged) is not read as a run from before manifests."""
+    from ft.integrity import verify
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "targets.parquet").write_bytes(b"targets@20")
+    (run / "inputs.safetensors").write_bytes(b"inputs@30")
+    (run / ".targets.parquet.4194311.tmp").write_bytes(b"targets@30")
+    with pytest.raises(RunFileError, match=r"inputs.safetensors is from a commit that never finished \(targets"):
+        verify(run, "inputs.safetensors")
+    (run / ".targets.parquet.4194311.tmp").unlink()
+    f = tmp_path / "d.bin"
+    f.write_bytes(b"d")
+    keep(run, "directions", f)
+    with pytest.raises(RunFileError, match="targets.parquet has no manifest.json beside it"):
+        verify(run, "targets.parquet")
+
+
 # -- runs: a finished run re-run, checkpoints anywhere, inputs by content ---------------------
 def quick(tiny_dir: Path, steps: int = 20, *extra: str):
     from tests.test_train import compose_cfg, tiny_overrides
