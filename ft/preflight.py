@@ -220,6 +220,7 @@ class Before:
     kept: dict[Path, bytes]
     ancestor: Path  # the nearest folder that existed (empty folders are removed up to it)
     multirun: bool = False  # the root is a sweep folder: earlier jobs' run directories in it stay
+    keys: frozenset[str] = frozenset()  # the job overrides' keys: a new folder is this command's if its match
 
 
 def output_root(overrides: list[str], command: str, multirun: bool) -> tuple[Path, bool]:
@@ -266,7 +267,27 @@ def take(overrides: list[str], command: str, multirun: bool) -> Before:
                 kept[p] = p.read_bytes()
     ancestor = next(d for d in [root, *root.parents] if d.exists())
     dirs = set() if given and not multirun else folders(root)
-    return Before(root, given, existed, dirs, entries, kept, ancestor, multirun)
+    return Before(root, given, existed, dirs, entries, kept, ancestor, multirun, override_keys(overrides))
+
+
+def override_keys(overrides: list[str]) -> frozenset[str]:
+    """The keys of the job's overrides (Hydra's own left out), as `.hydra/overrides.yaml` has them."""
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o)
+    return frozenset(k for k in keys if not k.startswith(("hydra.", "hydra/")))
+
+
+def made_by(folder: Path, keys: frozenset[str]) -> bool:
+    """`folder`'s Hydra files are of a job with these override keys (a concurrent command started
+    in the same second with other overrides is not ours to clean up)."""
+    from omegaconf import OmegaConf
+
+    recorded = folder / ".hydra" / "overrides.yaml"
+    if not recorded.is_file():
+        return True
+    try:
+        return override_keys([str(o) for o in OmegaConf.load(recorded)]) == keys
+    except Exception:  # noqa: BLE001 - unreadable: not provably ours
+        return False
 
 
 def only_hydra_files(folder: Path) -> bool:
@@ -314,7 +335,8 @@ def undo(before: Before) -> None:
         return
     new = sorted(folders(root) - before.dirs, key=lambda d: len(d.parts))
     for d in new:  # the refused job's run directory; never an earlier job's, which holds its results
-        if d.is_dir() and only_hydra_files(d):
+        if d.is_dir() and only_hydra_files(d) and all(made_by(r, before.keys) for r in [d, *d.rglob("*")]
+                                                      if (r / ".hydra").is_dir()):
             shutil.rmtree(d, ignore_errors=True)
             remove_empty_up_to(d.parent, before.ancestor)
     if before.multirun and not before.existed and root.is_dir() and only_hydra_files(root):

@@ -546,3 +546,15 @@ def test_a_corpus_file_that_is_not_utf8_is_refused_by_line_not_read_as_unk(tiny,
         load_corpus(str(tmp_path / "docs"), tiny.tokenizer, use_cache=False)
     with pytest.raises(ConfigError, match="is not a dataset saved with save_to_disk"):
         load_corpus(f"hf:{tmp_path / 'nothing'}", tiny.tokenizer, use_cache=False)
+
+
+def test_a_refusal_leaves_a_concurrent_commands_new_run_directory(tmp_path, monkeypatch):
+    from ft.preflight import nothing_left_if_refused
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "logs/train/runs"
+    with pytest.raises(SystemExit), nothing_left_if_refused(["target.sites=[layer.9.ffn_out.0]"]):
+        hydra_writes(runs / "default/2026-01-01_00-00-00", ["target.sites=[layer.9.ffn_out.0]"])  # ours
+        hydra_writes(runs / "default/2026-01-01_00-00-00_1", ["optim.lr=0.5"])  # another command's, just started
+        sys.exit(2)
+    assert [p.name for p in (runs / "default").iterdir()] == ["2026-01-01_00-00-00_1"]
