@@ -259,8 +259,8 @@ class TokenSearchModule(TextualizationModule):
             state.visited[slot, rows] = torch.where(move, sequence_hash(ids), hashes)
         opt.step()
         values = torch.where(torch.isfinite(state.best_value), state.best_value, state.last)
-        if state.step % self.curve_every == 0:
-            state.add_curve(values)
+        if state.step % self.curve_every == 0:  # the activation curve: without the fluency term
+            state.add_curve(self.kept_terms()[0].to(values) if self.uses_fluency() else values)
         state.last = values
         state.step += 1
 

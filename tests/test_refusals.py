@@ -96,12 +96,13 @@ def test_textualize_with_no_sites_is_refused(tiny_dir, tmp_path):
 def test_act_metrics_are_the_activation_alone_at_a_huge_fluency_weight(tiny_dir, tmp_path):
     """At w = 1e6 the walk's value is dominated by w x fluency (about -1e6 x a few nats); act/* and
     the bar must stay the activation objective of the kept texts, and fluency/mean their fluency."""
-    from ft.results import read_targets
+    from ft.results import read_curves, read_targets
     from ft.train import run
     from tests.test_search import search_cfg
 
     run(search_cfg(tiny_dir, "logger.wandb.mode=offline", "target.per_layer=1", "input.length=2",
-                   "trainer.max_steps=3", "trainer.log_every_n_steps=1", "search.fluency_weights=[1000000]",
+                   "trainer.max_steps=3", "trainer.log_every_n_steps=1", "engine.curve_every=1",
+                   "search.fluency_weights=[1000000]",
                    "search.fluency_model=bigram"),
         tmp_path / "run")
     df = read_targets(tmp_path / "run")
@@ -114,6 +115,10 @@ def test_act_metrics_are_the_activation_alone_at_a_huge_fluency_weight(tiny_dir,
     assert s["act/mean"] == pytest.approx(df.objective.mean(), rel=1e-4, abs=1e-5)
     assert s["act/max"] == pytest.approx(df.objective.max(), rel=1e-4, abs=1e-5)
     assert s["fluency/mean"] == pytest.approx(df.fluency.mean(), rel=1e-5)
+    curves = read_curves(tmp_path / "run")
+    last = curves[curves.step == curves.step.max()].set_index("target_id").objective
+    assert last.to_numpy() == pytest.approx(df.set_index("target_id").objective[last.index].to_numpy(), rel=1e-4,
+                                            abs=1e-5)  # the curves too are the activation alone
 
 
 # -- B: one line, never a traceback ----------------------------------------------------------------
