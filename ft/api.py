@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -19,6 +20,9 @@ from omegaconf import DictConfig, open_dict
 
 from ft.errors import ConfigError, FtError
 from ft.hydra_conf import register
+
+if TYPE_CHECKING:
+    from ft.results import Runs
 
 register()  # the resolvers the configs use
 
@@ -62,7 +66,7 @@ def run_paths(paths: str | Path | Iterable[str | Path]) -> list[str | Path]:
     return out
 
 
-def load_runs(paths: str | Path | Iterable[str | Path]):
+def load_runs(paths: str | Path | Iterable[str | Path]) -> Runs:
     """All targets of all runs under `paths` (a run directory, a glob, or a list of them) as
     `(targets, runs)` tables (`ft.results.load_runs`)."""
     from ft.results import load_runs as read_runs
