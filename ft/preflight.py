@@ -20,11 +20,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ft.encoder import check_tokenizer_fits, load_model_config
@@ -113,6 +114,55 @@ def check_train(cfg: DictConfig) -> None:
     config = model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
     check_model(cfg, config)
     tokenizer_fits(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    model = skeleton(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    if model is not None:
+        try:
+            check_target_on(OmegaConf.to_container(cfg.target, resolve=True), model)
+        except FtError:
+            raise
+        except Exception:  # noqa: BLE001 - a family whose shapes do not read on the meta device: the run checks
+            pass
+
+
+@functools.lru_cache(maxsize=4)
+def skeleton(name: str, trust_remote_code: bool) -> torch.nn.Module | None:
+    """The model's modules with no weights (on the meta device, built from its config in well under
+    a second even for large models): the shapes a site, layer or k is checked against. None where
+    it cannot be built that way (the run then checks on the loaded model)."""
+    from transformers import AutoModel
+
+    try:
+        with torch.device("meta"):
+            return AutoModel.from_config(model_config(name, trust_remote_code), trust_remote_code=trust_remote_code,
+                                         attn_implementation="eager")
+    except Exception:  # noqa: BLE001 - an exotic model: its run's own checks still apply
+        return None
+
+
+def check_target_on(t: dict, model: torch.nn.Module) -> None:
+    """The target's sites, layers, per_layer and k against the model's shapes: a sweep value out of
+    range is refused before any job (not after the jobs before it ran)."""
+    from ft.errors import TargetError
+    from ft.sites import Site, num_layers, parse_head, parse_point, point_width
+
+    kind, n = t.get("kind"), num_layers(model)
+    if kind == "neuron":
+        for text in t.get("sites") or []:
+            if parse_head(text, model) is None:
+                Site.parse(text).check(model)
+    if kind in ("neuron", "clusters"):
+        bad = [x for x in t.get("layers") or [] if not 0 <= x < n]
+        if bad:
+            raise TargetError(f"target.layers: layer {bad[0]} out of range; valid 0..{n - 1}")
+    if kind in ("direction", "sae") and t.get("site"):
+        for text in [t["site"]] if isinstance(t["site"], str) else t["site"]:
+            parse_point(text, model)
+    if kind in ("neuron", "group") and t.get("point"):
+        width = point_width(model, t["point"])
+        if kind == "neuron" and not t.get("sites") and t.get("per_layer") and t["per_layer"] > width:
+            raise TargetError(f"target.per_layer={t['per_layer']}; valid 1..{width}")
+        if kind == "group" and t.get("k") and t["k"] > n * width:
+            raise TargetError(f"target.k={t['k']!r}; valid 1..{n * width} (all neurons of {t['point']})")
 
 
 def check_probe(cfg: DictConfig) -> None:

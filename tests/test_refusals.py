@@ -563,3 +563,43 @@ def test_a_refusal_leaves_a_concurrent_commands_new_run_directory(tmp_path, monk
         hydra_writes(runs / "default/2026-01-01_00-00-00_1", ["optim.lr=0.5"])  # another command's, just started
         sys.exit(2)
     assert [p.name for p in (runs / "default").iterdir()] == ["2026-01-01_00-00-00_1"]
+
+
+@pytest.mark.parametrize("swept, message", [
+    ("target.sites=[layer.1.ffn_out.3],[layer.1.ffn_out.999]", "unit 999 out of range for ffn_out; valid 0..31"),
+    ("target.sites=[layer.0.head.1],[layer.0.head.2]", "head 2 out of range; valid 0..1"),
+    ("target.layers=[0],[5]", "target.layers: layer 5 out of range; valid 0..1"),
+    ("target.per_layer=1,33", "target.per_layer=33; valid 1..32"),
+    ("target=directions target.file=x.safetensors target.site=layer.0.resid,layer.2.resid", "layer 2 out of range"),
+])
+def test_a_sweep_value_the_model_lacks_is_refused_before_any_job(tiny_dir, tmp_path, capsys, swept, message):
+    """Checked on the model's shapes (its modules built on the meta device, no weights) in the
+    preflight: no job runs before the one that would fail."""
+    from ft.preflight import preflight
+
+    if "directions" in swept:
+        from safetensors.torch import save_file
+
+        save_file({"directions": torch.ones(2, 32)}, str(tmp_path / "x.safetensors"))
+        swept = swept.replace("x.safetensors", str(tmp_path / "x.safetensors"))
+    err = refused(capsys, preflight, ["-m", f"model.name_or_path={tiny_dir}", *swept.split(),
+                                      f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert message in err and not (tmp_path / "sweep").exists()
+
+
+def test_the_preflight_skeleton_has_the_loaded_models_shapes_in_every_family(tmp_path):
+    """The meta-device modules the preflight checks sites against read the same layers, point
+    widths and heads as the loaded model, family by family (a difference would refuse a valid
+    site, or pass one the run then refuses)."""
+    from ft.arch import adapter
+    from ft.encoder import load_encoder
+    from ft.preflight import skeleton
+    from ft.sites import POINTS, num_layers, point_width
+    from tests.families import FAMILIES, build_family
+
+    for family in FAMILIES:
+        path = str(build_family(tmp_path / family, family))
+        meta, real = skeleton(path, False), load_encoder(path).model
+        assert meta is not None and next(meta.parameters()).is_meta, family
+        assert num_layers(meta) == num_layers(real) and adapter(meta).num_heads == adapter(real).num_heads, family
+        assert [point_width(meta, p) for p in POINTS] == [point_width(real, p) for p in POINTS], family
