@@ -275,9 +275,10 @@ def test_multirun_checks_every_combination_before_any_job(tiny_dir, tmp_path, ca
 
 @pytest.mark.slow
 def test_commands_refused_after_hydra_leave_nothing(tiny_dir, tmp_path):
-    """Across the process boundary: ft.train refusing a site of another model (a check that needs
-    the weights), exit 2 with one line, and no run directory; the same against a finished run
-    leaves its .hydra/overrides.yaml as it was; ft.probe's values are refused in one line."""
+    """Across the process boundary: ft.train refusing a ckpt_path that does not exist (checked by
+    the run, after Hydra wrote its run directory), exit 2 with one line, and no run directory; a
+    refused re-run of a finished run leaves its .hydra/overrides.yaml as it was; ft.probe's values
+    are refused in one line."""
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     tmp_path = tmp_path / "cwd"  # the cache goes beside it
     tmp_path.mkdir()
@@ -287,9 +288,11 @@ def test_commands_refused_after_hydra_leave_nothing(tiny_dir, tmp_path):
     def cli(*args: str, module: list[str] = base) -> subprocess.CompletedProcess:
         return subprocess.run([*module, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
 
-    bad = cli("target.sites=[layer.1.ffn_out.999]", f"hydra.run.dir={tmp_path / 'bad'}")
+    bad = cli(f"ckpt_path={tmp_path / 'no.ckpt'}", f"hydra.run.dir={tmp_path / 'new' / 'bad'}")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: site 'layer.1.ffn_out.999': unit 999 out of range for ffn_out; valid 0..31"]
+        f"error: ckpt_path='{tmp_path / 'no.ckpt'}': {tmp_path / 'no.ckpt'} does not exist; valid: auto, last, none, "
+        "a .ckpt file"]
+    assert not (tmp_path / "new").exists()
     assert not (tmp_path / "bad").exists()
     assert cli(f"hydra.run.dir={tmp_path / 'done'}").returncode == 0
     files = {p: p.read_bytes() for p in (tmp_path / "done").rglob("*") if p.is_file()}
