@@ -144,3 +144,16 @@ class CheckpointRecord(pl.Callback):
 
     def on_save_checkpoint(self, trainer: object, pl_module: object, checkpoint: dict) -> None:
         checkpoint[self.KEY] = self.record
+
+
+class FitEnded(pl.Callback):
+    """Notes that the fit's end ran. A fit resumed from a checkpoint with no steps left skips the
+    whole loop, its end included (Lightning's `fit_loop.skip`); the run then finishes the
+    module's state itself (`on_train_end`: the final curve sample, the kept inputs), exactly as
+    the interrupted fit would have: checkpoints are saved at a step's end, never after it."""
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    def on_train_end(self, trainer: object, pl_module: object) -> None:
+        self.ended = True

@@ -34,7 +34,7 @@ from ft.preflight import preflight
 from ft.results import CONFIG, RunLock, atomic_write, read_config, read_summary, write_config, write_run
 from ft.schema import TARGET_KEYS, check_config, check_model
 from ft.signals import AtomicCheckpoint, Interrupted, StopOnSignal
-from ft.state import CheckpointRecord, FitResult
+from ft.state import CheckpointRecord, FitEnded, FitResult
 from ft.strategy import choose_strategy, node_process_rank, shard_rows
 from ft.targets import (
     Target,
@@ -570,8 +570,8 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
             dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
             every_n_train_steps=cfg.engine.checkpoint_every_n_steps,
         ))
-        stop = StopOnSignal(run_dir / "checkpoints" / "last.ckpt")
-        callbacks.append(stop)
+        stop, ended = StopOnSignal(run_dir / "checkpoints" / "last.ckpt"), FitEnded()
+        callbacks += [stop, ended]
         if cfg.trainer.get("enable_progress_bar", True):
             callbacks.append(StepProgress())
         trainer: pl.Trainer = instantiate(
@@ -584,6 +584,8 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
                  cfg.trainer.max_steps, f", resuming from {resume_from}" if resume_from else "")
         with stop.installed():
             trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None)
+        if not ended.ended:  # resumed with no steps left: Lightning skipped the fit, its end included
+            module.on_train_end()
         if not trainer.is_global_zero:
             return {}
         result = module.result(facts.vocab.ids)

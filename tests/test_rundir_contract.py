@@ -248,6 +248,23 @@ def test_a_finished_run_re_run_changes_nothing_byte_for_byte(steps, extra, tiny_
     assert again == json.loads((d / "summary.json").read_text())
 
 
+@pytest.mark.parametrize("extra", [["input=tokens"], ["engine.keep=best"]], ids=["tokens", "keep-best"])
+def test_a_resume_with_no_steps_left_finishes_the_run_as_the_uninterrupted_one(extra, tiny_dir, tmp_path):
+    """Stopped after the final step's checkpoint, before the results (SIGTERM at the last step):
+    the resume runs no step, and its results equal the uninterrupted run's, byte for byte
+    (the final curve sample and the kept inputs included)."""
+    from ft.train import run
+
+    d = tmp_path / "run"
+    run(quick(tiny_dir, 20, *extra), d)
+    names = ("targets.parquet", "inputs.safetensors", "curves.parquet", "frontier.parquet")
+    straight = {k: v for k, v in tree_hashes(d).items() if k in names}
+    for name in (*names, "summary.json", "manifest.json"):
+        (d / name).unlink(missing_ok=True)
+    run(quick(tiny_dir, 20, *extra), d)
+    assert {k: v for k, v in tree_hashes(d).items() if k in names} == straight
+
+
 def directions_cfg(tiny_dir: Path, file: Path, steps: int):
     from tests.test_train import compose_cfg, tiny_overrides
 
