@@ -114,6 +114,7 @@ def check_train(cfg: DictConfig) -> None:
     config = model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
     check_model(cfg, config)
     tokenizer_fits(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    check_fluency_model(cfg)
     model = skeleton(cfg.model.name_or_path, cfg.model.trust_remote_code)
     if model is not None:
         try:
@@ -122,6 +123,32 @@ def check_train(cfg: DictConfig) -> None:
             raise
         except Exception:  # noqa: BLE001 - a family whose shapes do not read on the meta device: the run checks
             pass
+
+
+def check_fluency_model(cfg: DictConfig) -> None:
+    """input=tokens with `search.fluency_model=DIR`: a directory whose weights are whole and whose
+    vocabulary is the model's, token for token (its head is checked when the run loads it)."""
+    spec = str((cfg.get("search") or {}).get("fluency_model") or "auto")
+    if cfg.input.get("kind") != "tokens" or spec in ("auto", "self", "bigram") or spec.startswith("bigram:"):
+        return
+    from ft.encoder import check_weights_file
+    from ft.fluency import check_same_vocabulary
+
+    if not Path(spec).is_dir():
+        raise PreflightError(f"search.fluency_model={spec!r}: no such directory; valid: auto, self, bigram, "
+                             "bigram:CORPUS, or a local masked-LM directory of the same vocabulary")
+    check_weights_file(spec, spec, "search.fluency_model")
+    check_same_vocabulary(spec, tokenizer_of(cfg.model.name_or_path, cfg.model.trust_remote_code),
+                          cfg.model.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_of(name: str, trust_remote_code: bool) -> object:
+    from transformers import AutoTokenizer
+
+    from ft.encoder import resolve
+
+    return AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
 
 
 @functools.lru_cache(maxsize=4)
@@ -157,6 +184,13 @@ def check_target_on(t: dict, model: torch.nn.Module) -> None:
     if kind in ("direction", "sae") and t.get("site"):
         for text in [t["site"]] if isinstance(t["site"], str) else t["site"]:
             parse_point(text, model)
+    if kind == "direction" and t.get("file") and t.get("site"):
+        from ft.directions import load_directions
+
+        directions = load_directions(t["file"])
+        for text in [t["site"]] if isinstance(t["site"], str) else t["site"]:
+            point = parse_point(text, model)[1]
+            directions.vector("0", point_width(model, point), point)  # the file's width is the point's
     if kind in ("neuron", "group") and t.get("point"):
         width = point_width(model, t["point"])
         if kind == "neuron" and not t.get("sites") and t.get("per_layer") and t["per_layer"] > width:

@@ -606,3 +606,25 @@ def test_the_preflight_skeleton_has_the_loaded_models_shapes_in_every_family(tmp
         assert meta is not None and next(meta.parameters()).is_meta, family
         assert num_layers(meta) == num_layers(real) and adapter(meta).num_heads == adapter(real).num_heads, family
         assert [point_width(meta, p) for p in POINTS] == [point_width(real, p) for p in POINTS], family
+
+
+def test_run_time_input_files_are_checked_in_the_preflight(tiny_dir, tmp_path, capsys):
+    """A directions file of another width and a fluency model of another vocabulary were refused
+    only by the run, after Hydra wrote the run directory (and after earlier sweep jobs ran)."""
+    from safetensors.torch import save_file
+
+    from ft.preflight import preflight
+
+    save_file({"directions": torch.ones(2, 31)}, str(tmp_path / "d.safetensors"))
+    err = refused(capsys, preflight, [f"model.name_or_path={tiny_dir}", "target=directions",
+                                      f"target.file={tmp_path / 'd.safetensors'}", "target.site=layer.0.resid",
+                                      f"hydra.run.dir={tmp_path / 'a'}"])
+    assert "31" in err and "32" in err, err
+    swapped = list(VOCAB)
+    swapped[-1], swapped[-2] = swapped[-2], swapped[-1]
+    mlm = save_mlm(tmp_path / "mlm", swapped)
+    err = refused(capsys, preflight, ["-m", f"model.name_or_path={tiny_dir}", "input=tokens",
+                                      f"search.fluency_model={mlm}", "search.fluency_weights=[0,1]", "seed=0,1",
+                                      f"hydra.sweep.dir={tmp_path / 'b'}"])
+    assert "another vocabulary than the model (2 tokens differ" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors", "mlm"]
