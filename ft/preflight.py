@@ -1,14 +1,17 @@
-"""Checks on the command line of `python -m ft.train`, before Hydra creates a run directory.
+"""Checks on the command line of `python -m ft.train` and `python -m ft.probe`, before Hydra
+creates a run directory.
 
 Hydra writes `.hydra/` before the job starts and exits 1 with a multi-line message on its own
-composition errors. `preflight(argv)` composes the same config with Hydra's compose API, runs
-`ft.schema`'s checks on it (and those needing the model's config, read without its weights), and
-turns any problem into one line on stderr and exit code 2, with nothing written. Under
-`--multirun` every combination of the swept values is checked before any job starts (beyond
-MAX_VARIANTS combinations, every value once). `nothing_left_if_refused` removes (or restores)
-what Hydra wrote for a job that the job's own checks then refused.
+composition errors. `preflight(argv, command)` composes the same config with Hydra's compose API,
+runs `ft.schema`'s checks on it, then those that need the model: its config and files (tokenizer,
+whole weights), its shapes (the modules built on the meta device, no weights: sites, heads,
+layers, per_layer, k, a directions file's width) and a fluency model's vocabulary. Any problem is
+one line on stderr and exit code 2, with nothing written. Under `--multirun` every combination of
+the swept values is checked before any job starts (beyond MAX_VARIANTS combinations, every value
+once). `nothing_left_if_refused` removes (or, in a run directory that existed, restores) what
+Hydra wrote for a job that the job's own later checks refused; `writable_place` is the check on an
+output path that ft.static and ft.merge share; `storage_line` the one line of a failed write.
 """
-
 from __future__ import annotations
 
 import functools
