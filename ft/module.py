@@ -243,7 +243,7 @@ class TextualizationModule(pl.LightningModule):
         s = self.state
         if s.step and (not s.curve_steps or s.curve_steps[-1] < s.step - 1):
             s.curve_steps.append(s.step - 1)  # curves end at the final step, whatever curve_every is
-            s.curves = torch.cat([s.curves, s.last.detach().to(s.curves)[None]])
+            s.curves = torch.cat([s.curves, self.objective_values().detach().to(s.curves)[None]])  # the activation
         self.gather_rows()
         if self.keep_best:
             self.restore_best()

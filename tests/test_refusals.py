@@ -101,8 +101,7 @@ def test_act_metrics_are_the_activation_alone_at_a_huge_fluency_weight(tiny_dir,
     from tests.test_search import search_cfg
 
     run(search_cfg(tiny_dir, "logger.wandb.mode=offline", "target.per_layer=1", "input.length=2",
-                   "trainer.max_steps=3", "trainer.log_every_n_steps=1", "engine.curve_every=1",
-                   "search.fluency_weights=[1000000]",
+                   "trainer.max_steps=3", "trainer.log_every_n_steps=1", "search.fluency_weights=[1000000]",
                    "search.fluency_model=bigram"),
         tmp_path / "run")
     df = read_targets(tmp_path / "run")
@@ -119,6 +118,7 @@ def test_act_metrics_are_the_activation_alone_at_a_huge_fluency_weight(tiny_dir,
     last = curves[curves.step == curves.step.max()].set_index("target_id").objective
     assert last.to_numpy() == pytest.approx(df.set_index("target_id").objective[last.index].to_numpy(), rel=1e-4,
                                             abs=1e-5)  # the curves too are the activation alone
+    assert sorted(curves.step.unique()) == [0, 2]  # step 0, and the final sample the fit's end adds
 
 
 # -- B: one line, never a traceback ----------------------------------------------------------------
