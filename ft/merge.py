@@ -123,6 +123,10 @@ def check_out(dirs: list[Path], out: Path) -> None:
     if inside:
         raise ShardError(f"-o {out} holds the shard {inside[0]}: the merge would hide the shards among its files; "
                          "valid: a new or empty folder outside the shards")
+    within = [d for d in dirs if out.resolve().is_relative_to(Path(d).resolve())]
+    if within:
+        raise ShardError(f"-o {out} is inside the shard {within[0]}: the merged run would be read as part of it; "
+                         "valid: a new or empty folder outside the shards")
     if out.is_dir() and any(out.iterdir()):
         raise ShardError(f"-o {out} is not empty ({next(out.iterdir()).name}, ...); valid: a new or empty folder")
     writable_place(out, "-o", "a new or empty folder where you can write", folder=True)

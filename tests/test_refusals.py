@@ -337,6 +337,7 @@ def fake_shards(root: Path, n: int = 2) -> list[Path]:
 
 @pytest.mark.parametrize("where, message", [
     ("multirun", "holds the shard"), ("file", "it is a file"), ("full", "is not empty (other.txt, ...)"),
+    ("in-shard", "is inside the shard"),
     ("ro", "is on a read-only file system"),
 ])
 def test_ft_merge_refuses_an_out_it_cannot_or_must_not_write(tmp_path, capsys, where, message):
@@ -345,7 +346,8 @@ def test_ft_merge_refuses_an_out_it_cannot_or_must_not_write(tmp_path, capsys, w
 
     multirun = tmp_path / "multirun"
     fake_shards(multirun)
-    places = {"multirun": multirun, "file": tmp_path / "a-file", "full": tmp_path / "full"}
+    places = {"multirun": multirun, "file": tmp_path / "a-file", "full": tmp_path / "full",
+              "in-shard": multirun / "0" / "merged"}
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "other.txt").write_text("x")
