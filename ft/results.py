@@ -226,8 +226,10 @@ def read_summary(run_dir: str | Path) -> dict[str, float]:
     return _read(run_dir, SUMMARY, lambda p: json.loads(p.read_text()))
 
 
-def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+def find_runs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     """Run directories under the given paths (a run dir itself, or any folder above runs)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
     found: set[Path] = set()
     for p in map(Path, paths):
         if (p / TARGETS).exists() or (p / CONFIG).exists() and p.name != ".hydra":
@@ -238,10 +240,13 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def expand(paths: Iterable[str | Path]) -> list[Path]:
-    """Paths and globs -> run directories (sweep and shard folders included)."""
+def expand(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Paths and globs -> run directories (sweep and shard folders included). A single str or
+    Path is one path or glob (never its characters)."""
     import glob
 
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
     found: list[str | Path] = []
     for p in paths:
         matches = glob.glob(str(p), recursive=True)
@@ -285,7 +290,7 @@ class Runs(NamedTuple):
     runs: pd.DataFrame  # one row per run: flattened config and summary, `run` and `path`
 
 
-def load_runs(paths: Iterable[str | Path]) -> Runs:
+def load_runs(paths: str | Path | Iterable[str | Path]) -> Runs:
     """All targets of all runs (with a `run` column) and one row per run (config + summary).
 
     Inputs stay on disk; `read_inputs(runs.path[i])` loads them on demand.

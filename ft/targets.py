@@ -75,6 +75,12 @@ class Target:
         return layers[0] if self.kind not in ("group", "cluster", "logit") and len(layers) == 1 else None
 
 
+def refuse_empty(key: str, given: Sequence | None) -> None:
+    """An empty list where None means "sample" or "all" is a mistake, never a request to sample."""
+    if given is not None and len(given) == 0:
+        raise TargetError(f"{key} is an empty list; valid: null (ft picks them) or a non-empty list")
+
+
 def unit_label(t: Target) -> str:
     """`layer.5.ffn_out.17`, `layer.3.resid:sae.861`, `layer.5.head.2`, `logit.1 (pos)`, a group's
     word, a term's expression, a probe's concept and k: a name that tells two units apart."""
@@ -129,8 +135,11 @@ def neuron_targets(
     layers: Sequence[int] | None = None,
     seed: int = 0,
 ) -> list[Target]:
-    """An explicit site list, or a seeded random sample of units per layer."""
-    if sites:
+    """An explicit site list, or a seeded random sample of units per layer (`sites` None; an empty
+    list is refused: it never means "sample")."""
+    refuse_empty("target.sites", sites)
+    refuse_empty("target.layers", layers)
+    if sites is not None:
         return [site_target(model, s) for s in sites]
     n_layers = num_layers(model)
     layers = list(range(n_layers)) if layers is None else list(layers)
@@ -212,7 +221,8 @@ def select_group(
 def target_words(vocab: Vocabulary, words: Sequence[str] | None, num_random: int, num_frequent: int,
                  seed: int = 0) -> list[str]:
     """The run's target words: the given ones, or `num_random` + `num_frequent` picked (seeded)."""
-    words = list(words) if words else pick_words(vocab, num_random, num_frequent, seed)
+    refuse_empty("target.words", words)
+    words = list(words) if words is not None else pick_words(vocab, num_random, num_frequent, seed)
     if not words:
         raise TargetError("no target words: target.words is empty and num_random + num_frequent = 0")
     return words
@@ -368,7 +378,8 @@ def sae_targets(model: torch.nn.Module, sae: SAE, site: str, latents: Sequence[i
     if sae.d_in != width:
         raise TargetError(f"target.path={sae.source!r}: the SAE reads d_in={sae.d_in}, {point} is {width} wide in this "
                           f"model; valid: an SAE trained on {point} of this model")
-    if latents:
+    refuse_empty("target.latents", latents)
+    if latents is not None:
         bad = [i for i in latents if not 0 <= int(i) < sae.d_sae]
         if bad:
             raise TargetError(f"target.latents: {bad[0]} out of range; valid 0..{sae.d_sae - 1}")
@@ -395,8 +406,9 @@ def logit_targets(encoder, classes: Sequence[int | str] | None) -> list[Target]:
     id2label = {int(i): str(n) for i, n in (head.config.id2label or {}).items()}
     n = int(head.config.num_labels)
     by_name = {v: k for k, v in id2label.items()}
+    refuse_empty("target.classes", classes)
     chosen = []
-    for c in list(classes) if classes else list(range(n)):
+    for c in list(classes) if classes is not None else list(range(n)):
         if isinstance(c, int) and not isinstance(c, bool) and 0 <= c < n:
             chosen.append(c)
         elif isinstance(c, str) and c in by_name:

@@ -630,3 +630,35 @@ def test_run_time_input_files_are_checked_in_the_preflight(tiny_dir, tmp_path, c
                                       f"hydra.sweep.dir={tmp_path / 'b'}"])
     assert "another vocabulary than the model (2 tokens differ" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors", "mlm"]
+
+
+def test_the_library_readers_take_one_path_as_one_path(tmp_path):
+    """ft.results.find_runs / expand / load_runs called directly: a str or Path is one folder."""
+    from ft.results import expand, find_runs, load_runs
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.yaml").write_text("x: 1\n")
+    assert find_runs(str(tmp_path)) == [tmp_path / "a"] == find_runs(tmp_path)
+    assert expand(str(tmp_path / "*")) == [tmp_path / "a"]
+    targets, runs = load_runs(str(tmp_path / "nothing-here"))
+    assert runs.empty and targets.empty
+
+
+def test_the_library_target_builders_refuse_an_empty_list(tiny):
+    """Called directly (not through the config schema): [] never means "sample"."""
+    from ft.errors import TargetError
+    from ft.sae import SAE
+    from ft.targets import neuron_targets, sae_targets, target_words
+    from ft.vocab import Vocabulary
+
+    with pytest.raises(TargetError, match="target.sites is an empty list"):
+        neuron_targets(tiny.model, sites=[])
+    with pytest.raises(TargetError, match="target.layers is an empty list"):
+        neuron_targets(tiny.model, layers=[], fraction=0.1)
+    with pytest.raises(TargetError, match="target.words is an empty list"):
+        target_words(Vocabulary.from_tokenizer(tiny.tokenizer), [], 3, 0)
+    H = tiny.model.config.hidden_size
+    sae = SAE(torch.zeros(H, 4), torch.zeros(4), torch.zeros(4, H), torch.zeros(H))
+    with pytest.raises(TargetError, match="target.latents is an empty list"):
+        sae_targets(tiny.model, sae, "layer.0.resid", latents=[])
+    assert len(neuron_targets(tiny.model, sites=None, fraction=0.1)) > 0  # None still samples
