@@ -238,12 +238,16 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
     targets = read_targets(run_dir).sort_values("target_id")
     if limit and limit < len(targets):  # spread evenly over the run (its layers, its words)
         targets = targets.iloc[[round(i * (len(targets) - 1) / max(limit - 1, 1)) for i in range(limit)]]
+    from ft.kept import kept
+
+    kept(run_dir, "model")  # a model folder changed since the run is refused (RunFileError), not scored
     encoder = load_encoder(cfg.model.name_or_path, bool(cfg.model.get("trust_remote_code", False)))
     tokens = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.vocab_size)))
     if (targets.kind == "logit").any():
         raise ConfigError(f"{run_dir} textualizes class logits: a sequence's score, not a token's; dataset examples "
                           "score token-level objectives (neurons, groups, terms, directions, heads, SAE latents)")
-    scorer = TargetScorer(encoder, readouts_of_table(encoder.model, targets, read_directions(run_dir)), batch_size)
+    scorer = TargetScorer(encoder, readouts_of_table(encoder.model, targets, read_directions(run_dir), run_dir=run_dir),
+                           batch_size)
     limit = type(encoder.arch).max_tokens(encoder.model.config)
     if limit is not None:  # the model's positions bound a sentence, with its two framing tokens
         max_tokens = min(max_tokens, limit - 2)

@@ -358,12 +358,20 @@ def readouts_of_table(model: torch.nn.Module, table, directions: DirectionSet | 
                 saes[row.sae_path] = load_sae(kept_sae or row.sae_path)
             sae = saes[row.sae_path]
             layer, point = parse_point(row.sites[0], model)
+            check_sae_fits(sae, model, point)
             out.append(sae.readout(layer, point, int(row.latent)))
         elif row.kind in ("terms", "direction", "head") and isinstance(spec, str):
             out.append(parse(spec, model, lookup))
         else:
             out.append(mean([Site.parse(s).check(model) for s in row.sites]))
     return out
+
+
+def check_sae_fits(sae: SAE, model: torch.nn.Module, point: str) -> None:
+    width = point_width(model, point)
+    if sae.d_in != width:
+        raise TargetError(f"target.path={sae.source!r}: the SAE reads d_in={sae.d_in}, {point} is {width} wide in this "
+                          f"model; valid: an SAE trained on {point} of this model")
 
 
 def sae_targets(model: torch.nn.Module, sae: SAE, site: str, latents: Sequence[int] | None = None,
@@ -374,10 +382,7 @@ def sae_targets(model: torch.nn.Module, sae: SAE, site: str, latents: Sequence[i
         layer, point = parse_point(site, model)
     except SiteError as e:
         raise TargetError(f"target.site: {e}") from None
-    width = point_width(model, point)
-    if sae.d_in != width:
-        raise TargetError(f"target.path={sae.source!r}: the SAE reads d_in={sae.d_in}, {point} is {width} wide in this "
-                          f"model; valid: an SAE trained on {point} of this model")
+    check_sae_fits(sae, model, point)
     refuse_empty("target.latents", latents)
     if latents is not None:
         bad = [i for i in latents if not 0 <= int(i) < sae.d_sae]

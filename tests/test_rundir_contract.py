@@ -428,6 +428,16 @@ def test_an_sae_run_keeps_its_sae_and_rebuilds_its_objectives_from_the_copy(tiny
     assert torch.allclose(kept_values, torch.tensor(df.objective.to_numpy(), dtype=torch.float32), rtol=1e-3)
     assert not torch.allclose(objectives(readouts_of_table(tiny.model, df)), kept_values, rtol=1e-3)
     assert kept(d, "sae") == d / "kept" / "sae" / "sae"
+    # ft.examples scores the kept SAE too: the original, now of another width, would be refused
+    from ft.errors import TargetError
+    from ft.examples import main as examples
+
+    random_sae(16, 16, seed=2).save(src)
+    with pytest.raises(TargetError, match="d_in=16"):
+        readouts_of_table(tiny.model, df)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. a dog ran in the park.\n")
+    assert examples([str(d), "--corpus", str(corpus), "--top-n", "1", "--substitutes", "0"]) == 0
 
 
 # -- ft.compare: stopped and resumed, re-run when finished --------------------------------------
