@@ -431,10 +431,18 @@ def undo(before: Before) -> None:
         remove_empty_up_to(root.parent, before.ancestor)
 
 
+class NothingToDo(SystemExit):
+    """A run with nothing to do (a finished run re-run): exit 0, and the run directory stays as it
+    was, byte for byte (Hydra's `.hydra/` files and the log included)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+
 @contextmanager
 def nothing_left_if_refused(argv: list[str], command: str = "train") -> Iterator[None]:
     """Around Hydra's main: a job that exits 2 (its own checks refused it after Hydra created its
-    run directory) leaves the output folder as it found it."""
+    run directory), or that had nothing to do (`NothingToDo`), leaves the output folder as it found it."""
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in MULTIRUN_FLAGS for f in flags):
         yield
@@ -447,7 +455,7 @@ def nothing_left_if_refused(argv: list[str], command: str = "train") -> Iterator
     try:
         yield
     except SystemExit as e:
-        if e.code == 2 and before is not None:
+        if (e.code == 2 or isinstance(e, NothingToDo)) and before is not None:
             try:
                 undo(before)
             except OSError as err:  # the refusal's own line stays the message

@@ -654,8 +654,13 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.run_name is None:
         with open_dict(cfg):
             cfg.run_name = run_name_from_overrides(cfg.experiment_name, list(hc.overrides.task))
+    from hydra.types import RunMode
+
+    from ft.preflight import NothingToDo
+
     try:
-        return optimized_value(cfg, run(cfg, hc.runtime.output_dir))
+        finished = finished_step(cfg, Path(hc.runtime.output_dir)) is not None
+        value = optimized_value(cfg, run(cfg, hc.runtime.output_dir))
     except FtError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -670,6 +675,9 @@ def main(cfg: DictConfig) -> float | None:
 
         print(f"error: {storage_line(e, hc.runtime.output_dir)}", file=sys.stderr)
         sys.exit(1)
+    if finished and hc.mode != RunMode.MULTIRUN:  # a finished run re-run: Hydra's own files put back too
+        raise NothingToDo()
+    return value
 
 
 def cli() -> None:
