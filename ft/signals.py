@@ -31,6 +31,38 @@ class Interrupted(Exception):  # noqa: N818 - what happened, not an error in the
         return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
 
 
+class PrepInterrupted(Interrupted):
+    """A signal before the first step (loading the model, building targets, sweeping the
+    vocabulary): no results and no checkpoint of this attempt exist; the same command starts again."""
+
+    def __init__(self, signum: int, what: str):
+        super().__init__(signum, 0, Path())
+        self.args = (f"{signal.Signals(signum).name} while {what}, before the first step (nothing to resume "
+                     "from yet; the same command starts it again)",)
+
+
+@contextmanager
+def stop_at_once(what: str):
+    """SIGTERM/SIGINT raise PrepInterrupted at once for the duration (work that writes no results:
+    stopping in the middle loses nothing). Inner handlers (the demo SAE's, the fit's) take over
+    while they are installed. Only the main thread may set handlers; elsewhere nothing changes."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise PrepInterrupted(signum, what)
+
+    previous = {s: signal.signal(s, stop) for s in HANDLED}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def save_atomically(trainer: pl.Trainer, path: Path, weights_only: bool = False) -> None:
     """trainer.save_checkpoint through `ft.results.atomic_write` on rank 0 (the rank that writes):
     a temporary name, flushed and renamed; a failed write names the checkpoint and the cause and

@@ -33,7 +33,7 @@ from ft.module import TextualizationModule, rows_for_budget
 from ft.preflight import preflight
 from ft.results import CONFIG, RunLock, atomic_write, read_config, read_summary, write_config, write_run
 from ft.schema import TARGET_KEYS, check_config, check_model
-from ft.signals import AtomicCheckpoint, Interrupted, StopOnSignal
+from ft.signals import AtomicCheckpoint, Interrupted, StopOnSignal, stop_at_once
 from ft.state import CheckpointRecord, FitEnded, FitResult
 from ft.strategy import choose_strategy, node_process_rank, shard_rows
 from ft.targets import (
@@ -545,12 +545,13 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         print(f"run already finished: {run_dir} ({done} steps); nothing to do")
         return read_summary(run_dir)
     pl.seed_everything(cfg.seed, verbose=False)
-    encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    check_model(cfg, encoder.model.config)
-    directions = load_directions(cfg.target.file) if cfg.target.get("file") else None
-    targets, facts = prepare_targets(cfg, encoder, directions)
-    module = build_module(cfg, encoder, targets, facts)
-    module.facts = facts
+    with stop_at_once("loading the model and building the targets"):  # a signal here: one line, 143/130
+        encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        check_model(cfg, encoder.model.config)
+        directions = load_directions(cfg.target.file) if cfg.target.get("file") else None
+        targets, facts = prepare_targets(cfg, encoder, directions)
+        module = build_module(cfg, encoder, targets, facts)
+        module.facts = facts
     node_rank = node_process_rank(cfg.trainer)
     if node_rank is not None:  # Lightning's rank-zero guards read this before the Trainer exists
         pl.utilities.rank_zero_only.rank = node_rank
