@@ -42,6 +42,7 @@ from omegaconf import DictConfig
 
 from ft.concepts import Concept, load_concept
 from ft.errors import ConfigError, FtError
+from ft.kept import fingerprint, keep, kept
 from ft.probe_ablation import ABLATION, ablation_sets, ablation_summary, ablation_table, find_mlm, masked_tokens
 from ft.sites import Site, SiteReader, num_layers, register_point_hook
 
@@ -188,6 +189,8 @@ def probe(cfg: DictConfig, run_dir: Path, encoder: object | None = None) -> dict
     check_probe_config(cfg)
     encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     check_probe_model(cfg, encoder.model.config)
+    concept_file = Path(str(cfg.concept)).expanduser()
+    digest = fingerprint(concept_file) if concept_file.is_file() else None  # what load_concept reads
     concept = load_concept(cfg.concept, encoder.tokenizer, cfg.seed)
     n_layers = num_layers(encoder.model)
     layers = list(range(n_layers)) if cfg.layers is None else [int(x) for x in cfg.layers]
@@ -226,6 +229,8 @@ def probe(cfg: DictConfig, run_dir: Path, encoder: object | None = None) -> dict
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     files |= {"config.yaml": lambda q: q.write_text(config_text),
               PROBE_SUMMARY: lambda q: q.write_text(json.dumps(summary, indent=1))}
+    if digest is not None:  # the run keeps the file it read (a copy changed since is refused: RunFileError)
+        keep(run_dir, "concept", concept_file, digest=digest)
     write_files(run_dir, files)
     log.info("probe accuracy %.3f, control %.3f, selectivity %.3f", real.accuracy, control.accuracy,
              summary["probe/selectivity"])
@@ -270,20 +275,25 @@ def ablate_probe(cfg: DictConfig, encoder: object, concept: Concept, layers: lis
     return ablation_table(sets, encoder.model, means, probe_accuracy, str(a.mode), mlm, data)
 
 
-def concept_words(run: str | Path, tokenizer: object) -> set[str]:
-    """The words of a probe run's concept that carry its concept label."""
+def concept_words(run: str | Path, tokenizer: object, reader: str | Path | None = None) -> set[str]:
+    """The words of a probe run's concept that carry its concept label. The concept file is the
+    kept copy (`ft.kept`) of the run `reader` (a run that textualized the probe's units), else of
+    the probe run; only runs from before ft kept inputs re-read the original path."""
     from ft.results import read_config
 
     cfg = read_config(run)
-    concept = load_concept(cfg.concept, tokenizer, cfg.seed)
+    copy = (kept(reader, "concept") if reader is not None else None) or kept(run, "concept")
+    concept = load_concept(str(copy) if copy is not None else cfg.concept, tokenizer, cfg.seed)
     label = concept_label(concept.flat_labels)
     return {w for w, lab in zip(concept.words, concept.flat_labels, strict=True) if lab == label}
 
 
-def concept_scores(df: pd.DataFrame, run: str | Path, tokenizer: object) -> dict[str, float]:
+def concept_scores(df: pd.DataFrame, run: str | Path, tokenizer: object,
+                   reader: str | Path | None = None) -> dict[str, float]:
     """Adds to `df` (a run's targets) the share of each target's closest words, its most
-    activating word and its searched text's tokens that are concept words; returns the means."""
-    words = concept_words(run, tokenizer)
+    activating word and its searched text's tokens that are concept words; returns the means.
+    `reader`: the textualizing run, whose kept concept file is read."""
+    words = concept_words(run, tokenizer, reader)
     df["concept_closest_share"] = [sum(w in words for w in ws) / max(len(ws), 1) for ws in df.closest_words]
     df["concept_maw"] = [w in words for w in df.most_activating_word]
     out = {"probe/closest_in_concept": float(df.concept_closest_share.mean()),

@@ -606,7 +606,7 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         if cfg.target.kind == "probe":  # how much of the textualization is the probe's concept
             from ft.probe import concept_scores
 
-            summary.update(concept_scores(df, cfg.target.run, encoder.tokenizer))
+            summary.update(concept_scores(df, cfg.target.run, encoder.tokenizer, run_dir))
         if cfg.target.kind == "clusters":  # the clustering's own quality over its corpus
             summary |= {"clusters/count": len(targets), "clusters/within_corr": targets[0].meta["cluster_within"],
                         "clusters/between_corr": targets[0].meta["cluster_between"]}

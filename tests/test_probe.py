@@ -221,3 +221,25 @@ def test_bad_ablation_settings_are_refused(tiny, tmp_path):
         with pytest.raises(ConfigError, match=message):
             probe(probe_cfg(path, extra), tmp_path / "bad", enc)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_probe_run_keeps_its_concept_file_and_reads_the_copy(tiny, tmp_path):
+    """The concept file edited after the probe run: the run's concept words come from its kept
+    copy; an altered copy is refused by name."""
+    from ft.integrity import RunFileError
+    from ft.kept import kept
+    from ft.probe import concept_words, probe
+
+    enc = planted_encoder(tiny)
+    labels = [(w, "1") for w in ANIMALS] + [(w, "0") for w in OTHERS[:9]]
+    path = concept_file(tmp_path, labels)
+    probe(probe_cfg(path, "ablate.top=0"), tmp_path / "probe", enc)
+    words = concept_words(tmp_path / "probe", tiny.tokenizer)
+    assert words == set(ANIMALS)
+    open(path, "w").write("word,label\n" + "".join(f"{w},1\n" for w in OTHERS[:9]) + f"{ANIMALS[0]},0\n")
+    assert concept_words(tmp_path / "probe", tiny.tokenizer) == words  # the copy, not the edited file
+    copy = kept(tmp_path / "probe", "concept")
+    assert copy is not None and copy.read_text().startswith("word,label")
+    copy.write_text(copy.read_text() + "zebra,1\n")
+    with pytest.raises(RunFileError, match="was altered"):
+        concept_words(tmp_path / "probe", tiny.tokenizer)
