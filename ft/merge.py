@@ -12,7 +12,9 @@ different steps.
 
 The shards must be the same run: every config key but `target.shard` (and run_name, ckpt_path,
 log_level) equal. A missing shard is named with the command that completes it; a shard that did
-not finish is named by its directory (running its command again resumes it).
+not finish is named by its directory (running its command again resumes it). The input files
+the shards kept (`kept/`: an SAE, a directions file, a concept file, the model's fingerprint) are
+kept once in the merged run; shards that read different contents are refused.
 """
 
 from __future__ import annotations
@@ -132,6 +134,25 @@ def check_out(dirs: list[Path], out: Path) -> None:
     writable_place(out, "-o", "a new or empty folder where you can write", folder=True)
 
 
+def keep_shard_inputs(shards: list[Path], out: Path) -> None:
+    """The inputs the shards kept (`ft.kept`: SAE, directions, concept, the model's fingerprint),
+    kept once in the merged run. Shards that read different contents are not one run."""
+    from ft.kept import index, keep, kept
+
+    first = index(shards[0])
+    for d in shards[1:]:
+        other = index(d)
+        for role in sorted(set(first) | set(other)):
+            a, b = first.get(role, {}).get("sha256"), other.get(role, {}).get("sha256")
+            if a != b:
+                raise ShardError(f"{d} read another {role} than {shards[0]} (sha256 {str(b)[:12]} != {str(a)[:12]}); "
+                                 "valid: shards of one run, made from the same input files")
+    for role, entry in first.items():
+        path = kept(shards[0], role)  # verified against its record (RunFileError when altered)
+        if path is not None:
+            keep(out, role, path, digest=entry["sha256"])
+
+
 def merge(dirs: list[Path], out: Path) -> Path:
     """Join the shards `dirs` (any order) into the run directory `out`."""
     check_out(dirs, out)
@@ -164,6 +185,7 @@ def merge(dirs: list[Path], out: Path) -> Path:
     curve = pd.concat(curves, ignore_index=True).sort_values(["step", "target_id"]) if curves else None
     frontier = pd.concat(frontiers, ignore_index=True) if frontiers else None
     directions = read_directions(shards[0])
+    keep_shard_inputs(shards, out)
     write_run(out, OmegaConf.create(OmegaConf.to_container(cfg)), df, merged, summary, curve, directions, frontier)
     return out
 

@@ -71,3 +71,31 @@ def test_a_missing_or_unfinished_shard_is_named(shards, tmp_path, capsys):
     assert not (tmp_path / "m2").exists()
     with pytest.raises(ShardError, match="is not a shard of the same run"):
         merge([dirs[0], dirs[1], shards / "whole"], tmp_path / "m3")
+
+
+def test_merged_shards_keep_their_inputs_once_and_shards_of_other_inputs_are_refused(tiny, tiny_dir, tmp_path):
+    """In-process shards of an SAE run: the merged run holds the SAE the shards kept, so its
+    objectives rebuild after the original changed; a shard made from another SAE is refused."""
+    from ft.kept import index, kept
+    from ft.train import run
+    from tests.test_units import random_sae
+
+    H = tiny.model.config.hidden_size
+    src = tmp_path / "sae"
+    random_sae(H, 8, seed=0).save(src)
+    base = [f"model.name_or_path={tiny_dir}", "target=sae", f"target.path={src}", "target.site=layer.1.resid",
+            "target.latents=[0,3,5]", "trainer.max_steps=3", "trainer.accelerator=cpu", "logger.wandb.mode=disabled",
+            "+trainer.enable_progress_bar=false", "target.num_shards=2"]
+    for i in range(2):
+        run(compose_cfg([*base, f"target.shard={i}"]), tmp_path / f"s{i}", tiny)
+    merge([tmp_path / "s0", tmp_path / "s1"], tmp_path / "merged")
+    assert {r: e["sha256"] for r, e in index(tmp_path / "merged").items()} == \
+        {r: e["sha256"] for r, e in index(tmp_path / "s0").items()}
+    assert {"sae", "model"} <= set(index(tmp_path / "merged"))
+    copy = kept(tmp_path / "merged", "sae")
+    assert copy is not None and copy.is_relative_to(tmp_path / "merged")
+    random_sae(H, 8, seed=1).save(src)  # the original changes; shard 1 made again from it
+    shutil.rmtree(tmp_path / "s1")
+    run(compose_cfg([*base, "target.shard=1"]), tmp_path / "s1", tiny)
+    with pytest.raises(ShardError, match="read another sae"):
+        merge([tmp_path / "s0", tmp_path / "s1"], tmp_path / "m2")
