@@ -186,26 +186,27 @@ def build_fluency(spec: str | None, encoder: object, vocab: object, model_path: 
                            Path(spec).name)
 
 
-def check_same_vocabulary(spec: str, tokenizer: object, trust_remote_code: bool = False) -> None:
+def check_same_vocabulary(spec: str, tokenizer: object, trust_remote_code: bool = False,
+                          key: str = "search.fluency_model") -> None:
     """The masked LM at `spec` reads ids with the analysed model's vocabulary: the same token for
     every id (a vocabulary of the same size but another order would score other words)."""
     from transformers import AutoTokenizer
 
     valid = "valid: a masked-LM directory saved with its tokenizer (tokenizer.json, vocab.txt, ...)"
     if not any((Path(spec) / f).is_file() for f in TOKENIZER_FILES):
-        raise ConfigError(f"search.fluency_model={spec!r} has no readable tokenizer (none of "
+        raise ConfigError(f"{key}={spec!r} has no readable tokenizer (none of "
                           f"{', '.join(TOKENIZER_FILES)}); {valid}")
     try:
         other = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise ConfigError(f"search.fluency_model={spec!r} has no readable tokenizer ({type(e).__name__}); "
+        raise ConfigError(f"{key}={spec!r} has no readable tokenizer ({type(e).__name__}); "
                           f"{valid}") from None
     mine, theirs = tokenizer.get_vocab(), other.get_vocab()
     if mine == theirs:
         return
     differ = sorted(t for t in mine.keys() | theirs.keys() if mine.get(t) != theirs.get(t))
     t = min(differ, key=lambda t: (mine.get(t, len(mine)), t))
-    raise ConfigError(f"search.fluency_model={spec!r} has another vocabulary than the model ({len(differ)} tokens "
+    raise ConfigError(f"{key}={spec!r} has another vocabulary than the model ({len(differ)} tokens "
                       f"differ, e.g. {t!r} is id {mine.get(t)} in the model and {theirs.get(t)} there); "
                       "valid: a masked LM of the same vocabulary")
 

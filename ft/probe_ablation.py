@@ -150,7 +150,7 @@ def find_mlm(spec: str | None, encoder: object, model_path: str, trust_remote_co
     from pathlib import Path
 
     from ft.encoder import resolve
-    from ft.fluency import masked_lm_of
+    from ft.fluency import check_same_vocabulary, masked_lm_of
 
     spec = str(spec or "auto")
     if spec == "none":
@@ -164,6 +164,7 @@ def find_mlm(spec: str | None, encoder: object, model_path: str, trust_remote_co
     else:
         if not Path(spec).is_dir():
             raise ConfigError(f"ablate.mlm={spec!r}: no such directory; valid: auto, none, or a masked-LM directory")
+        check_same_vocabulary(spec, encoder.tokenizer, trust_remote_code, key="ablate.mlm")  # not scored by id alone
         mlm = masked_lm_of(spec, trust_remote_code)
         if mlm is None:
             raise ConfigError(f"ablate.mlm={spec!r} has no masked-LM head weights; valid: auto, none, or a "

@@ -51,6 +51,14 @@ def test_a_fluency_model_of_the_same_size_but_another_vocabulary_is_refused(tiny
         build_fluency(str(save_mlm(tmp_path / "bare", None)), tiny, _vocab(tiny), str(tiny_dir))
     same = build_fluency(str(save_mlm(tmp_path / "same", VOCAB)), tiny, _vocab(tiny), str(tiny_dir))
     assert same.name == "mlm-pll:same"
+    # the probe ablation's masked LM (ablate.mlm=DIR) is held to the same rule
+    from ft.probe_ablation import find_mlm
+
+    with pytest.raises(ConfigError, match=r"ablate.mlm=.* another vocabulary than the model \(2 tokens differ"):
+        find_mlm(str(tmp_path / "swapped"), tiny, str(tiny_dir))
+    with pytest.raises(ConfigError, match=r"ablate.mlm=.* has no readable tokenizer"):
+        find_mlm(str(tmp_path / "bare"), tiny, str(tiny_dir))
+    assert find_mlm(str(tmp_path / "same"), tiny, str(tiny_dir)) is not None
 
 
 def test_load_runs_reads_a_string_as_one_path_not_its_characters(tmp_path, monkeypatch):
