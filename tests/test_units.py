@@ -230,7 +230,8 @@ def test_a_class_logit_is_the_checkpoints_own_logit(classifier_dir, tmp_path):
                        "logger.wandb.mode=disabled"])
     run(cfg, tmp_path / "run")
     df, inputs = read_targets(tmp_path / "run"), read_inputs(tmp_path / "run")
-    assert list(df.kind) == ["logit", "logit"] and list(df.target_class) == [1, 0] and list(df.class_label) == ["pos", "neg"] and list(df.label) == ["logit.1 (pos)", "logit.0 (neg)"]
+    assert list(df.kind) == ["logit", "logit"] and list(df.target_class) == [1, 0]
+    assert list(df.class_label) == ["pos", "neg"] and list(df.label) == ["logit.1 (pos)", "logit.0 (neg)"]
     clf = BertForSequenceClassification.from_pretrained(classifier_dir).eval()
     enc = load_encoder(str(classifier_dir))
     vocab = Vocabulary.from_tokenizer(enc.tokenizer)
