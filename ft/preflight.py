@@ -18,6 +18,7 @@ import functools
 import itertools
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -308,6 +309,7 @@ class Before:
     ancestor: Path  # the nearest folder that existed (empty folders are removed up to it)
     multirun: bool = False  # the root is a sweep folder: earlier jobs' run directories in it stay
     keys: frozenset[str] = frozenset()  # the job overrides' keys: a new folder is this command's if its match
+    since_ns: int = 0  # when this was taken: a file of the run's own written after it is work, never undone
 
 
 def output_root(overrides: list[str], command: str, multirun: bool) -> tuple[Path, bool]:
@@ -354,7 +356,8 @@ def take(overrides: list[str], command: str, multirun: bool) -> Before:
                 kept[p] = p.read_bytes()
     ancestor = next(d for d in [root, *root.parents] if d.exists())
     dirs = set() if given and not multirun else folders(root)
-    return Before(root, given, existed, dirs, entries, kept, ancestor, multirun, override_keys(overrides))
+    return Before(root, given, existed, dirs, entries, kept, ancestor, multirun, override_keys(overrides),
+                  time.time_ns())
 
 
 def override_keys(overrides: list[str]) -> frozenset[str]:
@@ -397,13 +400,24 @@ def remove_empty_up_to(folder: Path, stop: Path) -> None:
             return
 
 
+def run_files_written(root: Path, since_ns: int) -> bool:
+    """Anything but Hydra's own files written under `root` since `since_ns`: results, a checkpoint,
+    kept inputs (this job's work before a late refusal, or a concurrent job's)."""
+    return any(p.is_file() and not p.is_symlink() and not hydra_file(p, root) and p.stat().st_mtime_ns >= since_ns
+               for p in root.rglob("*"))
+
+
 def undo(before: Before) -> None:
     """Put the output root back as it was before a refused job: a run directory given restores
     Hydra's files and drops what the job added; otherwise a new folder holding only Hydra's files
-    (the refused job's run directory) is removed."""
+    (the refused job's run directory) is removed. A run directory where run files were written
+    since (a refusal after the fit, such as an unknown `optimized_metric`; another job's results)
+    is left as it is: undoing never removes work."""
     import shutil
 
     root = before.root
+    if before.given and not before.multirun and root.is_dir() and run_files_written(root, before.since_ns):
+        return
     if before.given and before.existed:
         for p in [] if before.multirun else root.iterdir():  # a sweep's new job folders: below
             if p.name not in before.entries:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -670,3 +671,31 @@ def test_the_library_target_builders_refuse_an_empty_list(tiny):
     with pytest.raises(TargetError, match="target.latents is an empty list"):
         sae_targets(tiny.model, sae, "layer.0.resid", latents=[])
     assert len(neuron_targets(tiny.model, sites=None, fraction=0.1)) > 0  # None still samples
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_undoing_a_refusal_never_removes_run_files_written_since(tmp_path, existed):
+    """A refusal that comes after the run wrote results (an unknown optimized_metric is only found
+    after the fit) or while another job writes there: its run directory stays; a refusal that left
+    only Hydra's files is undone."""
+    from ft.preflight import take, undo
+
+    d = tmp_path / "run"
+    if existed:
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text("- a=1\n")
+    before = take([f"hydra.run.dir={d}"], "train", False)
+    (d / ".hydra").mkdir(parents=True, exist_ok=True)
+    (d / ".hydra" / "overrides.yaml").write_text("- a=2\n")
+    (d / "train.log").write_text("log\n")
+    (d / "checkpoints").mkdir()
+    (d / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    (d / "targets.parquet").write_bytes(b"results")
+    undo(before)
+    assert (d / "targets.parquet").read_bytes() == b"results" and (d / "checkpoints" / "last.ckpt").exists()
+    (d / "targets.parquet").unlink()
+    shutil.rmtree(d / "checkpoints")
+    before = take([f"hydra.run.dir={d}"], "train", False)  # now: Hydra's files only
+    (d / ".hydra" / "overrides.yaml").write_text("- a=3\n")
+    undo(before)
+    assert (d / ".hydra" / "overrides.yaml").read_text() == "- a=2\n"  # put back as it was
