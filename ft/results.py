@@ -73,15 +73,22 @@ def _discard(path: Path) -> None:
         pass
 
 
-def write_config(run_dir: Path, cfg: DictConfig) -> None:
-    """config.yaml; in a run directory with results (a resumed run), committed with its manifest
-    entry as one set, so the record never disagrees with the file."""
+def write_config(run_dir: Path, cfg: DictConfig, fresh: bool = False) -> None:
+    """config.yaml; in a run directory with results, committed with its manifest entry as one set,
+    so the record never disagrees with the file. A resumed run keeps the results the manifest
+    lists; a `fresh` start (ckpt_path=none, or nothing to resume from) retires them: its manifest
+    lists the config alone and the old result files go, so nothing reads results of other settings
+    beside this config (until this run commits its own)."""
     text = OmegaConf.to_yaml(cfg, resolve=True)
     run_dir = Path(run_dir)
-    if read_manifest(run_dir) is None:
+    old = read_manifest(run_dir)
+    if old is None:
         atomic_write(run_dir / CONFIG, lambda p: p.write_text(text))
-    else:
-        write_files(run_dir, {CONFIG: lambda p: p.write_text(text)}, merge=True)
+        return
+    write_files(run_dir, {CONFIG: lambda p: p.write_text(text)}, merge=not fresh)
+    if fresh:
+        for name in set(old) - {CONFIG}:
+            (run_dir / name).unlink(missing_ok=True)
 
 
 RESULT_FILES = (CONFIG, CURVES, INPUTS, TARGETS, SUMMARY)

@@ -31,7 +31,7 @@ from ft.kept import fingerprint
 from ft.metrics import VocabFacts, evaluate, summarize, target_word_rows
 from ft.module import TextualizationModule, rows_for_budget
 from ft.preflight import preflight
-from ft.results import CONFIG, RunLock, atomic_write, read_config, read_summary, write_config, write_run
+from ft.results import CONFIG, TARGETS, RunLock, atomic_write, read_config, read_summary, write_config, write_run
 from ft.schema import TARGET_KEYS, check_config, check_model
 from ft.signals import AtomicCheckpoint, Interrupted, StopOnSignal, stop_at_once
 from ft.state import CheckpointRecord, FitEnded, FitResult
@@ -409,7 +409,7 @@ def finished_step(cfg: DictConfig, run_dir: Path) -> int | None:
         return None
     try:
         files = read_manifest(run_dir)
-        if files is None:
+        if files is None or TARGETS not in files:  # no results, or retired by a start-over
             return None
         for name in files:
             verify(run_dir, name)
@@ -558,7 +558,10 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     rank0 = pl.utilities.rank_zero_only.rank == 0
     with RunLock(run_dir) if rank0 else nullcontext():
         if rank0:
-            write_config(run_dir, cfg)
+            write_config(run_dir, cfg, fresh=resume_from is None)
+            if resume_from is None:  # a start over: an earlier attempt's checkpoints are of other settings
+                for old in (run_dir / "checkpoints").glob("*.ckpt"):
+                    old.unlink()
             kept_inputs = keep_inputs(run_dir, cfg, sources, digests, targets, fresh=resume_from is None)
             if resume_entry:
                 record_resume(run_dir, resume_entry)

@@ -592,3 +592,37 @@ def test_a_signal_while_the_targets_are_built_stops_in_one_line_with_nothing_wri
     assert e.value.exit_code == 128 + getattr(signal, signum)
     assert not (tmp_path / "run" / "targets.parquet").exists() and not (tmp_path / "run" / "checkpoints").exists()
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers are given back
+
+
+def test_a_start_over_retires_the_old_results_so_no_reader_mixes_them_with_its_config(tiny, tiny_dir, tmp_path,
+                                                                                       monkeypatch):
+    """A finished run started over with other settings (ckpt_path=none) and stopped before its
+    first commit: the directory no longer offers the old targets beside the new config, the same
+    command is not taken for finished, and running it again completes the new run."""
+    import ft.train
+    from ft.integrity import RunFileError
+    from ft.results import read_config, read_targets
+    from ft.train import finished_step, run
+    from tests.test_train import compose_cfg
+
+    base = [f"model.name_or_path={tiny_dir}", "trainer.max_steps=3", "logger.wandb.mode=disabled",
+            "+trainer.enable_progress_bar=false"]
+    d = tmp_path / "run"
+    run(compose_cfg([*base, "target.sites=[layer.0.ffn_out.1]"]), d, tiny)
+    assert [list(s) for s in read_targets(d).sites] == [["layer.0.ffn_out.1"]]
+    other = compose_cfg([*base, "target.sites=[layer.0.ffn_out.2]", "ckpt_path=none"])
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # the start-over dies after its config, before its first step
+
+    monkeypatch.setattr(ft.train, "build_loggers", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run(other, d, tiny)
+    monkeypatch.undo()
+    assert list(read_config(d).target.sites) == ["layer.0.ffn_out.2"]
+    with pytest.raises(RunFileError):
+        read_targets(d)  # not the old targets under the new config
+    again = compose_cfg([*base, "target.sites=[layer.0.ffn_out.2]"])
+    assert finished_step(again, d) is None
+    run(again, d, tiny)
+    assert [list(s) for s in read_targets(d).sites] == [["layer.0.ffn_out.2"]]
