@@ -458,7 +458,14 @@ def input_sources(cfg: DictConfig) -> dict[str, Path]:
 
 
 def probe_concept(probe_run: Path) -> Path | None:
-    """The concept file of an ft.probe run (None for a builtin concept or an unreadable run)."""
+    """The concept file of an ft.probe run: its kept copy (verified; the file it read), or for a
+    probe run from before ft kept inputs the path in its config (None for a builtin concept or an
+    unreadable run)."""
+    from ft.kept import kept
+
+    copy = kept(probe_run, "concept") if (probe_run / CONFIG).is_file() else None
+    if copy is not None:
+        return copy
     try:
         concept = OmegaConf.load(probe_run / CONFIG).get("concept")
     except Exception:  # no run there, or not YAML: probe_targets names the problem

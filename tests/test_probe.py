@@ -223,7 +223,7 @@ def test_bad_ablation_settings_are_refused(tiny, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
-def test_a_probe_run_keeps_its_concept_file_and_reads_the_copy(tiny, tmp_path):
+def test_a_probe_run_keeps_its_concept_file_and_reads_the_copy(tiny, tiny_dir, tmp_path):
     """The concept file edited after the probe run: the run's concept words come from its kept
     copy; an altered copy is refused by name."""
     from ft.integrity import RunFileError
@@ -243,3 +243,15 @@ def test_a_probe_run_keeps_its_concept_file_and_reads_the_copy(tiny, tmp_path):
     copy.write_text(copy.read_text() + "zebra,1\n")
     with pytest.raises(RunFileError, match="was altered"):
         concept_words(tmp_path / "probe", tiny.tokenizer)
+    copy.write_text(copy.read_text().removesuffix("zebra,1\n"))
+    # a run textualizing the probe's units keeps (and scores with) the probe's copy, not the edited file
+    from ft.kept import fingerprint
+    from ft.train import run
+    from tests.test_train import compose_cfg
+
+    cfg = compose_cfg([f"model.name_or_path={tiny_dir}", "target=probe", f"target.run={tmp_path / 'probe'}",
+                       "target.k=3", "trainer.max_steps=2", "trainer.accelerator=cpu", "logger.wandb.mode=disabled",
+                       "+trainer.enable_progress_bar=false"])
+    run(cfg, tmp_path / "run", enc)
+    assert fingerprint(kept(tmp_path / "run", "concept")) == fingerprint(copy)
+    assert concept_words(tmp_path / "probe", tiny.tokenizer, tmp_path / "run") == words

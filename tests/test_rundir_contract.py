@@ -487,7 +487,7 @@ def test_compare_stopped_by_sigterm_exits_143_resumes_and_a_finished_one_changes
 
 
 def test_a_probe_target_run_keeps_the_probe_table_and_its_concept_file(tiny, tiny_dir, tmp_path):
-    from ft.errors import ConfigError
+    from ft.integrity import RunFileError
     from ft.probe import probe
     from ft.train import run
     from tests.test_probe import ANIMALS, OTHERS, concept_file, planted_encoder, probe_cfg
@@ -508,10 +508,14 @@ def test_a_probe_target_run_keeps_the_probe_table_and_its_concept_file(tiny, tin
     run(cfg(5), d, enc)
     assert kept(d, "concept").read_text() == text
     assert kept(d, "probe").read_bytes() == (tmp_path / "probe" / "probe.parquet").read_bytes()
-    concept.write_text(text.replace("cat,1", "cat,0"))  # the concept relabelled after the run
+    concept.write_text(text.replace("cat,1", "cat,0"))  # the concept relabelled after the runs
     assert kept(d, "concept").read_text() == text
-    with pytest.raises(ConfigError, match=f"concept {concept} is not the one that run started with"):
-        run(cfg(10), d, enc)
+    run(cfg(10), d, enc)  # resumes: the concept it reads is the probe run's kept copy, as before
+    assert kept(d, "concept").read_text() == text
+    probe_copy = kept(tmp_path / "probe", "concept")
+    probe_copy.write_text(text.replace("cat,1", "cat,0"))  # the probe run's own copy altered
+    with pytest.raises(RunFileError, match="was altered"):
+        run(cfg(15), d, enc)
 
 
 # -- the process boundary: exit codes and what is printed ----------------------------------------
