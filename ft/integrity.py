@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import socket
 from pathlib import Path
 
 from ft.errors import FtError
@@ -163,7 +164,7 @@ def commit(run_dir: Path, staged: dict[str, Path], merge: bool = False, record: 
     _fsync(manifest_tmp)
     moves = {name: {"tmp": tmp.name, **entries[name]} for name, tmp in staged.items()}
     moves[MANIFEST] = {"tmp": manifest_tmp.name, **manifest_entry(manifest_tmp)}
-    journal = {"version": 1, "pid": os.getpid(), "files": moves,
+    journal = {"version": 1, "pid": os.getpid(), "host": socket.gethostname(), "files": moves,
                "remove": [] if merge else sorted(set(old) - set(entries))}
     journal_tmp = temp_name(run_dir / COMMIT)
     journal_tmp.write_text(json.dumps(journal, indent=1))
@@ -199,10 +200,13 @@ def finish_commit(run_dir: Path) -> None:
         return
     try:
         journal = json.loads(path.read_text())
-        pid = int(journal["pid"])
+        pid, host = int(journal["pid"]), str(journal.get("host", socket.gethostname()))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RunFileError(f"{path} is damaged ({type(e).__name__}): the run's results cannot be trusted; rerun it") \
             from None
+    if host != socket.gethostname():  # a shared file system: whether that writer still runs is not knowable here
+        raise RunFileError(f"{run_dir} is being committed by process {pid} on {host} ({COMMIT}); read it there, or "
+                           f"here once that process has ended (any read on {host} completes the commit)")
     if pid != os.getpid() and pid_alive(pid):
         raise RunFileError(f"{run_dir} is being written by process {pid} ({COMMIT}); read it when that ends")
     try:

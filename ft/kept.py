@@ -27,7 +27,9 @@ from ft.integrity import RunFileError, pid_alive, sha256_file, storage_error
 
 KEPT = "kept"
 INDEX = "index.json"
-HASH_ONLY = frozenset({"model", "fluency_model"})  # recorded by fingerprint, not copied (hundreds of MB)
+# recorded by fingerprint, not copied: models (hundreds of MB) and corpora (a dataset folder per run
+# and sweep job would be too much); read only while the run runs, so resume compares their contents
+HASH_ONLY = frozenset({"model", "fluency_model", "corpus", "fluency_corpus"})
 _ROLE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _STAGE = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")
 

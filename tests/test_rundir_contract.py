@@ -182,6 +182,12 @@ def test_a_commit_whose_writer_still_runs_is_refused_by_name(tmp_path):
     (tmp_path / "commit.json").write_text(json.dumps({"version": 1, "pid": 1, "files": {}, "remove": []}))
     with pytest.raises(RunFileError, match="being written by process 1"):
         read_manifest(tmp_path)
+    # a writer on another host of a shared file system: never rolled forward from here, even when
+    # its pid means nothing (or something else) on this host
+    (tmp_path / "commit.json").write_text(json.dumps({"version": 1, "pid": 2**22 + 7, "host": "elsewhere-node",
+                                                       "files": {}, "remove": []}))
+    with pytest.raises(RunFileError, match="by process 4194311 on elsewhere-node"):
+        read_manifest(tmp_path)
 
 
 def test_a_commit_whose_staged_file_is_gone_is_refused_not_read_as_a_mix(tmp_path):
