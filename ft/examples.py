@@ -238,10 +238,11 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
     targets = read_targets(run_dir).sort_values("target_id")
     if limit and limit < len(targets):  # spread evenly over the run (its layers, its words)
         targets = targets.iloc[[round(i * (len(targets) - 1) / max(limit - 1, 1)) for i in range(limit)]]
-    from ft.kept import kept
+    from ft.kept import model_to_load
 
-    kept(run_dir, "model")  # a model folder changed since the run is refused (RunFileError), not scored
-    encoder = load_encoder(cfg.model.name_or_path, bool(cfg.model.get("trust_remote_code", False)))
+    # the folder the run read, verified (a model changed since is refused), found from any directory
+    encoder = load_encoder(model_to_load(run_dir, cfg.model.name_or_path),
+                           bool(cfg.model.get("trust_remote_code", False)))
     tokens = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.vocab_size)))
     if (targets.kind == "logit").any():
         raise ConfigError(f"{run_dir} textualizes class logits: a sequence's score, not a token's; dataset examples "

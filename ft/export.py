@@ -487,8 +487,10 @@ def run_entries(run_dir: Path, name: str, corpus: str, top_n: int, max_sentences
         raise ConfigError(f"{run_dir}: class-logit targets have no per-token activations; valid: runs of "
                           "units (neurons, groups, terms, directions, SAE latents)")
     table, saes = with_sae_copies(run_dir, targets)
-    kept_input(run_dir, "model")  # a model folder changed since the run is refused, not read
-    encoder = load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    from ft.kept import model_to_load
+
+    # the folder the run read, verified (a model changed since is refused), found from any directory
+    encoder = load_encoder(model_to_load(run_dir, cfg.model.name_or_path), cfg.model.trust_remote_code)
     scorer = TargetScorer(encoder, readouts_of_table(encoder.model, table, read_directions(run_dir)))
     longest = type(encoder.arch).max_tokens(encoder.model.config)  # with its two framing tokens
     prompt_tokens = 64 if longest is None else min(64, longest - 2)

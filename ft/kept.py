@@ -192,3 +192,13 @@ def changed_inputs(recorded: dict[str, dict], current: dict[str, Path]) -> list[
         if now != entry.get("sha256"):
             out.append((role, Path(path), str(entry.get("sha256")), now))
     return out
+
+
+def model_to_load(run_dir: str | Path, name_or_path: str) -> str:
+    """What a later reader loads for the run's `model.name_or_path`: the model folder the run read
+    (verified: RunFileError when it changed since), by its recorded absolute path when the config
+    gives a relative one (another working directory would find another folder); else the name."""
+    path = kept(run_dir, "model")
+    relative = not str(name_or_path).startswith(("packaged:", "hf:")) and not Path(str(name_or_path)).expanduser(
+    ).is_absolute()
+    return str(path) if path is not None and relative else str(name_or_path)

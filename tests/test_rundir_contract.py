@@ -636,3 +636,25 @@ def test_a_start_over_retires_the_old_results_so_no_reader_mixes_them_with_its_c
     assert finished_step(again, d) is None
     run(again, d, tiny)
     assert [list(s) for s in read_targets(d).sites] == [["layer.0.ffn_out.2"]]
+
+
+def test_readers_load_the_model_folder_the_run_read_from_any_working_directory(tiny_dir, tmp_path, monkeypatch):
+    """A run made with a relative model.name_or_path: ft.examples, started from another directory
+    (where that relative path names nothing, or another model), scores with the folder the run
+    read, checked against its fingerprint."""
+    from ft.examples import main as examples
+    from ft.kept import model_to_load
+    from ft.train import run
+    from tests.test_train import compose_cfg
+
+    monkeypatch.chdir(tiny_dir.parent)
+    d = tmp_path / "run"
+    run(compose_cfg([f"model.name_or_path={tiny_dir.name}", "trainer.max_steps=2", "target.per_layer=1",
+                     "logger.wandb.mode=disabled", "+trainer.enable_progress_bar=false"]), d)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / tiny_dir.name).mkdir(parents=True)  # another folder of that name: not a model
+    monkeypatch.chdir(elsewhere)
+    assert model_to_load(d, tiny_dir.name) == str(tiny_dir.resolve())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. a dog ran in the park.\n")
+    assert examples([str(d), "--corpus", str(corpus), "--top-n", "1", "--substitutes", "0"]) == 0
