@@ -33,12 +33,13 @@ class Interrupted(Exception):  # noqa: N818 - what happened, not an error in the
 
 class PrepInterrupted(Interrupted):
     """A signal before the first step (loading the model, building targets, sweeping the
-    vocabulary): no results and no checkpoint of this attempt exist; the same command starts again."""
+    vocabulary, starting the loggers): no results or checkpoint of this attempt exist; the same
+    command runs it again (resuming an earlier checkpoint where there is one)."""
 
     def __init__(self, signum: int, what: str):
         super().__init__(signum, 0, Path())
-        self.args = (f"{signal.Signals(signum).name} while {what}, before the first step (nothing to resume "
-                     "from yet; the same command starts it again)",)
+        self.args = (f"{signal.Signals(signum).name} while {what}, before the first step (the same command "
+                     "runs it again)",)
 
 
 @contextmanager

@@ -564,31 +564,32 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         pl.utilities.rank_zero_only.rank = node_rank
     rank0 = pl.utilities.rank_zero_only.rank == 0
     with RunLock(run_dir) if rank0 else nullcontext():
-        if rank0:
-            write_config(run_dir, cfg, fresh=resume_from is None)
-            if resume_from is None:  # a start over: an earlier attempt's checkpoints are of other settings
-                for old in (run_dir / "checkpoints").glob("*.ckpt"):
-                    old.unlink()
-            kept_inputs = keep_inputs(run_dir, cfg, sources, digests, targets, fresh=resume_from is None)
-            if resume_entry:
-                record_resume(run_dir, resume_entry)
-        loggers = build_loggers(cfg, run_dir, cfg.run_name or cfg.experiment_name)
-        # the control first: a step's rows are decided before any other callback (a checkpoint) sees it
-        callbacks = [module.control, *(instantiate(c) for c in cfg.callbacks.values() if c is not None)]
-        callbacks.append(CheckpointRecord(OmegaConf.to_container(cfg, resolve=True),
-                                          kept_inputs if rank0 else {}, made_by(cfg)))
-        callbacks.append(AtomicCheckpoint(
-            dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-            every_n_train_steps=cfg.engine.checkpoint_every_n_steps,
-        ))
-        stop, ended = StopOnSignal(run_dir / "checkpoints" / "last.ckpt"), FitEnded()
-        callbacks += [stop, ended]
-        if cfg.trainer.get("enable_progress_bar", True):
-            callbacks.append(StepProgress())
-        trainer: pl.Trainer = instantiate(
-            cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
-            strategy=choose_strategy(cfg.trainer),
-        )
+        with stop_at_once("starting the run"):  # the config, kept inputs, loggers: a signal stops here at once
+            if rank0:
+                write_config(run_dir, cfg, fresh=resume_from is None)
+                if resume_from is None:  # a start over: an earlier attempt's checkpoints are of other settings
+                    for old in (run_dir / "checkpoints").glob("*.ckpt"):
+                        old.unlink()
+                kept_inputs = keep_inputs(run_dir, cfg, sources, digests, targets, fresh=resume_from is None)
+                if resume_entry:
+                    record_resume(run_dir, resume_entry)
+            loggers = build_loggers(cfg, run_dir, cfg.run_name or cfg.experiment_name)
+            # the control first: a step's rows are decided before any other callback (a checkpoint) sees it
+            callbacks = [module.control, *(instantiate(c) for c in cfg.callbacks.values() if c is not None)]
+            callbacks.append(CheckpointRecord(OmegaConf.to_container(cfg, resolve=True),
+                                              kept_inputs if rank0 else {}, made_by(cfg)))
+            callbacks.append(AtomicCheckpoint(
+                dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                every_n_train_steps=cfg.engine.checkpoint_every_n_steps,
+            ))
+            stop, ended = StopOnSignal(run_dir / "checkpoints" / "last.ckpt"), FitEnded()
+            callbacks += [stop, ended]
+            if cfg.trainer.get("enable_progress_bar", True):
+                callbacks.append(StepProgress())
+            trainer: pl.Trainer = instantiate(
+                cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
+                strategy=choose_strategy(cfg.trainer),
+            )
         copies = len(targets) // max(1, len({t.target_id for t in targets}))
         log.info("textualizing %d %s targets (x%d rows each) for up to %d steps%s",
                  len(targets) // copies, "/".join(sorted({t.kind for t in targets})), copies,

@@ -575,9 +575,13 @@ def test_cli_sigterm_during_compare_exits_143_in_one_line_and_resumes(tiny_dir, 
     assert json.loads((out / LEDGER).read_text())["done"] and (out / "comparison.parquet").exists()
 
 
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
-def test_a_signal_while_the_targets_are_built_stops_in_one_line_with_nothing_written(signum, tiny, tiny_dir, tmp_path,
-                                                                                     monkeypatch):
+@pytest.mark.parametrize("signum,where,what", [
+    ("SIGTERM", "prepare_targets", "loading the model and building the targets"),
+    ("SIGINT", "prepare_targets", "loading the model and building the targets"),
+    ("SIGTERM", "build_loggers", "starting the run"),
+])
+def test_a_signal_while_the_targets_are_built_stops_in_one_line_with_nothing_written(signum, where, what, tiny,
+                                                                                     tiny_dir, tmp_path, monkeypatch):
     """Between the model load and the first step (vocabulary sweeps, the demo SAE's aftermath): the
     run stops at once with ft's exit convention, and no results or checkpoint appear."""
     import os
@@ -587,17 +591,17 @@ def test_a_signal_while_the_targets_are_built_stops_in_one_line_with_nothing_wri
     from ft.signals import Interrupted
     from tests.test_train import compose_cfg
 
-    real = ft.train.prepare_targets
+    real = getattr(ft.train, where)
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), getattr(signal, signum))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ft.train, "prepare_targets", signalled)
+    monkeypatch.setattr(ft.train, where, signalled)
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     cfg = compose_cfg([f"model.name_or_path={tiny_dir}", "trainer.max_steps=3", "target.per_layer=1",
                        "logger.wandb.mode=disabled", "+trainer.enable_progress_bar=false"])
-    with pytest.raises(Interrupted, match=f"{signum} while loading the model and building the targets") as e:
+    with pytest.raises(Interrupted, match=f"{signum} while {what}") as e:
         ft.train.run(cfg, tmp_path / "run", tiny)
     assert e.value.exit_code == 128 + getattr(signal, signum)
     assert not (tmp_path / "run" / "targets.parquet").exists() and not (tmp_path / "run" / "checkpoints").exists()
