@@ -145,10 +145,12 @@ def write_files(run_dir: str | Path, writers: dict[str, Callable[[Path], None]],
             _fsync(staged[name])
         current = run_dir / MANIFEST
         commit(run_dir, staged, merge=merge, record=record)
-    except OSError as e:
-        if not (run_dir / COMMIT).exists():  # not committed: the old results stand
+    except (OSError, RunFileError) as e:  # (RunFileError: another writer's commit or a damaged manifest in the way)
+        if isinstance(e, RunFileError) or not (run_dir / COMMIT).exists():  # not committed: the old results stand
             for tmp in [*staged.values(), temp_name(run_dir / MANIFEST)]:
                 _discard(tmp)
+        if isinstance(e, RunFileError):
+            raise
         raise storage_error(current, e) from None
     return run_dir
 

@@ -662,3 +662,14 @@ def test_readers_load_the_model_folder_the_run_read_from_any_working_directory(t
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat on the mat. a dog ran in the park.\n")
     assert examples([str(d), "--corpus", str(corpus), "--top-n", "1", "--substitutes", "0"]) == 0
+
+
+def test_a_write_refused_by_another_writers_commit_leaves_no_staged_files(tmp_path):
+    from ft.results import write_files
+
+    write_set(tmp_path, OLD)
+    (tmp_path / "commit.json").write_text(json.dumps({"version": 1, "pid": 1, "files": {}, "remove": []}))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(RunFileError, match="being written by process 1"):
+        write_files(tmp_path, {"summary.json": lambda p: p.write_text("{}")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no .summary.json.PID.tmp left
