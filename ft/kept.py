@@ -166,7 +166,11 @@ def kept(run_dir: str | Path, role: str) -> Path | None:
     """The run's verified copy of its `role` input; None when the run kept none (written before
     ft kept inputs, or a role it does not use). RunFileError naming the file when it was altered
     or removed since the run kept it."""
-    entry = index(run_dir).get(role)
+    recorded = index(run_dir)
+    if not recorded and any(p.is_dir() and not p.name.startswith(".") for p in (Path(run_dir) / KEPT).glob("*")):
+        raise RunFileError(f"{Path(run_dir) / KEPT / INDEX} is missing beside kept inputs; the run's kept inputs "
+                           "cannot be trusted")
+    entry = recorded.get(role)
     if entry is None:
         return None
     path = Path(run_dir) / KEPT / entry["path"] if entry.get("copied") else Path(entry["source"])

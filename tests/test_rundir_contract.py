@@ -673,3 +673,13 @@ def test_a_write_refused_by_another_writers_commit_leaves_no_staged_files(tmp_pa
     with pytest.raises(RunFileError, match="being written by process 1"):
         write_files(tmp_path, {"summary.json": lambda p: p.write_text("{}")})
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no .summary.json.PID.tmp left
+
+
+def test_kept_copies_without_their_index_are_refused_not_read_as_a_run_that_kept_nothing(tmp_path):
+    src = tmp_path / "directions.txt"
+    src.write_text("v")
+    run = tmp_path / "run"
+    keep(run, "directions", src)
+    (run / "kept" / "index.json").unlink()
+    with pytest.raises(RunFileError, match="index.json is missing beside kept inputs"):
+        kept(run, "directions")
