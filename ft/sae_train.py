@@ -206,7 +206,8 @@ def demo_sae(encoder: Encoder, layer: int, point: str, corpus: str = "packaged:l
     from ft.vocab import cache_dir, model_key
 
     site = f"layer.{layer}.{point}"
-    name = f"{model_key(encoder)}-{site}-x{expansion}-l1{l1:g}-s{steps}-lr{lr:g}-seed{seed}"
+    name = (f"{model_key(encoder)}-{site}-x{expansion}-l1{l1:g}-s{steps}-lr{lr:g}-seed{seed}"
+            f"-c{corpus_key(corpus)}")  # another corpus (or the same path with other text) is another SAE
     folder = cache_dir() / "sae" / name
     if use_cache and (folder / CFG).exists():
         try:
@@ -228,6 +229,22 @@ def demo_sae(encoder: Encoder, layer: int, point: str, corpus: str = "packaged:l
     log.info("demo SAE: explained variance %.3f, mean L0 %.1f (%.0f s)", stats["explained_variance"], stats["l0"],
              stats["seconds"])
     return folder, stats
+
+
+def corpus_key(corpus: str) -> str:
+    """Identifies a corpus spec by its content: the spec, and the fingerprint of the local file,
+    folder or saved dataset it names (packaged:lee: the packaged file)."""
+    import hashlib
+
+    from ft.corpus import DEFAULT_CORPUS, packaged_lee_path
+    from ft.kept import fingerprint
+
+    h = hashlib.sha256(corpus.encode())
+    path = packaged_lee_path() if corpus == DEFAULT_CORPUS else Path(corpus.removeprefix("hf:").split(":")[0]
+                                                                     if corpus.startswith("hf:") else corpus)
+    if path.exists():
+        h.update(fingerprint(path).encode())
+    return h.hexdigest()[:12]
 
 
 def train_demo(x: torch.Tensor, expansion: int, l1: float, steps: int, lr: float, seed: int,

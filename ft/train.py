@@ -73,10 +73,10 @@ class TrainingDivergedError(FtError):
 
 
 def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep,
-                  directions: DirectionSet | None = None) -> list[Target]:
+                  directions: DirectionSet | None = None, resumed_sae: dict | None = None) -> list[Target]:
     t = cfg.target
     if t.kind == "sae":
-        return build_sae_targets(cfg, encoder)
+        return build_sae_targets(cfg, encoder, resumed_sae)
     if t.kind == "logit":
         return logit_targets(encoder, t.classes)
     if t.kind == "terms":
@@ -105,23 +105,38 @@ def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep,
     raise ConfigError(f"target.kind={t.kind!r}; valid: {list(TARGET_KEYS)}")
 
 
-def build_sae_targets(cfg: DictConfig, encoder: Encoder) -> list[Target]:
-    """target=sae: the SAE at target.path, or the demo SAE trained for this model (target.path=null)."""
-    from ft.sae import load_sae
+def build_sae_targets(cfg: DictConfig, encoder: Encoder, resumed_sae: dict | None = None) -> list[Target]:
+    """target=sae: the SAE at target.path, or the demo SAE trained for this model (target.path=null).
+
+    `resumed_sae` (a resume of a demo-SAE run): {"copy": the run's kept copy (verified) or None,
+    "sha256": the fingerprint the checkpoint's run recorded}. The kept copy is read rather than the
+    cache; a demo SAE of other content than the one the earlier steps used is refused."""
+    import json
+
+    from ft.sae import CFG, load_sae
     from ft.sae_train import demo_sae
     from ft.sites import parse_point
 
     t = cfg.target
     site = t.site or f"layer.{encoder.num_layers // 2}.resid"
     quality = None
+    resumed_sae = resumed_sae or {}
     if t.path:
         sae = load_sae(t.path)
+    elif resumed_sae.get("copy") is not None:  # this run's own demo SAE, not the cache's (changed since?)
+        sae = load_sae(resumed_sae["copy"])
+        quality = json.loads((Path(resumed_sae["copy"]) / CFG).read_text()).get("ft_quality")
     else:
         layer, point = parse_point(site, encoder.model)
         d = t.demo
         folder, quality = demo_sae(encoder, layer, point, corpus=d.corpus, expansion=d.expansion, l1=d.l1,
                                    steps=d.steps, lr=d.lr, seed=cfg.seed, use_cache=cfg.cache)
         sae = load_sae(folder)
+        want = resumed_sae.get("sha256")
+        if want and fingerprint(folder) != want:
+            raise ConfigError(f"cannot resume: the demo SAE {folder} is not the one the checkpoint's run started with "
+                              f"(sha256 {fingerprint(folder)[:12]}, it used {want[:12]}); valid: a new run directory "
+                              "(hydra.run.dir=...), or ckpt_path=none to start over")
     targets = sae_targets(encoder.model, sae, site, t.latents, t.fraction, t.num_latents, t.seed)
     for target in targets:
         target.meta["sae_quality"] = quality
@@ -473,6 +488,20 @@ def probe_concept(probe_run: Path) -> Path | None:
     return Path(concept) if isinstance(concept, str) and Path(concept).is_file() else None
 
 
+def resumed_demo_sae(cfg: DictConfig, run_dir: Path, resume_from: Path | None) -> dict | None:
+    """A resumed demo-SAE run: the demo SAE its checkpoint's run kept ({"copy", "sha256"}), else None."""
+    from ft.kept import kept
+
+    if resume_from is None or cfg.target.kind != "sae" or cfg.target.get("path"):
+        return None
+    recorded = (checkpoint_origin(resume_from, read_checkpoint(resume_from))[1].get("sae") or {}).get("sha256")
+    own = resume_from.resolve().parent.parent == run_dir.resolve()
+    copy = kept(run_dir, "sae") if own else None
+    if copy is not None and recorded and fingerprint(copy) != recorded:
+        copy = None  # kept for another attempt: the cache's demo SAE is checked against the record instead
+    return {"copy": copy, "sha256": recorded}
+
+
 def keep_inputs(run_dir: Path, cfg: DictConfig, sources: dict[str, Path], digests: dict[str, str],
                 targets: list[Target], fresh: bool) -> dict[str, dict]:
     """Keep every input in the run (`ft.kept`), the demo SAE too; a `fresh` start forgets the inputs
@@ -489,8 +518,8 @@ def keep_inputs(run_dir: Path, cfg: DictConfig, sources: dict[str, Path], digest
     return index(run_dir)
 
 
-def prepare_targets(cfg: DictConfig, encoder: Encoder, directions: DirectionSet | None = None
-                    ) -> tuple[list[Target], VocabFacts]:
+def prepare_targets(cfg: DictConfig, encoder: Encoder, directions: DirectionSet | None = None,
+                    resumed_sae: dict | None = None) -> tuple[list[Target], VocabFacts]:
     """This run's targets (numbered, sharded, restarts repeated) and the vocabulary facts they are
     measured against: the sweep of every point their sites use, the analysis vectors at `position`.
 
@@ -520,7 +549,7 @@ def prepare_targets(cfg: DictConfig, encoder: Encoder, directions: DirectionSet 
             source = stream_summary(encoder, vocab, t.point, rows)
         else:
             source = sweep_of(t.point)
-    targets = select_targets(cfg, build_targets(cfg, encoder, vocab, source, directions))
+    targets = select_targets(cfg, build_targets(cfg, encoder, vocab, source, directions, resumed_sae))
     used = sorted({s.point for t in targets for s in t.sites})  # sites may mix points
     vectors = analysis_vectors(encoder, vocab, cfg.position)
     if t.kind == "logit":  # no sites: every word through the classifier
@@ -556,7 +585,7 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         encoder = encoder or load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
         check_model(cfg, encoder.model.config)
         directions = load_directions(cfg.target.file) if cfg.target.get("file") else None
-        targets, facts = prepare_targets(cfg, encoder, directions)
+        targets, facts = prepare_targets(cfg, encoder, directions, resumed_demo_sae(cfg, run_dir, resume_from))
         module = build_module(cfg, encoder, targets, facts)
         module.facts = facts
     node_rank = node_process_rank(cfg.trainer)

@@ -1,0 +1,75 @@
+"""Hostile cases of silent wrong data in the library and run-directory layer (issue 35, round 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ft.sae import CFG, load_sae
+from ft.sae_train import demo_sae
+
+SENTENCES_A = "the cat sat on the sofa. the dog ran to the river. a bird is on the roof.\n" * 20
+SENTENCES_B = "music piano violin guitar. apple banana cherry grape lemon mango.\n" * 20
+
+
+def test_the_demo_sae_cache_is_keyed_by_its_corpus(tiny, tmp_path):
+    """Two demo SAEs of the same model, site and settings but other corpora are other SAEs: the
+    second is never the first one served from the cache (with the first corpus in its cfg.json)."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(SENTENCES_A)
+    b.write_text(SENTENCES_B)
+    fa, _ = demo_sae(tiny, 1, "resid", corpus=str(a), steps=5)
+    wa = load_sae(fa).W_enc.clone()
+    fb, _ = demo_sae(tiny, 1, "resid", corpus=str(b), steps=5)
+    assert json.loads((fb / CFG).read_text())["ft_corpus"] == str(b)
+    assert not torch.equal(load_sae(fb).W_enc, wa)
+
+
+def test_the_demo_sae_cache_is_keyed_by_its_corpus_content(tiny, tmp_path):
+    """The same corpus path with other sentences in it is another corpus."""
+    a = tmp_path / "a.txt"
+    a.write_text(SENTENCES_A)
+    fa, _ = demo_sae(tiny, 1, "resid", corpus=str(a), steps=5)
+    wa = load_sae(fa).W_enc.clone()
+    a.write_text(SENTENCES_B)
+    fb, _ = demo_sae(tiny, 1, "resid", corpus=str(a), steps=5)
+    assert not torch.equal(load_sae(fb).W_enc, wa)
+
+
+def tiny_run(tiny_dir: Path, *extra: str, steps: int = 2):
+    from tests.test_train import compose_cfg
+
+    return compose_cfg([f"model.name_or_path={tiny_dir}", f"trainer.max_steps={steps}", "trainer.accelerator=cpu",
+                        "+trainer.enable_progress_bar=false", "callbacks.nearest.every_n_steps=2", "print_rows=0",
+                        *extra])
+
+
+def test_a_resumed_demo_sae_run_keeps_the_demo_sae_it_started_with(tiny, tiny_dir, tmp_path):
+    """A demo-SAE run resumed after its cached demo SAE changed (another training, an edit) is
+    scored with the SAE its first steps used, or refused; never the new one kept in its place."""
+    import pytest
+
+    from ft.errors import FtError
+    from ft.kept import kept
+    from ft.train import run
+
+    a = tmp_path / "a.txt"
+    a.write_text(SENTENCES_A)
+    demo = ["target=sae", f"target.demo.corpus={a}", "target.demo.steps=5", "target.num_latents=3"]
+    run(tiny_run(tiny_dir, *demo), tmp_path / "run", tiny)
+    first = load_sae(kept(tmp_path / "run", "sae")).W_enc.clone()
+    cache = next((tmp_path / "cache" / "sae").iterdir())
+    sae = load_sae(cache)
+    sae.W_enc = sae.W_enc * 2
+    sae.save(cache, json.loads((cache / CFG).read_text()))
+    try:
+        run(tiny_run(tiny_dir, *demo, steps=4), tmp_path / "run", tiny)
+    except FtError as e:
+        assert "sae" in str(e)
+        return
+    assert torch.equal(load_sae(kept(tmp_path / "run", "sae")).W_enc, first)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(FtError, match="demo SAE"):  # from elsewhere: the cache's changed SAE is refused
+        run(tiny_run(tiny_dir, *demo, f"ckpt_path={ckpt}", steps=6), tmp_path / "other", tiny)
