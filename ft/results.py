@@ -40,6 +40,9 @@ CONFIG, TARGETS, INPUTS, SUMMARY = "config.yaml", "targets.parquet", "inputs.saf
 CURVES = "curves.parquet"
 FRONTIER = "frontier.parquet"  # input=tokens: per target and fluency weight, its best text
 DIRECTIONS = RUN_FILE  # directions.safetensors: the directions a run's objectives read
+# written after a run from its committed results (ft.examples): outside the manifest, so they go
+# whenever other results are committed (or retired by a start over), before the new ones appear
+DERIVED = ("examples.parquet", "examples_summary.json")
 log = logging.getLogger("ft")
 
 
@@ -82,6 +85,8 @@ def write_config(run_dir: Path, cfg: DictConfig, fresh: bool = False) -> None:
     text = OmegaConf.to_yaml(cfg, resolve=True)
     run_dir = Path(run_dir)
     old = read_manifest(run_dir)
+    if fresh:
+        retire_derived(run_dir)
     if old is None:
         atomic_write(run_dir / CONFIG, lambda p: p.write_text(text))
         return
@@ -122,7 +127,19 @@ def write_run(
         writers[FRONTIER] = lambda p: frontier.to_parquet(p, index=False)
     if directions is not None:  # the run's own copy: its objectives rebuild without the original file
         writers[DIRECTIONS] = directions.save
+    retire_derived(run_dir)  # before the commit: a crash leaves the old results without them, never the new with them
     return write_files(run_dir, writers, record=record)
+
+
+def retire_derived(run_dir: Path) -> None:
+    """Remove the files made from the run's results after it (`DERIVED`): they describe results
+    about to be replaced."""
+    for name in DERIVED:
+        path = Path(run_dir) / name
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            raise storage_error(path, e) from None
 
 
 def write_files(run_dir: str | Path, writers: dict[str, Callable[[Path], None]], merge: bool = False,

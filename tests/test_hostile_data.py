@@ -73,3 +73,31 @@ def test_a_resumed_demo_sae_run_keeps_the_demo_sae_it_started_with(tiny, tiny_di
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     with pytest.raises(FtError, match="demo SAE"):  # from elsewhere: the cache's changed SAE is refused
         run(tiny_run(tiny_dir, *demo, f"ckpt_path={ckpt}", steps=6), tmp_path / "other", tiny)
+
+
+def test_a_start_over_retires_the_examples_of_the_old_results(tiny, tiny_dir, tmp_path):
+    """examples.parquet (written after a run, by ft.examples) belongs to the results it was made
+    from: a start over with other targets (ckpt_path=none) leaves no examples of the old units
+    for the report to show under the new ones' target ids."""
+    from ft.examples import run_examples
+    from ft.train import run
+
+    neurons = ["target.sites=[layer.0.ffn_act.3]"]
+    run(tiny_run(tiny_dir, *neurons), tmp_path / "run", tiny)
+    run_examples(tmp_path / "run", substitutes=0)
+    assert (tmp_path / "run" / "examples.parquet").exists()
+    run(tiny_run(tiny_dir, "target.sites=[layer.1.ffn_act.7]", "ckpt_path=none"), tmp_path / "run", tiny)
+    assert not (tmp_path / "run" / "examples.parquet").exists()
+
+
+def test_results_extended_by_a_resume_retire_the_examples_of_the_old_results(tiny, tiny_dir, tmp_path):
+    """A resume that runs more steps commits new inputs and objectives: the examples of the old
+    ones (their searched text, the optimized value they compare to) go with them."""
+    from ft.examples import run_examples
+    from ft.train import run
+
+    neurons = ["target.sites=[layer.0.ffn_act.3]"]
+    run(tiny_run(tiny_dir, *neurons), tmp_path / "run", tiny)
+    run_examples(tmp_path / "run", substitutes=0)
+    run(tiny_run(tiny_dir, *neurons, steps=4), tmp_path / "run", tiny)
+    assert not (tmp_path / "run" / "examples.parquet").exists()
