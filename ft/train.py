@@ -595,11 +595,16 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
     with RunLock(run_dir) if rank0 else nullcontext():
         with stop_at_once("starting the run"):  # the config, kept inputs, loggers: a signal stops here at once
             if rank0:
-                write_config(run_dir, cfg, fresh=resume_from is None)
-                if resume_from is None:  # a start over: an earlier attempt's checkpoints are of other settings
+                # a start over, or a checkpoint of another run directory: what this directory holds (results,
+                # checkpoints, resume log, kept inputs) is another run's, retired before anything else is written
+                fresh = resume_from is None or resume_from.resolve().parent.parent != run_dir.resolve()
+                write_config(run_dir, cfg, fresh=fresh)
+                if fresh:
                     for old in (run_dir / "checkpoints").glob("*.ckpt"):
-                        old.unlink()
-                kept_inputs = keep_inputs(run_dir, cfg, sources, digests, targets, fresh=resume_from is None)
+                        if resume_from is None or old.resolve() != resume_from.resolve():
+                            old.unlink()
+                    (run_dir / RESUME_LOG).unlink(missing_ok=True)
+                kept_inputs = keep_inputs(run_dir, cfg, sources, digests, targets, fresh=fresh)
                 if resume_entry:
                     record_resume(run_dir, resume_entry)
             loggers = build_loggers(cfg, run_dir, cfg.run_name or cfg.experiment_name)

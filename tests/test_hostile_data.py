@@ -101,3 +101,44 @@ def test_results_extended_by_a_resume_retire_the_examples_of_the_old_results(tin
     run_examples(tmp_path / "run", substitutes=0)
     run(tiny_run(tiny_dir, *neurons, steps=4), tmp_path / "run", tiny)
     assert not (tmp_path / "run" / "examples.parquet").exists()
+
+
+def test_a_start_over_retires_the_resume_log_of_the_old_run(tiny, tiny_dir, tmp_path):
+    """resume_log.jsonl records what resumes of the run changed; after a start over (ckpt_path=none)
+    it must not describe the new run with the old run's changes."""
+    from ft.train import run
+
+    neurons = ["target.sites=[layer.0.ffn_act.3]"]
+    run(tiny_run(tiny_dir, *neurons), tmp_path / "run", tiny)
+    run(tiny_run(tiny_dir, *neurons, steps=3), tmp_path / "run", tiny)
+    assert (tmp_path / "run" / "resume_log.jsonl").exists()
+    run(tiny_run(tiny_dir, *neurons, "ckpt_path=none"), tmp_path / "run", tiny)
+    assert not (tmp_path / "run" / "resume_log.jsonl").exists()
+
+
+def test_a_checkpoint_of_another_run_directory_retires_this_directorys_results(tiny, tiny_dir, tmp_path,
+                                                                                monkeypatch):
+    """ckpt_path=FILE of another run continued into a directory holding results of other settings:
+    from the moment its config is written, no reader sees the old results beside the new config
+    (a crash before the new results are committed leaves no targets of lr 0.1 under lr 0.5)."""
+    import pytest
+
+    import ft.train
+    from ft.errors import FtError
+    from ft.results import read_config, read_targets
+    from ft.train import run
+
+    neurons = ["target.sites=[layer.0.ffn_act.3]"]
+    run(tiny_run(tiny_dir, *neurons, "optim.lr=0.1"), tmp_path / "x", tiny)
+    run(tiny_run(tiny_dir, *neurons, "optim.lr=0.5"), tmp_path / "y", tiny)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(ft.train, "keep_inputs", crash)
+    ckpt = tmp_path / "y" / "checkpoints" / "last.ckpt"
+    with pytest.raises(RuntimeError):
+        run(tiny_run(tiny_dir, *neurons, "optim.lr=0.5", f"ckpt_path={ckpt}", steps=4), tmp_path / "x", tiny)
+    assert read_config(tmp_path / "x").optim.lr == 0.5
+    with pytest.raises(FtError):
+        read_targets(tmp_path / "x")
