@@ -106,6 +106,34 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+def recorded_name(encoder: object, name: str) -> str:
+    """What a run of an in-memory model records as its `model.name_or_path`: the folder it names
+    when that folder holds the same model (weights, config, vocabulary: `ft.vocab.model_key`);
+    else `in-memory:NAME`, which no later reader (resume, ft.examples, exports) can take for a
+    folder of other weights."""
+    import re
+
+    from ft.encoder import load_encoder, resolve
+    from ft.vocab import model_key
+
+    path = Path(resolve(name)).expanduser()
+    if not path.exists():
+        return name
+    try:
+        same = model_key(load_encoder(str(path))) == model_key(encoder)
+    except FtError:
+        same = False
+    if same:
+        return name
+    import logging
+
+    short = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name) or "model"
+    logging.getLogger("ft").warning("the model passed differs from %s (changed after loading): recorded as "
+                                    "in-memory:%s; save it (save_pretrained) and pass its folder to let later "
+                                    "readers load it", path, short)
+    return f"in-memory:{short}"
+
+
 def textualize(sites: Sequence[str] | None = None, model: str | object = "packaged:minilm_l6",
                tokenizer: object | None = None, steps: int | None = None, overrides: Sequence[str] = (),
                run_dir: str | Path | None = None, wandb: bool = False) -> Result:
@@ -130,6 +158,7 @@ def textualize(sites: Sequence[str] | None = None, model: str | object = "packag
             raise ConfigError(f"model={type(model).__name__} is a loaded model; valid: pass its tokenizer= too")
         name = getattr(model, "name_or_path", "") or type(model).__name__
         encoder = from_model(model, tokenizer, name)
+        name = recorded_name(encoder, name)
         extra.append(f"model.name_or_path={name}")
     if sites is not None:
         if isinstance(sites, str):

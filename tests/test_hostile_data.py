@@ -142,3 +142,23 @@ def test_a_checkpoint_of_another_run_directory_retires_this_directorys_results(t
     assert read_config(tmp_path / "x").optim.lr == 0.5
     with pytest.raises(FtError):
         read_targets(tmp_path / "x")
+
+
+def test_a_model_changed_in_memory_is_not_recorded_as_the_folder_it_was_loaded_from(tiny_dir, tmp_path):
+    """ft.textualize(model=<a loaded model>) whose weights were changed after loading: the run
+    must not name (and fingerprint) the unchanged folder as its model, or every later reader
+    (ft.examples, exports, resume) scores the targets with other weights than the run used."""
+    import ft
+    from ft.encoder import load_encoder
+    from ft.kept import model_to_load
+    from ft.results import read_config
+
+    enc = load_encoder(str(tiny_dir))
+    with torch.no_grad():
+        enc.model.encoder.layer[0].intermediate.dense.weight.mul_(3)
+    result = ft.textualize(sites=["layer.0.ffn_act.3"], model=enc.model, tokenizer=enc.tokenizer, steps=2,
+                           run_dir=tmp_path / "run")
+    recorded = model_to_load(result.run_dir, read_config(result.run_dir).model.name_or_path)
+    if Path(recorded).exists():  # whatever it names must be the weights the run used
+        again = load_encoder(recorded).model.encoder.layer[0].intermediate.dense.weight
+        assert torch.equal(again, enc.model.encoder.layer[0].intermediate.dense.weight)
