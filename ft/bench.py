@@ -366,7 +366,9 @@ def plan_main(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from ft.preflight import OneLineParser
+
+    p = OneLineParser(prog="python -m ft.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=PACKAGED,
                    help=f"encoder: {PACKAGED} (default) or a local model directory")
     p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto",

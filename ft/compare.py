@@ -244,7 +244,9 @@ def markdown(table: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m ft.compare", description=__doc__.split("\n\n")[0])
+    from ft.preflight import OneLineParser
+
+    p = OneLineParser(prog="python -m ft.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="logs/compare", help="output folder (one run directory per length and method)")
     p.add_argument("--model", default=None, help="encoder (default: the packaged MiniLM)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1, 3, 5, 8])

@@ -7,8 +7,6 @@ parameters) and a report with the same panels; `--publish` saves them (needs `wa
 
 from __future__ import annotations
 
-import argparse
-
 import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 
@@ -53,7 +51,9 @@ def build_report(entity: str, project: str = "ft") -> wr.Report:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from ft.preflight import OneLineParser
+
+    p = OneLineParser(prog="python -m ft.dashboard", description=__doc__.splitlines()[0])
     p.add_argument("--entity", required=True)
     p.add_argument("--project", default="ft")
     p.add_argument("--publish", action="store_true", help="save to W&B (needs `wandb login`)")

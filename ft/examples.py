@@ -20,7 +20,6 @@ examples and a per-target comparison as tables to the run's W&B run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import string
@@ -39,6 +38,7 @@ from ft.encoder import Encoder, load_encoder
 from ft.errors import ConfigError, FtError
 from ft.objectives import Readout, Readouts
 from ft.results import atomic_write, read_config, read_directions, read_targets, target_label
+from ft.signals import stops_in_one_line
 from ft.sites import Site, SiteReader
 from ft.substitutes import build_substitutes
 from ft.targets import readouts_of_table
@@ -228,6 +228,10 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
             raise ConfigError(f"{name}={v}; valid: a fraction in [0, 1]")
     if pos_drop > neg_drop:
         raise ConfigError(f"pos_drop={pos_drop} > neg_drop={neg_drop}; valid: pos_drop <= neg_drop")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit={limit!r}; valid: an integer >= 1 (or none: every target)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}; valid: an integer >= 1")
     if top_n < 1 or substitutes < 0 or window < 0:
         raise ConfigError(f"top_n={top_n}, substitutes={substitutes}, window={window}; valid: top_n >= 1, "
                           "substitutes >= 0, window >= 0")
@@ -363,8 +367,11 @@ def target_labels(targets: pd.DataFrame) -> dict[int, str]:
     return {int(t.target_id): target_label(t) for t in targets.itertuples()}
 
 
+@stops_in_one_line("ft.examples")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ft.examples", description=__doc__.splitlines()[0])
+    from ft.preflight import OneLineParser
+
+    p = OneLineParser(prog="python -m ft.examples", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="a finished ft run directory")
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help=f"default {DEFAULT_CORPUS}; a .txt file, a folder, "
                    "or hf:PATH[:COLUMN]")

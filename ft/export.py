@@ -48,7 +48,6 @@ from the run's kept copy (`ft.kept`), never from a file that may have changed si
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
@@ -72,6 +71,7 @@ from ft.corpus import DEFAULT_CORPUS, load_corpus
 from ft.errors import ConfigError, FtError
 from ft.integrity import StorageError, storage_error
 from ft.results import read_config, read_inputs, read_summary, read_targets, target_label
+from ft.signals import stops_in_one_line
 
 log = logging.getLogger("ft")
 FORMATS = ("hf", "neuronpedia")
@@ -624,8 +624,11 @@ def export_neuronpedia(runs: list[Path], out: Path, corpus: str = DEFAULT_CORPUS
     return out
 
 
+@stops_in_one_line("ft.export")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ft.export", description=__doc__.splitlines()[0])
+    from ft.preflight import OneLineParser
+
+    p = OneLineParser(prog="python -m ft.export", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="finished run directories (or folders above them)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("-o", "--out", required=True, help="a new or empty folder")
@@ -642,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = Path(a.out)
         check_out(out)
+        from ft.preflight import refuse_in_run, refuse_inside
+
+        refuse_in_run(out, "-o", "a new or empty folder")
         if a.top_n < 1 or a.max_sentences < 1:
             raise ConfigError(f"--top-n {a.top_n}, --max-sentences {a.max_sentences}; valid: integers >= 1")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", a.creator_id):
@@ -649,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = distinct(finished(Path(r)) for r in expand(a.runs))
         if not runs:
             raise ConfigError(f"no run directories under {a.runs}")
+        refuse_inside(out, runs, "-o", "a new or empty folder")  # an export never lands among a run's files
         if a.format == "hf":
             export_hf(runs, out)
         else:

@@ -19,7 +19,6 @@ kept once in the merged run; shards that read different contents are refused.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -43,6 +42,7 @@ from ft.results import (
     read_targets,
     write_run,
 )
+from ft.signals import stops_in_one_line
 from ft.tracking import flat_config
 
 log = logging.getLogger("ft")
@@ -190,8 +190,11 @@ def merge(dirs: list[Path], out: Path) -> Path:
     return out
 
 
+@stops_in_one_line("ft.merge")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ft.merge", description=__doc__.splitlines()[0])
+    from ft.preflight import OneLineParser
+
+    p = OneLineParser(prog="python -m ft.merge", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="the shards' run directories, or the folder above them (a multirun)")
     p.add_argument("-o", "--out", required=True, help="the merged run directory (new or empty)")
     a = p.parse_args(argv)

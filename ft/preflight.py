@@ -14,6 +14,7 @@ output path that ft.static and ft.merge share; `storage_line` the one line of a 
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import itertools
 import math
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -245,6 +247,38 @@ def check_writable(overrides: list[str], multirun: bool) -> None:
     given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith(key)]
     target = Path(given[-1]) if given else Path.cwd() / "logs"
     writable_place(target, "the run directory", "a writable hydra.run.dir=...", folder=True)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with ft's error form: one line on stderr naming the bad value and where the valid
+    ones are (`--help`), exit 2; argparse's own prints the usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        self.exit(2, f"error: {message}; valid: see {self.prog} --help\n")
+
+
+def refuse_inside(out: Path, inputs: list[Path], what: str, valid: str) -> None:
+    """PreflightError when the output `out` is one of the `inputs` (run directories, a model
+    folder) or lies inside one: writing there would replace or add to what the command reads."""
+    target = Path(out).resolve()
+    for folder in inputs:
+        folder = Path(folder).resolve()
+        if target == folder or target.is_relative_to(folder):
+            raise PreflightError(f"{what} {out} is inside the input {folder}: writing there would change what "
+                                 f"this command reads; valid: {valid} outside it")
+
+
+def refuse_in_run(out: Path, what: str, valid: str) -> None:
+    """PreflightError when the output `out` lies inside a run directory (a folder above it holds a
+    run's targets.parquet or config.yaml): a command's output never replaces or joins a run's files."""
+    from ft.results import CONFIG, TARGETS
+
+    target = Path(out).resolve()
+    for folder in target.parents:
+        if folder.name != ".hydra" and ((folder / TARGETS).exists() or (folder / CONFIG).exists()):
+            raise PreflightError(f"{what} {out} is inside the run directory {folder}: writing there would change "
+                                 f"the run; valid: {valid} outside it")
 
 
 def writable_place(path: Path, what: str, valid: str, folder: bool) -> None:

@@ -7,7 +7,6 @@ tables, the comparison chart), no CDN. Sections whose data the runs lack say so.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import time
@@ -33,6 +32,7 @@ from ft.results import (
     read_targets,
     target_label,
 )
+from ft.signals import stops_in_one_line
 from ft.svg import chart
 
 T = TypeVar("T")
@@ -599,29 +599,51 @@ def unwritable(out: Path) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Tables and figures of the paper from ft run directories.")
+@stops_in_one_line("ft.report")
+def main(argv: list[str] | None = None) -> int:
+    from ft.preflight import OneLineParser, PreflightError, refuse_in_run, refuse_inside
+
+    p = OneLineParser(prog="python -m ft.report",
+                      description="Tables and figures of the paper from ft run directories.")
     p.add_argument("runs", nargs="+", help="run directories, folders above them, or globs")
     p.add_argument("-o", "--out", default="report.html")
     p.add_argument("--words", type=int, default=3000, help="vocabulary sample in the PCA (0: none)")
     p.add_argument("--atlas-per-run", type=int, default=50)
     args = p.parse_args(argv)
-    if not expand(args.runs):
+    for flag, v in (("--words", args.words), ("--atlas-per-run", args.atlas_per_run)):
+        if v < 0:
+            print(f"error: {flag} {v}; valid: an integer >= 0 (0: none)", file=sys.stderr)
+            return 2
+    runs = expand(args.runs)
+    if not runs:
         print(f"error: no run directories under {args.runs}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    try:  # the page never replaces (or lands among) the files of a run it reads
+        refuse_inside(Path(args.out), runs, "-o", "a file in a writable folder")
+        refuse_in_run(Path(args.out), "-o", "a file in a writable folder")
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     problem = unwritable(Path(args.out))
     if problem:
         print(f"error: -o {args.out}: {problem}; valid: a file in a writable folder", file=sys.stderr)
-        sys.exit(2)
+        return 2
     from ft.chatter import configure_output
 
     configure_output("info")  # no weight-loading bars from transformers
     t = time.perf_counter()
-    out = build_report(args.runs, args.out, args.words, args.atlas_per_run)
+    try:
+        out = build_report(args.runs, args.out, args.words, args.atlas_per_run)
+    except SystemExit as e:  # no run could be read: one line, the exit code of a bad input
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)
+        return 2
     for damaged in DAMAGED:
         print(f"warning: left out of the report: {damaged}", file=sys.stderr)
     print(f"report: {out} ({time.perf_counter() - t:.1f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

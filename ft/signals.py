@@ -9,12 +9,12 @@ import re
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
+from typing import TYPE_CHECKING, Any
 
 from ft.results import atomic_write
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
@@ -74,66 +74,83 @@ def save_atomically(trainer: pl.Trainer, path: Path, weights_only: bool = False)
     atomic_write(path, lambda tmp: trainer.save_checkpoint(str(tmp), weights_only))
 
 
-class AtomicCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose files appear whole or not at all (temporary file, then rename); a
-    failed write names the checkpoint and the cause."""
+def _lightning_classes() -> None:
+    """Define the Lightning callbacks on first use: importing Lightning takes seconds, and the
+    commands that only need `stops_in_one_line` (ft.report, ft.export, ...) never load it."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        save_atomically(trainer, Path(filepath), self.save_weights_only)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(self)
+    class AtomicCheckpoint(ModelCheckpoint):
+        """ModelCheckpoint whose files appear whole or not at all (temporary file, then rename); a
+        failed write names the checkpoint and the cause."""
+
+        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+            save_atomically(trainer, Path(filepath), self.save_weights_only)
+            self._last_global_step_saved = trainer.global_step
+            self._last_checkpoint_saved = filepath
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.after_save_checkpoint(self)
 
 
-class StopOnSignal(pl.Callback):
-    """Notes SIGTERM/SIGINT; after the step in progress, saves `checkpoint` and raises Interrupted.
-    A second Ctrl-C while waiting stops at once (KeyboardInterrupt)."""
+    class StopOnSignal(pl.Callback):
+        """Notes SIGTERM/SIGINT; after the step in progress, saves `checkpoint` and raises Interrupted.
+        A second Ctrl-C while waiting stops at once (KeyboardInterrupt)."""
 
-    def __init__(self, checkpoint: Path):
-        self.checkpoint = Path(checkpoint)
-        self.signum: int | None = None
+        def __init__(self, checkpoint: Path):
+            self.checkpoint = Path(checkpoint)
+            self.signum: int | None = None
 
-    def note(self, signum: int, _frame: Any) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
+        def note(self, signum: int, _frame: Any) -> None:
+            if self.signum == signal.SIGINT and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signum = signum
 
-    @contextmanager
-    def installed(self):
-        """Handlers for the duration of the fit (only the main thread may set them)."""
-        import threading
+        @contextmanager
+        def installed(self):
+            """Handlers for the duration of the fit (only the main thread may set them)."""
+            import threading
 
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {s: signal.signal(s, self.note) for s in HANDLED}
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+            if threading.current_thread() is not threading.main_thread():
+                yield self
+                return
+            previous = {s: signal.signal(s, self.note) for s in HANDLED}
+            try:
+                yield self
+            finally:
+                for s, h in previous.items():
+                    signal.signal(s, h)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Lightning installs its own SIGTERM handler when the fit starts; it would end the run at
-        the epoch's end with exit code 0 and no checkpoint. Ours goes back on top of it."""
-        import threading
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            """Lightning installs its own SIGTERM handler when the fit starts; it would end the run at
+            the epoch's end with exit code 0 and no checkpoint. Ours goes back on top of it."""
+            import threading
 
-        if threading.current_thread() is threading.main_thread():
-            for s in HANDLED:
-                signal.signal(s, self.note)
+            if threading.current_thread() is threading.main_thread():
+                for s in HANDLED:
+                    signal.signal(s, self.note)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        signum = self.signum
-        if trainer.world_size > 1:  # every rank stops at the same step
-            signum = int(trainer.strategy.reduce(float(signum or 0), reduce_op="max")) or None
-        if signum is None:
-            return
-        save_atomically(trainer, self.checkpoint)
-        from ft.callbacks.progress import steps_done
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            signum = self.signum
+            if trainer.world_size > 1:  # every rank stops at the same step
+                signum = int(trainer.strategy.reduce(float(signum or 0), reduce_op="max")) or None
+            if signum is None:
+                return
+            save_atomically(trainer, self.checkpoint)
+            from ft.callbacks.progress import steps_done
 
-        raise Interrupted(signum, steps_done(trainer, pl_module), self.checkpoint)
+            raise Interrupted(signum, steps_done(trainer, pl_module), self.checkpoint)
+
+    for cls in (AtomicCheckpoint, StopOnSignal):
+        cls.__qualname__ = cls.__name__  # as if defined at the top (Lightning keys callback state by it)
+        globals()[cls.__name__] = cls
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("AtomicCheckpoint", "StopOnSignal"):
+        _lightning_classes()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- a launcher's jobs stop with it ------------------------------------------------------------------
@@ -215,3 +232,52 @@ def resume_command(module: str, overrides: list[str], run_dir: str | Path) -> st
     words = [o for o in overrides if not o.lstrip("+").startswith("hydra.run.dir=")]
     words.append(f"hydra.run.dir={hydra_quoted(str(run_dir))}")
     return " ".join(["python", "-m", module, *(shlex.quote(w) for w in words)])
+
+
+# -- commands that write their outputs at the end (export, report, static, examples, merge) ------------
+class Stopped(BaseException):  # noqa: N818 - what happened, not an error in the input
+    """SIGTERM/SIGINT during a command that writes its outputs whole at the end. A BaseException,
+    like KeyboardInterrupt: no `except Exception` on its way turns it into an error, and the
+    `finally` blocks of its writers remove their temporary files."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def stops_in_one_line(module: str):
+    """Decorator for a command's `main(argv) -> int`: SIGTERM/SIGINT stop it at once (its writers
+    leave nothing half-written), print one line (what stopped, that nothing was written, the command
+    that runs it again) and return 128 + signum (143, 130). Further signals while it cleans up are
+    ignored; the handlers before are restored. Elsewhere than the main thread nothing changes."""
+    import functools
+    import shlex
+    import sys
+    import threading
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            if threading.current_thread() is not threading.main_thread():
+                return main(argv)
+            words = list(sys.argv[1:] if argv is None else argv)
+
+            def stop(signum: int, _frame: Any) -> None:
+                for s in HANDLED:
+                    signal.signal(s, signal.SIG_IGN)  # the writers' cleanup runs to its end
+                raise Stopped(signum)
+
+            previous = {s: signal.signal(s, stop) for s in HANDLED}
+            try:
+                return main(argv)
+            except Stopped as e:
+                print(f"interrupted: {e} during python -m {module}: nothing was written; run it again with: "
+                      f"python -m {module} {shlex.join(words)}".rstrip(), file=sys.stderr)
+                return 128 + e.signum
+            finally:
+                for s, h in previous.items():
+                    signal.signal(s, h)
+
+        return run
+
+    return wrap

@@ -17,7 +17,6 @@ every unit of those points of a model: one matrix product per layer and point.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import torch
 
 from ft.arch import adapter
 from ft.errors import ConfigError, FtError
+from ft.signals import stops_in_one_line
 from ft.sites import Site
 
 TOP = 10
@@ -126,14 +126,15 @@ def all_units(model: torch.nn.Module, vocab: object, points: Sequence[str], k: i
     return pd.DataFrame(rows)
 
 
+@stops_in_one_line("ft.static")
 def main(argv: list[str] | None = None) -> int:
     from ft.encoder import PACKAGED, load_encoder
     from ft.integrity import StorageError
-    from ft.preflight import writable_place
+    from ft.preflight import OneLineParser, refuse_in_run, refuse_inside, writable_place
     from ft.results import atomic_write
     from ft.vocab import Vocabulary
 
-    p = argparse.ArgumentParser(prog="python -m ft.static", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m ft.static", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=PACKAGED, help=f"encoder: {PACKAGED} (default) or a local model directory")
     p.add_argument("--points", nargs="+", default=["ffn_act", "ffn_out"])
     p.add_argument("--top", type=int, default=TOP, help="tokens per reading")
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         check_points(a.points)
         out = Path(a.out)
         writable_place(out, "--out", "a parquet file in a writable folder", folder=False)  # before the work
+        if Path(a.model).is_dir():  # never over the weights (or beside them) of the model it reads
+            refuse_inside(out, [Path(a.model)], "--out", "a parquet file")
+        refuse_in_run(out, "--out", "a parquet file")  # nor among a run's files
         start = time.perf_counter()
         enc = load_encoder(a.model)
         df = all_units(enc.model, Vocabulary.from_tokenizer(enc.tokenizer), a.points, a.top)

@@ -10,7 +10,6 @@ the sweep's name.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -219,7 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     if "--" in argv:
         extra = argv[argv.index("--") + 1 :]
         argv = argv[: argv.index("--")]
-    p = argparse.ArgumentParser(description="Run a W&B sweep YAML offline on this machine.")
+    from ft.preflight import OneLineParser
+
+    p = OneLineParser(prog="python -m ft.sweep", description="Run a W&B sweep YAML offline on this machine.")
     p.add_argument("sweep", help="a sweeps/*.yaml file")
     p.add_argument("--out", help="folder for the run directories (default logs/sweeps/<name>/<time>)")
     p.add_argument("--max-runs", type=int,

@@ -1,0 +1,189 @@
+"""Second round of issue 35 on the command-line tools, by class: A an output that would replace or
+join what the command reads; B one line instead of a traceback or argparse's usage block; C
+signals: one line and 128 + signum, nothing written. Each asserts one line, the exit code and the
+files as they were."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+
+def fake_run(folder: Path) -> Path:
+    """A folder that the readers take for a run directory (the checks below fire before any read)."""
+    folder.mkdir(parents=True)
+    (folder / "targets.parquet").write_bytes(b"targets")
+    (folder / "config.yaml").write_text("model: {}\n")
+    return folder
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# -- A: an output inside an input --------------------------------------------------------------------
+def test_report_out_over_a_runs_targets_is_refused(tmp_path, capsys):
+    from ft.report import main
+
+    run = fake_run(tmp_path / "run")
+    before = files_of(run)
+    rc = main([str(run), "-o", str(run / "targets.parquet")])
+    assert rc == 2
+    assert "inside the input" in one_line(capsys.readouterr().err)
+    assert files_of(run) == before
+
+
+def test_report_out_inside_a_run_it_does_not_read_is_refused(tmp_path, capsys):
+    from ft.report import main
+
+    read, other = fake_run(tmp_path / "read"), fake_run(tmp_path / "other")
+    rc = main([str(read), "-o", str(other / "report.html")])
+    assert rc == 2
+    assert "inside the run directory" in one_line(capsys.readouterr().err)
+    assert not (other / "report.html").exists()
+
+
+def test_static_out_over_the_models_weights_is_refused(tiny_dir, capsys):
+    from ft.static import main
+
+    weights = tiny_dir / "model.safetensors"
+    before = weights.read_bytes()
+    rc = main(["--model", str(tiny_dir), "--out", str(weights)])
+    assert rc == 2
+    assert "inside the input" in one_line(capsys.readouterr().err)
+    assert weights.read_bytes() == before
+
+
+def test_static_out_inside_a_run_is_refused(tmp_path, tiny_dir, capsys):
+    from ft.static import main
+
+    run = fake_run(tmp_path / "run")
+    rc = main(["--model", str(tiny_dir), "--out", str(run / "static.parquet")])
+    assert rc == 2
+    assert "inside the run directory" in one_line(capsys.readouterr().err)
+    assert not (run / "static.parquet").exists()
+
+
+def test_export_out_inside_a_run_is_refused(tmp_path, capsys):
+    from ft.export import main
+
+    run = fake_run(tmp_path / "run")
+    before = files_of(run)
+    rc = main([str(run), "--format", "hf", "-o", str(run / "export")])
+    assert rc == 2
+    assert "inside the run directory" in one_line(capsys.readouterr().err)
+    assert files_of(run) == before
+
+
+# -- B: one line, exit 2 ---------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--words", "--atlas-per-run"])
+def test_report_negative_counts_are_refused(tmp_path, capsys, flag):
+    """--words -5 was a numpy traceback; --atlas-per-run -1 silently left each run's last target out."""
+    from ft.report import main
+
+    run = fake_run(tmp_path / "run")
+    out = tmp_path / "r.html"
+    rc = main([str(run), "-o", str(out), flag, "-1"])
+    assert rc == 2
+    assert f"{flag} -1; valid: an integer >= 0" in one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "named"), [("--limit", "-1", "limit=-1"), ("--limit", "0", "limit=0"),
+                                                       ("--batch-size", "0", "batch_size=0"),
+                                                       ("--batch-size", "-3", "batch_size=-3")])
+def test_examples_bad_limit_and_batch_size_are_one_line(tmp_path, capsys, flag, value, named):
+    """--limit -1 blamed an empty site list; --limit 0 meant every target; --batch-size 0 or -3 was
+    a traceback after the corpus search had started."""
+    from ft.examples import main
+
+    run = fake_run(tmp_path / "run")
+    before = files_of(run)
+    rc = main([str(run), flag, value])
+    assert rc == 2
+    assert named in one_line(capsys.readouterr().err)
+    assert files_of(run) == before
+
+
+@pytest.mark.parametrize("module", ["report", "export", "examples", "static", "merge", "compare", "sweep", "bench",
+                                    "dashboard"])
+def test_argparse_errors_are_one_line(module, capsys):
+    """argparse printed its usage block (3 to 6 lines) before the error."""
+    import importlib
+
+    main = importlib.import_module(f"ft.{module}").main
+    with pytest.raises(SystemExit) as e:
+        main(["--no-such-flag", "x"])
+    assert e.value.code == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("error: ")
+    assert f"python -m ft.{module} --help" in line
+
+
+# -- C: signals ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_report_signal_is_one_line_and_128_plus_signum(tmp_path, capsys, monkeypatch, signum):
+    """SIGTERM killed ft.report with no word; SIGINT was a KeyboardInterrupt traceback."""
+    import ft.report
+
+    def build(*_a, **_k):
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the signal stops the command")
+
+    monkeypatch.setattr(ft.report, "build_report", build)
+    run = fake_run(tmp_path / "run")
+    out = tmp_path / "r.html"
+    before = signal.getsignal(signal.SIGTERM)
+    rc = ft.report.main([str(run), "-o", str(out)])
+    assert rc == 128 + signum
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"interrupted: {signal.Signals(signum).name} during python -m ft.report")
+    assert "run it again with: python -m ft.report" in line
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_static_signal_while_reading_leaves_no_file(tmp_path, tiny_dir, capsys, monkeypatch):
+    import ft.encoder
+    from ft.static import main
+
+    def load(*_a, **_k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal stops the command")
+
+    monkeypatch.setattr(ft.encoder, "load_encoder", load)
+    out = tmp_path / "static.parquet"
+    rc = main(["--model", str(tiny_dir), "--out", str(out)])
+    assert rc == 143
+    assert "SIGTERM during python -m ft.static" in one_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_signal_while_staging_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """The staging folder is removed: no `.out-*` sibling, no `out`."""
+    import ft.export
+
+    run = fake_run(tmp_path / "runs" / "run")
+    monkeypatch.setattr(ft.export, "finished", lambda r: r)
+    monkeypatch.setattr(ft.export, "distinct", lambda rs: list(rs))
+
+    def rows(*_a, **_k):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("the signal stops the command")
+
+    monkeypatch.setattr(ft.export, "run_labels", rows)
+    monkeypatch.setattr(ft.export, "hf_rows", rows, raising=False)
+    out = tmp_path / "out" / "export"
+    rc = ft.export.main([str(run), "--format", "hf", "-o", str(out)])
+    assert rc == 130
+    assert "SIGINT during python -m ft.export" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
