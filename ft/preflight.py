@@ -255,7 +255,9 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         message = " ".join(message.split())
-        self.exit(2, f"error: {message}; valid: see {self.prog} --help\n")
+        if "valid:" not in message:  # the command's own checks (p.error) already say what is valid
+            message += f"; valid: see {self.prog} --help"
+        self.exit(2, f"error: {message}\n")
 
 
 def refuse_inside(out: Path, inputs: list[Path], what: str, valid: str) -> None:

@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-runs", type=int,
                    help="stop after this many runs (default: all grid points, 20 otherwise)")
     args = p.parse_args(argv)
+    if args.max_runs is not None and args.max_runs < 1:  # 0 or less ran nothing and exited 0
+        print(f"error: --max-runs {args.max_runs}; valid: an integer >= 1 (or leave it out)", file=sys.stderr)
+        sys.exit(2)
     try:
         dirs = run_sweep(args.sweep, args.out, args.max_runs, extra)
     except FtError as e:

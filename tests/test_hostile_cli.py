@@ -187,3 +187,26 @@ def test_export_signal_while_staging_leaves_nothing(tmp_path, capsys, monkeypatc
     assert rc == 130
     assert "SIGINT during python -m ft.export" in one_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_sweep_max_runs_below_one_is_refused(tmp_path, capsys, value):
+    """--max-runs 0 or -2 ran nothing, skipped the parameter checks and exited 0."""
+    from ft.sweep import main
+
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as e:
+        main([str(Path(__file__).resolve().parents[1] / "sweeps" / "lr.yaml"), "--max-runs", value, "--out", str(out)])
+    assert e.value.code == 2
+    assert f"--max-runs {value}; valid: an integer >= 1" in one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_a_commands_own_parser_error_says_valid_once(capsys):
+    """ft.bench's own checks (p.error) already name what is valid: not a second `valid:`."""
+    from ft.bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--rounds", "0"])
+    assert e.value.code == 2
+    assert one_line(capsys.readouterr().err).count("valid:") == 1
