@@ -388,15 +388,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ft.integrity import StorageError
+    from ft.preflight import writable_place
+
     try:
+        if Path(a.run_dir).is_dir():  # the examples go into the run: a place that cannot take them fails first
+            writable_place(Path(a.run_dir) / EXAMPLES, "the examples to", "a run directory you can write "
+                           "(copy the run to one)", folder=False)
         df, compare = run_examples(a.run_dir, a.corpus, a.top_n, a.ngram, a.limit, a.mae_drop, a.window,
                                    a.pos_drop, a.neg_drop, a.substitutes, a.mlm, a.max_tokens, a.batch_size)
+        summary = summarize(compare)
+        run_dir = Path(a.run_dir)
+        atomic_write(run_dir / "examples_summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     except FtError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = summarize(compare)
-    run_dir = Path(a.run_dir)
-    atomic_write(run_dir / "examples_summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    except OSError as e:  # the disk filled while writing: one line (atomic writes leave no half-written file)
+        print(f"error: {e if isinstance(e, StorageError) else f'{a.run_dir}: {e.strerror or e}'}", file=sys.stderr)
+        return 1
     log_to_wandb(run_dir, df, compare, summary)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(compare.drop(columns=["target_id"]).describe().loc[["mean", "std"]].round(3).to_string())

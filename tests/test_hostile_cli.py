@@ -210,3 +210,35 @@ def test_a_commands_own_parser_error_says_valid_once(capsys):
         main(["--rounds", "0"])
     assert e.value.code == 2
     assert one_line(capsys.readouterr().err).count("valid:") == 1
+
+
+def test_examples_into_an_unwritable_run_fails_before_the_work(tmp_path, capsys, monkeypatch):
+    """A read-only run directory was a StorageError traceback after the whole corpus search."""
+    import ft.examples
+
+    run = fake_run(tmp_path / "run")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == run else real_access(p, mode, **k))
+    monkeypatch.setattr(ft.examples, "run_examples", lambda *a, **k: pytest.fail("the work ran"))
+    rc = ft.examples.main([str(run)])
+    assert rc == 2
+    assert "not writable" in one_line(capsys.readouterr().err)
+    assert sorted(files_of(run)) == ["config.yaml", "targets.parquet"]
+
+
+def test_examples_write_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    """A disk that fills while the examples are written: one line, exit 1, no traceback."""
+    import errno
+
+    import ft.examples
+    from ft.results import storage_error
+
+    run = fake_run(tmp_path / "run")
+
+    def full(*_a, **_k):
+        raise storage_error(run / "examples.parquet", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    monkeypatch.setattr(ft.examples, "run_examples", full)
+    rc = ft.examples.main([str(run)])
+    assert rc == 1
+    assert "No space left on device" in one_line(capsys.readouterr().err)
