@@ -207,6 +207,9 @@ class TextualizationModule(pl.LightningModule):
             del sd[key]
         checkpoint["ft_state"] = self.state.to("cpu").state_dict()
         checkpoint["ft_num_targets"] = len(self.all_objectives)
+        # the global generators (input=gumbel's noise): a resume continues their streams, as the run would have
+        checkpoint["ft_rng"] = {"cpu": torch.get_rng_state(),
+                                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from ft.errors import ConfigError
@@ -219,6 +222,17 @@ class TextualizationModule(pl.LightningModule):
             raise ConfigError("the checkpoint was written by an older ft (no row state); valid: ckpt_path=none "
                               "to start over, or a new run directory")
         self.state = RowState.from_state_dict(checkpoint["ft_state"]).to(self.inputs.param.device)
+        rng = checkpoint.get("ft_rng")
+        self._pending_rng = rng if isinstance(rng, dict) else None  # set before the first resumed step (the
+        # data loader's new iterator draws from the generator after this hook)
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+        rng, self._pending_rng = getattr(self, "_pending_rng", None), None
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            cuda = rng.get("cuda")
+            if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
 
     def train(self, mode: bool = True) -> TextualizationModule:
         super().train(mode)

@@ -162,3 +162,31 @@ def test_a_model_changed_in_memory_is_not_recorded_as_the_folder_it_was_loaded_f
     if Path(recorded).exists():  # whatever it names must be the weights the run used
         again = load_encoder(recorded).model.encoder.layer[0].intermediate.dense.weight
         assert torch.equal(again, enc.model.encoder.layer[0].intermediate.dense.weight)
+
+
+def test_a_resumed_gumbel_run_continues_its_noise(tiny, tiny_dir, tmp_path):
+    """input=gumbel draws its noise from the global torch generator: a run resumed from its
+    checkpoint (here: extended from 3 to 6 steps) must continue that stream, as the run would have
+    gone on, not draw the first steps' noise again (a silently other run than the straight one)."""
+    from ft.results import read_inputs
+    from ft.train import run
+
+    g = ["target.sites=[layer.0.ffn_act.3,layer.1.ffn_out.5]", "input=gumbel", "input.anneal_steps=6",
+         "logger.wandb.mode=disabled"]  # (W&B's nearest-words table: the next test)
+    run(tiny_run(tiny_dir, *g, steps=3), tmp_path / "a", tiny)
+    run(tiny_run(tiny_dir, *g, steps=6), tmp_path / "a", tiny)
+    run(tiny_run(tiny_dir, *g, steps=6), tmp_path / "b", tiny)
+    assert torch.equal(read_inputs(tmp_path / "a")["embeds"], read_inputs(tmp_path / "b")["embeds"])
+
+
+def test_the_nearest_words_table_does_not_change_a_gumbel_run(tiny, tiny_dir, tmp_path):
+    """The W&B nearest-words table (a report, every callbacks.nearest.every_n_steps) must read the
+    inputs without drawing gumbel noise: a run logged to W&B gives the inputs of the same run
+    without W&B, and its table shows the noise-free input."""
+    from ft.results import read_inputs
+    from ft.train import run
+
+    g = ["target.sites=[layer.0.ffn_act.3,layer.1.ffn_out.5]", "input=gumbel"]
+    run(tiny_run(tiny_dir, *g, "logger.wandb.mode=offline", steps=5), tmp_path / "a", tiny)
+    run(tiny_run(tiny_dir, *g, "logger.wandb.mode=disabled", steps=5), tmp_path / "b", tiny)
+    assert torch.equal(read_inputs(tmp_path / "a")["embeds"], read_inputs(tmp_path / "b")["embeds"])

@@ -27,8 +27,13 @@ class NearestWords(pl.Callback):
         n = min(self.max_rows, pl_module.num_targets)
         rows = slice(0, n)
         W = pl_module.word_embeddings
-        seq = full_sequence(pl_module.embeds(rows).float(), W.float(), pl_module.cls_id,
-                            pl_module.sep_id)
+        inputs, was = pl_module.inputs, pl_module.inputs.training
+        inputs.eval()  # the noise-free input (gumbel): a report never draws from the run's noise stream
+        try:
+            embeds = pl_module.embeds(rows).float()
+        finally:
+            inputs.train(was)
+        seq = full_sequence(embeds, W.float(), pl_module.cls_id, pl_module.sep_id)
         analysis = adapter(pl_module.encoder).embed(inputs_embeds=seq)[:, pl_module.position]
         facts = pl_module.facts
         _, top_cos, top_rows = closest_words(analysis.cpu(), facts.word_vectors, self.top_n)
