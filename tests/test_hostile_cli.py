@@ -242,3 +242,38 @@ def test_examples_write_failure_is_one_line(tmp_path, capsys, monkeypatch):
     rc = ft.examples.main([str(run)])
     assert rc == 1
     assert "No space left on device" in one_line(capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def two_shards(tiny_dir, tmp_path_factory):
+    from ft.train import run
+    from tests.test_train import compose_cfg
+
+    root = tmp_path_factory.mktemp("hostile_shards")
+    for i in range(2):
+        run(compose_cfg([f"model.name_or_path={tiny_dir}", "trainer.max_steps=3", "logger.wandb.mode=disabled",
+                         "+trainer.enable_progress_bar=false", "target.per_layer=2", f"target.shard={i}",
+                         "target.num_shards=2"]), root / f"s{i}")
+    return root
+
+
+def test_merge_stopped_while_writing_leaves_no_part_and_reruns(two_shards, tmp_path, capsys, monkeypatch):
+    """A SIGTERM after the kept inputs were written left `-o` holding kept/ (the message said nothing
+    was written) and the same command then refused `-o` as not empty."""
+    import ft.merge
+
+    real = ft.merge.keep_shard_inputs
+
+    def keep_then_stop(*a, **k):
+        real(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ft.merge, "keep_shard_inputs", keep_then_stop)
+    out = tmp_path / "merged"
+    assert ft.merge.main([str(two_shards), "-o", str(out)]) == 143
+    assert "SIGTERM during python -m ft.merge" in one_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(ft.merge, "keep_shard_inputs", real)
+    assert ft.merge.main([str(two_shards), "-o", str(out)]) == 0
+    assert (out / "manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
