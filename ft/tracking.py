@@ -117,18 +117,13 @@ def log_summary(loggers: list[Logger], summary: dict[str, float], df: pd.DataFra
         lg.log_metrics(summary, step=step)
         if isinstance(lg, WandbLogger):
             lg.experiment.summary.update(summary)
-            cols = ["target_id", "sites", "target_word", "objective", "most_activating_word",
-                    "most_activating_word_activation", "closest_words", "closest_cos"]
-            table = df[cols].head(1000).copy()
-            table["sites"] = table["sites"].map(lambda s: " ".join(s[:5]))
-            table["closest_words"] = table["closest_words"].map(lambda s: ", ".join(s[:5]))
-            table["closest_cos"] = table["closest_cos"].map(lambda s: round(s[0], 4))
-            lg.log_table("results/targets", dataframe=table)
+            lg.log_table("results/targets", dataframe=wandb_targets_table(df))
             if "text" in df:  # input=tokens: the searched texts
                 cols = ["target_id", "sites", "text", "objective", "most_activating_word",
                         "most_activating_word_activation", "retokenizes", "fluency", "fluency_weight"]
                 texts = df[[c for c in cols if c in df]].head(1000).copy()
                 texts["sites"] = texts["sites"].map(lambda s: " ".join(s[:5]))
+                texts.insert(1, "label", [target_label(r) for r in df.head(1000).itertuples()])
                 lg.log_table("results/texts", dataframe=texts)
             if (run_dir / FRONTIER).exists():  # and each fluency weight's best text
                 frontier = read_frontier(run_dir).drop(columns=["token_ids"]).head(5000)
@@ -142,6 +137,19 @@ def log_summary(loggers: list[Logger], summary: dict[str, float], df: pd.DataFra
         wandb.finish()
     return note
 
+
+
+def wandb_targets_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The W&B `results/targets` table: each row's `label` (what names its unit: four latents of one
+    SAE share their sites), its sites, word, objective and nearest words."""
+    cols = ["target_id", "sites", "target_word", "objective", "most_activating_word",
+            "most_activating_word_activation", "closest_words", "closest_cos"]
+    table = df[cols].head(1000).copy()
+    table.insert(1, "label", [target_label(r) for r in df.head(1000).itertuples()])
+    table["sites"] = table["sites"].map(lambda s: " ".join(s[:5]))
+    table["closest_words"] = table["closest_words"].map(lambda s: ", ".join(s[:5]))
+    table["closest_cos"] = table["closest_cos"].map(lambda s: round(s[0], 4))
+    return table
 
 
 def log_inputs_artifact(lg: WandbLogger, run_dir: Path) -> None:
@@ -158,13 +166,15 @@ def log_inputs_artifact(lg: WandbLogger, run_dir: Path) -> None:
 
 def format_table(df: pd.DataFrame, max_rows: int, summary: dict[str, float]) -> str:
     """The short results table printed at the end of a run."""
-    lines = [f"{'target':<28} {'act':>8} {'most activating word':>26} {'closest words (cos)'}"]
-    for _, r in df.head(max_rows).iterrows():
-        name = target_label(r)[:28]
+    shown = df.head(max_rows)
+    width = max([28, *(len(target_label(r)) for _, r in shown.iterrows())])  # whole labels: a cut one may name two
+    lines = [f"{'target':<{width}} {'act':>8} {'most activating word':>26} {'closest words (cos)'}"]
+    for _, r in shown.iterrows():
+        name = f"{target_label(r):<{width}}"
         maw = f"{r.most_activating_word} {r.most_activating_word_activation:.2f}"
         close = ", ".join(f"{w} ({c:.2f})" for w, c in zip(r.closest_words[:3], r.closest_cos[:3],
                                                             strict=True))
-        lines.append(f"{name:<28} {r.objective:>8.2f} {maw:>26} {close}")
+        lines.append(f"{name} {r.objective:>8.2f} {maw:>26} {close}")
     if len(df) > max_rows:
         lines.append(f"... {len(df) - max_rows} more rows in targets.parquet")
     keys = ["final/activation_mean", "final/maw_activation_mean", "final/activation_ratio",

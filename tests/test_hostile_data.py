@@ -190,3 +190,32 @@ def test_the_nearest_words_table_does_not_change_a_gumbel_run(tiny, tiny_dir, tm
     run(tiny_run(tiny_dir, *g, "logger.wandb.mode=offline", steps=5), tmp_path / "a", tiny)
     run(tiny_run(tiny_dir, *g, "logger.wandb.mode=disabled", steps=5), tmp_path / "b", tiny)
     assert torch.equal(read_inputs(tmp_path / "a")["embeds"], read_inputs(tmp_path / "b")["embeds"])
+
+
+def test_the_console_table_tells_apart_units_whose_labels_share_a_prefix(tiny, tiny_dir, tmp_path, capsys):
+    """Two term expressions that differ only after their 28th character are two rows the console
+    table must tell apart (it cut every label at 28 characters)."""
+    from ft.results import read_summary, read_targets
+    from ft.tracking import format_table
+    from ft.train import run
+
+    specs = "target.specs=['layer.1.ffn_out.5-0.5*layer.0.ffn_act.7','layer.1.ffn_out.5-0.5*layer.0.ffn_act.8']"
+    run(tiny_run(tiny_dir, "target=terms", specs), tmp_path / "run", tiny)
+    df = read_targets(tmp_path / "run")
+    lines = format_table(df, 10, read_summary(tmp_path / "run")).splitlines()[1:3]
+    assert "layer.0.ffn_act.7" in lines[0]
+    assert "layer.0.ffn_act.8" in lines[1]
+
+
+def test_the_wandb_targets_table_names_each_unit():
+    """The W&B results table carries the `label` column: SAE latents of one site are told apart."""
+    import pandas as pd
+
+    from ft.tracking import wandb_targets_table
+
+    df = pd.DataFrame({"target_id": [0, 1], "kind": ["sae", "sae"], "sites": [["layer.1.resid"]] * 2,
+                       "label": ["layer.1.resid:sae.3", "layer.1.resid:sae.9"], "target_word": [None, None],
+                       "objective": [1.0, 2.0], "most_activating_word": ["a", "b"],
+                       "most_activating_word_activation": [0.5, 0.6], "closest_words": [["a"], ["b"]],
+                       "closest_cos": [[0.9], [0.8]]})
+    assert list(wandb_targets_table(df)["label"]) == ["layer.1.resid:sae.3", "layer.1.resid:sae.9"]
