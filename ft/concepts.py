@@ -147,6 +147,13 @@ def load_concept(spec: str, tokenizer: object, seed: int = 0) -> Concept:
     if concept.is_word_list:
         if getattr(tokenizer, "do_lower_case", False):  # an uncased vocabulary: its words are lower case
             concept.sentences = [[w.lower() for w in s] for s in concept.sentences]
+        seen: dict[str, str] = {}
+        for w, lab in zip(concept.words, concept.flat_labels, strict=True):  # one row per word type: a repeat
+            if w in seen:  # would weigh it twice and could land in both the training and held-out split
+                again = "again" if seen[w] == lab else f"as {lab!r} after {seen[w]!r}"
+                raise ConfigError(f"concept={spec!r}: the word {w!r} is listed {again}; valid: each word once, "
+                                  "with one label")
+            seen[w] = lab
         vocab = tokenizer.get_vocab()
         missing = [w for w in concept.words if w not in vocab]
         if missing:

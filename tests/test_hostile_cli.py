@@ -277,3 +277,28 @@ def test_merge_stopped_while_writing_leaves_no_part_and_reruns(two_shards, tmp_p
     assert ft.merge.main([str(two_shards), "-o", str(out)]) == 0
     assert (out / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+@pytest.mark.parametrize(("rows", "said"), [
+    ("cat,animal\ncat,animal\n", "'cat' is listed again"),
+    ("cat,animal\ncat,verb\n", "'cat' is listed as 'verb' after 'animal'"),
+    ("Cat,animal\ncat,animal\n", "'cat' is listed again"),  # one word of an uncased vocabulary
+])
+def test_concept_word_listed_twice_is_refused(tmp_path, tiny, rows, said):
+    """A repeated word was weighed twice (and counted toward 'each label on 2 words'); one listed
+    under two labels trained the probe on contradicting rows; both ran silently."""
+    from ft.concepts import load_concept
+    from ft.errors import ConfigError
+
+    path = tmp_path / "c.csv"
+    path.write_text(rows + "goat,animal\nsheep,animal\nhave,verb\nmake,verb\nwere,verb\n")
+    with pytest.raises(ConfigError, match=said):
+        load_concept(str(path), tiny.tokenizer)
+
+
+def test_concept_words_each_once_still_load(tmp_path, tiny):
+    from ft.concepts import load_concept
+
+    path = tmp_path / "c.csv"
+    path.write_text("cat,animal\ngoat,animal\nhave,verb\nmake,verb\n")
+    assert load_concept(str(path), tiny.tokenizer).words == ["cat", "goat", "have", "make"]
