@@ -302,3 +302,25 @@ def test_concept_words_each_once_still_load(tmp_path, tiny):
     path = tmp_path / "c.csv"
     path.write_text("cat,animal\ngoat,animal\nhave,verb\nmake,verb\n")
     assert load_concept(str(path), tiny.tokenizer).words == ["cat", "goat", "have", "make"]
+
+
+def test_corpus_cache_tells_tokenizers_of_one_vocabulary_apart(tmp_path, monkeypatch):
+    """The token-id cache was keyed by the vocabulary alone: a cased tokenizer of the same vocabulary
+    got the ids an uncased one had cached ('Cat' read as 'cat'), silently."""
+    from transformers import BertTokenizerFast
+
+    import ft.corpus
+    from tests.conftest import VOCAB
+
+    monkeypatch.setattr(ft.corpus, "cache_dir", lambda: tmp_path / "cache")
+    text = tmp_path / "c.txt"
+    text.write_text("Cat sat on the mat.\n")
+    vocab = {t: i for i, t in enumerate(VOCAB)}
+    uncased = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    cased = BertTokenizerFast(vocab=vocab, do_lower_case=False)
+    assert uncased("Cat", add_special_tokens=False)["input_ids"] != cased("Cat", add_special_tokens=False)["input_ids"]
+    first = ft.corpus.load_corpus(str(text), uncased).ids
+    second = ft.corpus.load_corpus(str(text), cased).ids
+    assert second == [cased(s, add_special_tokens=False)["input_ids"] for s in ft.corpus.load_corpus(
+        str(text), cased, use_cache=False).sentences]
+    assert first != second
