@@ -142,7 +142,10 @@ def load_corpus(spec: str, tokenizer: object, max_tokens: int = 64, use_cache: b
     h = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     # its normalizer (lower case, accents) and splitting: the same vocabulary tokenizes otherwise without them
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    rules = backend.to_str() if backend is not None else repr(getattr(tokenizer, "init_kwargs", ""))
+    rules = repr(getattr(tokenizer, "init_kwargs", ""))
+    if backend is not None:  # less its truncation and padding, which each call sets
+        rules = json.dumps({k: v for k, v in json.loads(backend.to_str()).items()
+                            if k not in ("truncation", "padding")}, sort_keys=True)
     h.update(f"{type(tokenizer).__name__}\n{rules}\n".encode())
     h.update(f"{max_tokens}\n".encode() + "\n".join(sentences).encode())
     path = cache_dir() / "corpus" / f"{h.hexdigest()[:20]}.safetensors"

@@ -324,3 +324,6 @@ def test_corpus_cache_tells_tokenizers_of_one_vocabulary_apart(tmp_path, monkeyp
     assert second == [cased(s, add_special_tokens=False)["input_ids"] for s in ft.corpus.load_corpus(
         str(text), cased, use_cache=False).sentences]
     assert first != second
+    assert len(list((tmp_path / "cache" / "corpus").glob("*.safetensors"))) == 2
+    ft.corpus.load_corpus(str(text), cased)  # a tokenizer's truncation, set by each call, is not part of the key
+    assert len(list((tmp_path / "cache" / "corpus").glob("*.safetensors"))) == 2
