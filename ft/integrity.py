@@ -32,6 +32,9 @@ log = logging.getLogger("ft")
 
 MANIFEST = "manifest.json"
 COMMIT = "commit.json"  # the journal of a commit in progress
+# files only a commit writes (ft.results, ft.probe): one the manifest does not list is not the run's
+COMMITTED_ONLY = frozenset({"config.yaml", "targets.parquet", "inputs.safetensors", "summary.json", "curves.parquet",
+                            "frontier.parquet", "directions.safetensors", "probe.parquet"})
 _TMP = re.compile(r"^\.?(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 _warned: set[str] = set()
 
@@ -136,6 +139,9 @@ def verify(run_dir: str | Path, name: str) -> Path:
     if name not in files:
         if not path.exists():
             raise RunFileError(f"{path} is missing")
+        if name in COMMITTED_ONLY:  # a result file only a commit writes: left by another run, or put back
+            raise RunFileError(f"{path} is not among the results {run_dir / MANIFEST} lists (left by another run "
+                               "in this directory, or restored since): it is not this run's; rerun it")
         return path  # written after the run (ft.examples' files): not part of its record
     if not path.exists():
         raise RunFileError(f"{path} is missing: the run directory is incomplete")

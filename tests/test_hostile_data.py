@@ -219,3 +219,31 @@ def test_the_wandb_targets_table_names_each_unit():
                        "most_activating_word_activation": [0.5, 0.6], "closest_words": [["a"], ["b"]],
                        "closest_cos": [[0.9], [0.8]]})
     assert list(wandb_targets_table(df)["label"]) == ["layer.1.resid:sae.3", "layer.1.resid:sae.9"]
+
+
+def test_a_result_file_the_manifest_does_not_list_is_refused(tiny, tiny_dir, tmp_path, monkeypatch):
+    """A start over commits a manifest of its config alone; a targets.parquet put back beside it
+    (an rsync without --delete, a restored backup) is not this run's result, and read_targets
+    must refuse it rather than read it unverified as a file 'written after the run'."""
+    import shutil
+
+    import pytest
+
+    import ft.train
+    from ft.errors import FtError
+    from ft.results import read_targets
+    from ft.train import run
+
+    d = tmp_path / "run"
+    run(tiny_run(tiny_dir, "target.sites=[layer.0.ffn_act.3]"), d, tiny)
+    shutil.copy(d / "targets.parquet", tmp_path / "old.parquet")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(ft.train, "keep_inputs", crash)
+    with pytest.raises(RuntimeError):
+        run(tiny_run(tiny_dir, "target.sites=[layer.1.ffn_act.9]", "ckpt_path=none"), d, tiny)
+    shutil.copy(tmp_path / "old.parquet", d / "targets.parquet")
+    with pytest.raises(FtError):
+        read_targets(d)
