@@ -7,6 +7,8 @@ parameters) and a report with the same panels; `--publish` saves them (needs `wa
 
 from __future__ import annotations
 
+import re
+
 import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--project", default="ft")
     p.add_argument("--publish", action="store_true", help="save to W&B (needs `wandb login`)")
     args = p.parse_args(argv)
+    for flag, v in (("--entity", args.entity), ("--project", args.project)):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", v):  # an empty name built pages for no one, exit 0
+            p.error(f"{flag} {v!r}; valid: a W&B {flag[2:]} name (letters, digits, _ . -)")
     workspace, report = build_workspace(args.entity, args.project), build_report(args.entity, args.project)
     if args.publish:
         print(workspace.save().url)

@@ -327,3 +327,14 @@ def test_corpus_cache_tells_tokenizers_of_one_vocabulary_apart(tmp_path, monkeyp
     assert len(list((tmp_path / "cache" / "corpus").glob("*.safetensors"))) == 2
     ft.corpus.load_corpus(str(text), cased)  # a tokenizer's truncation, set by each call, is not part of the key
     assert len(list((tmp_path / "cache" / "corpus").glob("*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("argv", [["--entity", ""], ["--entity", "me", "--project", " "]])
+def test_dashboard_empty_names_are_refused(capsys, argv):
+    """An empty --entity or --project built a workspace and report for no one and exited 0."""
+    from ft.dashboard import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "valid: a W&B" in one_line(capsys.readouterr().err)
