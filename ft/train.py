@@ -462,14 +462,20 @@ def input_sources(cfg: DictConfig) -> dict[str, Path]:
         if concept is not None:
             out["concept"] = concept
     if t.kind == "clusters" and isinstance(t.get("corpus"), str):
-        out["corpus"] = Path(t.corpus.removeprefix("hf:").split(":")[0])
+        out["corpus"] = corpus_path(t.corpus)
     if cfg.input.get("kind") == "tokens":
         spec = str(cfg.search.get("fluency_model", "auto"))
         if spec.startswith("bigram:"):
-            out["fluency_corpus"] = Path(spec.split(":", 1)[1].removeprefix("hf:").split(":")[0])
+            out["fluency_corpus"] = corpus_path(spec.split(":", 1)[1])
         elif spec not in ("auto", "self", "bigram"):
             out["fluency_model"] = Path(spec)
     return {role: p.expanduser() for role, p in out.items() if p.expanduser().exists()}
+
+
+def corpus_path(spec: str) -> Path:
+    """The file or folder a corpus spec reads (ft.corpus): hf:PATH[:COLUMN]'s PATH, else the spec
+    itself (a file name may hold a colon)."""
+    return Path(spec[3:].split(":")[0]) if spec.startswith("hf:") else Path(spec)
 
 
 def probe_concept(probe_run: Path) -> Path | None:

@@ -247,3 +247,17 @@ def test_a_result_file_the_manifest_does_not_list_is_refused(tiny, tiny_dir, tmp
     shutil.copy(tmp_path / "old.parquet", d / "targets.parquet")
     with pytest.raises(FtError):
         read_targets(d)
+
+
+def test_a_corpus_file_with_a_colon_in_its_name_is_fingerprinted(tiny_dir, tmp_path):
+    """Only an hf:PATH:COLUMN spec has a column after a colon: a plain corpus file whose name has a
+    colon (c:v2.txt) is still the file the run reads, so its content is recorded (and a change of
+    it refused on resume) for target=clusters and for the fluency bigram corpus."""
+    from ft.train import input_sources
+
+    corpus = tmp_path / "c:v2.txt"
+    corpus.write_text(SENTENCES_A)
+    clusters = input_sources(tiny_run(tiny_dir, "target=clusters", f"target.corpus='{corpus}'"))
+    assert clusters.get("corpus") == corpus
+    tokens = input_sources(tiny_run(tiny_dir, "input=tokens", f"search.fluency_model='bigram:{corpus}'"))
+    assert tokens.get("fluency_corpus") == corpus
