@@ -113,11 +113,11 @@ def recorded_name(encoder: object, name: str) -> str:
     folder of other weights."""
     import re
 
-    from ft.encoder import load_encoder, resolve
+    from ft.encoder import load_encoder, local_folder
     from ft.vocab import model_key
 
-    path = Path(resolve(name)).expanduser()
-    if not path.exists():
+    path = local_folder(name)  # a folder, or a hub name's cached snapshot (what later readers would load)
+    if path is None:
         return name
     try:
         same = model_key(load_encoder(str(path))) == model_key(encoder)

@@ -32,6 +32,24 @@ def resolve(name_or_path: str) -> str:
     return str(packaged_minilm_path()) if name_or_path == PACKAGED else name_or_path
 
 
+def local_folder(name_or_path: str) -> Path | None:
+    """The folder `load_encoder(name_or_path)` reads: a local path (the packaged alias resolved),
+    or for a hub name the snapshot of the Hugging Face cache it resolves to now (None when the
+    name is not cached: it is downloaded at load time)."""
+    path = Path(resolve(name_or_path)).expanduser()
+    if path.exists():
+        return path
+    text = str(name_or_path)
+    if text.startswith(("packaged:", "hf:", "in-memory:", "/", ".", "~")) or text.count("/") > 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, local_files_only=True))
+    except Exception:  # not a hub id, or not in the cache
+        return None
+
+
 @dataclass
 class Encoder:
     """A frozen encoder with the facts ft needs about it."""

@@ -445,11 +445,13 @@ def input_sources(cfg: DictConfig) -> dict[str, Path]:
     """The local files and folders this run reads (role -> path), which it keeps (`ft.kept`): the
     model folder (by fingerprint), a directions file, an SAE folder, a probe run's table and
     concept file, a fluency model or corpus, a clusters corpus. Hub names are not files."""
-    from ft.encoder import resolve
+    from ft.encoder import local_folder
 
     t, out = cfg.target, {}
     try:
-        out["model"] = Path(resolve(cfg.model.name_or_path))
+        folder = local_folder(cfg.model.name_or_path)  # a hub name: the cache's snapshot it resolves to
+        if folder is not None:
+            out["model"] = folder
     except FtError:
         pass  # the packaged model's package is missing: load_encoder says so
     if t.get("file"):

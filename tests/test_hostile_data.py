@@ -261,3 +261,38 @@ def test_a_corpus_file_with_a_colon_in_its_name_is_fingerprinted(tiny_dir, tmp_p
     assert clusters.get("corpus") == corpus
     tokens = input_sources(tiny_run(tiny_dir, "input=tokens", f"search.fluency_model='bigram:{corpus}'"))
     assert tokens.get("fluency_corpus") == corpus
+
+
+def test_a_hub_model_whose_cached_snapshot_changed_is_refused_on_resume(tiny_dir, tmp_path, monkeypatch):
+    """model.name_or_path=org/name (the Hugging Face cache): the snapshot the run read is
+    fingerprinted like a model folder, so a resume after the cache moved to another revision
+    (other weights under the same name) is refused, and later readers load the snapshot it read."""
+    import shutil
+
+    import pytest
+
+    from ft.errors import FtError
+    from ft.kept import model_to_load
+    from ft.train import run
+    from tests.conftest import build_tiny
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny"
+    shutil.copytree(tiny_dir, repo / "snapshots" / "aaa")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("aaa")
+    import huggingface_hub.constants
+    import transformers.utils.hub
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    for name in ("HF_HUB_CACHE", "TRANSFORMERS_CACHE", "PYTORCH_PRETRAINED_BERT_CACHE", "PYTORCH_TRANSFORMERS_CACHE"):
+        if hasattr(transformers.utils.hub, name):
+            monkeypatch.setattr(transformers.utils.hub, name, str(cache))
+    hub = ["model.name_or_path=org/tiny", "target.sites=[layer.0.ffn_act.3]", "logger.wandb.mode=disabled"]
+    run(tiny_run(tiny_dir, *hub), tmp_path / "run")
+    build_tiny(repo / "snapshots" / "bbb", seed=5)  # a new revision: same name, other weights
+    (repo / "refs" / "main").write_text("bbb")
+    assert model_to_load(tmp_path / "run", "org/tiny") == str(repo / "snapshots" / "aaa")
+    with pytest.raises(FtError, match="model"):
+        run(tiny_run(tiny_dir, *hub, steps=4), tmp_path / "run")
