@@ -556,7 +556,13 @@ def build_report(paths: list[str], out: str | Path = "report.html", words: int =
         raise SystemExit(f"error: no run directories under {paths}")
     name_runs([str(p) for p in runs.path])
     runs_json = runs.replace({np.nan: None}).to_json(orient="records")
-    body = [f"<h1>ft report</h1><p>{len(runs)} runs, {len(targets)} targets · {time.strftime('%Y-%m-%d %H:%M')}</p>",
+    # dated by its newest run's results, not the clock: a report made again of the same runs is the same file
+    from ft.results import TARGETS
+
+    stamps = [(Path(p) / TARGETS).stat().st_mtime for p in runs.path if (Path(p) / TARGETS).exists()]
+    newest = max(stamps) if stamps else time.time()
+    body = [f"<h1>ft report</h1><p>{len(runs)} runs, {len(targets)} targets · results of "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(newest))}</p>",
             '<pre id="js-errors"></pre>',
             *[part for heading, html in extra or [] for part in (f"<h2>{escape(heading)}</h2>", html)],
             "<h2>Runs compared</h2>", section_compare(runs),

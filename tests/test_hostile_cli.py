@@ -338,3 +338,29 @@ def test_dashboard_empty_names_are_refused(capsys, argv):
         main(argv)
     assert e.value.code == 2
     assert "valid: a W&B" in one_line(capsys.readouterr().err)
+
+
+def test_report_made_again_of_the_same_runs_is_the_same_file(two_shards, tmp_path, monkeypatch):
+    """The page was dated by the clock: made again a minute later, the same runs gave another file."""
+    import itertools
+    import time as real_time
+
+    import ft.report
+
+    ticks = itertools.count()
+
+    class Clock:  # the clock moves a minute on each reading
+        perf_counter, localtime = staticmethod(real_time.perf_counter), staticmethod(real_time.localtime)
+
+        @staticmethod
+        def time() -> float:
+            return real_time.time() + 60 * next(ticks)
+
+        @staticmethod
+        def strftime(fmt: str, t=None) -> str:
+            return real_time.strftime(fmt, real_time.localtime(Clock.time()) if t is None else t)
+
+    monkeypatch.setattr(ft.report, "time", Clock)
+    a = ft.report.build_report([str(two_shards / "s0")], tmp_path / "a.html", words=0, atlas_per_run=2)
+    b = ft.report.build_report([str(two_shards / "s0")], tmp_path / "b.html", words=0, atlas_per_run=2)
+    assert a.read_bytes() == b.read_bytes()
