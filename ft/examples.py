@@ -388,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ft.chatter import configure_output
+
+    configure_output("info")  # no weight-loading bars from transformers: a refusal is one line
     from ft.integrity import StorageError
     from ft.preflight import writable_place
 

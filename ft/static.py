@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=TOP, help="tokens per reading")
     p.add_argument("--out", required=True, help="parquet file to write")
     a = p.parse_args(argv)
+    from ft.chatter import configure_output
+
+    configure_output("info")  # no weight-loading bars from transformers
     try:
         if a.top < 1:
             raise ConfigError(f"--top={a.top}; valid: an integer >= 1")

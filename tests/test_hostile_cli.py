@@ -364,3 +364,15 @@ def test_report_made_again_of_the_same_runs_is_the_same_file(two_shards, tmp_pat
     a = ft.report.build_report([str(two_shards / "s0")], tmp_path / "a.html", words=0, atlas_per_run=2)
     b = ft.report.build_report([str(two_shards / "s0")], tmp_path / "b.html", words=0, atlas_per_run=2)
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_static_prints_no_weight_loading_bars(tiny_dir, tmp_path, capsys):
+    """transformers' 'Loading weights' bars went to stderr beside ft's own lines."""
+    import transformers
+
+    from ft.static import main
+
+    transformers.utils.logging.enable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+    assert main(["--model", str(tiny_dir), "--out", str(tmp_path / "s.parquet"), "--top", "2"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
