@@ -612,6 +612,9 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
                         if resume_from is None or old.resolve() != resume_from.resolve():
                             old.unlink()
                     (run_dir / RESUME_LOG).unlink(missing_ok=True)
+                    from ft.tracking import WANDB_ID
+
+                    (run_dir / WANDB_ID).unlink(missing_ok=True)  # another run: a new W&B run, not the old one's
                 kept_inputs = keep_inputs(run_dir, cfg, sources, digests, targets, fresh=fresh)
                 if resume_entry:
                     record_resume(run_dir, resume_entry)

@@ -296,3 +296,19 @@ def test_a_hub_model_whose_cached_snapshot_changed_is_refused_on_resume(tiny_dir
     assert model_to_load(tmp_path / "run", "org/tiny") == str(repo / "snapshots" / "aaa")
     with pytest.raises(FtError, match="model"):
         run(tiny_run(tiny_dir, *hub, steps=4), tmp_path / "run")
+
+
+def test_a_start_over_logs_to_a_new_wandb_run(tiny, tiny_dir, tmp_path):
+    """The W&B run id kept in the run directory lets a resume continue its W&B run; a start over
+    (ckpt_path=none) is another run and must not continue the old one's history (W&B would drop
+    the new run's steps below the old run's last step and mix both runs' settings)."""
+    from ft.tracking import WANDB_ID
+    from ft.train import run
+
+    neurons = ["target.sites=[layer.0.ffn_act.3]", "logger.wandb.mode=offline"]
+    run(tiny_run(tiny_dir, *neurons), tmp_path / "run", tiny)
+    first = (tmp_path / "run" / WANDB_ID).read_text()
+    run(tiny_run(tiny_dir, *neurons, steps=3), tmp_path / "run", tiny)
+    assert (tmp_path / "run" / WANDB_ID).read_text() == first  # a resume continues it
+    run(tiny_run(tiny_dir, *neurons, "ckpt_path=none"), tmp_path / "run", tiny)
+    assert (tmp_path / "run" / WANDB_ID).read_text() != first
