@@ -125,6 +125,7 @@ def build_sae_targets(cfg: DictConfig, encoder: Encoder, resumed_sae: dict | Non
         sae = load_sae(t.path)
     elif resumed_sae.get("copy") is not None:  # this run's own demo SAE, not the cache's (changed since?)
         sae = load_sae(resumed_sae["copy"])
+        sae.source = resumed_sae.get("source") or sae.source  # named as the run first read it (sae_path)
         quality = json.loads((Path(resumed_sae["copy"]) / CFG).read_text()).get("ft_quality")
     else:
         layer, point = parse_point(site, encoder.model)
@@ -140,6 +141,7 @@ def build_sae_targets(cfg: DictConfig, encoder: Encoder, resumed_sae: dict | Non
     targets = sae_targets(encoder.model, sae, site, t.latents, t.fraction, t.num_latents, t.seed)
     for target in targets:
         target.meta["sae_quality"] = quality
+        target.meta["sae_kept"] = resumed_sae.get("copy") is not None  # already the run's kept copy
     return targets
 
 
@@ -498,7 +500,7 @@ def probe_concept(probe_run: Path) -> Path | None:
 
 def resumed_demo_sae(cfg: DictConfig, run_dir: Path, resume_from: Path | None) -> dict | None:
     """A resumed demo-SAE run: the demo SAE its checkpoint's run kept ({"copy", "sha256"}), else None."""
-    from ft.kept import kept
+    from ft.kept import index, kept
 
     if resume_from is None or cfg.target.kind != "sae" or cfg.target.get("path"):
         return None
@@ -507,7 +509,8 @@ def resumed_demo_sae(cfg: DictConfig, run_dir: Path, resume_from: Path | None) -
     copy = kept(run_dir, "sae") if own else None
     if copy is not None and recorded and fingerprint(copy) != recorded:
         copy = None  # kept for another attempt: the cache's demo SAE is checked against the record instead
-    return {"copy": copy, "sha256": recorded}
+    source = (index(run_dir).get("sae") or {}).get("source") if copy is not None else None
+    return {"copy": copy, "sha256": recorded, "source": source}
 
 
 def keep_inputs(run_dir: Path, cfg: DictConfig, sources: dict[str, Path], digests: dict[str, str],
@@ -519,7 +522,7 @@ def keep_inputs(run_dir: Path, cfg: DictConfig, sources: dict[str, Path], digest
     for role, path in sources.items():
         keep(run_dir, role, path, digest=digests[role])
     sae = targets[0].meta.get("sae") if targets else None
-    if cfg.target.kind == "sae" and "sae" not in sources and sae is not None:
+    if cfg.target.kind == "sae" and "sae" not in sources and sae is not None and not targets[0].meta.get("sae_kept"):
         keep(run_dir, "sae", sae.source)
     if fresh:
         forget(run_dir, set(index(run_dir)) - set(sources) - ({"sae"} if cfg.target.kind == "sae" else set()))

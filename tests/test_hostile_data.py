@@ -70,6 +70,9 @@ def test_a_resumed_demo_sae_run_keeps_the_demo_sae_it_started_with(tiny, tiny_di
         assert "sae" in str(e)
         return
     assert torch.equal(load_sae(kept(tmp_path / "run", "sae")).W_enc, first)
+    from ft.results import read_targets
+
+    assert set(read_targets(tmp_path / "run").sae_path) == {str(cache)}  # named as a straight run names it
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     with pytest.raises(FtError, match="demo SAE"):  # from elsewhere: the cache's changed SAE is refused
         run(tiny_run(tiny_dir, *demo, f"ckpt_path={ckpt}", steps=6), tmp_path / "other", tiny)
