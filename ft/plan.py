@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -72,11 +73,15 @@ def meta_model(config_json: str | Path) -> tuple[torch.nn.Module, str]:
                           f"{sorted(p.name for p in MODELS_DIR.glob('*.json'))} in {MODELS_DIR}")
     try:
         raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"a JSON {type(raw).__name__}, not an object")
         cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    except (json.JSONDecodeError, KeyError, ValueError) as e:
-        raise ConfigError(f"--plan {config_json}: not a model config.json ({e})") from None
-    with torch.device("meta"):
-        model = AutoModel.from_config(cfg)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zero-element tensors of a degenerate config: refused below
+            model = AutoModel.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - any value of the wrong type or range meets transformers' own checks
+        cause = " ".join(str(e).split())[:160]
+        raise ConfigError(f"--plan {config_json}: not a model config.json ({type(e).__name__}: {cause})") from None
     return model, raw.get("_name_or_path") or path.stem
 
 
@@ -103,12 +108,25 @@ def plan(config_json: str | Path, targets: int | None = None, steps: int = 1000,
     from ft.arch import adapter
     from ft.module import rows_for_budget
 
+    for k in gpus:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"--gpus {' '.join(map(str, gpus))}; valid: GPU counts, integers >= 1")
+    for flag, v in (("--gpu-tflops", gpu_tflops), ("gpu_step_ms", gpu_step_ms)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ConfigError(f"{flag} {v}; valid: a finite number > 0")
+    if cpu_gflops is not None and not (math.isfinite(cpu_gflops) and cpu_gflops > 0):
+        raise ConfigError(f"cpu_gflops={cpu_gflops}; valid: a finite number > 0")
     model, name = meta_model(config_json)
     a = adapter(model)
-    total = a.num_layers * a.point_width("ffn_act")
-    n = total if targets is None else int(targets)
-    if not 1 <= n or steps < 1:
-        raise ConfigError(f"--targets {targets}, --steps {steps}; valid: integers >= 1")
+    layers, width = a.num_layers, a.point_width("ffn_act")
+    if layers < 1 or width < 1:
+        raise ConfigError(f"--plan {config_json}: {layers} layers of {width} FFN neurons; valid: a model config with "
+                          "num_hidden_layers >= 1 and an FFN width >= 1")
+    total = layers * width
+    n = total if targets is None else targets
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= total or steps < 1:
+        raise ConfigError(f"--targets {targets}, --steps {steps}; valid: integers >= 1, targets at most the model's "
+                          f"{total:,} ffn_act neurons")
     flops, lean = step_flops(model, n)
     if cpu_gflops is None:
         from ft.bench import matmul_gflops

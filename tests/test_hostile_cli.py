@@ -376,3 +376,48 @@ def test_static_prints_no_weight_loading_bars(tiny_dir, tmp_path, capsys):
     transformers.utils.logging.set_verbosity_warning()
     assert main(["--model", str(tiny_dir), "--out", str(tmp_path / "s.parquet"), "--top", "2"]) == 0
     assert "Loading weights" not in capsys.readouterr().err
+
+
+PLAN_BERT = Path(__file__).resolve().parents[1] / "configs" / "plan" / "bert_base_uncased.json"
+
+
+@pytest.mark.parametrize(("edit", "said"), [
+    (lambda c: [1, 2], "a JSON list, not an object"),
+    (lambda c: {**c, "num_hidden_layers": "abc"}, "num_hidden_layers"),
+    (lambda c: {**c, "num_hidden_layers": -1}, "layers of 3072 FFN neurons"),
+    (lambda c: {**c, "intermediate_size": 0}, "12 layers of 0 FFN neurons"),
+])
+def test_plan_malformed_config_is_one_line(tmp_path, edit, said):
+    """A list or a string where a number goes was a traceback; -1 layers or an FFN of 0 blamed
+    `--targets None`."""
+    import json
+
+    from ft.errors import ConfigError
+    from ft.plan import plan
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(edit(json.loads(PLAN_BERT.read_text()))))
+    with pytest.raises(ConfigError, match=said):
+        plan(path, steps=10, cpu_gflops=10.0)
+
+
+@pytest.mark.parametrize(("kwargs", "said"), [
+    ({"targets": 10**8}, "at most the model's 36,864 ffn_act neurons"),  # built 10^8 sites: hung
+    ({"gpus": (0,)}, "--gpus 0"),  # ZeroDivisionError
+    ({"gpu_tflops": -1.0}, "--gpu-tflops -1.0"),  # negative hours, exit 0
+    ({"gpu_tflops": float("nan")}, "--gpu-tflops nan"),  # nan hours, exit 0
+])
+def test_plan_bad_numbers_are_refused(kwargs, said):
+    from ft.errors import ConfigError
+    from ft.plan import plan
+
+    with pytest.raises(ConfigError, match=said):
+        plan(PLAN_BERT, steps=10, cpu_gflops=10.0, **kwargs)
+
+
+def test_plan_still_projects(capsys):
+    from ft.plan import plan
+
+    p = plan(PLAN_BERT, targets=100, steps=10, cpu_gflops=10.0)
+    assert p.targets == 100
+    assert p.gpu_hours > 0
