@@ -259,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     out = Path(a.out)
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    from ft.signals import handling
+
     try:
-        return compare_and_write(a, out)
+        with handling(stop):
+            return compare_and_write(a, out)
     except FtError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -272,9 +274,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"interrupted: {e}; resume with: python -m ft.compare {shlex.join(argv)}", file=sys.stderr)
         return 128 + e.signum
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def stop(signum: int, _frame: object) -> None:

@@ -90,10 +90,8 @@ def write_config(run_dir: Path, cfg: DictConfig, fresh: bool = False) -> None:
     if old is None:
         atomic_write(run_dir / CONFIG, lambda p: p.write_text(text))
         return
+    # not a merge: the commit's journal removes the old manifest's other files with it
     write_files(run_dir, {CONFIG: lambda p: p.write_text(text)}, merge=not fresh)
-    if fresh:
-        for name in set(old) - {CONFIG}:
-            (run_dir / name).unlink(missing_ok=True)
 
 
 RESULT_FILES = (CONFIG, CURVES, INPUTS, TARGETS, SUMMARY)

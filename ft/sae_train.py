@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ft.bars import bar
 from ft.encoder import Encoder
 from ft.sae import CFG, SAE, load_sae
-from ft.signals import HANDLED, Interrupted
+from ft.signals import HANDLED, Interrupted, handling
 from ft.sites import SiteReader
 
 log = logging.getLogger("ft")
@@ -151,15 +151,8 @@ class DemoSignals(pl.Callback):
     @contextmanager
     def installed(self):
         """The handlers for the duration (only the main thread may set them)."""
-        if threading.current_thread() is not threading.main_thread():
+        with handling(self.handle):
             yield self
-            return
-        previous = {s: signal.signal(s, self.handle) for s in HANDLED}
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
     @contextmanager
     def writing_files(self):

@@ -43,25 +43,33 @@ class PrepInterrupted(Interrupted):
 
 
 @contextmanager
-def stop_at_once(what: str):
-    """SIGTERM/SIGINT raise PrepInterrupted at once for the duration (work that writes no results:
-    stopping in the middle loses nothing). Inner handlers (the demo SAE's, the fit's) take over
-    while they are installed. Only the main thread may set handlers; elsewhere nothing changes."""
+def handling(handler: Any):
+    """`handler` for SIGTERM and SIGINT for the duration, the handlers before it back afterwards.
+    Only the main thread may set handlers: elsewhere nothing changes."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def stop(signum: int, _frame: Any) -> None:
-        raise PrepInterrupted(signum, what)
-
-    previous = {s: signal.signal(s, stop) for s in HANDLED}
+    previous = {s: signal.signal(s, handler) for s in HANDLED}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def stop_at_once(what: str):
+    """SIGTERM/SIGINT raise PrepInterrupted at once for the duration (work that writes no results:
+    stopping in the middle loses nothing). Inner handlers (the demo SAE's, the fit's) take over
+    while they are installed. Only the main thread may set handlers; elsewhere nothing changes."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise PrepInterrupted(signum, what)
+
+    with handling(stop):
+        yield
 
 
 def save_atomically(trainer: pl.Trainer, path: Path, weights_only: bool = False) -> None:
@@ -109,17 +117,8 @@ def _lightning_classes() -> None:
         @contextmanager
         def installed(self):
             """Handlers for the duration of the fit (only the main thread may set them)."""
-            import threading
-
-            if threading.current_thread() is not threading.main_thread():
+            with handling(self.note):
                 yield self
-                return
-            previous = {s: signal.signal(s, self.note) for s in HANDLED}
-            try:
-                yield self
-            finally:
-                for s, h in previous.items():
-                    signal.signal(s, h)
 
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             """Lightning installs its own SIGTERM handler when the fit starts; it would end the run at
@@ -267,16 +266,13 @@ def stops_in_one_line(module: str):
                     signal.signal(s, signal.SIG_IGN)  # the writers' cleanup runs to its end
                 raise Stopped(signum)
 
-            previous = {s: signal.signal(s, stop) for s in HANDLED}
             try:
-                return main(argv)
+                with handling(stop):
+                    return main(argv)
             except Stopped as e:
                 print(f"interrupted: {e} during python -m {module}: nothing was written; run it again with: "
                       f"python -m {module} {shlex.join(words)}".rstrip(), file=sys.stderr)
                 return 128 + e.signum
-            finally:
-                for s, h in previous.items():
-                    signal.signal(s, h)
 
         return run
 
