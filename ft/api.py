@@ -1,7 +1,7 @@
 """The Python API: `ft.textualize(...)` from a notebook, `ft.load(run_dir)` for a finished run.
 
 Both go through what `python -m ft.train` uses: the same Hydra composition of `configs/` with the
-same override strings, the same checks (`ft.preflight.check_choices`, `ft.schema.check_config`),
+same override strings, the same checks (`ft.cli.preflight.check_choices`, `ft.cli.schema.check_config`),
 and `ft.train.run`. Only the defaults a notebook wants differ: W&B is off unless `wandb=True`,
 and the run directory is a fresh temporary folder unless `run_dir` is given.
 """
@@ -18,18 +18,18 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, open_dict
 
-from ft.errors import ConfigError, FtError
-from ft.hydra_conf import register
+from ft.cli.hydra_conf import register
+from ft.core.errors import ConfigError, FtError
 
 if TYPE_CHECKING:
-    from ft.results import Runs
+    from ft.rundir.results import Runs
 
 register()  # the resolvers the configs use
 
 
 @dataclass
 class Result:
-    """A finished run: its tables and tensors, read from `run_dir` (`ft.results` has each reader)."""
+    """A finished run: its tables and tensors, read from `run_dir` (`ft.rundir.results` has each reader)."""
 
     run_dir: Path
     targets: pd.DataFrame  # one row per target (targets.parquet)
@@ -44,7 +44,7 @@ class Result:
 
 def load(run_dir: str | Path) -> Result:
     """The `Result` of a finished run directory (RunFileError naming a missing or damaged file)."""
-    from ft.results import read_config, read_curves, read_inputs, read_summary, read_targets
+    from ft.rundir.results import read_config, read_curves, read_inputs, read_summary, read_targets
 
     run_dir = Path(run_dir)
     return Result(run_dir, read_targets(run_dir), read_summary(run_dir), read_inputs(run_dir),
@@ -68,8 +68,8 @@ def run_paths(paths: str | Path | Iterable[str | Path]) -> list[str | Path]:
 
 def load_runs(paths: str | Path | Iterable[str | Path]) -> Runs:
     """All targets of all runs under `paths` (a run directory, a glob, or a list of them) as
-    `(targets, runs)` tables (`ft.results.load_runs`)."""
-    from ft.results import load_runs as read_runs
+    `(targets, runs)` tables (`ft.rundir.results.load_runs`)."""
+    from ft.rundir.results import load_runs as read_runs
 
     return read_runs(run_paths(paths))
 
@@ -81,8 +81,8 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ft.preflight import check_choices, config_dir, one_line
-    from ft.schema import check_config
+    from ft.cli.preflight import check_choices, config_dir, one_line
+    from ft.cli.schema import check_config
 
     overrides = [str(o) for o in overrides]
     hydra_keys = [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]
@@ -108,13 +108,13 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 
 def recorded_name(encoder: object, name: str) -> str:
     """What a run of an in-memory model records as its `model.name_or_path`: the folder it names
-    when that folder holds the same model (weights, config, vocabulary: `ft.vocab.model_key`);
+    when that folder holds the same model (weights, config, vocabulary: `ft.model.vocab.model_key`);
     else `in-memory:NAME`, which no later reader (resume, ft.examples, exports) can take for a
     folder of other weights."""
     import re
 
-    from ft.encoder import load_encoder, local_folder
-    from ft.vocab import model_key
+    from ft.model.encoder import load_encoder, local_folder
+    from ft.model.vocab import model_key
 
     path = local_folder(name)  # a folder, or a hub name's cached snapshot (what later readers would load)
     if path is None:
@@ -145,7 +145,7 @@ def textualize(sites: Sequence[str] | None = None, model: str | object = "packag
     run_dir: where the run directory goes (a temporary folder when None). wandb: log to W&B
     (offline unless logged in), as the command line does; off by default.
     """
-    from ft.encoder import from_model
+    from ft.model.encoder import from_model
     from ft.train import run, run_name_from_overrides
 
     given = [str(o) for o in overrides]
@@ -179,7 +179,7 @@ def textualize(sites: Sequence[str] | None = None, model: str | object = "packag
         with open_dict(cfg):
             cfg.run_name = run_name_from_overrides(cfg.experiment_name, given)
     if encoder is None:
-        from ft.encoder import load_encoder
+        from ft.model.encoder import load_encoder
 
         encoder = load_encoder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     made = run_dir is None

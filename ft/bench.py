@@ -10,7 +10,7 @@ Runs, on the same machine and in the same process:
 
 FLOPs are the work the engine does, counted analytically per optimization step (matmuls
 only: 2 FLOPs per multiply-add). Sequence length S = l + 2, hidden H, intermediate I.
-With the lean forward (ft.fastforward), for each chunk and each layer j, n_j rows reach
+With the lean forward (ft.model.fastforward), for each chunk and each layer j, n_j rows reach
 layer j and g_j of them go on above it (the other e_j = n_j - g_j end there and need only
 the read position):
 
@@ -24,7 +24,7 @@ the read position):
                                                    they read no residual stream)
     backward  = forward, except the attention products: 2x (both operands are activations);
                 only activation gradients: the encoder is frozen. The hand-written backward
-                (ft.leangrad, fp32/fp64 outside autocast) projects the query gradient of the
+                (ft.model.leangrad, fp32/fp64 outside autocast) projects the query gradient of the
                 rows ending at layer j at their read position only: (g_j·S + e_j)·H² instead of
                 n_j·S·H² (layer 0: S-2 for S)
     fast-path preconditioner = 2 · T · l · H² per chunk   (∇e · WᵀW on the whole gradient of
@@ -66,13 +66,13 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
-from ft.cpualloc import keep_freed_memory
-from ft.encoder import PACKAGED, Encoder, from_model, load_encoder
+from ft.core.cpualloc import keep_freed_memory
+from ft.engine.module import TextualizationModule, full_sequence
 from ft.inputs import build_input, initial_row
-from ft.module import TextualizationModule, full_sequence
-from ft.sites import Site, register_point_hook
+from ft.model.encoder import PACKAGED, Encoder, from_model, load_encoder
+from ft.model.sites import Site, register_point_hook
+from ft.model.vocab import Vocabulary
 from ft.targets import neuron_targets
-from ft.vocab import Vocabulary
 
 
 def progress(message: str) -> None:
@@ -181,15 +181,15 @@ def run_engine(enc: Encoder, sites: list[list[Site]], steps: int, lr: float, pre
 
 @contextmanager
 def hand_backward(on: bool) -> Iterator[None]:
-    """Run the lean reader with (on) or without ft.leangrad's hand-written backward."""
-    import ft.fastforward
+    """Run the lean reader with (on) or without ft.model.leangrad's hand-written backward."""
+    import ft.model.fastforward
 
-    before = ft.fastforward.HAND_BACKWARD
-    ft.fastforward.HAND_BACKWARD = on
+    before = ft.model.fastforward.HAND_BACKWARD
+    ft.model.fastforward.HAND_BACKWARD = on
     try:
         yield
     finally:
-        ft.fastforward.HAND_BACKWARD = before
+        ft.model.fastforward.HAND_BACKWARD = before
 
 
 def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: float,
@@ -278,7 +278,7 @@ def bench_model(name: str, enc: Encoder, steps: int, naive_per_layer: int, lr: f
                         f"[{enc.arch.hidden_size}, {enc.arch.intermediate_size}] float32",
     }
     out["flop_efficiency"] = out["achieved_gflops"] / mm
-    if compare_backward:  # the work autograd's backward does: the lean reader without ft.leangrad
+    if compare_backward:  # the work autograd's backward does: the lean reader without ft.model.leangrad
         with hand_backward(False):
             flops_autograd = engine_flops(module)
         gflops = flops_autograd * autograd["steps"] / autograd["seconds"] / 1e9
@@ -321,7 +321,7 @@ def bench_report(n_runs: int) -> dict:
     from hydra import compose, initialize_config_dir
 
     from ft.report import build_report
-    from ft.results import load_runs
+    from ft.rundir.results import load_runs
     from ft.train import CONFIG_DIR, run
 
     root = Path(tempfile.mkdtemp(prefix="ft-bench-report-"))
@@ -350,8 +350,8 @@ def plan_main(args: argparse.Namespace) -> dict:
     """`--plan`: print the projection, its assumptions, then one JSON object."""
     from dataclasses import asdict
 
-    from ft.errors import FtError
-    from ft.plan import assumptions, plan
+    from ft.core.errors import FtError
+    from ft.engine.plan import assumptions, plan
 
     steps = 1000 if args.steps is None else args.steps
     try:
@@ -366,7 +366,7 @@ def plan_main(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ft.preflight import OneLineParser
+    from ft.cli.preflight import OneLineParser
 
     p = OneLineParser(prog="python -m ft.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=PACKAGED,
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=1,
                    help="engine runs, interleaved with the naive loop's neurons (more: less drift)")
     p.add_argument("--compare-backward", action="store_true",
-                   help="also run every engine round with autograd's backward instead of ft.leangrad's, interleaved")
+                   help="also run every engine round with autograd's backward, interleaved")
     p.add_argument("--bf16", action="store_true",
                    help="also run bf16-mixed (slow on CPUs without bf16 matmul units)")
     p.add_argument("--no-bert-base", action="store_true")
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     keep_freed_memory()  # what the engine does on a CPU: here before the naive loop too, for both
-    from ft.cpuinfo import cpu_info
+    from ft.core.cpuinfo import cpu_info
 
     cpu = cpu_info()
     progress(f"CPU: {cpu['model']}; features {', '.join(cpu['features']) or 'none'}; bf16 units "

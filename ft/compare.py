@@ -2,7 +2,7 @@
 
 For each length l, on the same neurons (default: the default experiment's 48 neurons spread
 evenly down to 20, as `ft.examples --limit 20` picks them), one ft run per method:
-- `tokens` (ft.search) at every fluency weight (`search.fluency_weights`), each weight a point
+- `tokens` (ft.engine.search) at every fluency weight (`search.fluency_weights`), each weight a point
   of the frontier;
 - the continuous optimum (`input=embedding`), gumbel's argmax readout (`input=gumbel`) and PEZ
   (`input=projected`, the best projection seen);
@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ft.errors import ConfigError, FtError
+from ft.core.errors import ConfigError, FtError
 
 log = logging.getLogger("ft")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -97,7 +97,7 @@ class Ledger:
                               "or another --out")
 
     def save(self) -> None:
-        from ft.results import atomic_write
+        from ft.rundir.results import atomic_write
 
         text = json.dumps({"args": self.args, "seconds": self.seconds, "partial": self.partial, "done": self.done},
                           indent=1, sort_keys=True)
@@ -109,7 +109,7 @@ class Ledger:
         try:
             value = work()
         except BaseException as e:
-            from ft.signals import Interrupted
+            from ft.core.signals import Interrupted
 
             if isinstance(e, (Stopped, Interrupted)):
                 self.partial[key] = self.partial.get(key, 0.0) + time.perf_counter() - start
@@ -142,11 +142,11 @@ def fluency_of_texts(fluency: object, ids: list[list[int]]) -> float:
 
 def compare(out: Path, lengths: list[int], weights: list[float], n_targets: int, steps: int, search_steps: int,
             candidates: int, patience: int, model: str | None = None, ledger: Ledger | None = None) -> pd.DataFrame:
-    from ft.encoder import PACKAGED, load_encoder
     from ft.examples import run_examples
-    from ft.fluency import build_fluency, check_weights
-    from ft.results import read_frontier, read_targets
-    from ft.vocab import Vocabulary
+    from ft.measure.fluency import build_fluency, check_weights
+    from ft.model.encoder import PACKAGED, load_encoder
+    from ft.model.vocab import Vocabulary
+    from ft.rundir.results import read_frontier, read_targets
 
     weights = check_weights(weights)
     for name, v in (("targets", n_targets), ("steps", steps), ("search-steps", search_steps),
@@ -244,7 +244,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from ft.preflight import OneLineParser
+    from ft.cli.preflight import OneLineParser
 
     p = OneLineParser(prog="python -m ft.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="logs/compare", help="output folder (one run directory per length and method)")
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     out = Path(a.out)
-    from ft.signals import handling
+    from ft.core.signals import handling
 
     try:
         with handling(stop):
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (Stopped, Exception) as e:
-        from ft.signals import Interrupted
+        from ft.core.signals import Interrupted
 
         if not isinstance(e, (Stopped, Interrupted)):
             raise
@@ -291,7 +291,7 @@ def compare_and_write(a: argparse.Namespace, out: Path) -> int:
                     a.model, ledger)
     from ft.report import build_report
     from ft.report import table as html_table
-    from ft.results import atomic_write
+    from ft.rundir.results import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "comparison.parquet", lambda q: table.to_parquet(q, index=False))

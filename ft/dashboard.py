@@ -53,7 +53,7 @@ def build_report(entity: str, project: str = "ft") -> wr.Report:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ft.preflight import OneLineParser
+    from ft.cli.preflight import OneLineParser
 
     p = OneLineParser(prog="python -m ft.dashboard", description=__doc__.splitlines()[0])
     p.add_argument("--entity", required=True)

@@ -32,17 +32,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ft.bars import bar
-from ft.corpus import DEFAULT_CORPUS, Corpus, load_corpus
-from ft.encoder import Encoder, load_encoder
-from ft.errors import ConfigError, FtError
-from ft.objectives import Readout, Readouts
-from ft.results import atomic_write, read_config, read_directions, read_targets, target_label
-from ft.signals import stops_in_one_line
-from ft.sites import Site, SiteReader
-from ft.substitutes import build_substitutes
+from ft.core.bars import bar
+from ft.core.errors import ConfigError, FtError
+from ft.core.signals import stops_in_one_line
+from ft.data.corpus import DEFAULT_CORPUS, Corpus, load_corpus
+from ft.model.encoder import Encoder, load_encoder
+from ft.model.sites import Site, SiteReader
+from ft.model.substitutes import build_substitutes
+from ft.model.vocab import weight_matrix
+from ft.rundir.results import atomic_write, read_config, read_directions, read_targets, target_label
 from ft.targets import readouts_of_table
-from ft.vocab import weight_matrix
+from ft.targets.objectives import Readout, Readouts
 
 log = logging.getLogger("ft")
 EXAMPLES = "examples.parquet"
@@ -242,7 +242,7 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
     targets = read_targets(run_dir).sort_values("target_id")
     if limit and limit < len(targets):  # spread evenly over the run (its layers, its words)
         targets = targets.iloc[[round(i * (len(targets) - 1) / max(limit - 1, 1)) for i in range(limit)]]
-    from ft.kept import model_to_load
+    from ft.rundir.kept import model_to_load
 
     # the folder the run read, verified (a model changed since is refused), found from any directory
     encoder = load_encoder(model_to_load(run_dir, cfg.model.name_or_path),
@@ -338,7 +338,7 @@ def summarize(compare: pd.DataFrame) -> dict[str, float]:
 
 def log_to_wandb(run_dir: Path, df: pd.DataFrame, compare: pd.DataFrame, summary: dict[str, float]) -> str | None:
     """Add the examples to the run's own W&B run (same id; offline unless logged in)."""
-    from ft.tracking import WANDB_ID, wandb_mode
+    from ft.rundir.tracking import WANDB_ID, wandb_mode
 
     id_file = run_dir / WANDB_ID
     mode = wandb_mode("auto")
@@ -369,7 +369,7 @@ def target_labels(targets: pd.DataFrame) -> dict[int, str]:
 
 @stops_in_one_line("ft.examples")
 def main(argv: list[str] | None = None) -> int:
-    from ft.preflight import OneLineParser
+    from ft.cli.preflight import OneLineParser
 
     p = OneLineParser(prog="python -m ft.examples", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="a finished ft run directory")
@@ -388,11 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ft.chatter import configure_output
+    from ft.core.chatter import configure_output
 
     configure_output("info")  # no weight-loading bars from transformers: a refusal is one line
-    from ft.integrity import StorageError
-    from ft.preflight import writable_place
+    from ft.cli.preflight import writable_place
+    from ft.core.integrity import StorageError
 
     try:
         if Path(a.run_dir).is_dir():  # the examples go into the run: a place that cannot take them fails first

@@ -43,7 +43,7 @@ Runs are named `<run_name>-<folder>`; two runs of one name each get `-<6 hex of 
 a run reached by two paths is exported once. The corpus statistics (top sentences, max
 activation, share of tokens above 0) are computed here, over `--corpus` (default the packaged Lee
 corpus), with the run's own model, refused if its files changed since the run; an SAE is read
-from the run's kept copy (`ft.kept`), never from a file that may have changed since.
+from the run's kept copy (`ft.rundir.kept`), never from a file that may have changed since.
 """
 
 from __future__ import annotations
@@ -67,11 +67,11 @@ import pandas as pd
 import torch
 
 import ft
-from ft.corpus import DEFAULT_CORPUS, load_corpus
-from ft.errors import ConfigError, FtError
-from ft.integrity import StorageError, storage_error
-from ft.results import read_config, read_inputs, read_summary, read_targets, target_label
-from ft.signals import stops_in_one_line
+from ft.core.errors import ConfigError, FtError
+from ft.core.integrity import StorageError, storage_error
+from ft.core.signals import stops_in_one_line
+from ft.data.corpus import DEFAULT_CORPUS, load_corpus
+from ft.rundir.results import read_config, read_inputs, read_summary, read_targets, target_label
 
 log = logging.getLogger("ft")
 FORMATS = ("hf", "neuronpedia")
@@ -98,7 +98,7 @@ def finished(run_dir: Path) -> Path:
 
 def run_label(run_dir: Path) -> str:
     cfg = read_config(run_dir)
-    from ft.hydra_conf import dirname
+    from ft.cli.hydra_conf import dirname
 
     return f"{dirname(cfg.get('run_name'), cfg.experiment_name)}-{run_dir.name}"
 
@@ -333,20 +333,20 @@ class SaeCopy:
 
 
 def kept_input(run_dir: Path, role: str) -> Path | None:
-    """`ft.kept.kept`: the run's verified input (RunFileError when it changed since the run), or None
+    """`ft.rundir.kept.kept`: the run's verified input (RunFileError when it changed since the run), or None
     for a run that kept none."""
     try:
-        from ft.kept import kept
+        from ft.rundir.kept import kept
     except ImportError:  # ft before runs kept their inputs
         return None
     return kept(run_dir, role)
 
 
 def sae_copy(run_dir: Path, recorded: str) -> SaeCopy:
-    """The SAE a run read: its kept copy (`ft.kept`, checked against the run), or, for a run made
+    """The SAE a run read: its kept copy (`ft.rundir.kept`, checked against the run), or, for a run made
     before runs kept their inputs, the recorded path with a warning that it may have changed."""
-    from ft.integrity import sha256_file
-    from ft.sae import WEIGHTS, load_sae
+    from ft.core.integrity import sha256_file
+    from ft.targets.sae_file import WEIGHTS, load_sae
 
     copy = kept_input(run_dir, "sae")
     if copy is None:
@@ -372,7 +372,7 @@ def with_sae_copies(run_dir: Path, targets: pd.DataFrame) -> tuple[pd.DataFrame,
 
 def corpus_stats(scorer, corpus, top_n: int, limit: int) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
     """(max [targets], frac_nonzero [targets], top sentence indices per target) over the corpus."""
-    from ft.bars import bar
+    from ft.core.bars import bar
     from ft.examples import merge_top
 
     n_t = scorer.M.shape[1]
@@ -393,7 +393,7 @@ def corpus_stats(scorer, corpus, top_n: int, limit: int) -> tuple[np.ndarray, np
 
 def static_values(model, vocab, site_text: str, k: int = 10) -> dict[str, list]:
     """pos_str/pos_values/neg_str/neg_values: the tokens with the largest and smallest E.v."""
-    from ft.sites import Site
+    from ft.model.sites import Site
     from ft.static import unit_vectors, vocab_matrix
 
     empty: dict[str, list] = {"pos_str": [], "pos_values": [], "neg_str": [], "neg_values": []}
@@ -476,18 +476,18 @@ def top_activations(scorer, tokenizer, text, rows: list[int], t: int, corpus: st
 
 def run_entries(run_dir: Path, name: str, corpus: str, top_n: int, max_sentences: int) -> list[Entry]:
     """Each target of one run: its unit, corpus statistics, top activations and explanation."""
-    from ft.encoder import load_encoder
     from ft.examples import TargetScorer
-    from ft.results import read_directions
+    from ft.model.encoder import load_encoder
+    from ft.model.vocab import Vocabulary
+    from ft.rundir.results import read_directions
     from ft.targets import readouts_of_table
-    from ft.vocab import Vocabulary
 
     cfg, targets = read_config(run_dir), read_targets(run_dir).sort_values("target_id")
     if "logit" in set(targets.kind):
         raise ConfigError(f"{run_dir}: class-logit targets have no per-token activations; valid: runs of "
                           "units (neurons, groups, terms, directions, SAE latents)")
     table, saes = with_sae_copies(run_dir, targets)
-    from ft.kept import model_to_load
+    from ft.rundir.kept import model_to_load
 
     # the folder the run read, verified (a model changed since is refused), found from any directory
     encoder = load_encoder(model_to_load(run_dir, cfg.model.name_or_path), cfg.model.trust_remote_code)
@@ -626,7 +626,7 @@ def export_neuronpedia(runs: list[Path], out: Path, corpus: str = DEFAULT_CORPUS
 
 @stops_in_one_line("ft.export")
 def main(argv: list[str] | None = None) -> int:
-    from ft.preflight import OneLineParser
+    from ft.cli.preflight import OneLineParser
 
     p = OneLineParser(prog="python -m ft.export", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="finished run directories (or folders above them)")
@@ -638,14 +638,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--creator-id", default=CREATOR_ID,
                    help="neuronpedia: the user id every row names as creator/author (default: the seeded bot user)")
     a = p.parse_args(argv)
-    from ft.chatter import configure_output
-    from ft.results import expand
+    from ft.core.chatter import configure_output
+    from ft.rundir.results import expand
 
     configure_output("info")
     try:
         out = Path(a.out)
         check_out(out)
-        from ft.preflight import refuse_in_run, refuse_inside
+        from ft.cli.preflight import refuse_in_run, refuse_inside
 
         refuse_in_run(out, "-o", "a new or empty folder")
         if a.top_n < 1 or a.max_sentences < 1:

@@ -4,7 +4,7 @@ e.g. a Slurm job array through `hydra/launcher=slurm`) joined into one run direc
 The merged directory has what an unsharded run writes: `targets.parquet` (rows in target order),
 `inputs.safetensors`, `curves.parquet`, `frontier.parquet` when the shards have one, `config.yaml`
 (the shards' config with `target.shard=0`, `target.num_shards=1`, and `merged_from`) and
-`summary.json`, recomputed from the merged targets (`ft.metrics.summarize`; run-level keys the
+`summary.json`, recomputed from the merged targets (`ft.measure.metrics.summarize`; run-level keys the
 shards agree on are kept). Rows are independent wherever a row's trajectory depends only on
 itself: a fixed step count, or `engine.freeze_converged=true`. Then the merge equals the
 unsharded run. A run that stops as a whole (every row converged) may stop its shards at
@@ -27,9 +27,10 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from ft.errors import ConfigError, FtError
-from ft.integrity import StorageError
-from ft.results import (
+from ft.core.errors import ConfigError, FtError
+from ft.core.integrity import StorageError
+from ft.core.signals import stops_in_one_line
+from ft.rundir.results import (
     CONFIG,
     TARGETS,
     expand,
@@ -42,8 +43,7 @@ from ft.results import (
     read_targets,
     write_run,
 )
-from ft.signals import stops_in_one_line
-from ft.tracking import flat_config
+from ft.rundir.tracking import flat_config
 
 log = logging.getLogger("ft")
 FREE_KEYS = ("target.shard", "run_name", "ckpt_path", "log_level", "merged_from")
@@ -87,7 +87,7 @@ def collect(dirs: list[Path]) -> list[Path]:
 def merged_summary(df: pd.DataFrame, summaries: list[dict]) -> dict[str, float]:
     """The aggregates of the merged targets, as a run computes them, and the run-level keys every
     shard agrees on (e.g. the word vectors' mean norm, a demo SAE's quality)."""
-    from ft.metrics import summarize
+    from ft.measure.metrics import summarize
 
     out = summarize(df)
     if "static_promotes" in df:
@@ -116,7 +116,7 @@ def merged_summary(df: pd.DataFrame, summaries: list[dict]) -> dict[str, float]:
 
 def check_out(dirs: list[Path], out: Path) -> None:
     """`-o` is a new or empty folder that can be written, and holds none of the shards."""
-    from ft.preflight import writable_place
+    from ft.cli.preflight import writable_place
 
     out = Path(out)
     if (out / TARGETS).exists() or (out / CONFIG).exists():
@@ -135,9 +135,9 @@ def check_out(dirs: list[Path], out: Path) -> None:
 
 
 def keep_shard_inputs(shards: list[Path], out: Path) -> None:
-    """The inputs the shards kept (`ft.kept`: SAE, directions, concept, the model's fingerprint),
+    """The inputs the shards kept (`ft.rundir.kept`: SAE, directions, concept, the model's fingerprint),
     kept once in the merged run. Shards that read different contents are not one run."""
-    from ft.kept import index, keep, kept
+    from ft.rundir.kept import index, keep, kept
 
     first = index(shards[0])
     for d in shards[1:]:
@@ -196,13 +196,13 @@ def merge(dirs: list[Path], out: Path) -> Path:
 
 @stops_in_one_line("ft.merge")
 def main(argv: list[str] | None = None) -> int:
-    from ft.preflight import OneLineParser
+    from ft.cli.preflight import OneLineParser
 
     p = OneLineParser(prog="python -m ft.merge", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="the shards' run directories, or the folder above them (a multirun)")
     p.add_argument("-o", "--out", required=True, help="the merged run directory (new or empty)")
     a = p.parse_args(argv)
-    from ft.chatter import configure_output
+    from ft.core.chatter import configure_output
 
     configure_output("info")
     try:

@@ -22,7 +22,7 @@ run-directory manifest like ft.train's results.
 5. Ablation (`ablate.top=N`, or `ablate.sites=[...]`; `ablate.top=0` turns it off): the probe's
    accuracy drop and the masked-token accuracy drop (where a masked-LM head exists) with those
    units ablated, against N random probed units over `ablate.seeds` draws: `ablation.parquet`
-   and the `ablate/*` summary keys (ft.probe_ablation).
+   and the `ablate/*` summary keys (ft.measure.probe_ablation).
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from ft.concepts import Concept, load_concept
-from ft.errors import ConfigError, FtError
-from ft.kept import fingerprint, keep, kept
-from ft.probe_ablation import ABLATION, ablation_sets, ablation_summary, ablation_table, find_mlm, masked_tokens
-from ft.sites import Site, SiteReader, num_layers, register_point_hook
+from ft.core.errors import ConfigError, FtError
+from ft.data.concepts import Concept, load_concept
+from ft.measure.probe_ablation import ABLATION, ablation_sets, ablation_summary, ablation_table, find_mlm, masked_tokens
+from ft.model.sites import Site, SiteReader, num_layers, register_point_hook
+from ft.rundir.kept import fingerprint, keep, kept
 
 log = logging.getLogger("ft")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -99,7 +99,7 @@ def concept_activations(encoder: object, concept: Concept, point: str, layers: l
 
 def max_positions(model: torch.nn.Module) -> int | None:
     """How many tokens the model takes, special tokens included (None: no limit)."""
-    from ft.arch import adapter_class
+    from ft.model.arch import adapter_class
 
     return adapter_class(model.config).max_tokens(model.config)
 
@@ -181,9 +181,9 @@ def ranks(score: np.ndarray) -> np.ndarray:
 
 def probe(cfg: DictConfig, run_dir: Path, encoder: object | None = None) -> dict[str, float]:
     """The probe run of `cfg` (configs/probe.yaml); writes probe.parquet and summary.json."""
-    from ft.encoder import load_encoder
-    from ft.results import write_files
-    from ft.schema import check_probe_config, check_probe_model
+    from ft.cli.schema import check_probe_config, check_probe_model
+    from ft.model.encoder import load_encoder
+    from ft.rundir.results import write_files
 
     p = cfg.probe
     check_probe_config(cfg)
@@ -240,8 +240,8 @@ def probe(cfg: DictConfig, run_dir: Path, encoder: object | None = None) -> dict
 def ablate_probe(cfg: DictConfig, encoder: object, concept: Concept, layers: list[int], table: pd.DataFrame,
                  fit: ProbeFit, acts: np.ndarray, labels: list[str], test: np.ndarray) -> pd.DataFrame:
     """The probe's (and the masked LM's) accuracy with the top units, explicit sites or random
-    units ablated (ft.probe_ablation)."""
-    from ft.corpus import DEFAULT_CORPUS, load_corpus
+    units ablated (ft.measure.probe_ablation)."""
+    from ft.data.corpus import DEFAULT_CORPUS, load_corpus
 
     a = cfg.ablate
     sets = ablation_sets(table, cfg, encoder.model)
@@ -277,9 +277,9 @@ def ablate_probe(cfg: DictConfig, encoder: object, concept: Concept, layers: lis
 
 def concept_words(run: str | Path, tokenizer: object, reader: str | Path | None = None) -> set[str]:
     """The words of a probe run's concept that carry its concept label. The concept file is the
-    kept copy (`ft.kept`) of the run `reader` (a run that textualized the probe's units), else of
+    kept copy (`ft.rundir.kept`) of the run `reader` (a run that textualized the probe's units), else of
     the probe run; only runs from before ft kept inputs re-read the original path."""
-    from ft.results import read_config
+    from ft.rundir.results import read_config
 
     cfg = read_config(run)
     copy = (kept(reader, "concept") if reader is not None else None) or kept(run, "concept")
@@ -327,7 +327,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """`python -m ft.probe`: the checks ft.train has (one line, exit 2, nothing written), then Hydra."""
-    from ft.preflight import nothing_left_if_refused, preflight
+    from ft.cli.preflight import nothing_left_if_refused, preflight
 
     preflight(sys.argv[1:], "probe")
     with nothing_left_if_refused(sys.argv[1:], "probe"):

@@ -19,8 +19,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ft.errors import FtError
-from ft.results import (
+from ft.cli.svg import chart
+from ft.core.errors import FtError
+from ft.core.signals import stops_in_one_line
+from ft.rundir.results import (
     CONFIG,
     atomic_write,
     expand,
@@ -32,8 +34,6 @@ from ft.results import (
     read_targets,
     target_label,
 )
-from ft.signals import stops_in_one_line
-from ft.svg import chart
 
 T = TypeVar("T")
 
@@ -327,8 +327,8 @@ def section_groups(targets: pd.DataFrame) -> str:
 def word_vectors_for(run_dir: str, n: int, seed: int = 0) -> np.ndarray | None:
     """A sample of vocabulary analysis vectors from the run's model (None if it cannot load)."""
     try:
-        from ft.encoder import load_encoder
-        from ft.vocab import Vocabulary, analysis_vectors
+        from ft.model.encoder import load_encoder
+        from ft.model.vocab import Vocabulary, analysis_vectors
 
         cfg = read_config(run_dir)
         enc = load_encoder(cfg.model.name_or_path)
@@ -421,8 +421,8 @@ def wandb_url(run_dir: str) -> str | None:
     project and id. None for runs that stayed offline."""
     import os
 
-    from ft.results import read_config
-    from ft.tracking import WANDB_ID
+    from ft.rundir.results import read_config
+    from ft.rundir.tracking import WANDB_ID
 
     root = Path(run_dir) / "wandb"
     for log_file in sorted(root.glob("*/logs/debug*.log")):
@@ -557,7 +557,7 @@ def build_report(paths: list[str], out: str | Path = "report.html", words: int =
     name_runs([str(p) for p in runs.path])
     runs_json = runs.replace({np.nan: None}).to_json(orient="records")
     # dated by its newest run's results, not the clock: a report made again of the same runs is the same file
-    from ft.results import TARGETS
+    from ft.rundir.results import TARGETS
 
     stamps = [(Path(p) / TARGETS).stat().st_mtime for p in runs.path if (Path(p) / TARGETS).exists()]
     newest = max(stamps) if stamps else time.time()
@@ -607,7 +607,7 @@ def unwritable(out: Path) -> str | None:
 
 @stops_in_one_line("ft.report")
 def main(argv: list[str] | None = None) -> int:
-    from ft.preflight import OneLineParser, PreflightError, refuse_in_run, refuse_inside
+    from ft.cli.preflight import OneLineParser, PreflightError, refuse_in_run, refuse_inside
 
     p = OneLineParser(prog="python -m ft.report",
                       description="Tables and figures of the paper from ft run directories.")
@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: -o {args.out}: {problem}; valid: a file in a writable folder", file=sys.stderr)
         return 2
-    from ft.chatter import configure_output
+    from ft.core.chatter import configure_output
 
     configure_output("info")  # no weight-loading bars from transformers
     t = time.perf_counter()

@@ -25,10 +25,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ft.arch import adapter
-from ft.errors import ConfigError, FtError
-from ft.signals import stops_in_one_line
-from ft.sites import Site
+from ft.core.errors import ConfigError, FtError
+from ft.core.signals import stops_in_one_line
+from ft.model.arch import adapter
+from ft.model.sites import Site
 
 TOP = 10
 HIDDEN_POINTS = ("ffn_out", "attn_out", "resid")
@@ -128,11 +128,11 @@ def all_units(model: torch.nn.Module, vocab: object, points: Sequence[str], k: i
 
 @stops_in_one_line("ft.static")
 def main(argv: list[str] | None = None) -> int:
-    from ft.encoder import PACKAGED, load_encoder
-    from ft.integrity import StorageError
-    from ft.preflight import OneLineParser, refuse_in_run, refuse_inside, writable_place
-    from ft.results import atomic_write
-    from ft.vocab import Vocabulary
+    from ft.cli.preflight import OneLineParser, refuse_in_run, refuse_inside, writable_place
+    from ft.core.integrity import StorageError
+    from ft.model.encoder import PACKAGED, load_encoder
+    from ft.model.vocab import Vocabulary
+    from ft.rundir.results import atomic_write
 
     p = OneLineParser(prog="python -m ft.static", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=PACKAGED, help=f"encoder: {PACKAGED} (default) or a local model directory")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=TOP, help="tokens per reading")
     p.add_argument("--out", required=True, help="parquet file to write")
     a = p.parse_args(argv)
-    from ft.chatter import configure_output
+    from ft.core.chatter import configure_output
 
     configure_output("info")  # no weight-loading bars from transformers
     try:

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from ft.errors import FtError
-from ft.results import SUMMARY
+from ft.core.errors import FtError
+from ft.rundir.results import SUMMARY
 
 
 class SweepError(FtError):
@@ -110,7 +110,7 @@ class SweepInterrupted(Exception):  # noqa: N818 - what happened, not an error i
 
 def check_parameters(cfg: dict[str, Any], params: dict[str, Any], extra: list[str], name: str) -> None:
     """Before the first run: every parameter is a config key (or group) and its first value is valid."""
-    from ft.preflight import check_command_line
+    from ft.cli.preflight import check_command_line
 
     overrides = [f"{k}={v}" for k, v in params.items()] + list(extra)
     try:
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     if "--" in argv:
         extra = argv[argv.index("--") + 1 :]
         argv = argv[: argv.index("--")]
-    from ft.preflight import OneLineParser
+    from ft.cli.preflight import OneLineParser
 
     p = OneLineParser(prog="python -m ft.sweep", description="Run a W&B sweep YAML offline on this machine.")
     p.add_argument("sweep", help="a sweeps/*.yaml file")

@@ -20,22 +20,32 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ft.callbacks.progress import StepProgress
-from ft.chatter import configure_output
-from ft.cpuinfo import warn_cpu_precision
-from ft.directions import DirectionSet, load_directions
-from ft.encoder import Encoder, load_encoder
-from ft.errors import ConfigError, FtError
-from ft.hydra_conf import register as register_resolvers
-from ft.integrity import RunFileError
-from ft.kept import fingerprint
-from ft.metrics import VocabFacts, evaluate, summarize, target_word_rows
-from ft.module import TextualizationModule, rows_for_budget
-from ft.preflight import preflight
-from ft.results import CONFIG, TARGETS, RunLock, atomic_write, read_config, read_summary, write_config, write_run
-from ft.schema import TARGET_KEYS, check_config, check_model
-from ft.signals import AtomicCheckpoint, Interrupted, StopOnSignal, stop_at_once
-from ft.state import CheckpointRecord, FitEnded, FitResult
-from ft.strategy import choose_strategy, node_process_rank, shard_rows
+from ft.cli.hydra_conf import register as register_resolvers
+from ft.cli.preflight import preflight
+from ft.cli.schema import TARGET_KEYS, check_config, check_model
+from ft.core.chatter import configure_output
+from ft.core.cpuinfo import warn_cpu_precision
+from ft.core.errors import ConfigError, FtError
+from ft.core.integrity import RunFileError
+from ft.core.signals import AtomicCheckpoint, Interrupted, StopOnSignal, stop_at_once
+from ft.data.directions import DirectionSet, load_directions
+from ft.engine.module import TextualizationModule, rows_for_budget
+from ft.engine.state import CheckpointRecord, FitEnded, FitResult
+from ft.engine.strategy import choose_strategy, node_process_rank, shard_rows
+from ft.measure.metrics import VocabFacts, evaluate, summarize, target_word_rows
+from ft.model.encoder import Encoder, load_encoder
+from ft.model.vocab import (
+    Vocabulary,
+    analysis_vectors,
+    load_or_sweep,
+    logit_word_stats,
+    stream_summary,
+    stream_word_stats,
+    sweep_bytes,
+)
+from ft.rundir.kept import fingerprint
+from ft.rundir.results import CONFIG, TARGETS, RunLock, atomic_write, read_config, read_summary, write_config, write_run
+from ft.rundir.tracking import build_loggers, flat_config, format_table, log_summary
 from ft.targets import (
     Target,
     check_word,
@@ -49,16 +59,6 @@ from ft.targets import (
     target_words,
     terms_targets,
     with_restarts,
-)
-from ft.tracking import build_loggers, flat_config, format_table, log_summary
-from ft.vocab import (
-    Vocabulary,
-    analysis_vectors,
-    load_or_sweep,
-    logit_word_stats,
-    stream_summary,
-    stream_word_stats,
-    sweep_bytes,
 )
 
 log = logging.getLogger("ft")
@@ -84,7 +84,7 @@ def build_targets(cfg: DictConfig, encoder: Encoder, vocab: Vocabulary, sweep,
     if t.kind == "probe":
         return probe_targets(encoder.model, t.run, t.k)
     if t.kind == "clusters":
-        from ft.clusters import cluster_targets
+        from ft.targets.clusters import cluster_targets
 
         return cluster_targets(encoder, t.num_clusters, t.point, t.layers, t.corpus, t.tokens)
     if t.kind == "direction":
@@ -113,9 +113,9 @@ def build_sae_targets(cfg: DictConfig, encoder: Encoder, resumed_sae: dict | Non
     cache; a demo SAE of other content than the one the earlier steps used is refused."""
     import json
 
-    from ft.sae import CFG, load_sae
-    from ft.sae_train import demo_sae
-    from ft.sites import parse_point
+    from ft.model.sites import parse_point
+    from ft.targets.sae_demo import demo_sae
+    from ft.targets.sae_file import CFG, load_sae
 
     t = cfg.target
     site = t.site or f"layer.{encoder.num_layers // 2}.resid"
@@ -168,7 +168,7 @@ def select_targets(cfg: DictConfig, targets: list[Target]) -> list[Target]:
 
 
 def fluency_weights(cfg: DictConfig) -> list[float]:
-    from ft.fluency import check_weights
+    from ft.measure.fluency import check_weights
 
     w = cfg.search.get("fluency_weights", [0])
     return check_weights(OmegaConf.to_object(w) if OmegaConf.is_config(w) else w)
@@ -259,12 +259,12 @@ def fast_choice(cfg: DictConfig) -> bool | None:
 
 def build_search_module(cfg: DictConfig, encoder: Encoder, targets: list[Target], facts: VocabFacts
                         ) -> TextualizationModule:
-    """input=tokens: the token search (ft.search) on the same engine; the optimizer is unused."""
-    from ft.search import SearchSettings, TokenSearchModule
+    """input=tokens: the token search (ft.engine.search) on the same engine; the optimizer is unused."""
+    from ft.engine.search import SearchSettings, TokenSearchModule
 
     log.info("input=tokens: gradient-guided token search; optim.* is unused (the swap step is the update) and "
              "each row keeps the best sequence it saw (engine.keep does not apply)")
-    from ft.fluency import build_fluency
+    from ft.measure.fluency import build_fluency
 
     inputs = instantiate(cfg.input)(target_ids=[t.init_id for t in targets], word_embeddings=encoder.word_embeddings,
                                     allowed=facts.vocab.ids, seed=cfg.seed)
@@ -346,10 +346,10 @@ def made_by(cfg: DictConfig | dict) -> str:
 
 def checkpoint_origin(path: Path, ckpt: dict) -> tuple[dict | DictConfig, dict[str, dict], str]:
     """What made a checkpoint: its settings, its input fingerprints and a line naming it, from the
-    record stored inside it (`ft.state.CheckpointRecord`), else from the config.yaml of the run
+    record stored inside it (`ft.engine.state.CheckpointRecord`), else from the config.yaml of the run
     directory it lies in (checkpoints written before the record). Neither: a ConfigError."""
-    from ft.kept import index
-    from ft.state import CheckpointRecord
+    from ft.engine.state import CheckpointRecord
+    from ft.rundir.kept import index
 
     record = ckpt.get(CheckpointRecord.KEY)
     if isinstance(record, dict) and isinstance(record.get("settings"), dict):
@@ -420,7 +420,7 @@ def record_resume(run_dir: Path, entry: dict) -> None:
 def finished_step(cfg: DictConfig, run_dir: Path) -> int | None:
     """The step a finished run in `run_dir` reached when this run would add nothing to it (its
     intact results reached `trainer.max_steps`, or every row stopped before it); else None."""
-    from ft.integrity import read_manifest, read_run_record, verify
+    from ft.core.integrity import read_manifest, read_run_record, verify
 
     if str(cfg.get("ckpt_path", "auto")) not in ("auto", "last"):
         return None
@@ -444,10 +444,10 @@ def finished_step(cfg: DictConfig, run_dir: Path) -> int | None:
 
 
 def input_sources(cfg: DictConfig) -> dict[str, Path]:
-    """The local files and folders this run reads (role -> path), which it keeps (`ft.kept`): the
+    """The local files and folders this run reads (role -> path), which it keeps (`ft.rundir.kept`): the
     model folder (by fingerprint), a directions file, an SAE folder, a probe run's table and
     concept file, a fluency model or corpus, a clusters corpus. Hub names are not files."""
-    from ft.encoder import local_folder
+    from ft.model.encoder import local_folder
 
     t, out = cfg.target, {}
     try:
@@ -477,7 +477,7 @@ def input_sources(cfg: DictConfig) -> dict[str, Path]:
 
 
 def corpus_path(spec: str) -> Path:
-    """The file or folder a corpus spec reads (ft.corpus): hf:PATH[:COLUMN]'s PATH, else the spec
+    """The file or folder a corpus spec reads (ft.data.corpus): hf:PATH[:COLUMN]'s PATH, else the spec
     itself (a file name may hold a colon)."""
     return Path(spec[3:].split(":")[0]) if spec.startswith("hf:") else Path(spec)
 
@@ -486,7 +486,7 @@ def probe_concept(probe_run: Path) -> Path | None:
     """The concept file of an ft.probe run: its kept copy (verified; the file it read), or for a
     probe run from before ft kept inputs the path in its config (None for a builtin concept or an
     unreadable run)."""
-    from ft.kept import kept
+    from ft.rundir.kept import kept
 
     copy = kept(probe_run, "concept") if (probe_run / CONFIG).is_file() else None
     if copy is not None:
@@ -500,7 +500,7 @@ def probe_concept(probe_run: Path) -> Path | None:
 
 def resumed_demo_sae(cfg: DictConfig, run_dir: Path, resume_from: Path | None) -> dict | None:
     """A resumed demo-SAE run: the demo SAE its checkpoint's run kept ({"copy", "sha256"}), else None."""
-    from ft.kept import index, kept
+    from ft.rundir.kept import index, kept
 
     if resume_from is None or cfg.target.kind != "sae" or cfg.target.get("path"):
         return None
@@ -515,9 +515,9 @@ def resumed_demo_sae(cfg: DictConfig, run_dir: Path, resume_from: Path | None) -
 
 def keep_inputs(run_dir: Path, cfg: DictConfig, sources: dict[str, Path], digests: dict[str, str],
                 targets: list[Target], fresh: bool) -> dict[str, dict]:
-    """Keep every input in the run (`ft.kept`), the demo SAE too; a `fresh` start forgets the inputs
+    """Keep every input in the run (`ft.rundir.kept`), the demo SAE too; a `fresh` start forgets the inputs
     an earlier run in this directory kept and this one does not read. Returns the kept index."""
-    from ft.kept import forget, index, keep
+    from ft.rundir.kept import forget, index, keep
 
     for role, path in sources.items():
         keep(run_dir, role, path, digest=digests[role])
@@ -615,7 +615,7 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
                         if resume_from is None or old.resolve() != resume_from.resolve():
                             old.unlink()
                     (run_dir / RESUME_LOG).unlink(missing_ok=True)
-                    from ft.tracking import WANDB_ID
+                    from ft.rundir.tracking import WANDB_ID
 
                     (run_dir / WANDB_ID).unlink(missing_ok=True)  # another run: a new W&B run, not the old one's
                 kept_inputs = keep_inputs(run_dir, cfg, sources, digests, targets, fresh=fresh)
@@ -669,7 +669,7 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         if cfg.target.kind == "clusters":  # the clustering's own quality over its corpus
             summary |= {"clusters/count": len(targets), "clusters/within_corr": targets[0].meta["cluster_within"],
                         "clusters/between_corr": targets[0].meta["cluster_between"]}
-        if "fluency" in df:  # input=tokens: the kept texts' fluency (ft.fluency, nats/token)
+        if "fluency" in df:  # input=tokens: the kept texts' fluency (ft.measure.fluency, nats/token)
             summary["final/fluency_mean"] = float(df["fluency"].mean())
         quality = targets[0].meta.get("sae_quality")
         if quality:  # the demo SAE's own quality, on held-out corpus tokens
@@ -716,7 +716,7 @@ def main(cfg: DictConfig) -> float | None:
             cfg.run_name = run_name_from_overrides(cfg.experiment_name, list(hc.overrides.task))
     from hydra.types import RunMode
 
-    from ft.preflight import NothingToDo
+    from ft.cli.preflight import NothingToDo
 
     try:
         finished = finished_step(cfg, Path(hc.runtime.output_dir)) is not None
@@ -725,13 +725,13 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
-        from ft.signals import resume_command
+        from ft.core.signals import resume_command
 
         again = resume_command("ft.train", list(hc.overrides.task), hc.runtime.output_dir)
         print(f"interrupted: {e}; resume with: {again}", file=sys.stderr)
         sys.exit(e.exit_code)
     except OSError as e:  # a full disk, a read-only folder: one line, the path, the cause, what to do
-        from ft.preflight import storage_line
+        from ft.cli.preflight import storage_line
 
         print(f"error: {storage_line(e, hc.runtime.output_dir)}", file=sys.stderr)
         sys.exit(1)
@@ -742,8 +742,8 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     """The `ft-train` console script (and `python -m ft.train`): checks, then Hydra."""
-    from ft.preflight import nothing_left_if_refused
-    from ft.signals import jobs_stop_with_launcher
+    from ft.cli.preflight import nothing_left_if_refused
+    from ft.core.signals import jobs_stop_with_launcher
 
     preflight(sys.argv[1:])  # one-line errors (exit 2) before Hydra writes anything
     logging.raiseExceptions = False  # a library's log file on a full disk: no "--- Logging error ---" traceback

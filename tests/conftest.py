@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from ft.encoder import Encoder, load_encoder
+from ft.model.encoder import Encoder, load_encoder
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Frequent English words (wordfreq's top list picks from these) + other words + pieces.

@@ -1,4 +1,4 @@
-"""ft.ablate: an ablated unit reads its fill in both readers, and the model downstream equals the
+"""ft.model.ablate: an ablated unit reads its fill in both readers, and the model downstream equals the
 model with that unit's weights removed (an independent edit of the weights)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from ft.ablate import ablated, active
-from ft.errors import ConfigError, SiteError
-from ft.fastforward import FastSiteReader
-from ft.sites import POINTS, Site, SiteIndex, SiteReader
+from ft.core.errors import ConfigError, SiteError
+from ft.model.ablate import ablated, active
+from ft.model.fastforward import FastSiteReader
+from ft.model.sites import POINTS, Site, SiteIndex, SiteReader
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_ablating_a_unit_equals_removing_its_weights(model):
 def test_the_lean_sites_path_reads_ablated_units_at_a_rows_top_layer(model):
     """`read_sites` computes a row's top-layer FFN output only at the units it reads: an ablated
     one among them still reads its fill."""
-    from ft.module import objective
+    from ft.engine.module import objective
 
     lists = [[Site(2, "ffn_out", 5)], [Site(0, "ffn_out", 3), Site(0, "ffn_out", 4)], [Site(1, "resid", 7)]]
     index = SiteIndex(model, lists)
@@ -99,7 +99,7 @@ def test_the_lean_sites_path_reads_ablated_units_at_a_rows_top_layer(model):
 
 def test_a_shared_layer_is_ablated_in_its_own_run_only(tmp_path):
     """ALBERT runs one layer module for every layer: ablating layer 1 leaves layer 0 alone."""
-    from ft.encoder import load_encoder
+    from ft.model.encoder import load_encoder
     from tests.families import build_family
 
     enc = load_encoder(str(build_family(tmp_path / "albert", "albert")))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ft
-from ft.errors import FtError
+from ft.core.errors import FtError
 
 ROOT = Path(__file__).resolve().parent.parent
 SITES = ["layer.0.ffn_out.3", "layer.1.ffn_out.7", "layer.1.head.1"]

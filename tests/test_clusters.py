@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import BertModel
 
-from ft.clusters import cluster_targets, cluster_units, correlation
-from ft.encoder import from_model
-from ft.errors import TargetError
-from ft.sae_train import token_activations
+from ft.core.errors import TargetError
+from ft.model.encoder import from_model
+from ft.targets.clusters import cluster_targets, cluster_units, correlation
+from ft.targets.sae_demo import token_activations
 
 
 def test_correlation_matches_numpy_and_leaves_dead_units_out():
@@ -72,7 +72,7 @@ def test_model_clusters_are_tighter_within_than_between(tiny):
 
 
 def test_clusters_are_textualized_as_groups(tiny_dir, tmp_path):
-    from ft.results import read_summary, read_targets
+    from ft.rundir.results import read_summary, read_targets
     from ft.train import run
     from tests.test_train import compose_cfg
 

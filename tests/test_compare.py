@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from ft.compare import main
-from ft.results import read_frontier, read_targets
+from ft.rundir.results import read_frontier, read_targets
 
 
 def test_the_comparison_tabulates_every_method_against_the_corpus(tiny_dir, tmp_path, capsys):

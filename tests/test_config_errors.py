@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from transformers import AlbertConfig, ElectraConfig
 
-from ft.errors import ConfigError
-from ft.preflight import preflight
-from ft.schema import check_config, check_model
+from ft.cli.preflight import preflight
+from ft.cli.schema import check_config, check_model
+from ft.core.errors import ConfigError
 
 CASES: dict[str, list[tuple[str, str]]] = {
     "type": [  # a string or a float where an integer (or a number, a bool) goes
@@ -217,8 +217,8 @@ def test_run_refuses_an_unsupported_model_before_writing(tmp_path):
     import torch
     from transformers import BertTokenizerFast, MPNetModel
 
-    from ft.arch import UnsupportedModelError
-    from ft.encoder import from_model
+    from ft.model.arch import UnsupportedModelError
+    from ft.model.encoder import from_model
     from tests.conftest import VOCAB
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""ft.cpualloc: after `keep_freed_memory`, a step that frees and reallocates the same large
+"""ft.core.cpualloc: after `keep_freed_memory`, a step that frees and reallocates the same large
 activations does not fault its memory in again (checked in fresh processes)."""
 
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 
 PATTERN = """
 import resource, sys, torch
-from ft.cpualloc import keep_freed_memory
+from ft.core.cpualloc import keep_freed_memory
 if sys.argv[1] == "tuned":
     assert keep_freed_memory()
 def step():

@@ -6,7 +6,7 @@ import logging
 
 from omegaconf import OmegaConf
 
-from ft.cpuinfo import cpu_info, warn_cpu_precision
+from ft.core.cpuinfo import cpu_info, warn_cpu_precision
 
 AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n"
 AMX = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"

@@ -1,8 +1,8 @@
 import pytest
 
-from ft.encoder import PACKAGED, load_encoder, packaged_minilm_path
-from ft.errors import ModelNotFoundError
-from ft.tracking import wandb_logged_in, wandb_mode
+from ft.core.errors import ModelNotFoundError
+from ft.model.encoder import PACKAGED, load_encoder, packaged_minilm_path
+from ft.rundir.tracking import wandb_logged_in, wandb_mode
 
 
 def test_missing_model_is_one_clear_error(tmp_path):

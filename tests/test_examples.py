@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from ft.corpus import load_corpus, split_sentences
-from ft.errors import ConfigError, ModelNotFoundError
+from ft.core.errors import ConfigError, ModelNotFoundError
+from ft.data.corpus import load_corpus, split_sentences
 from ft.examples import TargetScorer, corpus_search, is_stopword, main, passes, prune
-from ft.sites import Site, SiteReader
-from ft.substitutes import MaskedLM, NearestEmbeddings, build_substitutes
+from ft.model.sites import Site, SiteReader
+from ft.model.substitutes import MaskedLM, NearestEmbeddings, build_substitutes
 from ft.train import run
 from tests.test_train import compose_cfg, tiny_overrides
 
@@ -220,7 +220,7 @@ def test_a_batch_of_unequal_lengths_masks_padding_and_sep(tiny):
         torch.testing.assert_close(out[b, : len(ids)].max(0).values, tokens_max, rtol=1e-4, atol=1e-5)
     assert sep_peaks > 0  # some targets peak at [SEP]: counting it as a token would show
     # corpus search over one mixed-length batch: each sentence's score is its own tokens' max
-    from ft.corpus import Corpus
+    from ft.data.corpus import Corpus
 
     scores, sent, _ = corpus_search(scorer, Corpus("mixed", ["a", "b", "c"], seqs), top_n=3)
     for j in range(scores.shape[0]):

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from ft.export import main
-from ft.results import read_inputs, read_summary, read_targets
+from ft.rundir.results import read_inputs, read_summary, read_targets
 from tests.test_train import compose_cfg
 
 
@@ -68,7 +68,7 @@ def test_exports_refuse_bad_input_and_leave_nothing(runs, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def sae_run(tiny_dir, tmp_path_factory):
-    from ft.sae import SAE
+    from ft.targets.sae_file import SAE
     from ft.train import run
 
     root = tmp_path_factory.mktemp("export_sae")

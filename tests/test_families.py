@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-from ft.encoder import load_encoder
-from ft.fastforward import FastSiteReader, supports
-from ft.results import read_inputs, read_targets
-from ft.sites import POINTS, SiteReader
+from ft.model.encoder import load_encoder
+from ft.model.fastforward import FastSiteReader, supports
+from ft.model.sites import POINTS, SiteReader
+from ft.rundir.results import read_inputs, read_targets
 from ft.train import run
 from tests.families import FAMILIES, build_family
 from tests.test_train import compose_cfg

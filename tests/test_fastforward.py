@@ -1,4 +1,4 @@
-"""The lean forward (ft.fastforward) reproduces Hugging Face's layers, row by row."""
+"""The lean forward (ft.model.fastforward) reproduces Hugging Face's layers, row by row."""
 
 from functools import partial
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from ft.errors import ConfigError
-from ft.fastforward import FastSiteReader, supports
+from ft.core.errors import ConfigError
+from ft.engine.module import TextualizationModule
 from ft.inputs import build_input
-from ft.module import TextualizationModule
-from ft.sites import POINTS, SiteReader
-from ft.vocab import Vocabulary
+from ft.model.fastforward import FastSiteReader, supports
+from ft.model.sites import POINTS, SiteReader
+from ft.model.vocab import Vocabulary
 from tests.test_module import fit
 
 
@@ -75,8 +75,8 @@ def test_site_objectives_and_gradients_match_the_hooks(three_layers, length):
     """`objective` with the lean forward (sites gathered per layer; the FFN output of a row's top
     layer only at the units it reads, or whole when it reads many units or the residual) equals
     the hook-based forward, in value and in gradient."""
-    from ft.module import objective
-    from ft.sites import Site, SiteIndex
+    from ft.engine.module import objective
+    from ft.model.sites import Site, SiteIndex
 
     lists = [[Site(2, "ffn_out", 5)], [Site(0, "ffn_act", 9)], [Site(1, "ffn_out", 3), Site(0, "resid", 4)],
              [Site(1, "resid", 2)], [Site(0, "ffn_out", u) for u in range(12)],  # many units: whole layer
@@ -121,7 +121,7 @@ def test_unsupported_models_fall_back_or_refuse(tiny):
 
     assert supports(tiny.model) and not supports(Odd())
     with pytest.raises(ConfigError, match="fast_forward"):
-        from ft.module import use_fast_forward
+        from ft.engine.module import use_fast_forward
 
         use_fast_forward(Odd(), True)
 
@@ -131,14 +131,14 @@ def test_bench_flop_formula_matches_counted_flops(tiny, monkeypatch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    import ft.fastforward
+    import ft.model.fastforward
     from ft.bench import engine_flops
-    from ft.fastforward import site_plan
+    from ft.model.fastforward import site_plan
     from tests.test_module import SITES
 
     # attention through SDPA's math kernel, whose matmuls the counter sees (the same arithmetic
     # as the broadcast attention that short inputs use)
-    monkeypatch.setattr(ft.fastforward, "SHORT_SEQUENCE", 0)
+    monkeypatch.setattr(ft.model.fastforward, "SHORT_SEQUENCE", 0)
 
     vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
     for fast in (True, False):
@@ -160,8 +160,8 @@ def test_bench_flop_formula_matches_counted_flops(tiny, monkeypatch):
 def test_bf16_autocast_stays_close_to_fp32(three_layers):
     """Under bf16 autocast the lean forward runs (mixed dtypes meet in the site gather) and the
     objective stays within bf16 rounding of the fp32 one."""
-    from ft.module import objective
-    from ft.sites import Site, SiteIndex
+    from ft.engine.module import objective
+    from ft.model.sites import Site, SiteIndex
 
     lists = [[Site(2, "ffn_out", 5)], [Site(0, "ffn_act", 9)], [Site(1, "resid", 2), Site(2, "ffn_out", 1)]]
     index = SiteIndex(three_layers, lists)

@@ -1,4 +1,4 @@
-"""Fluency (ft.fluency): each score equals an independent computation; the search's frontier
+"""Fluency (ft.measure.fluency): each score equals an independent computation; the search's frontier
 moves toward fluent text as its weight grows; PEZ's projected input stands for real tokens."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
-from ft.errors import ConfigError
-from ft.fluency import BigramPrior, MaskedLMFluency, build_fluency, check_weights
-from ft.results import read_frontier, read_inputs, read_targets
+from ft.core.errors import ConfigError
+from ft.measure.fluency import BigramPrior, MaskedLMFluency, build_fluency, check_weights
+from ft.rundir.results import read_frontier, read_inputs, read_targets
 from ft.train import run
 from tests.reference import hf_points, site_mean
 from tests.test_search import search_cfg
@@ -23,7 +23,7 @@ CORPUS = ("The cat sat on the table. The dog sat by the door. A bird was in the 
 
 
 def corpus_ids(tok) -> list[list[int]]:
-    from ft.corpus import split_sentences
+    from ft.data.corpus import split_sentences
 
     return tok(split_sentences(CORPUS), add_special_tokens=False)["input_ids"]
 
@@ -105,7 +105,7 @@ def test_the_masked_lm_pseudo_log_likelihood_equals_a_masked_forward_per_positio
 
 
 def _vocab(enc):
-    from ft.vocab import Vocabulary
+    from ft.model.vocab import Vocabulary
 
     return Vocabulary.from_tokenizer(enc.tokenizer)
 

@@ -153,14 +153,14 @@ def test_report_signal_is_one_line_and_128_plus_signum(tmp_path, capsys, monkeyp
 
 
 def test_static_signal_while_reading_leaves_no_file(tmp_path, tiny_dir, capsys, monkeypatch):
-    import ft.encoder
+    import ft.model.encoder
     from ft.static import main
 
     def load(*_a, **_k):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the signal stops the command")
 
-    monkeypatch.setattr(ft.encoder, "load_encoder", load)
+    monkeypatch.setattr(ft.model.encoder, "load_encoder", load)
     out = tmp_path / "static.parquet"
     rc = main(["--model", str(tiny_dir), "--out", str(out)])
     assert rc == 143
@@ -231,7 +231,7 @@ def test_examples_write_failure_is_one_line(tmp_path, capsys, monkeypatch):
     import errno
 
     import ft.examples
-    from ft.results import storage_error
+    from ft.rundir.results import storage_error
 
     run = fake_run(tmp_path / "run")
 
@@ -287,8 +287,8 @@ def test_merge_stopped_while_writing_leaves_no_part_and_reruns(two_shards, tmp_p
 def test_concept_word_listed_twice_is_refused(tmp_path, tiny, rows, said):
     """A repeated word was weighed twice (and counted toward 'each label on 2 words'); one listed
     under two labels trained the probe on contradicting rows; both ran silently."""
-    from ft.concepts import load_concept
-    from ft.errors import ConfigError
+    from ft.core.errors import ConfigError
+    from ft.data.concepts import load_concept
 
     path = tmp_path / "c.csv"
     path.write_text(rows + "goat,animal\nsheep,animal\nhave,verb\nmake,verb\nwere,verb\n")
@@ -297,7 +297,7 @@ def test_concept_word_listed_twice_is_refused(tmp_path, tiny, rows, said):
 
 
 def test_concept_words_each_once_still_load(tmp_path, tiny):
-    from ft.concepts import load_concept
+    from ft.data.concepts import load_concept
 
     path = tmp_path / "c.csv"
     path.write_text("cat,animal\ngoat,animal\nhave,verb\nmake,verb\n")
@@ -309,23 +309,23 @@ def test_corpus_cache_tells_tokenizers_of_one_vocabulary_apart(tmp_path, monkeyp
     got the ids an uncased one had cached ('Cat' read as 'cat'), silently."""
     from transformers import BertTokenizerFast
 
-    import ft.corpus
+    import ft.data.corpus
     from tests.conftest import VOCAB
 
-    monkeypatch.setattr(ft.corpus, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(ft.data.corpus, "cache_dir", lambda: tmp_path / "cache")
     text = tmp_path / "c.txt"
     text.write_text("Cat sat on the mat.\n")
     vocab = {t: i for i, t in enumerate(VOCAB)}
     uncased = BertTokenizerFast(vocab=vocab, do_lower_case=True)
     cased = BertTokenizerFast(vocab=vocab, do_lower_case=False)
     assert uncased("Cat", add_special_tokens=False)["input_ids"] != cased("Cat", add_special_tokens=False)["input_ids"]
-    first = ft.corpus.load_corpus(str(text), uncased).ids
-    second = ft.corpus.load_corpus(str(text), cased).ids
-    assert second == [cased(s, add_special_tokens=False)["input_ids"] for s in ft.corpus.load_corpus(
+    first = ft.data.corpus.load_corpus(str(text), uncased).ids
+    second = ft.data.corpus.load_corpus(str(text), cased).ids
+    assert second == [cased(s, add_special_tokens=False)["input_ids"] for s in ft.data.corpus.load_corpus(
         str(text), cased, use_cache=False).sentences]
     assert first != second
     assert len(list((tmp_path / "cache" / "corpus").glob("*.safetensors"))) == 2
-    ft.corpus.load_corpus(str(text), cased)  # a tokenizer's truncation, set by each call, is not part of the key
+    ft.data.corpus.load_corpus(str(text), cased)  # a tokenizer's truncation, set by each call, is not part of the key
     assert len(list((tmp_path / "cache" / "corpus").glob("*.safetensors"))) == 2
 
 
@@ -392,8 +392,8 @@ def test_plan_malformed_config_is_one_line(tmp_path, edit, said):
     `--targets None`."""
     import json
 
-    from ft.errors import ConfigError
-    from ft.plan import plan
+    from ft.core.errors import ConfigError
+    from ft.engine.plan import plan
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(edit(json.loads(PLAN_BERT.read_text()))))
@@ -408,15 +408,15 @@ def test_plan_malformed_config_is_one_line(tmp_path, edit, said):
     ({"gpu_tflops": float("nan")}, "--gpu-tflops nan"),  # nan hours, exit 0
 ])
 def test_plan_bad_numbers_are_refused(kwargs, said):
-    from ft.errors import ConfigError
-    from ft.plan import plan
+    from ft.core.errors import ConfigError
+    from ft.engine.plan import plan
 
     with pytest.raises(ConfigError, match=said):
         plan(PLAN_BERT, steps=10, cpu_gflops=10.0, **kwargs)
 
 
 def test_plan_still_projects(capsys):
-    from ft.plan import plan
+    from ft.engine.plan import plan
 
     p = plan(PLAN_BERT, targets=100, steps=10, cpu_gflops=10.0)
     assert p.targets == 100

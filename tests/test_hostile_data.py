@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ft.sae import CFG, load_sae
-from ft.sae_train import demo_sae
+from ft.targets.sae_demo import demo_sae
+from ft.targets.sae_file import CFG, load_sae
 
 SENTENCES_A = "the cat sat on the sofa. the dog ran to the river. a bird is on the roof.\n" * 20
 SENTENCES_B = "music piano violin guitar. apple banana cherry grape lemon mango.\n" * 20
@@ -51,8 +51,8 @@ def test_a_resumed_demo_sae_run_keeps_the_demo_sae_it_started_with(tiny, tiny_di
     scored with the SAE its first steps used, or refused; never the new one kept in its place."""
     import pytest
 
-    from ft.errors import FtError
-    from ft.kept import kept
+    from ft.core.errors import FtError
+    from ft.rundir.kept import kept
     from ft.train import run
 
     a = tmp_path / "a.txt"
@@ -70,7 +70,7 @@ def test_a_resumed_demo_sae_run_keeps_the_demo_sae_it_started_with(tiny, tiny_di
         assert "sae" in str(e)
         return
     assert torch.equal(load_sae(kept(tmp_path / "run", "sae")).W_enc, first)
-    from ft.results import read_targets
+    from ft.rundir.results import read_targets
 
     assert set(read_targets(tmp_path / "run").sae_path) == {str(cache)}  # named as a straight run names it
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -127,8 +127,8 @@ def test_a_checkpoint_of_another_run_directory_retires_this_directorys_results(t
     import pytest
 
     import ft.train
-    from ft.errors import FtError
-    from ft.results import read_config, read_targets
+    from ft.core.errors import FtError
+    from ft.rundir.results import read_config, read_targets
     from ft.train import run
 
     neurons = ["target.sites=[layer.0.ffn_act.3]"]
@@ -152,9 +152,9 @@ def test_a_model_changed_in_memory_is_not_recorded_as_the_folder_it_was_loaded_f
     must not name (and fingerprint) the unchanged folder as its model, or every later reader
     (ft.examples, exports, resume) scores the targets with other weights than the run used."""
     import ft
-    from ft.encoder import load_encoder
-    from ft.kept import model_to_load
-    from ft.results import read_config
+    from ft.model.encoder import load_encoder
+    from ft.rundir.kept import model_to_load
+    from ft.rundir.results import read_config
 
     enc = load_encoder(str(tiny_dir))
     with torch.no_grad():
@@ -171,7 +171,7 @@ def test_a_resumed_gumbel_run_continues_its_noise(tiny, tiny_dir, tmp_path):
     """input=gumbel draws its noise from the global torch generator: a run resumed from its
     checkpoint (here: extended from 3 to 6 steps) must continue that stream, as the run would have
     gone on, not draw the first steps' noise again (a silently other run than the straight one)."""
-    from ft.results import read_inputs
+    from ft.rundir.results import read_inputs
     from ft.train import run
 
     g = ["target.sites=[layer.0.ffn_act.3,layer.1.ffn_out.5]", "input=gumbel", "input.anneal_steps=6",
@@ -186,7 +186,7 @@ def test_the_nearest_words_table_does_not_change_a_gumbel_run(tiny, tiny_dir, tm
     """The W&B nearest-words table (a report, every callbacks.nearest.every_n_steps) must read the
     inputs without drawing gumbel noise: a run logged to W&B gives the inputs of the same run
     without W&B, and its table shows the noise-free input."""
-    from ft.results import read_inputs
+    from ft.rundir.results import read_inputs
     from ft.train import run
 
     g = ["target.sites=[layer.0.ffn_act.3,layer.1.ffn_out.5]", "input=gumbel"]
@@ -198,8 +198,8 @@ def test_the_nearest_words_table_does_not_change_a_gumbel_run(tiny, tiny_dir, tm
 def test_the_console_table_tells_apart_units_whose_labels_share_a_prefix(tiny, tiny_dir, tmp_path, capsys):
     """Two term expressions that differ only after their 28th character are two rows the console
     table must tell apart (it cut every label at 28 characters)."""
-    from ft.results import read_summary, read_targets
-    from ft.tracking import format_table
+    from ft.rundir.results import read_summary, read_targets
+    from ft.rundir.tracking import format_table
     from ft.train import run
 
     specs = "target.specs=['layer.1.ffn_out.5-0.5*layer.0.ffn_act.7','layer.1.ffn_out.5-0.5*layer.0.ffn_act.8']"
@@ -214,7 +214,7 @@ def test_the_wandb_targets_table_names_each_unit():
     """The W&B results table carries the `label` column: SAE latents of one site are told apart."""
     import pandas as pd
 
-    from ft.tracking import wandb_targets_table
+    from ft.rundir.tracking import wandb_targets_table
 
     df = pd.DataFrame({"target_id": [0, 1], "kind": ["sae", "sae"], "sites": [["layer.1.resid"]] * 2,
                        "label": ["layer.1.resid:sae.3", "layer.1.resid:sae.9"], "target_word": [None, None],
@@ -233,8 +233,8 @@ def test_a_result_file_the_manifest_does_not_list_is_refused(tiny, tiny_dir, tmp
     import pytest
 
     import ft.train
-    from ft.errors import FtError
-    from ft.results import read_targets
+    from ft.core.errors import FtError
+    from ft.rundir.results import read_targets
     from ft.train import run
 
     d = tmp_path / "run"
@@ -274,8 +274,8 @@ def test_a_hub_model_whose_cached_snapshot_changed_is_refused_on_resume(tiny_dir
 
     import pytest
 
-    from ft.errors import FtError
-    from ft.kept import model_to_load
+    from ft.core.errors import FtError
+    from ft.rundir.kept import model_to_load
     from ft.train import run
     from tests.conftest import build_tiny
 
@@ -305,7 +305,7 @@ def test_a_start_over_logs_to_a_new_wandb_run(tiny, tiny_dir, tmp_path):
     """The W&B run id kept in the run directory lets a resume continue its W&B run; a start over
     (ckpt_path=none) is another run and must not continue the old one's history (W&B would drop
     the new run's steps below the old run's last step and mix both runs' settings)."""
-    from ft.tracking import WANDB_ID
+    from ft.rundir.tracking import WANDB_ID
     from ft.train import run
 
     neurons = ["target.sites=[layer.0.ffn_act.3]", "logger.wandb.mode=offline"]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ft.errors import ConfigError
-from ft.hydra_conf import CONFIG_DIR, describe, dirname, help_text
+from ft.cli.hydra_conf import CONFIG_DIR, describe, dirname, help_text
+from ft.core.errors import ConfigError
 from ft.train import optimized_value
 from tests.test_train import compose_cfg
 
@@ -54,7 +54,7 @@ def test_run_folders_are_named_by_a_safe_run_name(name, want):
 def test_runs_and_multiruns_share_one_tree():
     from hydra import compose, initialize_config_dir
 
-    from ft.hydra_conf import register
+    from ft.cli.hydra_conf import register
 
     register()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

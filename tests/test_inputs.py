@@ -4,11 +4,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from ft.errors import ConfigError
+from ft.core.errors import ConfigError
+from ft.engine.module import TextualizationModule
 from ft.inputs import EmbeddingInput, OneHotFastInput, OneHotInput, build_input, initial_onehot
-from ft.module import TextualizationModule
-from ft.sites import Site
-from ft.vocab import Vocabulary
+from ft.model.sites import Site
+from ft.model.vocab import Vocabulary
 
 SITES = [[Site(0, "ffn_out", 3)], [Site(1, "ffn_out", 7)], [Site(1, "ffn_act", 1), Site(0, "ffn_out", 2)]]
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ft.encoder import load_encoder
-from ft.errors import ConfigError, FtError
-from ft.integrity import MANIFEST, RunFileError, StorageError, strict_summary
-from ft.results import load_runs, read_inputs, read_summary, read_targets, write_run
+from ft.core.errors import ConfigError, FtError
+from ft.core.integrity import MANIFEST, RunFileError, StorageError, strict_summary
+from ft.model.encoder import load_encoder
+from ft.model.vocab import Vocabulary, cache_dir, load_or_sweep, model_key, sweep_vocabulary
+from ft.rundir.results import load_runs, read_inputs, read_summary, read_targets, write_run
 from ft.train import RESUME_LOG, run
-from ft.vocab import Vocabulary, cache_dir, load_or_sweep, model_key, sweep_vocabulary
 from tests.faults import fill, tmpfs
 from tests.test_train import compose_cfg, tiny_overrides
 
@@ -98,7 +98,7 @@ def test_cache_from_before_checksums_loads_with_a_warning(tiny, caplog):
 def test_cache_key_covers_every_weight_and_the_tokenizer(tiny_dir, tmp_path):
     from transformers import BertTokenizerFast
 
-    from ft.encoder import from_model
+    from ft.model.encoder import from_model
     from tests.conftest import VOCAB
 
     a = load_encoder(str(tiny_dir))
@@ -145,7 +145,7 @@ def test_a_damaged_run_file_is_refused_by_name(name, at, finished, tmp_path):
     bad = copy_run(finished, tmp_path / "bad")
     flip(bad / name, at=at, n=2)
     reader = {"targets.parquet": read_targets, "inputs.safetensors": read_inputs, "summary.json": read_summary}
-    from ft.results import read_config, read_curves
+    from ft.rundir.results import read_config, read_curves
 
     reader |= {"curves.parquet": read_curves, "config.yaml": read_config}
     with pytest.raises(RunFileError, match=f"{bad / name} is damaged"):
@@ -257,7 +257,7 @@ def test_a_disk_full_at_a_checkpoint_names_the_checkpoint(tiny_dir, tmp_path):
 
 
 def test_a_read_only_run_directory_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
-    from ft.preflight import preflight
+    from ft.cli.preflight import preflight
 
     mount = tmp_path / "ro"
     with tmpfs(mount, read_only=True):

@@ -1,4 +1,4 @@
-"""The hand-written backward of the lean site reads (ft.leangrad) equals autograd's, and the hooks'."""
+"""The hand-written backward of the lean site reads (ft.model.leangrad) equals autograd's, and the hooks'."""
 
 from functools import partial
 
@@ -6,14 +6,14 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-import ft.fastforward
-from ft.ablate import ablated
-from ft.encoder import load_encoder
-from ft.fastforward import FastSiteReader, site_plan
+import ft.model.fastforward
+from ft.engine.module import TextualizationModule
 from ft.inputs import build_input
-from ft.module import TextualizationModule
-from ft.sites import POINTS, Site, SiteIndex, SiteReader
-from ft.vocab import Vocabulary
+from ft.model.ablate import ablated
+from ft.model.encoder import load_encoder
+from ft.model.fastforward import FastSiteReader, site_plan
+from ft.model.sites import POINTS, Site, SiteIndex, SiteReader
+from ft.model.vocab import Vocabulary
 from tests.families import build_family
 
 # the site lists: rows ending at every layer, every point, several sites a row, a top layer
@@ -50,7 +50,7 @@ def framed(n: int, length: int, dim: int = 32, dtype=torch.float64, seed: int = 
 
 
 def values_and_grad(model, index, x, hand: bool, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, object]:
-    monkeypatch.setattr(ft.fastforward, "HAND_BACKWARD", hand)
+    monkeypatch.setattr(ft.model.fastforward, "HAND_BACKWARD", hand)
     xi = x.clone().requires_grad_(True)
     v = FastSiteReader(model, index.points, index.max_layer, 1).read_sites(xi, index, const_ends=True)
     g = torch.randn(v.shape, generator=torch.Generator().manual_seed(7), dtype=v.dtype)
@@ -118,7 +118,7 @@ def test_the_autograd_path_where_the_hand_backward_does_not_apply(model64, monke
     assert type(reader.read_sites(x, index, True).grad_fn).__name__ == "LeanSitesBackward"
     with ablated(model64, [Site(0, "ffn_act", 1)], "zero"):
         assert type(reader.read_sites(x, index, True).grad_fn).__name__ != "LeanSitesBackward"
-    long = framed(6, ft.fastforward.SHORT_SEQUENCE)  # S = SHORT_SEQUENCE + 2: the fused attention kernel
+    long = framed(6, ft.model.fastforward.SHORT_SEQUENCE)  # S = SHORT_SEQUENCE + 2: the fused attention kernel
     assert type(reader.read_sites(long.requires_grad_(True), index, True).grad_fn).__name__ != "LeanSitesBackward"
     with torch.no_grad():
         assert reader.read_sites(x, index, True).grad_fn is None

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ft.merge import ShardError, main, merge
-from ft.results import find_runs, read_config, read_curves, read_inputs, read_summary, read_targets
+from ft.rundir.results import find_runs, read_config, read_curves, read_inputs, read_summary, read_targets
 from tests.test_train import compose_cfg
 
 BASE = ["trainer.max_steps=8", "logger.wandb.mode=disabled", "+trainer.enable_progress_bar=false",
@@ -76,7 +76,7 @@ def test_a_missing_or_unfinished_shard_is_named(shards, tmp_path, capsys):
 def test_merged_shards_keep_their_inputs_once_and_shards_of_other_inputs_are_refused(tiny, tiny_dir, tmp_path):
     """In-process shards of an SAE run: the merged run holds the SAE the shards kept, so its
     objectives rebuild after the original changed; a shard made from another SAE is refused."""
-    from ft.kept import index, kept
+    from ft.rundir.kept import index, kept
     from ft.train import run
     from tests.test_units import random_sae
 

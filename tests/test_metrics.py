@@ -3,11 +3,11 @@ from functools import partial
 import pytest
 import torch
 
+from ft.engine.module import TextualizationModule
 from ft.inputs import build_input
-from ft.metrics import VocabFacts, evaluate, summarize
-from ft.module import TextualizationModule
+from ft.measure.metrics import VocabFacts, evaluate, summarize
+from ft.model.vocab import Vocabulary, analysis_vectors, load_or_sweep
 from ft.targets import group_targets, neuron_targets
-from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep
 
 
 @pytest.fixture

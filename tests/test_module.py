@@ -3,10 +3,10 @@ from functools import partial
 import pytest
 import torch
 
+from ft.engine.module import TextualizationModule, full_sequence, objective
 from ft.inputs import build_input
-from ft.module import TextualizationModule, full_sequence, objective
-from ft.sites import Site
-from ft.vocab import Vocabulary
+from ft.model.sites import Site
+from ft.model.vocab import Vocabulary
 
 SITES = [[Site(0, "ffn_out", 3)], [Site(1, "ffn_out", 7)], [Site(1, "ffn_out", 1), Site(0, "ffn_out", 2)]]
 

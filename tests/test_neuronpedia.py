@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ft.export import CREATOR_ID, main
-from ft.results import read_config, read_inputs, read_summary, read_targets, target_label, write_run
+from ft.rundir.results import read_config, read_inputs, read_summary, read_targets, target_label, write_run
 from tests.test_train import compose_cfg
 
 # Columns of the tables the export writes (schema.prisma): json type, and whether a row must carry
@@ -196,7 +196,7 @@ def by_hand(tiny, row, ids: list[int], sae=None) -> list[float]:
 def alone(tiny, run_dir: Path, t: int, ids: list[int]) -> list[float]:
     """Target t's activation scored with a scorer that holds that target alone."""
     from ft.examples import TargetScorer
-    from ft.results import read_directions
+    from ft.rundir.results import read_directions
     from ft.targets import readouts_of_table
 
     table = read_targets(run_dir).sort_values("target_id").iloc[[t]]
@@ -206,7 +206,7 @@ def alone(tiny, run_dir: Path, t: int, ids: list[int]) -> list[float]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_dir, tmp_path_factory):
-    from ft.sae import SAE
+    from ft.targets.sae_file import SAE
     from ft.train import run
 
     root = tmp_path_factory.mktemp("np_runs")
@@ -251,7 +251,7 @@ def test_the_export_is_the_importers_layout_with_every_key_and_reference(exporte
 
 
 def test_every_target_has_its_own_unit_values_and_explanation(exported, runs, tiny):
-    from ft.sae import load_sae
+    from ft.targets.sae_file import load_sae
 
     got = read_export(exported)
     sae = load_sae(runs / "sae")
@@ -284,7 +284,7 @@ def test_every_target_has_its_own_unit_values_and_explanation(exported, runs, ti
 
 
 def test_static_readings_of_an_ffn_out_unit_are_its_embedding_column(exported, runs, tiny):
-    from ft.vocab import Vocabulary
+    from ft.model.vocab import Vocabulary
 
     got = read_export(exported)
     [neuron] = [n for (_, s), t in got["sources"].items() if s == "0-ft-ffn_out" for n in t["Neuron"]]
@@ -340,8 +340,8 @@ def test_the_same_export_twice_is_the_same_bytes(runs, tmp_path):
 
 
 def test_an_sae_changed_after_the_run_does_not_change_the_export(runs, tiny_dir, tmp_path):
-    pytest.importorskip("ft.kept")  # runs keep their SAE (another part of issue 35)
-    from ft.sae import SAE, load_sae
+    pytest.importorskip("ft.rundir.kept")  # runs keep their SAE (another part of issue 35)
+    from ft.targets.sae_file import SAE, load_sae
     from ft.train import run
 
     sae = load_sae(runs / "sae")
@@ -357,7 +357,7 @@ def test_an_sae_changed_after_the_run_does_not_change_the_export(runs, tiny_dir,
 
 
 def test_a_model_changed_after_the_run_is_refused(tmp_path, capsys):
-    pytest.importorskip("ft.kept")
+    pytest.importorskip("ft.rundir.kept")
     from ft.train import run
     from tests.conftest import build_tiny
 
@@ -371,7 +371,7 @@ def test_a_model_changed_after_the_run_is_refused(tmp_path, capsys):
 
 
 def test_two_saes_of_one_name_get_sources_of_their_own(runs, tiny_dir, tmp_path):
-    from ft.sae import load_sae
+    from ft.targets.sae_file import load_sae
     from ft.train import run
 
     sae = load_sae(runs / "sae")
@@ -389,7 +389,7 @@ def test_two_saes_of_one_name_get_sources_of_their_own(runs, tiny_dir, tmp_path)
 
 
 def test_a_runs_kept_sae_is_read_checked_or_refused(runs, tmp_path, capsys, caplog):
-    kept_dir = pytest.importorskip("ft.kept").KEPT
+    kept_dir = pytest.importorskip("ft.rundir.kept").KEPT
     old, altered = tmp_path / "old", tmp_path / "altered"
     shutil.copytree(runs / "sae_run", old)
     shutil.copytree(runs / "sae_run", altered)

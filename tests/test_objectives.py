@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ft.directions import load_directions
-from ft.errors import TargetError
+from ft.core.errors import TargetError
+from ft.data.directions import load_directions
+from ft.engine.module import TextualizationModule
+from ft.engine.state import RowState
 from ft.inputs import build_input
-from ft.module import TextualizationModule
-from ft.objectives import InputNorm, Readout, direction, mean, neuron, parse
-from ft.sites import Site
-from ft.state import RowState
+from ft.model.sites import Site
+from ft.model.vocab import Vocabulary
 from ft.targets import direction_targets, terms_targets
-from ft.vocab import Vocabulary
+from ft.targets.objectives import InputNorm, Readout, direction, mean, neuron, parse
 
 SPEC = "layer.1.ffn_out.5 - 0.5 * layer.0.ffn_act.7 + 2 * layer.1.resid.3"
 
@@ -193,11 +193,11 @@ def test_a_planted_direction_is_textualized_to_its_word(tiny, tiny_dir, tmp_path
     output: every input's h has the same norm, so h . r_w is largest at h = r_w) is maximized by
     that word over the vocabulary, and the optimized input's closest word is that word. The run
     directory keeps the directions, and its table rebuilds the same objectives."""
-    from ft.integrity import read_manifest
-    from ft.results import read_directions, read_targets
+    from ft.core.integrity import read_manifest
+    from ft.model.vocab import load_or_sweep
+    from ft.rundir.results import read_directions, read_targets
     from ft.targets import readouts_of_table
     from ft.train import run
-    from ft.vocab import load_or_sweep
     from tests.test_train import compose_cfg
 
     vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
@@ -226,7 +226,7 @@ def test_a_planted_direction_is_textualized_to_its_word(tiny, tiny_dir, tmp_path
 def test_a_terms_run_reports_the_expression_for_its_saved_input(tiny, tiny_dir, tmp_path):
     """`objective` of a terms run = the expression over the HF model's own activations for the
     saved `embeds`, direction terms included; the most activating word is the brute-force argmax."""
-    from ft.results import read_inputs, read_targets
+    from ft.rundir.results import read_inputs, read_targets
     from ft.train import run
     from tests.test_train import compose_cfg
 
@@ -249,7 +249,7 @@ def test_a_terms_run_reports_the_expression_for_its_saved_input(tiny, tiny_dir, 
             acts[(1, "ffn_out")][:, 5] - 0.5 * acts[(0, "ffn_act")][:, 7] + 2 * acts[(1, "resid")][:, 3],
             acts[(1, "resid")] @ v[0] - 0.5 * acts[(1, "resid")] @ v[1] + 3 * acts[(0, "ffn_out")][:, 1]], 1)
 
-    from ft.module import full_sequence
+    from ft.engine.module import full_sequence
 
     with torch.no_grad():
         seq = full_sequence(inputs["embeds"], W, vocab.cls_id, vocab.sep_id)
@@ -275,7 +275,7 @@ def test_dataset_examples_score_any_objective(tiny, tmp_path):
     ids = tiny.tokenizer.convert_tokens_to_ids(["piano", "river"])
     got = scorer.batch([[i] for i in ids])[:, 0]  # [2 words, 2 targets]
     W = tiny.word_embeddings.detach()
-    from ft.module import full_sequence
+    from ft.engine.module import full_sequence
 
     with torch.no_grad():
         acts = hf_points(tiny.model, full_sequence(W[ids][:, None], W, tiny.tokenizer.cls_token_id,

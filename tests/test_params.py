@@ -8,13 +8,13 @@ import pytorch_lightning as pl
 import torch
 
 from ft.callbacks import TemperatureSchedule
+from ft.engine.module import TextualizationModule
 from ft.inputs import GumbelInput, build_input
-from ft.metrics import VocabFacts, evaluate
-from ft.module import TextualizationModule
-from ft.results import read_inputs, read_targets
-from ft.sites import Site
+from ft.measure.metrics import VocabFacts, evaluate
+from ft.model.sites import Site
+from ft.model.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
+from ft.rundir.results import read_inputs, read_targets
 from ft.train import run
-from ft.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
 from tests.test_train import compose_cfg, tiny_overrides
 
 SITES = [[Site(0, "ffn_out", 3)], [Site(1, "ffn_out", 7)], [Site(1, "ffn_out", 1), Site(0, "ffn_out", 2)]]
@@ -215,7 +215,7 @@ def test_word_regularizer_is_measured_in_the_analysis_space(tiny):
 
 def module_as_run_builds_it(cfg):
     """The module `run` would fit for `cfg` (its own preparation and construction, no fit)."""
-    from ft.encoder import load_encoder
+    from ft.model.encoder import load_encoder
     from ft.train import build_module, prepare_targets
 
     enc = load_encoder(cfg.model.name_or_path)
@@ -229,7 +229,7 @@ def test_a_run_pulls_toward_words_with_the_analysis_vectors(tiny_dir, tmp_path):
     cfg = compose_cfg(tiny_overrides(tiny_dir, "default", steps=4) + ["reg=word", "reg.word=2.0"])
     enc, targets, facts, m = module_as_run_builds_it(cfg)
     vecs = analysis_vectors(enc, Vocabulary.from_tokenizer(enc.tokenizer), cfg.position)
-    from ft.objectives import WordDistance
+    from ft.targets.objectives import WordDistance
 
     (weight, term), = m.regularizers.terms()  # reg.norm=0 adds nothing
     assert weight == -2.0 and isinstance(term, WordDistance)

@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from ft.errors import ConfigError
-from ft.plan import MODELS_DIR, plan, step_flops
+from ft.core.errors import ConfigError
+from ft.engine.plan import MODELS_DIR, plan, step_flops
 
 
 def test_planned_flops_are_the_engines_count(tiny, tiny_dir, tmp_path):
     """The planner on the tiny BERT's config.json (a meta model) counts what the engine's module
     counts for the same ffn_act targets on the real model."""
+    from ft.engine.module import TextualizationModule
     from ft.inputs import build_input
-    from ft.module import TextualizationModule
-    from ft.sites import Site
-    from ft.vocab import Vocabulary
+    from ft.model.sites import Site
+    from ft.model.vocab import Vocabulary
 
     cfg = json.loads((tiny_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -48,11 +48,11 @@ def test_every_shipped_shape_plans_without_weights(path):
 
 
 def test_the_hooked_forward_costs_more_than_the_lean_one():
-    from ft.plan import meta_model
+    from ft.engine.plan import meta_model
 
     model, _ = meta_model(MODELS_DIR / "bert_large_uncased.json")
     lean, is_lean = step_flops(model, 240)
-    from ft.sites import hooked_step_flops
+    from ft.model.sites import hooked_step_flops
 
     hooked = sum(hooked_step_flops(model, 10, j, 1) for j in range(24)) + 2 * 240 * 1024 * 1024
     assert is_lean and lean < hooked

@@ -8,9 +8,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from ft.concepts import BUILTIN, load_concept
-from ft.encoder import from_model
-from ft.errors import ConfigError
+from ft.core.errors import ConfigError
+from ft.data.concepts import BUILTIN, load_concept
+from ft.model.encoder import from_model
 from ft.probe import probe
 from tests.test_train import CONFIG_DIR
 
@@ -68,7 +68,7 @@ def test_builtin_concepts_are_words_against_frequency_matched_others():
     from transformers import AutoTokenizer
     from wordfreq import zipf_frequency
 
-    from ft.encoder import packaged_minilm_path
+    from ft.model.encoder import packaged_minilm_path
 
     tok = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))  # the packaged MiniLM's vocabulary
 
@@ -117,7 +117,7 @@ def test_sentences_are_read_in_context(tiny, tmp_path):
 
 
 def test_probe_selected_targets_are_textualized_and_scored_against_the_concept(tiny, tiny_dir, tmp_path):
-    from ft.results import read_summary, read_targets
+    from ft.rundir.results import read_summary, read_targets
     from ft.train import run
     from tests.test_train import compose_cfg
 
@@ -173,9 +173,9 @@ def test_the_masked_token_drop_is_measured_with_the_checkpoints_head(tiny_dir, t
     import pandas as pd
     from transformers import AutoTokenizer, BertForMaskedLM
 
-    from ft.corpus import load_corpus
-    from ft.encoder import load_encoder
-    from ft.probe_ablation import masked_tokens
+    from ft.data.corpus import load_corpus
+    from ft.measure.probe_ablation import masked_tokens
+    from ft.model.encoder import load_encoder
 
     torch.manual_seed(0)
     mlm = BertForMaskedLM.from_pretrained(str(tiny_dir))
@@ -226,9 +226,9 @@ def test_bad_ablation_settings_are_refused(tiny, tmp_path):
 def test_a_probe_run_keeps_its_concept_file_and_reads_the_copy(tiny, tiny_dir, tmp_path):
     """The concept file edited after the probe run: the run's concept words come from its kept
     copy; an altered copy is refused by name."""
-    from ft.integrity import RunFileError
-    from ft.kept import kept
+    from ft.core.integrity import RunFileError
     from ft.probe import concept_words, probe
+    from ft.rundir.kept import kept
 
     enc = planted_encoder(tiny)
     labels = [(w, "1") for w in ANIMALS] + [(w, "0") for w in OTHERS[:9]]
@@ -245,7 +245,7 @@ def test_a_probe_run_keeps_its_concept_file_and_reads_the_copy(tiny, tiny_dir, t
         concept_words(tmp_path / "probe", tiny.tokenizer)
     copy.write_text(copy.read_text().removesuffix("zebra,1\n"))
     # a run textualizing the probe's units keeps (and scores with) the probe's copy, not the edited file
-    from ft.kept import fingerprint
+    from ft.rundir.kept import fingerprint
     from ft.train import run
     from tests.test_train import compose_cfg
 

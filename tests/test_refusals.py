@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-from ft.errors import ConfigError, FtError
+from ft.core.errors import ConfigError, FtError
 from tests.conftest import VOCAB
 from tests.test_train import compose_cfg
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _vocab(enc):
-    from ft.vocab import Vocabulary
+    from ft.model.vocab import Vocabulary
 
     return Vocabulary.from_tokenizer(enc.tokenizer)
 
@@ -42,7 +42,7 @@ def save_mlm(path: Path, vocab: list[str] | None) -> Path:
 
 # -- A: silent wrong values ------------------------------------------------------------------------
 def test_a_fluency_model_of_the_same_size_but_another_vocabulary_is_refused(tiny, tiny_dir, tmp_path):
-    from ft.fluency import build_fluency
+    from ft.measure.fluency import build_fluency
 
     swapped = list(VOCAB)
     swapped[-1], swapped[-2] = swapped[-2], swapped[-1]  # same size, two ids exchanged
@@ -53,7 +53,7 @@ def test_a_fluency_model_of_the_same_size_but_another_vocabulary_is_refused(tiny
     same = build_fluency(str(save_mlm(tmp_path / "same", VOCAB)), tiny, _vocab(tiny), str(tiny_dir))
     assert same.name == "mlm-pll:same"
     # the probe ablation's masked LM (ablate.mlm=DIR) is held to the same rule
-    from ft.probe_ablation import find_mlm
+    from ft.measure.probe_ablation import find_mlm
 
     with pytest.raises(ConfigError, match=r"ablate.mlm=.* another vocabulary than the model \(2 tokens differ"):
         find_mlm(str(tmp_path / "swapped"), tiny, str(tiny_dir))
@@ -64,10 +64,10 @@ def test_a_fluency_model_of_the_same_size_but_another_vocabulary_is_refused(tiny
 
 def test_load_runs_reads_a_string_as_one_path_not_its_characters(tmp_path, monkeypatch):
     import ft
-    import ft.results
+    import ft.rundir.results
 
     seen: list = []
-    monkeypatch.setattr(ft.results, "load_runs", lambda paths: seen.append(paths) or "tables")
+    monkeypatch.setattr(ft.rundir.results, "load_runs", lambda paths: seen.append(paths) or "tables")
     assert ft.load_runs(str(tmp_path)) == "tables" and seen[-1] == [str(tmp_path)]
     assert ft.load_runs(tmp_path) == "tables" and seen[-1] == [tmp_path]
     assert ft.load_runs(p for p in [str(tmp_path), "x/*"]) == "tables" and seen[-1] == [str(tmp_path), "x/*"]
@@ -105,7 +105,7 @@ def test_textualize_with_no_sites_is_refused(tiny_dir, tmp_path):
 def test_act_metrics_are_the_activation_alone_at_a_huge_fluency_weight(tiny_dir, tmp_path):
     """At w = 1e6 the walk's value is dominated by w x fluency (about -1e6 x a few nats); act/* and
     the bar must stay the activation objective of the kept texts, and fluency/mean their fluency."""
-    from ft.results import read_curves, read_targets
+    from ft.rundir.results import read_curves, read_targets
     from ft.train import run
     from tests.test_search import search_cfg
 
@@ -150,7 +150,7 @@ def refused(capsys: pytest.CaptureFixture, call, *args) -> str:
     ("ablate.mode=max", "ablate.mode='max'; valid: zero, mean"),
 ])
 def test_ft_probe_values_are_refused_before_hydra(tiny_dir, tmp_path, capsys, value, message):
-    from ft.preflight import preflight
+    from ft.cli.preflight import preflight
 
     err = refused(capsys, preflight, [f"model.name_or_path={tiny_dir}", value, f"hydra.run.dir={tmp_path / 'p'}"],
                   "probe")
@@ -159,7 +159,7 @@ def test_ft_probe_values_are_refused_before_hydra(tiny_dir, tmp_path, capsys, va
 
 
 def test_concept_files_read_a_bom_and_refuse_other_encodings_by_line(tiny, tmp_path):
-    from ft.concepts import load_concept
+    from ft.data.concepts import load_concept
 
     bom = tmp_path / "bom.csv"
     bom.write_bytes("\ufeffword,label\nthe,1\nof,1\ncat,0\ndog,0\n".encode())
@@ -176,7 +176,7 @@ def test_concept_files_read_a_bom_and_refuse_other_encodings_by_line(tiny, tmp_p
 
 
 def test_a_conll_sentence_longer_than_the_model_takes_is_refused(tiny, tmp_path):
-    from ft.concepts import load_concept
+    from ft.data.concepts import load_concept
     from ft.probe import concept_activations
 
     words = "the of and to in is that for it was on with he as you at be this".split()
@@ -209,9 +209,9 @@ def damaged_copies(tiny_dir: Path, root: Path) -> dict[str, Path]:
     ("bigtok", f"the tokenizer has {len(VOCAB) + 20} tokens, the embedding matrix {len(VOCAB)} rows"),
 ])
 def test_a_damaged_model_folder_is_refused_by_name(tiny_dir, tmp_path, capsys, name, message):
-    from ft.encoder import load_encoder
-    from ft.errors import ModelNotFoundError
-    from ft.preflight import preflight
+    from ft.cli.preflight import preflight
+    from ft.core.errors import ModelNotFoundError
+    from ft.model.encoder import load_encoder
 
     model = damaged_copies(tiny_dir, tmp_path)[name]
     with pytest.raises(ModelNotFoundError, match=message):
@@ -230,7 +230,7 @@ def hydra_writes(run_dir: Path, overrides: list[str]) -> None:
 
 
 def test_a_job_refused_after_hydra_leaves_no_new_run_directory(tmp_path):
-    from ft.preflight import nothing_left_if_refused
+    from ft.cli.preflight import nothing_left_if_refused
 
     run_dir = tmp_path / "new" / "deeper" / "run"
     argv = ["optim.lr=0.5", f"hydra.run.dir={run_dir}"]
@@ -241,7 +241,7 @@ def test_a_job_refused_after_hydra_leaves_no_new_run_directory(tmp_path):
 
 
 def test_a_refused_rerun_of_a_finished_run_changes_none_of_its_files(tmp_path):
-    from ft.preflight import nothing_left_if_refused
+    from ft.cli.preflight import nothing_left_if_refused
 
     run_dir = tmp_path / "done"
     hydra_writes(run_dir, ["optim.lr=0.1"])
@@ -255,7 +255,7 @@ def test_a_refused_rerun_of_a_finished_run_changes_none_of_its_files(tmp_path):
 
 
 def test_a_refused_job_in_the_default_folder_leaves_the_other_runs(tmp_path, monkeypatch):
-    from ft.preflight import nothing_left_if_refused
+    from ft.cli.preflight import nothing_left_if_refused
 
     monkeypatch.chdir(tmp_path)
     old = tmp_path / "logs/train/runs/default/2020-01-01_00-00-00"
@@ -273,7 +273,7 @@ def test_a_refused_job_in_the_default_folder_leaves_the_other_runs(tmp_path, mon
 def test_multirun_checks_every_combination_before_any_job(tiny_dir, tmp_path, capsys):
     """input.length=8 and 2 are each fine with position=1, and position=5 with input.length=8: only
     the combination (2, 5) is out of range, and it is refused before the first job."""
-    from ft.preflight import preflight, variants
+    from ft.cli.preflight import preflight, variants
 
     argv = ["-m", f"model.name_or_path={tiny_dir}", "input.length=8,2", "position=1,5",
             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
@@ -383,7 +383,7 @@ def neuron_run(tiny_dir, tmp_path_factory) -> Path:
 def diverged_copy(run_dir: Path, out: Path) -> Path:
     """The run with its first target diverged (objective and curve -inf, analysis vector inf),
     written with a valid manifest as a run that diverged writes it."""
-    from ft.results import read_config, read_curves, read_inputs, read_summary, read_targets, write_run
+    from ft.rundir.results import read_config, read_curves, read_inputs, read_summary, read_targets, write_run
 
     df, tensors, curves = read_targets(run_dir), read_inputs(run_dir), read_curves(run_dir)
     df.loc[0, "objective"] = -np.inf
@@ -424,8 +424,8 @@ def test_a_full_disk_names_the_run_directory_not_a_libraries_temporary_file(tmp_
     line must say which run directory is full and what to do."""
     import errno
 
-    from ft.integrity import StorageError
-    from ft.preflight import storage_line
+    from ft.cli.preflight import storage_line
+    from ft.core.integrity import StorageError
 
     staged = OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpu1v7wandb-media/7dlpcvei.table.json")
     line = storage_line(staged, tmp_path / "run")
@@ -447,7 +447,7 @@ def test_the_resume_command_parses_back_for_the_shell_and_for_hydra(folder):
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from ft.signals import resume_command
+    from ft.core.signals import resume_command
 
     overrides = ["optim.lr=0.5", "target.sites=[layer.1.ffn_out.3,layer.0.ffn_out.2]", "run_name='a b'",
                  "hydra.run.dir=/old/place"]
@@ -488,7 +488,7 @@ def test_sigterm_to_a_local_launcher_stops_its_jobs_with_their_checkpoints(tiny_
 
 
 def test_a_refused_job_of_a_sweep_leaves_the_earlier_jobs_results(tmp_path):
-    from ft.preflight import nothing_left_if_refused
+    from ft.cli.preflight import nothing_left_if_refused
 
     sweep = tmp_path / "sweep"
     argv = ["-m", "optim.lr=0.1,0.5", f"hydra.sweep.dir={sweep}"]
@@ -510,8 +510,8 @@ def test_a_refused_job_of_a_sweep_leaves_the_earlier_jobs_results(tmp_path):
 
 
 def test_a_truncated_fluency_model_is_refused_by_name(tiny, tiny_dir, tmp_path):
-    from ft.errors import ModelNotFoundError
-    from ft.fluency import build_fluency
+    from ft.core.errors import ModelNotFoundError
+    from ft.measure.fluency import build_fluency
 
     mlm = save_mlm(tmp_path / "mlm", VOCAB)
     weights = mlm / "model.safetensors"
@@ -554,7 +554,7 @@ def test_a_sweep_file_that_does_not_read_is_one_line(tmp_path, capsys, content, 
 
 
 def test_a_corpus_file_that_is_not_utf8_is_refused_by_line_not_read_as_unk(tiny, tmp_path):
-    from ft.corpus import load_corpus
+    from ft.data.corpus import load_corpus
 
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("The cat sat on the table.\n", encoding="utf-8-sig")
@@ -568,7 +568,7 @@ def test_a_corpus_file_that_is_not_utf8_is_refused_by_line_not_read_as_unk(tiny,
 
 
 def test_a_refusal_leaves_a_concurrent_commands_new_run_directory(tmp_path, monkeypatch):
-    from ft.preflight import nothing_left_if_refused
+    from ft.cli.preflight import nothing_left_if_refused
 
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / "logs/train/runs"
@@ -589,7 +589,7 @@ def test_a_refusal_leaves_a_concurrent_commands_new_run_directory(tmp_path, monk
 def test_a_sweep_value_the_model_lacks_is_refused_before_any_job(tiny_dir, tmp_path, capsys, swept, message):
     """Checked on the model's shapes (its modules built on the meta device, no weights) in the
     preflight: no job runs before the one that would fail."""
-    from ft.preflight import preflight
+    from ft.cli.preflight import preflight
 
     if "directions" in swept:
         from safetensors.torch import save_file
@@ -605,10 +605,10 @@ def test_the_preflight_skeleton_has_the_loaded_models_shapes_in_every_family(tmp
     """The meta-device modules the preflight checks sites against read the same layers, point
     widths and heads as the loaded model, family by family (a difference would refuse a valid
     site, or pass one the run then refuses)."""
-    from ft.arch import adapter
-    from ft.encoder import load_encoder
-    from ft.preflight import skeleton
-    from ft.sites import POINTS, num_layers, point_width
+    from ft.cli.preflight import skeleton
+    from ft.model.arch import adapter
+    from ft.model.encoder import load_encoder
+    from ft.model.sites import POINTS, num_layers, point_width
     from tests.families import FAMILIES, build_family
 
     for family in FAMILIES:
@@ -624,7 +624,7 @@ def test_run_time_input_files_are_checked_in_the_preflight(tiny_dir, tmp_path, c
     only by the run, after Hydra wrote the run directory (and after earlier sweep jobs ran)."""
     from safetensors.torch import save_file
 
-    from ft.preflight import preflight
+    from ft.cli.preflight import preflight
 
     save_file({"directions": torch.ones(2, 31)}, str(tmp_path / "d.safetensors"))
     err = refused(capsys, preflight, [f"model.name_or_path={tiny_dir}", "target=directions",
@@ -642,8 +642,8 @@ def test_run_time_input_files_are_checked_in_the_preflight(tiny_dir, tmp_path, c
 
 
 def test_the_library_readers_take_one_path_as_one_path(tmp_path):
-    """ft.results.find_runs / expand / load_runs called directly: a str or Path is one folder."""
-    from ft.results import expand, find_runs, load_runs
+    """ft.rundir.results.find_runs / expand / load_runs called directly: a str or Path is one folder."""
+    from ft.rundir.results import expand, find_runs, load_runs
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "config.yaml").write_text("x: 1\n")
@@ -655,10 +655,10 @@ def test_the_library_readers_take_one_path_as_one_path(tmp_path):
 
 def test_the_library_target_builders_refuse_an_empty_list(tiny):
     """Called directly (not through the config schema): [] never means "sample"."""
-    from ft.errors import TargetError
-    from ft.sae import SAE
+    from ft.core.errors import TargetError
+    from ft.model.vocab import Vocabulary
     from ft.targets import neuron_targets, sae_targets, target_words
-    from ft.vocab import Vocabulary
+    from ft.targets.sae_file import SAE
 
     with pytest.raises(TargetError, match="target.sites is an empty list"):
         neuron_targets(tiny.model, sites=[])
@@ -678,7 +678,7 @@ def test_undoing_a_refusal_never_removes_run_files_written_since(tmp_path, exist
     """A refusal that comes after the run wrote results (an unknown optimized_metric is only found
     after the fit) or while another job writes there: its run directory stays; a refusal that left
     only Hydra's files is undone."""
-    from ft.preflight import take, undo
+    from ft.cli.preflight import take, undo
 
     d = tmp_path / "run"
     if existed:

@@ -15,7 +15,7 @@ from scipy.stats import t as scipy_t
 from ft.dashboard import build_report as build_wandb_report
 from ft.dashboard import build_workspace
 from ft.report import build_report
-from ft.results import load_runs, read_curves, read_inputs, read_targets
+from ft.rundir.results import load_runs, read_curves, read_inputs, read_targets
 from tests.test_train import compose_cfg, run_isolated, tiny_overrides
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -245,7 +245,7 @@ def test_charts_have_coloured_legends_and_round_ticks(report, runs):
 
 
 def test_one_layer_chart_has_sane_axes():
-    from ft.svg import chart
+    from ft.cli.svg import chart
 
     svg = chart({"a": ([5], [2.0]), "b": ([5], [7.5])}, "one layer", "layer", "activation")
     assert ticks(svg, "x") == [4.0, 5.0, 6.0]

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ft import results
-from ft.results import atomic_write, read_inputs, read_summary, read_targets, write_run
+from ft.rundir import results
+from ft.rundir.results import atomic_write, read_inputs, read_summary, read_targets, write_run
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -68,7 +68,7 @@ def test_runs_table_holds_each_config_value(tmp_path):
     config), the summary beside them, and every target once with a fresh index."""
     from omegaconf import OmegaConf
 
-    from ft.results import load_runs
+    from ft.rundir.results import load_runs
 
     cfg = OmegaConf.create({
         "experiment_name": "exp", "model": {"name_or_path": "/m"}, "seed": 5, "steps": 9,

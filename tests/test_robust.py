@@ -13,13 +13,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ft.errors import FtError
+from ft.core.errors import FtError
+from ft.engine.module import TextualizationModule
 from ft.inputs import build_input
-from ft.module import TextualizationModule
-from ft.results import RunLock, read_targets
-from ft.sites import POINTS, Site
+from ft.model.sites import POINTS, Site
+from ft.model.vocab import Vocabulary
+from ft.rundir.results import RunLock, read_targets
 from ft.train import run
-from ft.vocab import Vocabulary
 from tests.test_train import compose_cfg, tiny_overrides
 
 

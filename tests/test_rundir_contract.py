@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ft.integrity import RunFileError
-from ft.kept import changed_inputs, fingerprint, index, keep, kept
+from ft.core.integrity import RunFileError
+from ft.rundir.kept import changed_inputs, fingerprint, index, keep, kept
 
 
-# -- ft.kept ----------------------------------------------------------------------------------
+# -- ft.rundir.kept ----------------------------------------------------------------------------------
 def make_folder(root: Path) -> Path:
     (root / "sub").mkdir(parents=True)
     (root / "cfg.json").write_text('{"d_in": 4}')
@@ -92,7 +92,7 @@ def test_changed_inputs_compares_contents_at_the_same_path(tmp_path):
 
 
 def test_forget_drops_a_role_and_its_copy(tmp_path):
-    from ft.kept import forget
+    from ft.rundir.kept import forget
 
     run, f = tmp_path / "run", tmp_path / "d.bin"
     f.write_bytes(b"one")
@@ -116,13 +116,13 @@ class Crash(BaseException):
 
 
 def write_set(run: Path, contents: dict[str, bytes]) -> None:
-    from ft.results import write_files
+    from ft.rundir.results import write_files
 
     write_files(run, {name: (lambda p, b=b: p.write_bytes(b)) for name, b in contents.items()})
 
 
 def read_set(run: Path) -> dict[str, bytes]:
-    from ft.integrity import read_manifest, verify
+    from ft.core.integrity import read_manifest, verify
 
     return {name: verify(run, name).read_bytes() for name in read_manifest(run)}
 
@@ -135,7 +135,7 @@ NEW = {"targets.parquet": b"targets@30", "inputs.safetensors": b"inputs@30", "cu
 def test_a_crash_at_any_step_of_a_commit_leaves_the_old_set_or_the_new_one(first, tmp_path, monkeypatch):
     import os
 
-    import ft.integrity
+    import ft.core.integrity
 
     real_replace, real_unlink = os.replace, Path.unlink
     outcomes = set()
@@ -151,14 +151,14 @@ def test_a_crash_at_any_step_of_a_commit_leaves_the_old_set_or_the_new_one(first
                 raise Crash
             return op(*a, **k)
 
-        monkeypatch.setattr(ft.integrity.os, "replace", lambda *a, **k: counted(real_replace, *a, **k))
+        monkeypatch.setattr(ft.core.integrity.os, "replace", lambda *a, **k: counted(real_replace, *a, **k))
         monkeypatch.setattr(Path, "unlink", lambda *a, **k: counted(real_unlink, *a, **k))
         try:
             write_set(run, NEW)
             crashed = False
         except Crash:
             crashed = True
-        monkeypatch.setattr(ft.integrity.os, "replace", real_replace)
+        monkeypatch.setattr(ft.core.integrity.os, "replace", real_replace)
         monkeypatch.setattr(Path, "unlink", real_unlink)
         if first and not (run / "manifest.json").exists() and not (run / "commit.json").exists():
             assert not any((run / name).exists() for name in NEW)  # nothing under a final name
@@ -176,7 +176,7 @@ def test_a_crash_at_any_step_of_a_commit_leaves_the_old_set_or_the_new_one(first
 
 
 def test_a_commit_whose_writer_still_runs_is_refused_by_name(tmp_path):
-    from ft.integrity import read_manifest
+    from ft.core.integrity import read_manifest
 
     write_set(tmp_path, OLD)
     (tmp_path / "commit.json").write_text(json.dumps({"version": 1, "pid": 1, "files": {}, "remove": []}))
@@ -191,7 +191,7 @@ def test_a_commit_whose_writer_still_runs_is_refused_by_name(tmp_path):
 
 
 def test_a_commit_whose_staged_file_is_gone_is_refused_not_read_as_a_mix(tmp_path):
-    from ft.integrity import verify
+    from ft.core.integrity import verify
 
     write_set(tmp_path, OLD)
     journal = {"version": 1, "pid": 2**22 + 7, "remove": [],
@@ -204,7 +204,7 @@ def test_a_commit_whose_staged_file_is_gone_is_refused_not_read_as_a_mix(tmp_pat
 def test_results_without_a_manifest_but_with_staged_files_or_kept_inputs_are_refused(tmp_path):
     """What an older ft left when killed mid-commit (the manifest deleted, some files renamed, the
     others still staged) is not read as a run from before manifests."""
-    from ft.integrity import verify
+    from ft.core.integrity import verify
 
     run = tmp_path / "run"
     run.mkdir()
@@ -288,7 +288,7 @@ def save_directions(path: Path, seed: int) -> None:
 
 
 def test_a_directions_file_replaced_at_the_same_path_is_refused_on_resume_and_kept_in_the_run(tiny_dir, tmp_path):
-    from ft.errors import ConfigError
+    from ft.core.errors import ConfigError
     from ft.train import run
 
     file, d = tmp_path / "d.safetensors", tmp_path / "run"
@@ -312,7 +312,7 @@ def test_a_directions_file_replaced_at_the_same_path_is_refused_on_resume_and_ke
 def test_model_weights_changed_under_a_run_are_refused_on_resume(tiny_dir, tmp_path):
     import shutil
 
-    from ft.errors import ConfigError
+    from ft.core.errors import ConfigError
     from ft.train import run
 
     model = shutil.copytree(tiny_dir, tmp_path / "model")
@@ -350,7 +350,7 @@ def lr_run(tiny_dir, tmp_path_factory):
 
 
 def test_a_checkpoint_outside_its_run_directory_is_checked_against_its_own_settings(lr_run, tiny_dir, tmp_path):
-    from ft.errors import ConfigError
+    from ft.core.errors import ConfigError
     from ft.train import run
 
     _, loose = lr_run
@@ -363,7 +363,7 @@ def test_a_checkpoint_outside_its_run_directory_is_checked_against_its_own_setti
 
 
 def test_a_checkpoint_outside_its_run_directory_resumes_and_is_logged(lr_run, tiny_dir, tmp_path):
-    from ft.results import read_targets
+    from ft.rundir.results import read_targets
     from ft.train import RESUME_LOG, run
 
     _, loose = lr_run
@@ -378,7 +378,7 @@ def test_a_checkpoint_outside_its_run_directory_resumes_and_is_logged(lr_run, ti
 
 
 def test_a_foreign_checkpoint_is_refused_naming_it_and_what_made_it(lr_run, tiny_dir, tmp_path):
-    from ft.errors import ConfigError
+    from ft.core.errors import ConfigError
     from ft.train import run
 
     _, loose = lr_run  # an input=embedding run's checkpoint, into input=tokens
@@ -392,7 +392,7 @@ def test_a_foreign_checkpoint_is_refused_naming_it_and_what_made_it(lr_run, tiny
 def test_a_checkpoint_without_a_record_outside_a_run_directory_is_refused(lr_run, tiny_dir, tmp_path):
     import torch
 
-    from ft.errors import ConfigError
+    from ft.core.errors import ConfigError
     from ft.train import run
 
     _, loose = lr_run
@@ -409,8 +409,8 @@ def test_an_sae_run_keeps_its_sae_and_rebuilds_its_objectives_from_the_copy(tiny
     reproduce its `objective` (the kept copy), while the changed original would not."""
     import torch
 
-    from ft.metrics import measure
-    from ft.results import read_inputs, read_targets
+    from ft.measure.metrics import measure
+    from ft.rundir.results import read_inputs, read_targets
     from ft.targets import readouts_of_table
     from ft.train import run
     from tests.reference import frame
@@ -435,7 +435,7 @@ def test_an_sae_run_keeps_its_sae_and_rebuilds_its_objectives_from_the_copy(tiny
     assert not torch.allclose(objectives(readouts_of_table(tiny.model, df)), kept_values, rtol=1e-3)
     assert kept(d, "sae") == d / "kept" / "sae" / "sae"
     # ft.examples scores the kept SAE too: the original, now of another width, would be refused
-    from ft.errors import TargetError
+    from ft.core.errors import TargetError
     from ft.examples import main as examples
 
     random_sae(16, 16, seed=2).save(src)
@@ -493,7 +493,7 @@ def test_compare_stopped_by_sigterm_exits_143_resumes_and_a_finished_one_changes
 
 
 def test_a_probe_target_run_keeps_the_probe_table_and_its_concept_file(tiny, tiny_dir, tmp_path):
-    from ft.integrity import RunFileError
+    from ft.core.integrity import RunFileError
     from ft.probe import probe
     from ft.train import run
     from tests.test_probe import ANIMALS, OTHERS, concept_file, planted_encoder, probe_cfg
@@ -588,7 +588,7 @@ def test_a_signal_while_the_targets_are_built_stops_in_one_line_with_nothing_wri
     import signal
 
     import ft.train
-    from ft.signals import Interrupted
+    from ft.core.signals import Interrupted
     from tests.test_train import compose_cfg
 
     real = getattr(ft.train, where)
@@ -614,8 +614,8 @@ def test_a_start_over_retires_the_old_results_so_no_reader_mixes_them_with_its_c
     first commit: the directory no longer offers the old targets beside the new config, the same
     command is not taken for finished, and running it again completes the new run."""
     import ft.train
-    from ft.integrity import RunFileError
-    from ft.results import read_config, read_targets
+    from ft.core.integrity import RunFileError
+    from ft.rundir.results import read_config, read_targets
     from ft.train import finished_step, run
     from tests.test_train import compose_cfg
 
@@ -647,7 +647,7 @@ def test_readers_load_the_model_folder_the_run_read_from_any_working_directory(t
     (where that relative path names nothing, or another model), scores with the folder the run
     read, checked against its fingerprint."""
     from ft.examples import main as examples
-    from ft.kept import model_to_load
+    from ft.rundir.kept import model_to_load
     from ft.train import run
     from tests.test_train import compose_cfg
 
@@ -665,7 +665,7 @@ def test_readers_load_the_model_folder_the_run_read_from_any_working_directory(t
 
 
 def test_a_write_refused_by_another_writers_commit_leaves_no_staged_files(tmp_path):
-    from ft.results import write_files
+    from ft.rundir.results import write_files
 
     write_set(tmp_path, OLD)
     (tmp_path / "commit.json").write_text(json.dumps({"version": 1, "pid": 1, "files": {}, "remove": []}))

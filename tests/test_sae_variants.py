@@ -1,6 +1,6 @@
 """ft's SAE reading against SAELens's own: each variant built with SAELens's classes (random weights,
 non-zero biases, thresholds of both signs, decoder rows of varied norms), saved with its `save_model`,
-read by `ft.sae.load_sae`, and compared on random inputs with SAELens's `encode` (post-activation)
+read by `ft.targets.sae_file.load_sae`, and compared on random inputs with SAELens's `encode` (post-activation)
 and its `hook_sae_acts_pre` (pre-activation; ft's objective). Every field ft cannot apply exactly
 is refused in one line naming it; those cases also run from hand-written files without SAELens.
 
@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ft.errors import TargetError
-from ft.sae import SAE, load_sae
+from ft.core.errors import TargetError
+from ft.targets.sae_file import SAE, load_sae
 
 D_IN, D_SAE, D_OUT, K = 16, 48, 12, 6
 TABLE: list[tuple[str, str, float, float]] = []
@@ -427,7 +427,7 @@ def test_a_signal_while_the_demo_sae_trains_is_one_line_and_caches_nothing(signu
 
 
 def test_the_demo_sae_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    from ft.sae_train import save_whole
+    from ft.targets.sae_demo import save_whole
 
     g = torch.Generator().manual_seed(0)
     sae = SAE(torch.randn(D_IN, D_SAE, generator=g), torch.randn(D_SAE, generator=g),

@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from ft.module import plan_chunks
-from ft.results import read_inputs, read_targets
-from ft.sites import Site
-from ft.strategy import shard_rows
+from ft.engine.module import plan_chunks
+from ft.engine.strategy import shard_rows
+from ft.model.sites import Site
+from ft.rundir.results import read_inputs, read_targets
 
 
 def test_chunks_cut_at_layer_changes_and_size():
@@ -60,7 +60,7 @@ def test_two_cpu_processes_equal_one(tiny_dir, tmp_path, extra):
 
 
 def test_memory_budget_sets_chunk_rows(tiny, tiny_dir, tmp_path):
-    from ft.module import rows_for_budget
+    from ft.engine.module import rows_for_budget
     from ft.train import run
     from tests.test_train import compose_cfg, tiny_overrides
 
@@ -83,7 +83,7 @@ def test_memory_budget_sets_chunk_rows(tiny, tiny_dir, tmp_path):
 def test_rank_rows_interleave_back_to_target_order(n, world):
     import torch
 
-    from ft.strategy import interleave, rank_rows
+    from ft.engine.strategy import interleave, rank_rows
 
     x = torch.arange(n * 3).view(n, 3)
     parts = [x[rank_rows(n, r, world)] for r in range(world)]
@@ -95,8 +95,8 @@ def test_rank_rows_interleave_back_to_target_order(n, world):
 def test_several_devices_get_ft_strategy_and_one_device_keeps_its_own():
     from omegaconf import OmegaConf
 
-    from ft.errors import ConfigError
-    from ft.strategy import IndependentRowsStrategy, choose_strategy
+    from ft.core.errors import ConfigError
+    from ft.engine.strategy import IndependentRowsStrategy, choose_strategy
 
     cfg = OmegaConf.create
     assert choose_strategy(cfg({})) == "auto"
@@ -115,7 +115,7 @@ def test_several_devices_get_ft_strategy_and_one_device_keeps_its_own():
 def test_several_nodes_get_ft_strategy_and_their_rank():
     from omegaconf import OmegaConf
 
-    from ft.strategy import IndependentRowsStrategy, choose_strategy, node_process_rank
+    from ft.engine.strategy import IndependentRowsStrategy, choose_strategy, node_process_rank
 
     cfg = OmegaConf.create({"devices": 1, "num_nodes": 2, "accelerator": "cpu", "strategy": "auto"})
     assert isinstance(choose_strategy(cfg), IndependentRowsStrategy)  # never stock DDP across nodes

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from transformers import BertModel, BertTokenizerFast
 
-from ft.results import read_targets
+from ft.rundir.results import read_targets
 from ft.train import run
 from tests.reference import hf_points, site_mean
 from tests.test_train import compose_cfg
@@ -26,7 +26,7 @@ def search_cfg(tiny_dir, *extra: str) -> object:
 def test_at_length_one_the_search_finds_the_most_activating_word(tiny, tiny_dir, tmp_path):
     """The discrete optimum of one token is the vocabulary sweep's most activating word: the search
     (proposing 8 of the vocabulary's 150 items per step, no special case for l = 1) reaches it."""
-    from ft.vocab import Vocabulary
+    from ft.model.vocab import Vocabulary
 
     assert len(Vocabulary.from_tokenizer(tiny.tokenizer)) > 15 * 8
     run(search_cfg(tiny_dir, "search.patience=10"), tmp_path / "run")
@@ -58,7 +58,7 @@ def test_each_objective_is_a_fresh_forward_of_its_token_ids(tiny_dir, tmp_path):
 def test_the_curve_is_the_best_seen_so_far(tiny, tiny_dir, tmp_path):
     """Per row, the reported objective never goes down (it is the best sequence seen, though the
     walk itself may step down), and it ends at the row's reported objective."""
-    from ft.results import read_curves
+    from ft.rundir.results import read_curves
 
     run(search_cfg(tiny_dir, "input.length=2", "trainer.max_steps=12", "engine.curve_every=1"), tmp_path / "run")
     curves, df = read_curves(tmp_path / "run"), read_targets(tmp_path / "run").set_index("target_id")
@@ -120,7 +120,7 @@ def test_the_walk_leaves_local_optima_never_revisits_and_keeps_its_best(tiny, ti
 def test_a_resumed_search_equals_the_uninterrupted_one(tiny_dir, tmp_path):
     """Stopped at a checkpoint and resumed: the same tokens, objectives and curves as one run
     (the walk's position, memory, best sequences and the per-step seeds all come back)."""
-    from ft.results import read_curves
+    from ft.rundir.results import read_curves
 
     base = ["input.length=2", "search.patience=50", "trainer.max_steps=14", "engine.checkpoint_every_n_steps=3",
             "engine.curve_every=1"]

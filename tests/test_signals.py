@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ft.results import read_targets
+from ft.rundir.results import read_targets
 from ft.sweep import SweepError, run_sweep
 from tests.test_robust import cli
 from tests.test_sweeps import tiny_extra
@@ -119,7 +119,7 @@ def test_a_signal_between_steps_stops_after_the_next_step_with_a_checkpoint(sign
     would let the run go on to its end and exit 0); the run stops after that step, checkpointed."""
     import torch
 
-    from ft.signals import Interrupted
+    from ft.core.signals import Interrupted
     from ft.train import run
     from tests.test_train import compose_cfg, tiny_overrides
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ft.errors import SiteError
-from ft.sites import POINTS, Site, SiteIndex, SiteReader
+from ft.core.errors import SiteError
+from ft.model.sites import POINTS, Site, SiteIndex, SiteReader
 
 
 @pytest.mark.parametrize("text", ["layer.0.ffn_out.0", "layer.11.ffn_act.3071", "layer.5.resid.17"])

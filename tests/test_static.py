@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AlbertConfig, AlbertModel, BertModel
 
-from ft.encoder import from_model
-from ft.sites import Site
+from ft.model.encoder import from_model
+from ft.model.sites import Site
+from ft.model.vocab import Vocabulary
 from ft.static import agreement, main, readings
-from ft.vocab import Vocabulary
 
 
 def by_hand(E: torch.Tensor, vec: torch.Tensor, tokens: list[str], largest: bool = True) -> list[str]:
@@ -62,7 +62,7 @@ def test_every_unit_in_one_command_and_the_run_columns(tiny, tiny_dir, tmp_path,
     assert "192 units" in capsys.readouterr().out
     assert main(["--model", str(tiny_dir), "--out", str(tmp_path / "x.parquet"), "--points", "attn_ctx"]) == 2
     assert not (tmp_path / "x.parquet").exists()
-    from ft.results import read_summary, read_targets
+    from ft.rundir.results import read_summary, read_targets
     from ft.train import run
     from tests.test_train import compose_cfg, tiny_overrides
 

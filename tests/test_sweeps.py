@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ft.results import find_runs, read_config, read_targets
+from ft.rundir.results import find_runs, read_config, read_targets
 from ft.sweep import SweepError, agent_command, load_sweep, run_sweep, validate
 
 SWEEPS = sorted((Path(__file__).parents[1] / "sweeps").glob("*.yaml"))
@@ -67,7 +67,7 @@ def test_agent_command_runs(path, tiny_dir, tmp_path):
     import json
 
     from ft.dashboard import SWEEP
-    from ft.tracking import flat_config
+    from ft.rundir.tracking import flat_config
 
     [wandb_file] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     info = json.loads(subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--summary",

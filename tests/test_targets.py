@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from ft.errors import TargetError
+from ft.core.errors import TargetError
+from ft.model.vocab import Vocabulary, load_or_sweep
 from ft.targets import LATIN_WORD, group_targets, neuron_targets, pick_words, select_group
-from ft.vocab import Vocabulary, load_or_sweep
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from ft.results import find_runs, read_config, read_inputs, read_summary, read_targets
+from ft.rundir.results import find_runs, read_config, read_inputs, read_summary, read_targets
 from ft.train import CONFIG_DIR, run
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
@@ -53,7 +53,7 @@ def test_experiment_smoke(experiment, tiny_dir, tmp_path):
         assert df.selection.eq("absolute" if experiment.endswith("_abs") else "relative").all()
         assert len(df) == 6 and "group/target_top20_rate" in summary
     elif experiment == "sae_demo":  # trained for the tiny model, then its latents textualized, with examples
-        from ft.sae import load_sae
+        from ft.targets.sae_file import load_sae
 
         sae = load_sae(df.sae_path[0])
         assert sae.d_sae == 4 * 32 and df.kind.eq("sae").all() and len(df) == 20 and set(df.layer) == {1}
@@ -213,7 +213,7 @@ def test_cli_bad_input_is_one_line_error(override, message, tiny_dir, tmp_path):
 
 
 def test_unknown_group_option_names_the_valid_ones():
-    from ft.preflight import PreflightError, check_choices
+    from ft.cli.preflight import PreflightError, check_choices
 
     check_choices(["experiment=default", "input=onehot", "scheduler=null", "trainer.max_steps=3", "+tags=[a]"])
     for arg, valid in (("experiment=nope", "atlas, default, group_k10"), ("+optim=rmsprop", "adam, paper_sgd, sgd")):

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ft.encoder import load_encoder
+from ft.engine.module import TextualizationModule, full_sequence
 from ft.inputs import build_input
-from ft.module import TextualizationModule, full_sequence
+from ft.model.encoder import load_encoder
+from ft.model.vocab import Vocabulary
 from ft.targets import neuron_targets, terms_targets
-from ft.vocab import Vocabulary
 from tests.families import build_family
 
 
@@ -75,7 +75,7 @@ def test_a_head_is_the_norm_of_its_context_vector(family, fast, tiny, distil_dir
 
 
 def test_head_sites_are_checked_and_named(tiny):
-    from ft.errors import TargetError
+    from ft.core.errors import TargetError
 
     with pytest.raises(TargetError, match="head 2 out of range; valid 0..1"):
         neuron_targets(tiny.model, sites=["layer.0.head.2"])
@@ -86,7 +86,7 @@ def test_head_sites_are_checked_and_named(tiny):
 
 
 def random_sae(d_in: int, d_sae: int, seed: int = 0, arch: str = "standard", k: int | None = None):
-    from ft.sae import SAE
+    from ft.targets.sae_file import SAE
 
     g = torch.Generator().manual_seed(seed)
     return SAE(torch.randn(d_in, d_sae, generator=g) / d_in**0.5, torch.randn(d_sae, generator=g) * 0.1,
@@ -96,8 +96,8 @@ def random_sae(d_in: int, d_sae: int, seed: int = 0, arch: str = "standard", k: 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["lean", "hooked"])
 def test_an_sae_latent_is_its_pre_activation_from_the_files_tensors(tiny, tmp_path, fast):
-    from ft.sae import load_sae
     from ft.targets import sae_targets
+    from ft.targets.sae_file import load_sae
     from tests.test_objectives import hf_points
 
     H = tiny.model.config.hidden_size
@@ -123,7 +123,7 @@ def test_an_sae_latent_is_its_pre_activation_from_the_files_tensors(tiny, tmp_pa
                                         ("topk", {"activation_fn_kwargs": {"k": 4}, "architecture": None,
                                                   "activation_fn_str": "topk"})])
 def test_sae_post_activations_follow_the_architecture(tmp_path, arch, extra):
-    from ft.sae import load_sae
+    from ft.targets.sae_file import load_sae
 
     sae = random_sae(8, 16, arch=arch, k=4)
     sae.save(tmp_path / "s")
@@ -156,8 +156,8 @@ def test_sae_post_activations_follow_the_architecture(tmp_path, arch, extra):
      r"W_enc is \(8, 16\); valid: \(8, 7\)"),
 ])
 def test_a_bad_sae_directory_is_one_clear_error(tmp_path, change, message):
-    from ft.errors import TargetError
-    from ft.sae import load_sae
+    from ft.core.errors import TargetError
+    from ft.targets.sae_file import load_sae
 
     random_sae(8, 16).save(tmp_path / "s")
     change(tmp_path / "s")
@@ -169,10 +169,10 @@ def test_a_planted_sae_latent_is_textualized_to_its_word(tiny, tiny_dir, tmp_pat
     """Encoder columns aligned with three words' own resid at layer 1: each latent's most
     activating word and its optimized input's closest word are that word; the post-activation
     is reported (ReLU of the pre-activation)."""
-    from ft.results import read_targets
-    from ft.sae import SAE
+    from ft.model.vocab import load_or_sweep
+    from ft.rundir.results import read_targets
+    from ft.targets.sae_file import SAE
     from ft.train import run
-    from ft.vocab import load_or_sweep
     from tests.test_train import compose_cfg
 
     vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
@@ -191,7 +191,7 @@ def test_a_planted_sae_latent_is_textualized_to_its_word(tiny, tiny_dir, tmp_pat
     assert list(df.most_activating_word) == words and [c[0] for c in df.closest_words] == words
     assert (df.sae_post - df.objective.clip(lower=0)).abs().max() < 1e-4
     # every latent names itself (not the SAE's site alone), in the table and wherever target_label is read
-    from ft.results import target_label
+    from ft.rundir.results import target_label
 
     assert list(df.label) == [f"layer.1.resid:sae.{i}" for i in (2, 5, 6)]
     assert [target_label(r) for r in df.itertuples()] == list(df.label)
@@ -221,7 +221,7 @@ def test_a_class_logit_is_the_checkpoints_own_logit(classifier_dir, tmp_path):
     activating word is the brute-force argmax over the vocabulary; labels resolve by name."""
     from transformers import BertForSequenceClassification
 
-    from ft.results import read_inputs, read_targets
+    from ft.rundir.results import read_inputs, read_targets
     from ft.train import run
     from tests.test_train import compose_cfg
 
@@ -249,7 +249,7 @@ def test_a_class_logit_is_the_checkpoints_own_logit(classifier_dir, tmp_path):
 
 
 def test_logits_need_a_classifier_and_a_known_class(tiny, classifier_dir):
-    from ft.errors import TargetError
+    from ft.core.errors import TargetError
     from ft.targets import logit_targets
 
     with pytest.raises(TargetError, match="needs a fine-tuned sequence classifier"):

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ft.sites import Site
-from ft.vocab import Vocabulary, analysis_vectors, cache_dir, load_or_sweep, vocab_objective
+from ft.model.sites import Site
+from ft.model.vocab import Vocabulary, analysis_vectors, cache_dir, load_or_sweep, vocab_objective
 
 
 def test_vocabulary_excludes_special_tokens(tiny):
@@ -68,9 +68,9 @@ def test_vocab_objective_is_mean_over_sites(tiny):
 
 def test_word_stats_in_chunks_equal_the_full_matrix(tiny):
     """Bounded memory changes nothing: chunked reductions == the full [V', targets] matrix."""
-    from ft.metrics import closest_in_chunks, closest_words
-    from ft.sites import Site
-    from ft.vocab import word_stats
+    from ft.measure.metrics import closest_in_chunks, closest_words
+    from ft.model.sites import Site
+    from ft.model.vocab import word_stats
 
     vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
     sweep = load_or_sweep(tiny, vocab, "ffn_out")
@@ -99,14 +99,14 @@ def test_cache_keeps_points_positions_and_models_apart(tiny, tmp_path, monkeypat
     """One cache folder holds sweeps of two points, two positions and two models (same config,
     other weights); each is read back as its own, equal to single-word forwards by hooks, and
     each cache file arrives by rename."""
-    import ft.vocab
-    from ft.encoder import load_encoder
+    import ft.model.vocab
+    from ft.model.encoder import load_encoder
     from tests.conftest import build_tiny
     from tests.reference import word_points
 
     renamed = []
-    real = ft.vocab.os.replace
-    monkeypatch.setattr(ft.vocab.os, "replace", lambda s, d: (renamed.append(Path(d).name), real(s, d)))
+    real = ft.model.vocab.os.replace
+    monkeypatch.setattr(ft.model.vocab.os, "replace", lambda s, d: (renamed.append(Path(d).name), real(s, d)))
     other = load_encoder(str(build_tiny(tmp_path / "other", seed=5)))
     cases = [(tiny, "ffn_out", 1), (tiny, "ffn_act", 1), (tiny, "ffn_out", 2), (other, "ffn_out", 1)]
     first = {}
@@ -122,7 +122,7 @@ def test_cache_keeps_points_positions_and_models_apart(tiny, tmp_path, monkeypat
     def no_sweep(*a, **k):
         raise AssertionError("a cached sweep was recomputed")
 
-    monkeypatch.setattr(ft.vocab, "sweep_vocabulary", no_sweep)
+    monkeypatch.setattr(ft.model.vocab, "sweep_vocabulary", no_sweep)
     for enc, point, pos in cases:
         again = load_or_sweep(enc, Vocabulary.from_tokenizer(enc.tokenizer), point, position=pos)
         assert torch.equal(again, first[enc is tiny, point, pos])

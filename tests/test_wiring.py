@@ -13,7 +13,7 @@ import torch
 from transformers import BertModel, BertTokenizerFast
 
 from ft.inputs import initial_embeds
-from ft.results import read_curves, read_inputs, read_targets
+from ft.rundir.results import read_curves, read_inputs, read_targets
 from tests.reference import analysis_by_hand, cosine_top, frame, hf_points, site_mean, word_points
 from tests.test_train import compose_cfg, run_isolated, tiny_overrides
 

@@ -6,15 +6,15 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
-from ft.arch import adapter
-from ft.metrics import closest_words
-from ft.module import full_sequence
+from ft.engine.module import full_sequence
+from ft.measure.metrics import closest_words
+from ft.model.arch import adapter
 
 
 class NearestWords(pl.Callback):
     """Logs a W&B table `nearest/words` (step, target, objective, top-n words with cosines).
 
-    Needs `pl_module.facts` (a `ft.metrics.VocabFacts`); cosines are in the analysis space.
+    Needs `pl_module.facts` (a `ft.measure.metrics.VocabFacts`); cosines are in the analysis space.
     """
 
     def __init__(self, every_n_steps: int = 500, top_n: int = 5, max_rows: int = 50):

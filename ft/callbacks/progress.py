@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 
-from ft.bars import refresh_interval
+from ft.core.bars import refresh_interval
 
 
 class StepProgress(TQDMProgressBar):

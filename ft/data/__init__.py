@@ -1,0 +1,3 @@
+"""data: text and vectors read from disk: corpora (`corpus`), concept word lists (`concepts`)
+and directions files (`directions`). May import `ft.core` only.
+"""

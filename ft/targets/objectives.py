@@ -1,0 +1,477 @@
+"""Objectives: what a row maximizes, as objects that add, subtract and scale (Lucent's algebra).
+
+An objective reads one chunk of rows (a `Reading`: the input and, on demand, the activations at
+the read position) and returns one value per row. Two families:
+
+- **Readouts** are linear in site activations: a neuron (one site), a group mean (1/k on each
+  of k sites), a direction (h . v over every unit of one point), and any sum or multiple of them.
+  A `Readout` is one row's weights over sites; `Readouts` is a batch of them, one per row,
+  compiled once into a `SiteIndex` so every reader (hooked or lean) evaluates it in one pass.
+- **Input objectives** read the input itself: `InputNorm` (sum of squared norms of the raw
+  input) and `WordDistance` (sum over tokens of 1 - the cosine to the nearest word in the
+  analysis space). The regularizers are these with a negative coefficient.
+
+`Sum` holds any mix; the module evaluates `objective + regularizers` without knowing the kinds.
+`parse(spec)` reads the expression syntax of `target=terms` (see `parse`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ft.core.errors import TargetError
+from ft.model.sites import Site, SiteError, SiteIndex, SiteReader, head_sites, parse_head, parse_point, point_width
+
+
+@dataclass
+class Reading:
+    """One chunk of rows as the objectives see it. `seq`: `[CLS] embeds [SEP]` [n, l + 2, E];
+    `embeds` [n, l, E] the optimized part. Site values are read once per index (`site_values`)."""
+
+    model: nn.Module
+    embeds: torch.Tensor | None
+    seq: torch.Tensor | None
+    position: int
+    fast: bool
+    input_ids: torch.Tensor | None = None  # [n, l + 2] token ids instead of `seq` (the model's own lookup)
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return len(self.input_ids) if self.input_ids is not None else self.seq.shape[0]
+
+    def site_values(self, index: SiteIndex) -> torch.Tensor:
+        """[n, k]: the activation at each of `index`'s sites (0 in padding slots)."""
+        key = id(index)
+        if key not in self.cache:
+            if self.input_ids is not None:
+                reader = SiteReader(self.model, index.points, index.max_layer, self.position)
+                acts = reader.read(input_ids=self.input_ids)
+                values = index.flatten(acts).gather(1, index.index.to(self.input_ids.device))
+            elif self.fast:
+                from ft.model.fastforward import FastSiteReader
+
+                reader = FastSiteReader(self.model, index.points, index.max_layer, self.position)
+                values = reader.read_sites(self.seq, index, const_ends=True)
+            else:
+                acts = SiteReader(self.model, index.points, index.max_layer, self.position).read(inputs_embeds=self.seq)
+                values = index.flatten(acts).gather(1, index.index.to(self.seq.device))
+            self.cache[key] = values
+        return self.cache[key]
+
+
+class Objective:
+    """One value per row of a `Reading`. Add, subtract, negate, multiply or divide by a number."""
+
+    def value(self, reading: Reading) -> torch.Tensor:  # [n]
+        raise NotImplementedError
+
+    def __call__(self, reading: Reading) -> torch.Tensor:
+        return self.value(reading)
+
+    def terms(self) -> list[tuple[float, Objective]]:
+        return [(1.0, self)]
+
+    def __add__(self, other: Objective | float) -> Objective:
+        if isinstance(other, int | float):
+            return self if other == 0 else NotImplemented
+        return Sum([*self.terms(), *other.terms()])
+
+    def __radd__(self, other: object) -> Objective:
+        return self if other == 0 else NotImplemented  # sum([...]) starts at 0
+
+    def __sub__(self, other: Objective) -> Objective:
+        return self + (-1.0) * other
+
+    def __neg__(self) -> Objective:
+        return (-1.0) * self
+
+    def __mul__(self, c: float) -> Objective:
+        if not isinstance(c, int | float):
+            return NotImplemented
+        return Sum([(c * w, o) for w, o in self.terms()])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: float) -> Objective:
+        return self * (1.0 / c)
+
+
+class Sum(Objective):
+    """sum_i w_i * o_i(reading)."""
+
+    def __init__(self, parts: Sequence[tuple[float, Objective]]):
+        self.parts = [(float(w), o) for w, o in parts if w != 0]
+
+    def terms(self) -> list[tuple[float, Objective]]:
+        return list(self.parts)
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        out = None
+        for w, o in self.parts:
+            v = o.value(reading)
+            v = v if w == 1.0 else w * v
+            out = v if out is None else out + v
+        return out if out is not None else torch.zeros(reading.rows)
+
+
+class Readout(Objective):
+    """One row's objective over site activations, closed under + - * /:
+
+        sum_s w_s * act(s)  +  bias  +  sum_j c_j * || act(sites_j) ||_2
+
+    The linear part is a neuron, a group mean, a direction, an SAE latent's pre-activation (with
+    its bias); the norms are attention heads (the L2 norm of a head's context vector).
+    `reads`: the names of what it reads, as the contract's `sites` column lists them (a unit
+    `layer.3.ffn_out.5`, a whole point `layer.3.resid` for a direction, a head `layer.2.head.4`).
+    """
+
+    def __init__(self, weights: dict[Site, float], reads: Sequence[str], bias: float = 0.0,
+                 norms: Sequence[tuple[float, tuple[Site, ...]]] = ()):
+        self.weights = {s: float(w) for s, w in weights.items()}
+        self.reads = tuple(dict.fromkeys(reads))
+        self.bias = float(bias)
+        self.norms = [(float(c), tuple(sites)) for c, sites in norms if c != 0]
+
+    def terms(self) -> list[tuple[float, Objective]]:
+        return [(1.0, self)]
+
+    def __add__(self, other: object) -> Objective:
+        if isinstance(other, Readout):
+            w = dict(self.weights)
+            for s, v in other.weights.items():
+                w[s] = w.get(s, 0.0) + v
+            return Readout(w, [*self.reads, *other.reads], self.bias + other.bias, [*self.norms, *other.norms])
+        return super().__add__(other)
+
+    def __mul__(self, c: float) -> Objective:
+        if not isinstance(c, int | float):
+            return NotImplemented
+        return Readout({s: c * w for s, w in self.weights.items()}, self.reads, c * self.bias,
+                       [(c * k, sites) for k, sites in self.norms])
+
+    __rmul__ = __mul__
+
+    @property
+    def linear(self) -> bool:
+        return not self.norms
+
+    @property
+    def sites(self) -> list[Site]:
+        """Every site read: the linear part's, then each norm's (in order, without repeats)."""
+        return list(dict.fromkeys([*self.weights, *(s for _, sites in self.norms for s in sites)]))
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({s.layer for s in self.sites})
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        return Readouts(reading.model, [self] * reading.rows).value(reading)
+
+
+def neuron(site: Site) -> Readout:
+    return Readout({site: 1.0}, [str(site)])
+
+
+def mean(sites: Sequence[Site]) -> Readout:
+    """The group objective: the mean over `sites` (each weighted 1/k)."""
+    return Readout({s: 1.0 / len(sites) for s in sites}, [str(s) for s in sites])
+
+
+def direction(layer: int, point: str, vector: torch.Tensor, bias: float = 0.0, name: str | None = None) -> Readout:
+    """h . v (+ bias): the activation vector of `point` in `layer`, dotted with `vector` as given."""
+    v = vector.detach().float().cpu()
+    return Readout({Site(layer, point, u): float(x) for u, x in enumerate(v.tolist())},
+                   [name or f"layer.{layer}.{point}"], bias)
+
+
+def norm_of(sites: Sequence[Site], name: str) -> Readout:
+    """|| act(sites) ||_2: e.g. an attention head, the norm of its context vector."""
+    return Readout({}, [name], 0.0, [(1.0, tuple(sites))])
+
+
+def head_norm(model: nn.Module, layer: int, head: int) -> Readout:
+    """An attention head: the L2 norm of its context vector at the read position."""
+    return norm_of(head_sites(model, layer, head), f"layer.{layer}.head.{head}")
+
+
+def as_readout(target: Readout | Sequence[Site]) -> Readout:
+    """A Readout as it is (or any other objective), or a list of sites as their mean (a neuron is a
+    group of one)."""
+    return target if isinstance(target, Objective) else mean(list(target))
+
+
+class Readouts(Objective):
+    """A batch of readouts, one per row, compiled into one `SiteIndex` (validated on `model`).
+
+    Slots [n, k]: each row's linear sites (weight w), then its norms' sites (weight 0, group j);
+    `combine` turns the values gathered at the slots into each row's objective."""
+
+    def __init__(self, model: nn.Module, readouts: Sequence[Readout | Sequence[Site]], max_layer: int | None = None):
+        self.readouts = [as_readout(r) for r in readouts]
+        slots = [[*r.weights, *(s for _, sites in r.norms for s in sites)] for r in self.readouts]
+        weights = [[*r.weights.values(), *(0.0 for _, sites in r.norms for _ in sites)] for r in self.readouts]
+        self.index = SiteIndex(model, slots, max_layer=max_layer, weights=weights)
+        self.bias = torch.tensor([r.bias for r in self.readouts])  # [n]
+        self.has_bias = bool(self.bias.abs().sum() > 0)
+        G = max((len(r.norms) for r in self.readouts), default=0)
+        self.groups: torch.Tensor | None = None  # [n, k, G] one-hot: which slots form norm j of a row
+        if G:
+            k = self.index.index.shape[1]
+            self.groups = torch.zeros(len(self.readouts), k, G)
+            self.group_coef = torch.zeros(len(self.readouts), G)
+            for row, r in enumerate(self.readouts):
+                at = len(r.weights)
+                for j, (c, sites) in enumerate(r.norms):
+                    self.groups[row, at : at + len(sites), j] = 1.0
+                    self.group_coef[row, j] = c
+                    at += len(sites)
+
+    def __len__(self) -> int:
+        return len(self.readouts)
+
+    def combine(self, values: torch.Tensor, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """[..., n]: the objectives of `rows` from the values at their slots, `values` [..., n, k]."""
+        w = self.index.weight[rows].to(values.device, values.dtype)
+        out = (values * w).sum(-1)
+        if self.has_bias:
+            out = out + self.bias[rows].to(values.device, values.dtype)
+        if self.groups is not None:
+            g = self.groups[rows].to(values.device, values.dtype)
+            sq = torch.einsum("...nk,nkg->...ng", values.pow(2), g)
+            # a row without norm j (another row's head) has sq = 0 there: sqrt'(0) = inf would turn its
+            # coefficient 0 into NaN gradients, so the root starts at the dtype's smallest normal number
+            root = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
+            out = out + (root * self.group_coef[rows].to(values.device, values.dtype)).sum(-1)
+        return out
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        return self.combine(reading.site_values(self.index))
+
+
+class ClassLogit(Objective):
+    """A fine-tuned sequence classifier's logit for one class, from the checkpoint's own head on the
+    framed input (`[CLS] x [SEP]`): the whole model runs, so it has no sites and no lean path."""
+
+    def __init__(self, classifier: nn.Module, target_class: int, label: str):
+        self.classifier, self.target_class, self.label = classifier, int(target_class), label
+        self.reads = (f"logit.{self.target_class}",)
+        self.sites: list[Site] = []
+        self.layers = [adapter_of(classifier).num_layers - 1]
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        return ClassLogits([self] * reading.rows).value(reading)
+
+
+def adapter_of(classifier: nn.Module):
+    from ft.model.arch import adapter
+
+    return adapter(classifier.base_model)
+
+
+class ClassLogits(Objective):
+    """A batch of class logits, one class per row: one forward of the classifier."""
+
+    def __init__(self, rows: Sequence[ClassLogit]):
+        self.rows = list(rows)
+        self.classifier = self.rows[0].classifier
+        self.classes = torch.tensor([r.target_class for r in self.rows])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        given = {"input_ids": reading.input_ids} if reading.input_ids is not None else {"inputs_embeds": reading.seq}
+        logits = self.classifier(**given).logits  # [n, classes]
+        return logits.gather(1, self.classes.to(logits.device)[:, None])[:, 0]
+
+
+def batch_of(model: nn.Module, objectives: Sequence, max_layer: int | None = None) -> Readouts | ClassLogits:
+    """The batch objective of one chunk of rows: readouts compile to a SiteIndex, logits to one
+    classifier forward. A chunk mixes no kinds (TargetError)."""
+    if objectives and all(isinstance(o, ClassLogit) for o in objectives):
+        return ClassLogits(objectives)
+    if any(isinstance(o, ClassLogit) for o in objectives):
+        raise TargetError("class logits and site objectives cannot share a run; valid: one target kind per run")
+    return Readouts(model, objectives, max_layer=max_layer)
+
+
+def top_layer(objective: Readout | ClassLogit | Sequence[Site]) -> int:
+    """The highest layer a row's objective reads (a class logit reads them all)."""
+    return max(as_readout(objective).layers) if not isinstance(objective, ClassLogit) else objective.layers[-1]
+
+
+class InputNorm(Objective):
+    """Per row: the sum over tokens of the raw input's squared norm (reg.norm's measure)."""
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        return reading.embeds.float().pow(2).sum((1, 2))
+
+
+class WordDistance(Objective):
+    """Per row: sum over tokens of 1 - cos(token, nearest word) in the analysis space (reg.word's
+    measure). `word_unit` [V', E]: the words' analysis vectors, unit length."""
+
+    def __init__(self, word_unit: torch.Tensor):
+        self.word_unit = word_unit
+
+    def value(self, reading: Reading) -> torch.Tensor:
+        from ft.model.arch import adapter
+
+        a = adapter(reading.model).embed(inputs_embeds=reading.seq)[:, 1:-1].float()
+        a = nn.functional.normalize(a, dim=-1)
+        if self.word_unit.device != a.device:  # moved once, with the first reading on that device
+            self.word_unit = self.word_unit.to(a.device)
+        unit = self.word_unit
+        return (1 - (a @ unit.T).max(dim=-1).values).sum(1)
+
+
+# -- the expression syntax of target=terms ---------------------------------------------------------------
+_TOKEN = re.compile(r"\s*(?:(?P<num>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"
+                    r"|(?P<ref>layer\.\d+\.[a-z_]+(?:\.\d+|@[A-Za-z0-9_\-]+))|(?P<op>[-+*/()]))")
+
+# What `ref@name` resolves to: (layer, point, name) -> the direction vector.
+DirectionLookup = Callable[[int, str, str], torch.Tensor]
+
+SYNTAX = ("sites 'layer.L.point.unit', heads 'layer.L.head.H', directions 'layer.L.point@ROW' or '@NAME' (rows of "
+          "target.file), "
+          "numbers, + - * / and parentheses, e.g. 'layer.3.ffn_out.5 - 0.5 * layer.2.ffn_act.7'")
+
+
+def _tokens(spec: str) -> list[tuple[str, str]]:
+    out, pos, text = [], 0, str(spec)
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise TargetError(f"target.specs: {spec!r}: cannot read {text[pos:].strip()[:20]!r}; valid: {SYNTAX}")
+        kind = m.lastgroup
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+    if not out:
+        raise TargetError(f"target.specs: {spec!r} is empty; valid: {SYNTAX}")
+    return out
+
+
+def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None = None) -> Readout:
+    """The Readout of an expression over sites and directions (linear: a product needs a number).
+
+    Grammar: expr = term (('+' | '-') term)*; term = factor (('*' | '/') factor)*;
+    factor = ('+' | '-') factor | number | site | direction | '(' expr ')'.
+    A site is `layer.L.point.unit`; a direction is `layer.L.point@ROW` or `@NAME`, a row of the
+    directions file (`directions(layer, point, name)` looks it up). Raises TargetError naming the
+    spec and what is wrong. `model=None` checks the syntax only: sites are not checked against a
+    model and directions are not looked up (whether their weights cancel waits for the model).
+    """
+    toks = _tokens(spec)
+    at = [0]
+    stand_ins: list[str] = []  # heads and directions read without a model: their weights are unknown
+
+    def peek() -> tuple[str, str] | None:
+        return toks[at[0]] if at[0] < len(toks) else None
+
+    def take() -> tuple[str, str]:
+        t = peek()
+        if t is None:
+            raise TargetError(f"target.specs: {spec!r} ends early; valid: {SYNTAX}")
+        at[0] += 1
+        return t
+
+    def factor() -> Readout | float:
+        kind, text = take()
+        if kind == "op" and text in "+-":
+            v = factor()
+            return v if text == "+" else -1.0 * v
+        if kind == "num":
+            return float(text)
+        if kind == "ref":
+            return reference(text)
+        if text == "(":
+            v = expr()
+            if peek() != ("op", ")"):
+                raise TargetError(f"target.specs: {spec!r}: a '(' is not closed; valid: {SYNTAX}")
+            take()
+            return v
+        raise TargetError(f"target.specs: {spec!r}: unexpected {text!r}; valid: {SYNTAX}")
+
+    def term() -> Readout | float:
+        v = factor()
+        while peek() in (("op", "*"), ("op", "/")):
+            _, op = take()
+            w = factor()
+            if op == "/":
+                if not isinstance(w, float):
+                    raise TargetError(f"target.specs: {spec!r}: division by a site is not linear; valid: / number")
+                if w == 0:
+                    raise TargetError(f"target.specs: {spec!r}: division by zero")
+                v = v * (1.0 / w)
+            elif isinstance(v, float) or isinstance(w, float):
+                v = v * w if isinstance(w, float) else w * v
+            else:
+                raise TargetError(f"target.specs: {spec!r}: a product of two sites is not linear; "
+                                  "valid: number * site")
+        return v
+
+    def expr() -> Readout | float:
+        v = term()
+        while peek() in (("op", "+"), ("op", "-")):
+            _, op = take()
+            w = term()
+            if isinstance(v, float) != isinstance(w, float):
+                raise TargetError(f"target.specs: {spec!r}: a constant term changes nothing to maximize; "
+                                  "valid: numbers only as factors of sites")
+            v = v + w if op == "+" else v + (-1.0) * w
+        return v
+
+    def reference(text: str) -> Readout:
+        try:
+            head = parse_head(text, model)
+            if head is not None:
+                if model is None:  # a stand-in: syntax only
+                    stand_ins.append(text)
+                    return Readout({Site(head[0], "attn_ctx", head[1]): 1.0}, [text])
+                return head_norm(model, *head)
+            if "@" not in text:
+                site = Site.parse(text)
+                return neuron(site if model is None else site.check(model))
+            where, name = text.split("@")
+            layer, point = parse_point(where, model)
+            if directions is None:
+                raise TargetError(f"target.specs: {spec!r} reads direction {text!r} but there is no directions "
+                                  "file; valid: target.file=PATH (a safetensors file with a 'directions' tensor)")
+            if model is None:  # a stand-in: syntax only
+                stand_ins.append(text)
+                return Readout({Site(layer, point, 0): 1.0}, [where])
+            return direction(layer, point, directions(layer, point, name))
+        except SiteError as e:
+            raise TargetError(f"target.specs: {spec!r}: {e}") from None
+
+    out = expr()
+    if peek() is not None:
+        raise TargetError(f"target.specs: {spec!r}: unexpected {peek()[1]!r}; valid: {SYNTAX}")
+    if isinstance(out, float):
+        raise TargetError(f"target.specs: {spec!r} reads no site; valid: {SYNTAX}")
+    if not stand_ins and not out.norms and not any(w != 0 for w in out.weights.values()):
+        raise TargetError(f"target.specs: {spec!r}: every weight cancels to 0; nothing to maximize")
+    if not all(math.isfinite(w) for w in out.weights.values()):
+        raise TargetError(f"target.specs: {spec!r}: a weight is not finite")
+    return out
+
+
+def reads_of(readouts: Iterable[Readout]) -> list[str]:
+    """Every point a batch of readouts reads, in the contract's order."""
+    return sorted({s.point for r in readouts for s in r.weights})
+
+
+def check_width(model: nn.Module, point: str, width: int, what: str) -> None:
+    w = point_width(model, point)
+    if width != w:
+        raise TargetError(f"{what}: vectors are {width} wide, {point} is {w} wide in this model; "
+                          f"valid: directions [n, {w}] for {point}")
