@@ -51,25 +51,11 @@ def load(run_dir: str | Path) -> Result:
                   read_curves(run_dir), read_config(run_dir))
 
 
-def run_paths(paths: str | Path | Iterable[str | Path]) -> list[str | Path]:
-    """`load_runs`'s argument as a list: one str or Path is one path or glob (never its characters);
-    anything else must be an iterable of them."""
-    if isinstance(paths, (str, Path)):
-        return [paths]
-    if isinstance(paths, bytes) or not isinstance(paths, Iterable):
-        raise ConfigError(f"paths={paths!r}; valid: a run directory or glob (str or Path), or a list of them")
-    out = list(paths)
-    bad = [p for p in out if not isinstance(p, (str, Path))]
-    if bad:
-        raise ConfigError(f"paths: {bad[0]!r} is a {type(bad[0]).__name__}; valid: run directories or globs "
-                          "(str or Path)")
-    return out
-
-
 def load_runs(paths: str | Path | Iterable[str | Path]) -> Runs:
     """All targets of all runs under `paths` (a run directory, a glob, or a list of them) as
     `(targets, runs)` tables (`ft.rundir.results.load_runs`)."""
     from ft.rundir.results import load_runs as read_runs
+    from ft.rundir.results import run_paths
 
     return read_runs(run_paths(paths))
 

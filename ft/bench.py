@@ -63,10 +63,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
 from ft.core.cpualloc import keep_freed_memory
+from ft.core.cpuinfo import matmul_gflops, sync
 from ft.engine.module import TextualizationModule, full_sequence
 from ft.inputs import build_input, initial_row
 from ft.model.encoder import PACKAGED, Encoder, from_model, load_encoder
@@ -114,31 +114,6 @@ def engine_flops(module: TextualizationModule, cfg: object = None, length: int =
     """FLOPs of one optimization step, as the engine's readers count the work they do
     (`FastSiteReader.step_flops`, `SiteReader.step_flops`); `autocast`: under bf16-mixed."""
     return module.step_flops(length, autocast)
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so that wall-clock timings cover it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_gflops(rows: int, H: int, inter: int, dtype: torch.dtype, device: torch.device,
-                  repeat: int = 20) -> float:
-    """Best rate of `F.linear` on [rows, H] by an [inter, H] weight: the layout of the engine's
-    linear layers (on CPUs without bf16 units, a bf16 `a @ b` takes a path ~10x slower)."""
-    a = torch.randn(rows, H, dtype=dtype, device=device)
-    w = torch.randn(inter, H, dtype=dtype, device=device)
-    for _ in range(3):
-        F.linear(a, w)
-    best = float("inf")
-    for _ in range(repeat):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(5):
-            F.linear(a, w)
-        sync(device)
-        best = min(best, (time.perf_counter() - t) / 5)
-    return 2 * rows * H * inter / best / 1e9
 
 
 class StepTimer(pl.Callback):
@@ -320,7 +295,7 @@ def bench_report(n_runs: int) -> dict:
 
     from hydra import compose, initialize_config_dir
 
-    from ft.report import build_report
+    from ft.cli.report import build_report
     from ft.rundir.results import load_runs
     from ft.train import CONFIG_DIR, run
 

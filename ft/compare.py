@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from importlib.resources import files
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +39,7 @@ import torch
 from ft.core.errors import ConfigError, FtError
 
 log = logging.getLogger("ft")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = str(files("ft.configs"))
 
 
 def compose_run(overrides: list[str]):
@@ -97,7 +98,7 @@ class Ledger:
                               "or another --out")
 
     def save(self) -> None:
-        from ft.rundir.results import atomic_write
+        from ft.core.files import atomic_write
 
         text = json.dumps({"args": self.args, "seconds": self.seconds, "partial": self.partial, "done": self.done},
                           indent=1, sort_keys=True)
@@ -142,7 +143,7 @@ def fluency_of_texts(fluency: object, ids: list[list[int]]) -> float:
 
 def compare(out: Path, lengths: list[int], weights: list[float], n_targets: int, steps: int, search_steps: int,
             candidates: int, patience: int, model: str | None = None, ledger: Ledger | None = None) -> pd.DataFrame:
-    from ft.examples import run_examples
+    from ft.measure.examples import run_examples
     from ft.measure.fluency import build_fluency, check_weights
     from ft.model.encoder import PACKAGED, load_encoder
     from ft.model.vocab import Vocabulary
@@ -289,9 +290,9 @@ def compare_and_write(a: argparse.Namespace, out: Path) -> int:
         return 0
     table = compare(out, a.lengths, a.weights, a.targets, a.steps, a.search_steps, a.candidates, a.patience,
                     a.model, ledger)
-    from ft.report import build_report
-    from ft.report import table as html_table
-    from ft.rundir.results import atomic_write
+    from ft.cli.report import build_report
+    from ft.cli.report import table as html_table
+    from ft.core.files import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "comparison.parquet", lambda q: table.to_parquet(q, index=False))

@@ -373,7 +373,7 @@ def with_sae_copies(run_dir: Path, targets: pd.DataFrame) -> tuple[pd.DataFrame,
 def corpus_stats(scorer, corpus, top_n: int, limit: int) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
     """(max [targets], frac_nonzero [targets], top sentence indices per target) over the corpus."""
     from ft.core.bars import bar
-    from ft.examples import merge_top
+    from ft.measure.examples import merge_top
 
     n_t = scorer.M.shape[1]
     order = sorted(range(min(limit, len(corpus))), key=lambda i: len(corpus.ids[i]))
@@ -394,7 +394,7 @@ def corpus_stats(scorer, corpus, top_n: int, limit: int) -> tuple[np.ndarray, np
 def static_values(model, vocab, site_text: str, k: int = 10) -> dict[str, list]:
     """pos_str/pos_values/neg_str/neg_values: the tokens with the largest and smallest E.v."""
     from ft.model.sites import Site
-    from ft.static import unit_vectors, vocab_matrix
+    from ft.model.static import unit_vectors, vocab_matrix
 
     empty: dict[str, list] = {"pos_str": [], "pos_values": [], "neg_str": [], "neg_values": []}
     if not site_text:
@@ -476,7 +476,7 @@ def top_activations(scorer, tokenizer, text, rows: list[int], t: int, corpus: st
 
 def run_entries(run_dir: Path, name: str, corpus: str, top_n: int, max_sentences: int) -> list[Entry]:
     """Each target of one run: its unit, corpus statistics, top activations and explanation."""
-    from ft.examples import TargetScorer
+    from ft.measure.examples import TargetScorer
     from ft.model.encoder import load_encoder
     from ft.model.vocab import Vocabulary
     from ft.rundir.results import read_directions

@@ -91,7 +91,7 @@ def merged_summary(df: pd.DataFrame, summaries: list[dict]) -> dict[str, float]:
 
     out = summarize(df)
     if "static_promotes" in df:
-        from ft.static import agreement
+        from ft.model.static import agreement
 
         out["final/static_maw_agreement"] = agreement(df)
     if "fluency" in df:

@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ft.callbacks.checkpoint import AtomicCheckpoint, StopOnSignal
 from ft.callbacks.progress import StepProgress
 from ft.cli.hydra_conf import register as register_resolvers
 from ft.cli.preflight import preflight
@@ -27,22 +28,15 @@ from ft.core.chatter import configure_output
 from ft.core.cpuinfo import warn_cpu_precision
 from ft.core.errors import ConfigError, FtError
 from ft.core.integrity import RunFileError
-from ft.core.signals import AtomicCheckpoint, Interrupted, StopOnSignal, stop_at_once
+from ft.core.signals import Interrupted, stop_at_once
 from ft.data.directions import DirectionSet, load_directions
 from ft.engine.module import TextualizationModule, rows_for_budget
 from ft.engine.state import CheckpointRecord, FitEnded, FitResult
 from ft.engine.strategy import choose_strategy, node_process_rank, shard_rows
 from ft.measure.metrics import VocabFacts, evaluate, summarize, target_word_rows
+from ft.measure.word_stats import logit_word_stats, stream_word_stats
 from ft.model.encoder import Encoder, load_encoder
-from ft.model.vocab import (
-    Vocabulary,
-    analysis_vectors,
-    load_or_sweep,
-    logit_word_stats,
-    stream_summary,
-    stream_word_stats,
-    sweep_bytes,
-)
+from ft.model.vocab import Vocabulary, analysis_vectors, load_or_sweep, stream_summary, sweep_bytes
 from ft.rundir.kept import fingerprint
 from ft.rundir.results import CONFIG, TARGETS, RunLock, atomic_write, read_config, read_summary, write_config, write_run
 from ft.rundir.tracking import build_loggers, flat_config, format_table, log_summary
@@ -659,11 +653,11 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         summary = summarize(df)
         summary["final/word_analysis_norm_mean"] = float(facts.word_vectors.norm(dim=-1).mean())
         if "static_promotes" in df:  # single units: is the most activating word among the static tokens?
-            from ft.static import agreement
+            from ft.model.static import agreement
 
             summary["final/static_maw_agreement"] = agreement(df)
         if cfg.target.kind == "probe":  # how much of the textualization is the probe's concept
-            from ft.probe import concept_scores
+            from ft.measure.probe import concept_scores
 
             summary.update(concept_scores(df, cfg.target.run, encoder.tokenizer, run_dir))
         if cfg.target.kind == "clusters":  # the clustering's own quality over its corpus
@@ -678,7 +672,7 @@ def run(cfg: DictConfig, run_dir: str | Path, encoder: Encoder | None = None) ->
         write_run(run_dir, cfg, df, tensors, summary, curve_table(result, targets, df), directions, frontier, record)
         note = log_summary(loggers, summary, df, result.total_steps, run_dir)
     if cfg.get("examples_after_run") and rank0:
-        from ft.examples import run_examples
+        from ft.measure.examples import run_examples
 
         run_examples(run_dir, substitutes=0)
     print(format_table(df, cfg.print_rows, summary))

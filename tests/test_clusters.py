@@ -86,7 +86,7 @@ def test_clusters_are_textualized_as_groups(tiny_dir, tmp_path):
     summary = read_summary(tmp_path / "run")
     assert summary["clusters/count"] == 4 and summary["clusters/within_corr"] > summary["clusters/between_corr"]
     # the report lists every cluster with its size and most activating word
-    from ft.report import build_report
+    from ft.cli.report import build_report
     from tests.test_report import table_rows
 
     html = build_report([str(tmp_path / "run")], tmp_path / "report.html", words=100).read_text()

@@ -14,7 +14,8 @@ from transformers import BertConfig, BertForMaskedLM
 
 from ft.core.errors import ConfigError, ModelNotFoundError
 from ft.data.corpus import load_corpus, split_sentences
-from ft.examples import TargetScorer, corpus_search, is_stopword, main, passes, prune
+from ft.examples import main
+from ft.measure.examples import TargetScorer, corpus_search, is_stopword, passes, prune
 from ft.model.sites import Site, SiteReader
 from ft.model.substitutes import MaskedLM, NearestEmbeddings, build_substitutes
 from ft.train import run
@@ -149,7 +150,7 @@ def test_local_search_labels_follow_thresholds_and_mlm_path(tiny, tiny_dir, corp
     tokens = tiny.tokenizer.convert_ids_to_tokens(list(range(tiny.vocab_size)))
     ids = tiny.tokenizer("the horse and the cow ate in the garden", add_special_tokens=False)["input_ids"]
     scorer = TargetScorer(tiny, SITES)
-    from ft.examples import local_search
+    from ft.measure.examples import local_search
 
     for provider in (subs, auto):
         for j in range(len(SITES)):
@@ -194,7 +195,7 @@ def test_examples_cli_writes_the_table_and_feeds_the_report(tiny_dir, corpus_fil
     s = json.loads(out.stdout)["summary"]
     assert s["examples/best_sentence_mean"] == pytest.approx(best.mean(), rel=1e-5)
     assert s["examples/examples"]["_type"] == "table-file" and s["examples/comparison"]["nrows"] == len(targets)
-    from ft.report import build_report
+    from ft.cli.report import build_report
 
     html = build_report([str(tmp_path / "run")], tmp_path / "r.html", words=0).read_text()
     assert "anchor_token" in html and df.text.iloc[0] in html

@@ -165,8 +165,8 @@ def test_a_run_raises_the_objective_and_measures_it_like_the_model_does(family, 
 
 
 def test_report_and_examples_work_on_every_family(family_runs, tmp_path):
+    from ft.cli.report import build_report
     from ft.examples import main as examples
-    from ft.report import build_report
 
     html = build_report([str(p) for p in family_runs.values()], tmp_path / "r.html", words=50).read_text()
     for family in FAMILIES:

@@ -131,14 +131,14 @@ def test_bench_flop_formula_matches_counted_flops(tiny, monkeypatch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    import ft.model.fastforward
+    import ft.model.lean_plan
     from ft.bench import engine_flops
-    from ft.model.fastforward import site_plan
+    from ft.model.lean_plan import site_plan
     from tests.test_module import SITES
 
     # attention through SDPA's math kernel, whose matmuls the counter sees (the same arithmetic
     # as the broadcast attention that short inputs use)
-    monkeypatch.setattr(ft.model.fastforward, "SHORT_SEQUENCE", 0)
+    monkeypatch.setattr(ft.model.lean_plan, "SHORT_SEQUENCE", 0)
 
     vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
     for fast in (True, False):

@@ -82,7 +82,7 @@ def test_a_start_over_retires_the_examples_of_the_old_results(tiny, tiny_dir, tm
     """examples.parquet (written after a run, by ft.examples) belongs to the results it was made
     from: a start over with other targets (ckpt_path=none) leaves no examples of the old units
     for the report to show under the new ones' target ids."""
-    from ft.examples import run_examples
+    from ft.measure.examples import run_examples
     from ft.train import run
 
     neurons = ["target.sites=[layer.0.ffn_act.3]"]
@@ -96,7 +96,7 @@ def test_a_start_over_retires_the_examples_of_the_old_results(tiny, tiny_dir, tm
 def test_results_extended_by_a_resume_retire_the_examples_of_the_old_results(tiny, tiny_dir, tmp_path):
     """A resume that runs more steps commits new inputs and objectives: the examples of the old
     ones (their searched text, the optimized value they compare to) go with them."""
-    from ft.examples import run_examples
+    from ft.measure.examples import run_examples
     from ft.train import run
 
     neurons = ["target.sites=[layer.0.ffn_act.3]"]

@@ -153,7 +153,7 @@ def test_a_damaged_run_file_is_refused_by_name(name, at, finished, tmp_path):
 
 
 def test_report_skips_a_damaged_and_an_incomplete_run_and_names_them(finished, tmp_path, caplog):
-    from ft.report import build_report
+    from ft.cli.report import build_report
 
     good = copy_run(finished, tmp_path / "runs" / "good")
     bad = copy_run(finished, tmp_path / "runs" / "bad")

@@ -6,12 +6,13 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-import ft.model.fastforward
+import ft.model.lean_plan
 from ft.engine.module import TextualizationModule
 from ft.inputs import build_input
 from ft.model.ablate import ablated
 from ft.model.encoder import load_encoder
-from ft.model.fastforward import FastSiteReader, site_plan
+from ft.model.fastforward import FastSiteReader
+from ft.model.lean_plan import site_plan
 from ft.model.sites import POINTS, Site, SiteIndex, SiteReader
 from ft.model.vocab import Vocabulary
 from tests.families import build_family
@@ -118,7 +119,7 @@ def test_the_autograd_path_where_the_hand_backward_does_not_apply(model64, monke
     assert type(reader.read_sites(x, index, True).grad_fn).__name__ == "LeanSitesBackward"
     with ablated(model64, [Site(0, "ffn_act", 1)], "zero"):
         assert type(reader.read_sites(x, index, True).grad_fn).__name__ != "LeanSitesBackward"
-    long = framed(6, ft.model.fastforward.SHORT_SEQUENCE)  # S = SHORT_SEQUENCE + 2: the fused attention kernel
+    long = framed(6, ft.model.lean_plan.SHORT_SEQUENCE)  # S = SHORT_SEQUENCE + 2: the fused attention kernel
     assert type(reader.read_sites(long.requires_grad_(True), index, True).grad_fn).__name__ != "LeanSitesBackward"
     with torch.no_grad():
         assert reader.read_sites(x, index, True).grad_fn is None

@@ -195,7 +195,7 @@ def by_hand(tiny, row, ids: list[int], sae=None) -> list[float]:
 
 def alone(tiny, run_dir: Path, t: int, ids: list[int]) -> list[float]:
     """Target t's activation scored with a scorer that holds that target alone."""
-    from ft.examples import TargetScorer
+    from ft.measure.examples import TargetScorer
     from ft.rundir.results import read_directions
     from ft.targets import readouts_of_table
 

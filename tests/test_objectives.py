@@ -266,7 +266,7 @@ def test_a_terms_run_reports_the_expression_for_its_saved_input(tiny, tiny_dir, 
 def test_dataset_examples_score_any_objective(tiny, tmp_path):
     """ft.examples' scorer reads terms and directions: its value for `[CLS] word [SEP]` at the word
     is the objective of that input."""
-    from ft.examples import TargetScorer
+    from ft.measure.examples import TargetScorer
 
     v = torch.randn(1, tiny.model.config.hidden_size)
     d = load_directions(direction_file(tmp_path / "d.safetensors", v))

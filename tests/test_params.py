@@ -11,8 +11,9 @@ from ft.callbacks import TemperatureSchedule
 from ft.engine.module import TextualizationModule
 from ft.inputs import GumbelInput, build_input
 from ft.measure.metrics import VocabFacts, evaluate
+from ft.measure.word_stats import vocab_objective
 from ft.model.sites import Site
-from ft.model.vocab import Vocabulary, analysis_vectors, load_or_sweep, vocab_objective
+from ft.model.vocab import Vocabulary, analysis_vectors, load_or_sweep
 from ft.rundir.results import read_inputs, read_targets
 from ft.train import run
 from tests.test_train import compose_cfg, tiny_overrides

@@ -8,10 +8,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from ft.cli.probe_run import probe
 from ft.core.errors import ConfigError
 from ft.data.concepts import BUILTIN, load_concept
 from ft.model.encoder import from_model
-from ft.probe import probe
 from tests.test_train import CONFIG_DIR
 
 ANIMALS = "cat dog horse cow sheep goat mouse bird fish".split()
@@ -101,7 +101,7 @@ def test_bad_concepts_are_refused_in_one_line(tiny, tmp_path, spec, message):
 
 def test_sentences_are_read_in_context(tiny, tmp_path):
     """A .conll concept: each word at its first piece, in its sentence."""
-    from ft.probe import concept_activations
+    from ft.measure.probe import concept_activations
     from tests.reference import hf_points
 
     conll = tmp_path / "c.conll"
@@ -137,7 +137,7 @@ def test_probe_selected_targets_are_textualized_and_scored_against_the_concept(t
     assert list(df.label) == ["probe animals.csv k=3 mean", "probe animals.csv k=3 weighted"]
     assert summary["probe/maw_in_concept"] == 1.0
     assert read_summary(tmp_path / "run")["probe/closest_in_concept"] == pytest.approx(df.concept_closest_share.mean())
-    from ft.report import build_report
+    from ft.cli.report import build_report
     from tests.test_report import table_rows
 
     html = build_report([str(tmp_path / "run")], tmp_path / "report.html", words=100).read_text()
@@ -226,8 +226,9 @@ def test_bad_ablation_settings_are_refused(tiny, tmp_path):
 def test_a_probe_run_keeps_its_concept_file_and_reads_the_copy(tiny, tiny_dir, tmp_path):
     """The concept file edited after the probe run: the run's concept words come from its kept
     copy; an altered copy is refused by name."""
+    from ft.cli.probe_run import probe
     from ft.core.integrity import RunFileError
-    from ft.probe import concept_words, probe
+    from ft.measure.probe import concept_words
     from ft.rundir.kept import kept
 
     enc = planted_encoder(tiny)

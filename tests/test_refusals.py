@@ -177,7 +177,7 @@ def test_concept_files_read_a_bom_and_refuse_other_encodings_by_line(tiny, tmp_p
 
 def test_a_conll_sentence_longer_than_the_model_takes_is_refused(tiny, tmp_path):
     from ft.data.concepts import load_concept
-    from ft.probe import concept_activations
+    from ft.measure.probe import concept_activations
 
     words = "the of and to in is that for it was on with he as you at be this".split()
     path = tmp_path / "long.conll"
@@ -394,7 +394,7 @@ def diverged_copy(run_dir: Path, out: Path) -> Path:
 
 
 def test_a_diverged_target_does_not_break_the_report(neuron_run, tmp_path):
-    from ft.report import build_report
+    from ft.cli.report import build_report
 
     run = diverged_copy(neuron_run, tmp_path / "diverged")
     html = build_report([str(run)], tmp_path / "report.html", words=0).read_text()

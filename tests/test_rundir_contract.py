@@ -456,12 +456,12 @@ def test_compare_stopped_by_sigterm_exits_143_resumes_and_a_finished_one_changes
     import os
     import signal
 
-    import ft.examples
+    import ft.measure.examples
     from ft.compare import LEDGER, main
 
     out = tmp_path / "cmp"
     argv = ["--model", str(tiny_dir), "--out", str(out), *CMP]
-    real = ft.examples.run_examples
+    real = ft.measure.examples.run_examples
     calls = []
 
     def sigterm_once(*a, **k):  # SIGTERM arrives while the corpus examples are scored
@@ -470,7 +470,7 @@ def test_compare_stopped_by_sigterm_exits_143_resumes_and_a_finished_one_changes
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **k)
 
-    monkeypatch.setattr(ft.examples, "run_examples", sigterm_once)
+    monkeypatch.setattr(ft.measure.examples, "run_examples", sigterm_once)
     assert main(argv) == 143
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("interrupted") == 1
@@ -493,8 +493,8 @@ def test_compare_stopped_by_sigterm_exits_143_resumes_and_a_finished_one_changes
 
 
 def test_a_probe_target_run_keeps_the_probe_table_and_its_concept_file(tiny, tiny_dir, tmp_path):
+    from ft.cli.probe_run import probe
     from ft.core.integrity import RunFileError
-    from ft.probe import probe
     from ft.train import run
     from tests.test_probe import ANIMALS, OTHERS, concept_file, planted_encoder, probe_cfg
     from tests.test_train import compose_cfg

@@ -136,8 +136,8 @@ def test_a_resumed_search_equals_the_uninterrupted_one(tiny_dir, tmp_path):
 
 
 def test_examples_and_the_report_put_the_searched_text_beside_the_corpus(tiny_dir, tmp_path):
-    from ft.examples import run_examples
-    from ft.report import build_report
+    from ft.cli.report import build_report
+    from ft.measure.examples import run_examples
     from tests.test_examples import TEXT
 
     corpus = tmp_path / "corpus.txt"

@@ -9,8 +9,9 @@ from transformers import AlbertConfig, AlbertModel, BertModel
 
 from ft.model.encoder import from_model
 from ft.model.sites import Site
+from ft.model.static import agreement, readings
 from ft.model.vocab import Vocabulary
-from ft.static import agreement, main, readings
+from ft.static import main
 
 
 def by_hand(E: torch.Tensor, vec: torch.Tensor, tokens: list[str], largest: bool = True) -> list[str]:

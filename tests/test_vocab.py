@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ft.measure.word_stats import vocab_objective
 from ft.model.sites import Site
-from ft.model.vocab import Vocabulary, analysis_vectors, cache_dir, load_or_sweep, vocab_objective
+from ft.model.vocab import Vocabulary, analysis_vectors, cache_dir, load_or_sweep
 
 
 def test_vocabulary_excludes_special_tokens(tiny):
@@ -69,8 +70,8 @@ def test_vocab_objective_is_mean_over_sites(tiny):
 def test_word_stats_in_chunks_equal_the_full_matrix(tiny):
     """Bounded memory changes nothing: chunked reductions == the full [V', targets] matrix."""
     from ft.measure.metrics import closest_in_chunks, closest_words
+    from ft.measure.word_stats import word_stats
     from ft.model.sites import Site
-    from ft.model.vocab import word_stats
 
     vocab = Vocabulary.from_tokenizer(tiny.tokenizer)
     sweep = load_or_sweep(tiny, vocab, "ffn_out")

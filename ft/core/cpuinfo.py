@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import time
 from pathlib import Path
 
 log = logging.getLogger("ft")
@@ -56,3 +57,33 @@ def warn_cpu_precision(trainer_cfg: object, info: dict | None = None) -> str | N
                "here; trainer.precision=32-true is faster")
     log.warning(message)
     return message
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings cover it."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(rows: int, H: int, inter: int, dtype, device,
+                  repeat: int = 20) -> float:
+    """Best rate of `F.linear` on [rows, H] by an [inter, H] weight: the layout of the engine's
+    linear layers (on CPUs without bf16 units, a bf16 `a @ b` takes a path ~10x slower)."""
+    import torch
+    import torch.nn.functional as F
+
+    a = torch.randn(rows, H, dtype=dtype, device=device)
+    w = torch.randn(inter, H, dtype=dtype, device=device)
+    for _ in range(3):
+        F.linear(a, w)
+    best = float("inf")
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(5):
+            F.linear(a, w)
+        sync(device)
+        best = min(best, (time.perf_counter() - t) / 5)
+    return 2 * rows * H * inter / best / 1e9

@@ -11,10 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ft.rundir.results import atomic_write
-
 if TYPE_CHECKING:
-    import pytorch_lightning as pl
+    pass
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
@@ -70,86 +68,6 @@ def stop_at_once(what: str):
 
     with handling(stop):
         yield
-
-
-def save_atomically(trainer: pl.Trainer, path: Path, weights_only: bool = False) -> None:
-    """trainer.save_checkpoint through `ft.rundir.results.atomic_write` on rank 0 (the rank that writes):
-    a temporary name, flushed and renamed; a failed write names the checkpoint and the cause and
-    leaves no temporary file. The other ranks take part in the save without writing."""
-    if not trainer.is_global_zero:
-        trainer.save_checkpoint(str(path), weights_only)
-        return
-    atomic_write(path, lambda tmp: trainer.save_checkpoint(str(tmp), weights_only))
-
-
-def _lightning_classes() -> None:
-    """Define the Lightning callbacks on first use: importing Lightning takes seconds, and the
-    commands that only need `stops_in_one_line` (ft.report, ft.export, ...) never load it."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
-    class AtomicCheckpoint(ModelCheckpoint):
-        """ModelCheckpoint whose files appear whole or not at all (temporary file, then rename); a
-        failed write names the checkpoint and the cause."""
-
-        def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-            save_atomically(trainer, Path(filepath), self.save_weights_only)
-            self._last_global_step_saved = trainer.global_step
-            self._last_checkpoint_saved = filepath
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.after_save_checkpoint(self)
-
-
-    class StopOnSignal(pl.Callback):
-        """Notes SIGTERM/SIGINT; after the step in progress, saves `checkpoint` and raises Interrupted.
-        A second Ctrl-C while waiting stops at once (KeyboardInterrupt)."""
-
-        def __init__(self, checkpoint: Path):
-            self.checkpoint = Path(checkpoint)
-            self.signum: int | None = None
-
-        def note(self, signum: int, _frame: Any) -> None:
-            if self.signum == signal.SIGINT and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.signum = signum
-
-        @contextmanager
-        def installed(self):
-            """Handlers for the duration of the fit (only the main thread may set them)."""
-            with handling(self.note):
-                yield self
-
-        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            """Lightning installs its own SIGTERM handler when the fit starts; it would end the run at
-            the epoch's end with exit code 0 and no checkpoint. Ours goes back on top of it."""
-            import threading
-
-            if threading.current_thread() is threading.main_thread():
-                for s in HANDLED:
-                    signal.signal(s, self.note)
-
-        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-            signum = self.signum
-            if trainer.world_size > 1:  # every rank stops at the same step
-                signum = int(trainer.strategy.reduce(float(signum or 0), reduce_op="max")) or None
-            if signum is None:
-                return
-            save_atomically(trainer, self.checkpoint)
-            from ft.callbacks.progress import steps_done
-
-            raise Interrupted(signum, steps_done(trainer, pl_module), self.checkpoint)
-
-    for cls in (AtomicCheckpoint, StopOnSignal):
-        cls.__qualname__ = cls.__name__  # as if defined at the top (Lightning keys callback state by it)
-        globals()[cls.__name__] = cls
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("AtomicCheckpoint", "StopOnSignal"):
-        _lightning_classes()
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- a launcher's jobs stop with it ------------------------------------------------------------------

@@ -24,8 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ft.core.errors import ConfigError
-from ft.model.vocab import cache_dir
-from ft.rundir.results import atomic_write
+from ft.core.files import atomic_write, cache_dir
 
 log = logging.getLogger("ft")
 DEFAULT_CORPUS = "packaged:lee"

@@ -129,7 +129,7 @@ def plan(config_json: str | Path, targets: int | None = None, steps: int = 1000,
                           f"{total:,} ffn_act neurons")
     flops, lean = step_flops(model, n)
     if cpu_gflops is None:
-        from ft.bench import matmul_gflops
+        from ft.core.cpuinfo import matmul_gflops
 
         cpu_gflops = matmul_gflops(1024, a.hidden_size, a.intermediate_size, torch.float32, torch.device("cpu"))
     per_row_mb = 1024 / rows_for_budget(model, 1, 2048)  # the engine's estimate: rows in half of 2 GiB

@@ -274,7 +274,7 @@ class TokenSearchModule(TextualizationModule):
                 ids = self.state.best_param.long().to(self.inputs.ids.device)
                 framed = torch.cat([torch.full((len(ids), 1), self.cls_id, device=ids.device), ids,
                                     torch.full((len(ids), 1), self.sep_id, device=ids.device)], 1)
-                from ft.measure.metrics import measure
+                from ft.engine.evaluate import measure
 
                 mine = self.all_objectives[self.rows]
                 pure = torch.where(seen, measure(self.encoder, mine, framed, self.position).float().cpu(), pure)
@@ -336,7 +336,7 @@ class TokenSearchModule(TextualizationModule):
             row_of[vocab_ids.cpu()] = torch.arange(len(vocab_ids))
             out.token_rows = row_of[ids]
         framed = torch.cat([torch.full((len(ids), 1), self.cls_id), ids, torch.full((len(ids), 1), self.sep_id)], 1)
-        from ft.measure.metrics import measure
+        from ft.engine.evaluate import measure
 
         out.objectives = measure(self.encoder, self.all_objectives, framed, self.position)  # through input_ids
         if self.fluency is not None:

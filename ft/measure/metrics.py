@@ -15,13 +15,15 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.functional import pairwise_cosine_similarity
 
-from ft.engine.module import full_sequence, use_fast_forward
+from ft.engine.evaluate import measure  # noqa: F401  (ft.measure.metrics.measure, as before)
+from ft.engine.module import full_sequence
 from ft.engine.state import FitResult
+from ft.measure.word_stats import WordStats, word_stats
 from ft.model.arch import adapter
 from ft.model.encoder import Encoder
-from ft.model.vocab import Vocabulary, WordStats, word_stats
+from ft.model.vocab import Vocabulary
 from ft.targets import Target
-from ft.targets.objectives import Reading, Readout, batch_of
+from ft.targets.objectives import Readout
 
 TOP_N = 20
 
@@ -130,24 +132,6 @@ def closest_in_chunks(
             tw_cos.append(float("nan") if w is None else float(cos[j, w]))
             tw_rank.append(0 if w is None else int((cos[j] > cos[j, w]).sum()) + 1)
     return torch.cat(tops), torch.cat(rows), torch.tensor(tw_cos), torch.tensor(tw_rank)
-
-
-@torch.no_grad()
-def measure(model: torch.nn.Module, objectives: Sequence[Readout], seq: torch.Tensor, position: int,
-            chunk: int = 256) -> torch.Tensor:
-    """[rows] each row's objective for `[CLS] ... [SEP]` inputs in float32: `seq` is either
-    `inputs_embeds` [rows, S, E], or token ids [rows, S] read through the model's own lookup."""
-    device = adapter(model).word_embeddings.device
-    ids = not seq.is_floating_point()
-    out = []
-    for start in range(0, len(seq), chunk):
-        part = seq[start : start + chunk].to(device)
-        with torch.autocast(device_type=device.type, enabled=False):
-            batch = batch_of(model, objectives[start : start + chunk])
-            reading = (Reading(model, None, None, position, False, input_ids=part) if ids else
-                       Reading(model, part[:, 1:-1].float(), part.float(), position, use_fast_forward(model)))
-            out.append(batch.value(reading).float().cpu())
-    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -303,7 +287,7 @@ def evaluate(
 
 def static_readings(df: pd.DataFrame, targets: Sequence[Target], encoder: Encoder, facts: VocabFacts) -> None:
     """Single-unit targets get their static readings (ft.static: no forward pass) as columns."""
-    from ft.static import COLUMNS, readings
+    from ft.model.static import COLUMNS, readings
 
     sites = [t.sites[0] if t.kind == "neuron" and len(t.sites) == 1 else None for t in targets]
     if all(s is None for s in sites):

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ft.model.fastforward
-from ft.model.fastforward import _Layer, _Plan, _SiteGather, project_qkv
+from ft.model import lean_plan
+from ft.model.lean_plan import Layer, Plan, SiteGather, project_qkv
 
 
 def _gelu_kind(act: object) -> str | None:
@@ -46,9 +46,9 @@ def _gelu_kind(act: object) -> str | None:
     return None
 
 
-def usable(layers: list[_Layer], dtype: torch.dtype, S: int) -> bool:
+def usable(layers: list[Layer], dtype: torch.dtype, S: int) -> bool:
     """True when `LeanSites` reproduces these layers on this input (see the module doc)."""
-    if dtype not in (torch.float32, torch.float64) or S > ft.model.fastforward.SHORT_SEQUENCE:
+    if dtype not in (torch.float32, torch.float64) or S > lean_plan.SHORT_SEQUENCE:
         return False
     if torch.is_autocast_enabled(torch.device("cpu").type) or torch.is_autocast_enabled("cuda"):
         return False
@@ -56,7 +56,7 @@ def usable(layers: list[_Layer], dtype: torch.dtype, S: int) -> bool:
                and _kind(L) is not None for L in layers)
 
 
-def _kind(L: _Layer) -> str | None:
+def _kind(L: Layer) -> str | None:
     """`_gelu_kind` of a layer's activation, found once per layer."""
     if not hasattr(L, "act_kind"):
         L.act_kind = _gelu_kind(L.act)
@@ -85,7 +85,7 @@ def _norm_backward(g: torch.Tensor, saved: tuple) -> torch.Tensor:
 
 
 def _attend(qkv: torch.Tensor, heads: int, query: int | None, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Broadcast self-attention (as `ft.model.fastforward._attend`) of [n, S, 3H] projections, written into
+    """Broadcast self-attention (as `ft.model.lean_plan.attend`) of [n, S, 3H] projections, written into
     `out` [n * S_q, H]. Returns what the backward needs: the weights w [n, S_q, S, heads] and the
     broadcast views of q, k, v and w."""
     n, S, H3 = qkv.shape
@@ -137,7 +137,7 @@ class LeanSites(torch.autograd.Function):
     position of the rows ending there."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, layers: list[_Layer], plan: _Plan, gather: _SiteGather,
+    def forward(ctx, h: torch.Tensor, layers: list[Layer], plan: Plan, gather: SiteGather,
                 position: int, const_ends: bool) -> torch.Tensor:
         n, S, H = h.shape
         p = position
@@ -264,7 +264,7 @@ def _add_sites(reads: dict[str, tuple[torch.Tensor, torch.Tensor]], buf: torch.T
     return buf
 
 
-def _end_rows(gather: _SiteGather, layer: int, L: _Layer, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _end_rows(gather: SiteGather, layer: int, L: Layer, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W_out's rows and bias at a layer's end units ([u, I], [u]), gathered once per plan and weights."""
     cache = gather.__dict__.setdefault("_end_rows", {})
     key = (layer, L.out.weight.data_ptr(), L.out.weight.dtype)

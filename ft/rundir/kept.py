@@ -139,7 +139,7 @@ def remove_stale_stages(parent: Path) -> None:
 
 
 def record(run_dir: Path, role: str, entry: dict) -> None:
-    from ft.rundir.results import atomic_write
+    from ft.core.files import atomic_write
 
     inputs = index(run_dir)
     inputs[role] = entry
@@ -153,7 +153,7 @@ def forget(run_dir: str | Path, roles: set[str] | frozenset[str]) -> None:
     inputs = index(run_dir)
     if not set(inputs) & set(roles):
         return
-    from ft.rundir.results import atomic_write
+    from ft.core.files import atomic_write
 
     for role in set(inputs) & set(roles):
         del inputs[role]

@@ -19,11 +19,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
+from ft.core.errors import ConfigError
+from ft.core.files import atomic_write, discard, fsync_file
 from ft.core.integrity import (
     COMMIT,
     MANIFEST,
     RunFileError,
-    StorageError,
     commit,
     pid_alive,
     read_manifest,
@@ -44,36 +45,6 @@ DIRECTIONS = RUN_FILE  # directions.safetensors: the directions a run's objectiv
 # whenever other results are committed (or retired by a start over), before the new ones appear
 DERIVED = ("examples.parquet", "examples_summary.json")
 log = logging.getLogger("ft")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp), flush it to disk and rename tmp to path. A failed write (disk full,
-    read-only) leaves no temporary file and raises StorageError naming `path` and the cause."""
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except StorageError:
-        raise
-    except OSError as e:
-        raise storage_error(path, e) from None
-    finally:
-        _discard(tmp)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _discard(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 def write_config(run_dir: Path, cfg: DictConfig, fresh: bool = False) -> None:
@@ -157,13 +128,13 @@ def write_files(run_dir: str | Path, writers: dict[str, Callable[[Path], None]],
             current = run_dir / name
             staged[name] = temp_name(current)
             write(staged[name])
-            _fsync(staged[name])
+            fsync_file(staged[name])
         current = run_dir / MANIFEST
         commit(run_dir, staged, merge=merge, record=record)
     except (OSError, RunFileError) as e:  # (RunFileError: another writer's commit or a damaged manifest in the way)
         if isinstance(e, RunFileError) or not (run_dir / COMMIT).exists():  # not committed: the old results stand
             for tmp in [*staged.values(), temp_name(run_dir / MANIFEST)]:
-                _discard(tmp)
+                discard(tmp)
         if isinstance(e, RunFileError):
             raise
         raise storage_error(current, e) from None
@@ -248,6 +219,21 @@ def read_config(run_dir: str | Path) -> DictConfig:
 
 def read_summary(run_dir: str | Path) -> dict[str, float]:
     return _read(run_dir, SUMMARY, lambda p: json.loads(p.read_text()))
+
+
+def run_paths(paths: str | Path | Iterable[str | Path]) -> list[str | Path]:
+    """`load_runs`'s argument as a list: one str or Path is one path or glob (never its characters);
+    anything else must be an iterable of them."""
+    if isinstance(paths, (str, Path)):
+        return [paths]
+    if isinstance(paths, bytes) or not isinstance(paths, Iterable):
+        raise ConfigError(f"paths={paths!r}; valid: a run directory or glob (str or Path), or a list of them")
+    out = list(paths)
+    bad = [p for p in out if not isinstance(p, (str, Path))]
+    if bad:
+        raise ConfigError(f"paths: {bad[0]!r} is a {type(bad[0]).__name__}; valid: run directories or globs "
+                          "(str or Path)")
+    return out
 
 
 def find_runs(paths: str | Path | Iterable[str | Path]) -> list[Path]:

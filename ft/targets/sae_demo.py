@@ -196,7 +196,8 @@ def demo_sae(encoder: Encoder, layer: int, point: str, corpus: str = "packaged:l
              ) -> tuple[Path, dict[str, float]]:
     """Train (or take from the cache) the demo SAE; returns its directory and its quality.
     DemoInterrupted on SIGTERM/SIGINT, with nothing half-written."""
-    from ft.model.vocab import cache_dir, model_key
+    from ft.core.files import cache_dir
+    from ft.model.vocab import model_key
 
     site = f"layer.{layer}.{point}"
     name = (f"{model_key(encoder)}-{site}-x{expansion}-l1{l1:g}-s{steps}-lr{lr:g}-seed{seed}"

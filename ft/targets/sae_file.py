@@ -166,8 +166,8 @@ class SAE:
 
     def save(self, folder: Path, extra: dict | None = None) -> None:
         """Write the SAELens layout (what `load_sae` reads back to the same encoding)."""
+        from ft.core.files import atomic_write
         from ft.core.integrity import save_tensors
-        from ft.rundir.results import atomic_write
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
