@@ -1,4 +1,5 @@
-"""Control callback: anneal the gumbel-softmax temperature (the only state it changes)."""
+"""Control callback: anneal the input's temperature (the only state it changes), for inputs that
+say they anneal (`inputs.anneals`: input=gumbel)."""
 
 from __future__ import annotations
 
@@ -6,32 +7,38 @@ import warnings
 
 import pytorch_lightning as pl
 
-from ft.inputs import GumbelInput
+
+def annealing(pl_module: pl.LightningModule) -> object | None:
+    """The module's input when it anneals, else None (the callback is a no-op then)."""
+    inputs = getattr(pl_module, "inputs", None)
+    return inputs if getattr(inputs, "anneals", False) else None
 
 
 class TemperatureSchedule(pl.Callback):
-    """Sets `inputs.tau` before every step from its geometric schedule; a no-op for other
-    parameterizations. Warns when the run ends before tau reached its end value."""
+    """Before every step, asks an input that anneals to set its temperature for the step
+    (`inputs.anneal(step, total)`; input=gumbel: its geometric tau schedule) and logs it as
+    input/tau; a no-op for other parameterizations. Warns when the run ends before the
+    temperature reached its end value."""
 
-    def total(self, trainer: pl.Trainer, inputs: GumbelInput) -> int:
-        return int(inputs.anneal_steps or trainer.max_steps)
+    def total(self, trainer: pl.Trainer, inputs: object) -> int:
+        return int(inputs.anneal_total(trainer.max_steps))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        inputs = pl_module.inputs
-        if isinstance(inputs, GumbelInput) and self.total(trainer, inputs) > trainer.max_steps:
-            warnings.warn(f"gumbel anneal_steps={inputs.anneal_steps} > trainer.max_steps="
-                          f"{trainer.max_steps}: tau will not reach {inputs.tau_end}", stacklevel=2)
+        inputs = annealing(pl_module)
+        if inputs is not None and self.total(trainer, inputs) > trainer.max_steps:
+            warnings.warn(f"{inputs.name} anneal_steps={self.total(trainer, inputs)} > trainer.max_steps="
+                          f"{trainer.max_steps}: tau will not reach {inputs.final_temperature}", stacklevel=2)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: object, batch_idx: int) -> None:
-        inputs = pl_module.inputs
-        if isinstance(inputs, GumbelInput):
-            inputs.tau.fill_(inputs.tau_at(pl_module.state.step, self.total(trainer, inputs)))
-            pl_module.log("input/tau", float(inputs.tau), on_step=True, on_epoch=False)
+        inputs = annealing(pl_module)
+        if inputs is not None:
+            tau = inputs.anneal(pl_module.state.step, self.total(trainer, inputs))
+            pl_module.log("input/tau", float(tau), on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        inputs = pl_module.inputs
-        if isinstance(inputs, GumbelInput) and float(inputs.tau) > inputs.tau_end * (1 + 1e-6):
-            warnings.warn(f"the run ended at tau={float(inputs.tau):.4g} before the gumbel schedule "
-                          f"reached tau_end={inputs.tau_end} (stopped early or anneal_steps too long)",
+        inputs = annealing(pl_module)
+        if inputs is not None and inputs.temperature > inputs.final_temperature * (1 + 1e-6):
+            warnings.warn(f"the run ended at tau={inputs.temperature:.4g} before the {inputs.name} schedule "
+                          f"reached tau_end={inputs.final_temperature} (stopped early or anneal_steps too long)",
                           stacklevel=2)

@@ -19,6 +19,10 @@ No optimizer: the swap step is the update.
 On the packaged MiniLM at l = 1, stopping at the first local optimum (moving only on an
 improving swap) reaches the most activating word on about a third of the default targets; the
 walk reaches it on nearly all (README, "input=tokens").
+
+The token input itself (`TokenInput`, `build_token_input`, `initial_tokens`, `MAX_LENGTH`) is
+ft.inputs.tokens; its names stay importable from here, since configs/input/tokens.yaml and older run
+directories name `ft.engine.search.build_token_input` (or `ft.search.build_token_input`) as `_target_`.
 """
 
 from __future__ import annotations
@@ -33,11 +37,10 @@ from torch import nn
 from ft.core.errors import ConfigError
 from ft.engine.module import TextualizationModule, full_sequence
 from ft.engine.state import FitResult, RowState
-from ft.inputs import InputParam
+from ft.inputs import MAX_LENGTH, TokenInput, build_token_input, initial_tokens  # noqa: F401
 from ft.targets.objectives import Reading, batch_of
 
 log = logging.getLogger("ft")
-MAX_LENGTH = 32
 
 
 @dataclass(frozen=True)
@@ -59,23 +62,6 @@ class SearchSettings:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"search.{name}={v!r}; valid: an integer >= 1")
         return self
-
-
-class TokenInput(InputParam):
-    """l token ids per row (the search's state); `embeds` looks them up in W_word."""
-
-    name = "tokens"
-
-    def __init__(self, ids: torch.Tensor, allowed: torch.Tensor):
-        super().__init__()
-        self.ids = nn.Parameter(ids.clone(), requires_grad=False)  # [rows, l] long
-        self.register_buffer("allowed", allowed.clone(), persistent=False)  # [vocab] token ids to propose
-
-    def embeds(self, word_embeddings: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        return word_embeddings[self.ids[rows]]
-
-    def set_rows(self, value: torch.Tensor) -> None:
-        self.ids = nn.Parameter(value.detach().clone().long(), requires_grad=False)
 
 
 _P1, _P2 = 2_147_483_647, 2_147_483_629  # primes < 2^31: two rolling hashes, one int64 (< 2^62)
@@ -103,22 +89,6 @@ def row_noise(rows: torch.Tensor, n: int, step: int, seed: int) -> torch.Tensor:
     for m in (1_103_515_245, 2_654_435_761 % _P1, 362_436_069):
         x = ((x ^ (x >> 15)) * m) % _P1
     return x
-
-
-def initial_tokens(init_ids: Sequence[int], length: int, allowed: torch.Tensor, seed: int) -> torch.Tensor:
-    """[rows, l] random vocabulary items, seeded per row (never corpus text)."""
-    out = []
-    for tid in init_ids:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + int(tid))
-        out.append(allowed[torch.randint(len(allowed), (length,), generator=g)])
-    return torch.stack(out)
-
-
-def build_token_input(target_ids: Sequence[int], word_embeddings: torch.Tensor, allowed: torch.Tensor,
-                      length: int = 1, seed: int = 0, **_: object) -> TokenInput:
-    if not isinstance(length, int) or not 1 <= length <= MAX_LENGTH:
-        raise ConfigError(f"input.length={length!r}; valid: 1..{MAX_LENGTH} for input=tokens")
-    return TokenInput(initial_tokens(target_ids, length, allowed.cpu(), seed), allowed.cpu())
 
 
 class SwapStep(torch.optim.Optimizer):
