@@ -131,8 +131,8 @@ def textualize(sites: Sequence[str] | None = None, model: str | object = "packag
     run_dir: where the run directory goes (a temporary folder when None). wandb: log to W&B
     (offline unless logged in), as the command line does; off by default.
     """
+    from ft.cli.run import run, run_name_from_overrides
     from ft.model.encoder import from_model
-    from ft.train import run, run_name_from_overrides
 
     given = [str(o) for o in overrides]
     extra: list[str] = []

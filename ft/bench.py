@@ -295,12 +295,13 @@ def bench_report(n_runs: int) -> dict:
 
     from hydra import compose, initialize_config_dir
 
+    from ft.cli.hydra_conf import CONFIG_DIR
     from ft.cli.report import build_report
+    from ft.cli.run import run
     from ft.rundir.results import load_runs
-    from ft.train import CONFIG_DIR, run
 
     root = Path(tempfile.mkdtemp(prefix="ft-bench-report-"))
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["trainer.max_steps=20", "logger.wandb.mode=disabled",
                                           "+trainer.enable_progress_bar=false"])
     run(cfg, root / "seed_run")

@@ -37,6 +37,8 @@ import pandas as pd
 import torch
 
 from ft.core.errors import ConfigError, FtError
+from ft.inputs import input_kind
+from ft.measure.examples import of_type
 
 log = logging.getLogger("ft")
 CONFIG_DIR = str(files("ft.configs"))
@@ -51,7 +53,7 @@ def compose_run(overrides: list[str]):
 
 def comparison_sites(encoder: object, n: int) -> list[str]:
     """The default experiment's neurons, spread evenly down to `n` (ft.examples' --limit rule)."""
-    from ft.train import build_targets
+    from ft.cli.build import build_targets
 
     targets = build_targets(compose_run([]), encoder, None, None)
     if n < len(targets):
@@ -128,7 +130,7 @@ class Ledger:
 
 def timed_run(overrides: list[str], run_dir: Path, ledger: Ledger, key: str) -> float:
     """One ft run (a finished one is a no-op) and its seconds over every attempt."""
-    from ft.train import run
+    from ft.cli.run import run
 
     return ledger.timed(key, lambda: run(compose_run(overrides), run_dir))[1]
 
@@ -154,8 +156,9 @@ def compare(out: Path, lengths: list[int], weights: list[float], n_targets: int,
                     ("candidates", candidates), ("patience", patience)):
         if v < 1:
             raise ConfigError(f"--{name}={v}; valid: an integer >= 1")
-    if any(not 1 <= length <= 32 for length in lengths):
-        raise ConfigError(f"--lengths={lengths}; valid: lengths in 1..32")
+    top = input_kind("tokens").max_length
+    if any(not 1 <= length <= top for length in lengths):
+        raise ConfigError(f"--lengths={lengths}; valid: lengths in 1..{top}")
     model = model or PACKAGED
     ledger = ledger or Ledger(out, {})
     encoder = load_encoder(model)
@@ -187,7 +190,8 @@ def compare(out: Path, lengths: list[int], weights: list[float], n_targets: int,
             f = f.set_index("target_id")
             rows.append(row(f"tokens (w={w:g})", f.objective, t_tok, float(f.fluency.mean()), fluency_weight=w,
                             texts=" | ".join(f.text.head(3))))
-        grams = examples[(examples.kind == "ngram") & (examples["rank"] == 0)]
+        grams = of_type(examples, "ngram")
+        grams = grams[grams["rank"] == 0]
         gram_ids = [tok.convert_tokens_to_ids(list(t)) for t in grams.tokens]
         rows.append(row("best corpus n-gram", corpus.best_ngram, t_ex, fluency_of_texts(fluency, gram_ids),
                         texts=" | ".join(grams.text.head(3))))
@@ -199,11 +203,12 @@ def compare(out: Path, lengths: list[int], weights: list[float], n_targets: int,
             seconds = timed_run([*base, *overrides, f"trainer.max_steps={steps}"], d / name, ledger,
                                 f"l{length}/{name}")
             df = read_targets(d / name).set_index("target_id")
-            if name == "gumbel":  # its discrete readout: the argmax token of each position
+            kind = input_kind(name)
+            if kind.snaps_by_argmax:  # gumbel: its discrete readout is the argmax token of each position
                 ids = [tok.convert_tokens_to_ids(list(t)) for t in df.snapped_tokens]
                 rows.append(row(method, df.snapped_activation, seconds, fluency_of_texts(fluency, ids),
                                 continuous=float(df.objective.mean())))
-            elif name == "projected":
+            elif kind.yields_tokens:  # PEZ: real tokens, the objective is theirs
                 flu = fluency_of_texts(fluency, [list(i) for i in df.token_ids])
                 rows.append(row(method, df.objective, seconds, flu, texts=" | ".join(df.text.head(3))))
             else:

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     log_to_wandb(run_dir, df, compare, summary)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(compare.drop(columns=["target_id"]).describe().loc[["mean", "std"]].round(3).to_string())
-        show = df[df.kind != "ngram"].groupby(["target_id", "kind"]).head(1).head(12).copy()
+        show = df[df["kind"].ne("ngram")].groupby(["target_id", "kind"]).head(1).head(12).copy()
         show.insert(0, "target", show.target_id.map(target_labels(read_targets(run_dir))))
         print(show[["target", "kind", "activation", "anchor_token", "text"]].to_string(index=False))
     print(" ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in summary.items()))

@@ -72,6 +72,7 @@ from ft.core.integrity import StorageError, storage_error
 from ft.core.signals import stops_in_one_line
 from ft.data.corpus import DEFAULT_CORPUS, load_corpus
 from ft.rundir.results import read_config, read_inputs, read_summary, read_targets, target_label
+from ft.targets.registry import unit_kind
 
 log = logging.getLogger("ft")
 FORMATS = ("hf", "neuronpedia")
@@ -279,14 +280,20 @@ def top_layer(row: object) -> int:
     return max(layers, default=0)
 
 
+def is_latent(row: object) -> bool:
+    """An SAE latent's row: it names its latent and the SAE it belongs to."""
+    latent = getattr(row, "latent", None)
+    return isinstance(getattr(row, "sae_path", None), str) and latent is not None and latent == latent
+
+
 def unit_of(row: object, tag: str, d_sae: int | None) -> Unit:
     """A single unit and an SAE latent are the model's own units; any other target exists only in
     its run (its target id, in a source named after the run)."""
     sites = [str(s) for s in row.sites]
-    if row.kind == "sae":
+    if is_latent(row):
         _, layer, point = str(row.spec).split(".")[:3]
         return Unit(int(layer), f"ft-sae-{point}-{d_sae}", str(int(row.latent)))
-    if row.kind in ("neuron", "head") and len(sites) == 1 and len(sites[0].split(".")) == 4:
+    if unit_kind(row.kind).own_unit and len(sites) == 1 and len(sites[0].split(".")) == 4:
         _, layer, point, unit = sites[0].split(".")
         return Unit(int(layer), f"ft-{point}", unit)
     return Unit(top_layer(row), f"ft-{row.kind}", str(int(row.target_id)), tag)
@@ -361,11 +368,11 @@ def sae_copy(run_dir: Path, recorded: str) -> SaeCopy:
 
 def with_sae_copies(run_dir: Path, targets: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, SaeCopy]]:
     """The table with SAE rows pointing at the copies export reads; the copies by recorded path."""
-    if "sae" not in set(targets.kind):
+    sae = pd.Series([is_latent(r) for r in targets.itertuples()], index=targets.index, dtype=bool)
+    if not sae.any():
         return targets, {}
-    copies = {p: sae_copy(run_dir, p) for p in sorted(set(targets.sae_path[targets.kind == "sae"]))}
+    copies = {p: sae_copy(run_dir, p) for p in sorted(set(targets.sae_path[sae]))}
     table = targets.copy()
-    sae = table.kind == "sae"
     table.loc[sae, "sae_path"] = [str(copies[p].folder) for p in table.sae_path[sae]]
     return table, copies
 
@@ -425,7 +432,7 @@ def model_row(name_or_path: str, arch: object) -> dict:
 
 
 def set_description(row: object, unit: Unit) -> str:
-    if row.kind == "sae":
+    if is_latent(row):
         return f"ft: SAE latents ({unit.set_name.removeprefix('ft-sae-')})"
     if unit.more:
         return f"ft: {row.kind} targets of one run"
@@ -435,7 +442,7 @@ def set_description(row: object, unit: Unit) -> str:
 def record_of(row: object, name: str, unit: Unit, diverged: bool) -> dict:
     text = getattr(row, "text", None)
     spec = getattr(row, "spec", None)
-    latent = getattr(row, "latent", None) if row.kind == "sae" else None
+    latent = getattr(row, "latent", None) if is_latent(row) else None
     return {"layer": unit.source, "index": unit.index, "run": name, "target_id": int(row.target_id),
             "label": label_of(row), "kind": str(row.kind), "sites": [str(s) for s in row.sites],
             "spec": spec if isinstance(spec, str) else None, "latent": None if latent is None else int(latent),
@@ -502,13 +509,13 @@ def run_entries(run_dir: Path, name: str, corpus: str, top_n: int, max_sentences
     where = str(local.resolve()) if local.exists() else str(cfg.model.name_or_path)
     out = []
     for t, row in enumerate(targets.itertuples()):
-        sae = saes.get(row.sae_path) if row.kind == "sae" else None
+        sae = saes.get(row.sae_path) if is_latent(row) else None
         unit = unit_of(row, run_tag(name), sae.d_sae if sae else None)
         acts = top_activations(scorer, encoder.tokenizer, text, top[t], t, corpus)
         if finite(mx[t]) is None or any(finite(x) is None for a in acts for x in a["values"]):
             raise ConfigError(f"{run_dir}: target {int(row.target_id)} ({label_of(row)}) has non-finite activations "
                               f"on {corpus}; valid: a model whose activations are finite")
-        single = row.kind == "neuron" and len(row.sites) == 1
+        single = unit_kind(row.kind).static_readings and len(row.sites) == 1
         feature = {"maxActApprox": float(mx[t]), "frac_nonzero": float(frac[t]),
                    **static_values(encoder.model, vocab, str(row.sites[0]) if single else "")}
         diverged = is_diverged(row)

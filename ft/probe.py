@@ -46,7 +46,7 @@ CONFIG_DIR = str(files("ft.configs"))
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from ft.train import configure_output
+    from ft.core.chatter import configure_output
 
     configure_output("info")
     try:

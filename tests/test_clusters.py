@@ -10,7 +10,7 @@ from transformers import BertModel
 
 from ft.core.errors import TargetError
 from ft.model.encoder import from_model
-from ft.targets.clusters import cluster_targets, cluster_units, correlation
+from ft.targets.kinds.cluster import cluster_targets, cluster_units, correlation
 from ft.targets.sae_demo import token_activations
 
 

@@ -202,11 +202,11 @@ def test_good_command_lines_pass(tiny_dir, monkeypatch, tmp_path):
 def test_schema_accepts_every_shipped_config():
     from hydra import compose, initialize_config_dir
 
-    from ft.train import CONFIG_DIR
+    from ft.cli.hydra_conf import CONFIG_DIR
 
     experiments = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))
     inputs = sorted(p.stem for p in Path(CONFIG_DIR, "input").glob("*.yaml"))
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for exp in experiments:
             for inp in inputs:
                 check_config(compose("train", overrides=[f"experiment={exp}", f"input={inp}", "scheduler=cosine"]))

@@ -126,7 +126,7 @@ def test_a_checkpoint_of_another_run_directory_retires_this_directorys_results(t
     (a crash before the new results are committed leaves no targets of lr 0.1 under lr 0.5)."""
     import pytest
 
-    import ft.train
+    import ft.cli.run
     from ft.core.errors import FtError
     from ft.rundir.results import read_config, read_targets
     from ft.train import run
@@ -138,7 +138,7 @@ def test_a_checkpoint_of_another_run_directory_retires_this_directorys_results(t
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(ft.train, "keep_inputs", crash)
+    monkeypatch.setattr(ft.cli.run, "keep_inputs", crash)
     ckpt = tmp_path / "y" / "checkpoints" / "last.ckpt"
     with pytest.raises(RuntimeError):
         run(tiny_run(tiny_dir, *neurons, "optim.lr=0.5", f"ckpt_path={ckpt}", steps=4), tmp_path / "x", tiny)
@@ -232,7 +232,7 @@ def test_a_result_file_the_manifest_does_not_list_is_refused(tiny, tiny_dir, tmp
 
     import pytest
 
-    import ft.train
+    import ft.cli.run
     from ft.core.errors import FtError
     from ft.rundir.results import read_targets
     from ft.train import run
@@ -244,7 +244,7 @@ def test_a_result_file_the_manifest_does_not_list_is_refused(tiny, tiny_dir, tmp
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(ft.train, "keep_inputs", crash)
+    monkeypatch.setattr(ft.cli.run, "keep_inputs", crash)
     with pytest.raises(RuntimeError):
         run(tiny_run(tiny_dir, "target.sites=[layer.1.ffn_act.9]", "ckpt_path=none"), d, tiny)
     shutil.copy(tmp_path / "old.parquet", d / "targets.parquet")
@@ -256,7 +256,7 @@ def test_a_corpus_file_with_a_colon_in_its_name_is_fingerprinted(tiny_dir, tmp_p
     """Only an hf:PATH:COLUMN spec has a column after a colon: a plain corpus file whose name has a
     colon (c:v2.txt) is still the file the run reads, so its content is recorded (and a change of
     it refused on resume) for target=clusters and for the fluency bigram corpus."""
-    from ft.train import input_sources
+    from ft.cli.resume import input_sources
 
     corpus = tmp_path / "c:v2.txt"
     corpus.write_text(SENTENCES_A)

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from ft.cli.hydra_conf import CONFIG_DIR, describe, dirname, help_text
+from ft.cli.run import optimized_value
 from ft.core.errors import ConfigError
-from ft.train import optimized_value
 from tests.test_train import compose_cfg
 
 

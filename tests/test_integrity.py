@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ft.cli.resume import RESUME_LOG
 from ft.core.errors import ConfigError, FtError
 from ft.core.integrity import MANIFEST, RunFileError, StorageError, strict_summary
 from ft.model.encoder import load_encoder
 from ft.model.vocab import Vocabulary, cache_dir, load_or_sweep, model_key, sweep_vocabulary
 from ft.rundir.results import load_runs, read_inputs, read_summary, read_targets, write_run
-from ft.train import RESUME_LOG, run
+from ft.train import run
 from tests.faults import fill, tmpfs
 from tests.test_train import compose_cfg, tiny_overrides
 

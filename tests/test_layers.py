@@ -21,10 +21,17 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path, name: str) -> set[str]:
-    """Every ft module `path` imports, at module level or inside a function."""
+    """Every ft module `path` imports at run time, at module level or inside a function (imports
+    under `if TYPE_CHECKING:` name types only and are left out)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                   for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:

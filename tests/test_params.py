@@ -216,8 +216,8 @@ def test_word_regularizer_is_measured_in_the_analysis_space(tiny):
 
 def module_as_run_builds_it(cfg):
     """The module `run` would fit for `cfg` (its own preparation and construction, no fit)."""
+    from ft.cli.build import build_module, prepare_targets
     from ft.model.encoder import load_encoder
-    from ft.train import build_module, prepare_targets
 
     enc = load_encoder(cfg.model.name_or_path)
     targets, facts = prepare_targets(cfg, enc)
@@ -238,7 +238,7 @@ def test_a_run_pulls_toward_words_with_the_analysis_vectors(tiny_dir, tmp_path):
     # a config written before engine.fast_forward existed still builds, on the lean forward
     from omegaconf import open_dict
 
-    from ft.train import build_module
+    from ft.cli.build import build_module
 
     with open_dict(cfg):
         del cfg.engine["fast_forward"]

@@ -33,7 +33,7 @@ def planted_encoder(tiny):
 
 
 def probe_cfg(concept, *extra):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("probe", overrides=[f"concept={concept}", "point=resid", "layers=[0]", *extra])
 
 
@@ -129,7 +129,7 @@ def test_probe_selected_targets_are_textualized_and_scored_against_the_concept(t
                        "+trainer.enable_progress_bar=false"])
     summary = run(cfg, tmp_path / "run", enc)
     df = read_targets(tmp_path / "run")
-    assert list(df.kind) == ["terms", "terms"]
+    assert list(df.kind) == ["probe", "probe"]  # one spelling: target.kind=probe makes probe targets
     mean, weighted = df.spec
     assert mean.startswith(f"(layer.0.resid.{PLANTED} + ") and mean.endswith(") / 3")
     assert weighted.split(" * ")[1].split()[0] == f"layer.0.resid.{PLANTED}" and not weighted.startswith("-")

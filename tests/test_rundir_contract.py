@@ -363,8 +363,9 @@ def test_a_checkpoint_outside_its_run_directory_is_checked_against_its_own_setti
 
 
 def test_a_checkpoint_outside_its_run_directory_resumes_and_is_logged(lr_run, tiny_dir, tmp_path):
+    from ft.cli.resume import RESUME_LOG
     from ft.rundir.results import read_targets
-    from ft.train import RESUME_LOG, run
+    from ft.train import run
 
     _, loose = lr_run
     d = tmp_path / "new"
@@ -587,22 +588,22 @@ def test_a_signal_while_the_targets_are_built_stops_in_one_line_with_nothing_wri
     import os
     import signal
 
-    import ft.train
+    import ft.cli.run
     from ft.core.signals import Interrupted
     from tests.test_train import compose_cfg
 
-    real = getattr(ft.train, where)
+    real = getattr(ft.cli.run, where)
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), getattr(signal, signum))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ft.train, where, signalled)
+    monkeypatch.setattr(ft.cli.run, where, signalled)
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     cfg = compose_cfg([f"model.name_or_path={tiny_dir}", "trainer.max_steps=3", "target.per_layer=1",
                        "logger.wandb.mode=disabled", "+trainer.enable_progress_bar=false"])
     with pytest.raises(Interrupted, match=f"{signum} while {what}") as e:
-        ft.train.run(cfg, tmp_path / "run", tiny)
+        ft.cli.run.run(cfg, tmp_path / "run", tiny)
     assert e.value.exit_code == 128 + getattr(signal, signum)
     assert not (tmp_path / "run" / "targets.parquet").exists() and not (tmp_path / "run" / "checkpoints").exists()
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers are given back
@@ -613,10 +614,11 @@ def test_a_start_over_retires_the_old_results_so_no_reader_mixes_them_with_its_c
     """A finished run started over with other settings (ckpt_path=none) and stopped before its
     first commit: the directory no longer offers the old targets beside the new config, the same
     command is not taken for finished, and running it again completes the new run."""
-    import ft.train
+    import ft.cli.run
+    from ft.cli.resume import finished_step
     from ft.core.integrity import RunFileError
     from ft.rundir.results import read_config, read_targets
-    from ft.train import finished_step, run
+    from ft.train import run
     from tests.test_train import compose_cfg
 
     base = [f"model.name_or_path={tiny_dir}", "trainer.max_steps=3", "logger.wandb.mode=disabled",
@@ -629,7 +631,7 @@ def test_a_start_over_retires_the_old_results_so_no_reader_mixes_them_with_its_c
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt  # the start-over dies after its config, before its first step
 
-    monkeypatch.setattr(ft.train, "build_loggers", stopped)
+    monkeypatch.setattr(ft.cli.run, "build_loggers", stopped)
     with pytest.raises(KeyboardInterrupt):
         run(other, d, tiny)
     monkeypatch.undo()

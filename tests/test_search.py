@@ -83,7 +83,7 @@ def test_the_walk_leaves_local_optima_never_revisits_and_keeps_its_best(tiny, ti
     """Planted property of the walk: it moves to the best unvisited swap even when that is worse,
     never returns to a sequence in its memory, and the row's result is the best sequence on its
     path, by an independent input_ids forward of every sequence it visited."""
-    from ft.train import build_search_module, prepare_targets
+    from ft.cli.build import build_search_module, prepare_targets
 
     cfg = search_cfg(tiny_dir, "input.length=2", "search.topk=4", "search.candidates=6", "search.patience=3")
     targets, facts = prepare_targets(cfg, tiny)

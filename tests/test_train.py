@@ -10,8 +10,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from ft.cli.hydra_conf import CONFIG_DIR
 from ft.rundir.results import find_runs, read_config, read_inputs, read_summary, read_targets
-from ft.train import CONFIG_DIR, run
+from ft.train import run
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
@@ -30,7 +31,7 @@ def tiny_overrides(tiny_dir: Path, experiment: str, steps: int = 4) -> list[str]
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=overrides)
 
 
@@ -223,7 +224,7 @@ def test_unknown_group_option_names_the_valid_ones():
 
 
 def test_run_name_is_the_experiment_and_the_key_overrides():
-    from ft.train import run_name_from_overrides
+    from ft.cli.run import run_name_from_overrides
 
     name = run_name_from_overrides("group_k10", ["experiment=group_k10", "optim.lr=0.5", "hydra.run.dir=x",
                                                  "+hydra.job.name=y", "seed=3"])

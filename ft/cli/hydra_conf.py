@@ -44,12 +44,27 @@ def describe(path: Path) -> str:
     return first if len(first) <= 110 else first[:107].rstrip() + "..."
 
 
+def kinds_text() -> list[str]:
+    """Every registered unit kind and input kind, one line each (ft.targets.registry, ft.inputs)."""
+    from ft.inputs.registry import input_kind, input_kinds
+    from ft.targets.registry import unit_kind, unit_kinds
+
+    out = ["== Unit kinds (target=OPTION; its target.kind) =="]
+    for name in unit_kinds():
+        kind = unit_kind(name)
+        option = f"target={kind.option}" if kind.option else "(in target.sites)"
+        out.append(f"  {name:<10} {option:<18} {kind.summary_line}")
+    out += ["", "== Input kinds (input=KIND) =="]
+    out += [f"  {name:<10} {input_kind(name).summary}" for name in input_kinds()]
+    return out
+
+
 def help_text(config_dir: Path = CONFIG_DIR) -> str:
     """The experiments, then every config group's options, each with its description."""
     out = ["== Experiments (experiment=NAME) ==", "python -m ft.train experiment=NAME [key=value ...]", ""]
     for p in sorted((config_dir / "experiment").glob("*.yaml")):
         out.append(f"  {p.stem:<18} {describe(p)}")
-    out += ["", "== Config groups (group=option) =="]
+    out += ["", *kinds_text(), "", "== Config groups (group=option) =="]
     groups = sorted(d.name for d in config_dir.iterdir() if d.is_dir() and d.name not in ("experiment", "hydra")
                     and not d.name.startswith("__") and any(d.glob("*.yaml")))  # plan/ holds model shapes
     for group in [*groups, "hydra/launcher"]:  # ft's launchers: Slurm job arrays, local processes

@@ -36,6 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ft.cli.schema import check_config, check_model, check_probe_config, check_probe_model
 from ft.core.errors import FtError
+from ft.inputs import find_input_kind
 from ft.model.encoder import check_tokenizer_fits, load_model_config
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -135,7 +136,8 @@ def check_fluency_model(cfg: DictConfig) -> None:
     """input=tokens with `search.fluency_model=DIR`: a directory whose weights are whole and whose
     vocabulary is the model's, token for token (its head is checked when the run loads it)."""
     spec = str((cfg.get("search") or {}).get("fluency_model") or "auto")
-    if cfg.input.get("kind") != "tokens" or spec in ("auto", "self", "bigram") or spec.startswith("bigram:"):
+    kind = find_input_kind(cfg.input.get("kind"))
+    if kind is None or not kind.swap_search or spec in ("auto", "self", "bigram") or spec.startswith("bigram:"):
         return
     from ft.measure.fluency import check_same_vocabulary
     from ft.model.encoder import check_weights_file
@@ -173,36 +175,12 @@ def skeleton(name: str, trust_remote_code: bool) -> torch.nn.Module | None:
 
 
 def check_target_on(t: dict, model: torch.nn.Module) -> None:
-    """The target's sites, layers, per_layer and k against the model's shapes: a sweep value out of
-    range is refused before any job (not after the jobs before it ran)."""
-    from ft.core.errors import TargetError
-    from ft.model.sites import Site, num_layers, parse_head, parse_point, point_width
+    """The target's sites, layers, per_layer and k against the model's shapes (its kind's
+    `check_model`): a sweep value out of range is refused before any job (not after the jobs
+    before it ran)."""
+    from ft.targets.registry import unit_kind
 
-    kind, n = t.get("kind"), num_layers(model)
-    if kind == "neuron":
-        for text in t.get("sites") or []:
-            if parse_head(text, model) is None:
-                Site.parse(text).check(model)
-    if kind in ("neuron", "clusters"):
-        bad = [x for x in t.get("layers") or [] if not 0 <= x < n]
-        if bad:
-            raise TargetError(f"target.layers: layer {bad[0]} out of range; valid 0..{n - 1}")
-    if kind in ("direction", "sae") and t.get("site"):
-        for text in [t["site"]] if isinstance(t["site"], str) else t["site"]:
-            parse_point(text, model)
-    if kind == "direction" and t.get("file") and t.get("site"):
-        from ft.data.directions import load_directions
-
-        directions = load_directions(t["file"])
-        for text in [t["site"]] if isinstance(t["site"], str) else t["site"]:
-            point = parse_point(text, model)[1]
-            directions.vector("0", point_width(model, point), point)  # the file's width is the point's
-    if kind in ("neuron", "group") and t.get("point"):
-        width = point_width(model, t["point"])
-        if kind == "neuron" and not t.get("sites") and t.get("per_layer") and t["per_layer"] > width:
-            raise TargetError(f"target.per_layer={t['per_layer']}; valid 1..{width}")
-        if kind == "group" and t.get("k") and t["k"] > n * width:
-            raise TargetError(f"target.k={t['k']!r}; valid 1..{n * width} (all neurons of {t['point']})")
+    unit_kind(t.get("kind")).check_model(t, model)
 
 
 def check_probe(cfg: DictConfig) -> None:

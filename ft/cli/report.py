@@ -20,6 +20,7 @@ from scipy import stats
 
 from ft.cli.svg import chart
 from ft.core.errors import FtError
+from ft.measure.examples import of_type
 from ft.rundir.results import (
     CONFIG,
     atomic_write,
@@ -31,6 +32,7 @@ from ft.rundir.results import (
     read_targets,
     target_label,
 )
+from ft.targets.registry import unit_kind
 
 T = TypeVar("T")
 
@@ -234,8 +236,16 @@ def regression(x: pd.Series, y: pd.Series, key: str = "") -> str:
             f'data-p="{r.pvalue}">β={r.slope:.3f}, t({len(x) - 2})={t:.2f}, p={r.pvalue:.2g}</span>')
 
 
+def of_table(targets: pd.DataFrame, table: str) -> pd.DataFrame:
+    """The targets whose kind's report section is `table` (`UnitKind.report_table`: neurons, groups,
+    clusters)."""
+    if "kind" not in targets:
+        return targets.iloc[:0]
+    return targets[targets["kind"].map(lambda k: unit_kind(k).report_table).eq(table)]
+
+
 def section_table1(targets: pd.DataFrame, runs: pd.DataFrame) -> str:
-    neurons = targets[targets.kind == "neuron"]
+    neurons = of_table(targets, "neurons")
     if neurons.empty:
         return '<p class="note">No single-neuron runs among these runs.</p>'
     rows, keys = [], {}
@@ -259,7 +269,7 @@ def section_table1(targets: pd.DataFrame, runs: pd.DataFrame) -> str:
 
 
 def section_layers(targets: pd.DataFrame) -> str:
-    neurons = targets[(targets.kind == "neuron") & targets.layer.notna()]
+    neurons = of_table(targets, "neurons").dropna(subset=["layer"])
     if neurons.empty:
         return '<p class="note">No single-neuron runs: no per-layer figures.</p>'
     figs = []
@@ -284,7 +294,7 @@ def section_layers(targets: pd.DataFrame) -> str:
 
 
 def section_table2(targets: pd.DataFrame) -> str:
-    neurons = targets[(targets.kind == "neuron") & targets.layer.notna()]
+    neurons = of_table(targets, "neurons").dropna(subset=["layer"])
     if neurons.empty:
         return '<p class="note">No single-neuron runs.</p>'
     lo, hi = neurons.layer.min(), neurons.layer.max()
@@ -296,7 +306,7 @@ def section_table2(targets: pd.DataFrame) -> str:
 
 
 def section_groups(targets: pd.DataFrame) -> str:
-    groups = targets[targets.kind == "group"]
+    groups = of_table(targets, "groups")
     if groups.empty:
         return '<p class="note">No neuron-group runs among these runs.</p>'
     rows, keys = [], {}
@@ -368,7 +378,7 @@ def section_pca(runs: pd.DataFrame, words: int) -> str:
     if diverged:
         note += f'<p class="note">{diverged} diverged target(s) (inf or NaN inputs) left out.</p>'
     return chart(series, "Fig. 5 PCA of optimized inputs and words (analysis space)", "PC1", "PC2",
-                 kind="scatter", chart_id="fig5") + note
+                 mark="scatter", chart_id="fig5") + note
 
 
 def section_curves(runs: pd.DataFrame) -> str:
@@ -463,7 +473,7 @@ def section_atlas(targets: pd.DataFrame, runs: pd.DataFrame, per_run: int) -> st
             if isinstance(text, str):  # input=tokens: the searched text, beside the best corpus sentence
                 best = None
                 if examples is not None and "target_id" in examples:
-                    sent = examples[(examples.target_id == r.target_id) & (examples.kind == "sentence")]
+                    sent = of_type(examples[examples.target_id == r.target_id], "sentence")
                     best = sent.sort_values("activation", ascending=False).head(1)
                 corpus = (f"; best corpus sentence <i>{escape(best.text.iloc[0])}</i> ({best.activation.iloc[0]:.3f})"
                           if best is not None and len(best) else "")
@@ -506,7 +516,7 @@ def section_concepts(targets: pd.DataFrame) -> str:
         parts.append("<p>Probe-selected targets (target=probe): is the textualization the probe's concept? "
                      "concept_maw: the most activating word is a concept word; the shares: of the closest words "
                      "and of the searched text's tokens.</p>" + table(rows, cols, "concepts-table"))
-    clusters = targets[targets.kind == "cluster"] if "kind" in targets else targets.iloc[:0]
+    clusters = of_table(targets, "clusters")
     if len(clusters):
         rows = [{"run": run_name(r.run), "cluster": int(r.target_id), "units": int(r.k),
                  "layers": " ".join(sorted({s.split(".")[1] for s in r.sites}, key=int)),
@@ -534,7 +544,7 @@ def section_frontier(runs: pd.DataFrame, per_run: int = 12) -> str:
             f = f.sort_values("fluency_weight")
             out.append(chart({"frontier": (list(f.fluency), list(f.objective))},
                              f"{run_name(p)} · {labels.get(int(tid), tid)}", f"fluency ({source}, nats/token)",
-                             "activation", kind="scatter", chart_id=f"frontier-{run_key(p)}-{tid}",
+                             "activation", mark="scatter", chart_id=f"frontier-{run_key(p)}-{tid}",
                              labels={"frontier": [f"w={w:g}: {t}" for w, t in zip(f.fluency_weight, f.text,
                                                                                     strict=True)]}))
     if not out:

@@ -12,66 +12,19 @@ the checks that relate several keys; `check_model` the ones that need the model'
 from __future__ import annotations
 
 import importlib
-import math
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, make_dataclass
 from typing import Annotated, Any, Literal, Union
 
 from omegaconf import DictConfig, OmegaConf
 
 from ft.core.errors import ConfigError, FtError
-from ft.inputs import KINDS
-from ft.model.sites import POINTS, Site, parse_head
+from ft.core.typed import Choice, Int, Num, Rule, Unique  # noqa: F401 (ft.cli.schema.Rule, as before)
+from ft.inputs import find_input_kind, input_kinds
+from ft.model.sites import POINTS, Site
+from ft.targets.registry import all_spellings, unit_kind, unit_kinds
 
-
-@dataclass(frozen=True)
-class Rule:
-    """What a value must satisfy beyond its type. Bounds apply to numbers, `unique` to lists."""
-
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-    unique: bool = False
-
-    def problem(self, value: Any) -> bool:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if isinstance(value, float) and not math.isfinite(value) and self.bounded:
-                return True
-            return ((self.ge is not None and not value >= self.ge) or (self.gt is not None and not value > self.gt)
-                    or (self.le is not None and not value <= self.le) or (self.lt is not None and not value < self.lt))
-        if isinstance(value, list) and self.unique:
-            return len({repr(v) for v in value}) != len(value)
-        return False
-
-    @property
-    def bounded(self) -> bool:
-        return any(b is not None for b in (self.ge, self.gt, self.le, self.lt))
-
-    def describe(self) -> str:
-        parts = [f"{op} {_num(b)}" for op, b in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
-                 if b is not None]
-        return (" " + " and ".join(parts) if parts else "") + (" without repeats" if self.unique else "")
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() and abs(x) < 2**53 else repr(x)
-
-
-def Int(**bounds: float) -> Any:  # noqa: N802 - reads like a type in the schemas
-    return Annotated[int, Rule(**bounds)]
-
-
-def Num(**bounds: float) -> Any:  # noqa: N802
-    return Annotated[float, Rule(**bounds)]
-
-
-def Choice(*values: object) -> Any:  # noqa: N802
-    return Literal[values]  # type: ignore[valid-type]
-
-
-Unique = Rule(unique=True)
 PRECISIONS = (64, 32, 16, "64", "32", "16", "bf16", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true",
               "64-true", "transformer-engine", "transformer-engine-float16")  # Lightning 2.x's _PRECISION_INPUT
 
@@ -83,48 +36,28 @@ class ModelSchema:
     trust_remote_code: bool
 
 
-@dataclass
-class TargetSchema:
-    """configs/target/*: neuron targets use sites..layers, group targets k..num_frequent, terms
-    specs (and file), directions file and site."""
-
-    kind: Choice("neuron", "group", "terms", "direction", "sae", "logit", "probe", "clusters")
-    point: Choice(*POINTS)
-    sites: Annotated[list[str], Unique] | None
-    fraction: Num(gt=0, le=1) | None
-    per_layer: Int(ge=1) | None
-    layers: Annotated[list[Int(ge=0)], Unique] | None
-    seed: Int(ge=0, lt=2**32)
-    shard: Int(ge=0)
-    num_shards: Int(ge=1)
-    k: Int(ge=1)
-    selection: Choice("absolute", "relative")
-    words: Annotated[list[str], Unique] | None
-    num_random: Int(ge=0)
-    num_frequent: Int(ge=0)
-    specs: Annotated[list[str], Unique] | None
-    file: str | None
-    site: str | Annotated[list[str], Unique] | None
-    path: str | None
-    latents: Annotated[list[Int(ge=0)], Unique] | None
-    num_latents: Int(ge=1) | None
-    demo: dict | None
-    classes: Annotated[list[int | str], Unique] | None
-    run: str | None
-    num_clusters: Int(ge=1)
-    corpus: str | None
-    tokens: Int(ge=2)
+# target.*: the keys every kind shares, then each kind's own (ft.targets.kinds/*: `UnitKind.keys`)
+SHARED_TARGET_KEYS: dict[str, Any] = {"seed": Int(ge=0, lt=2**32), "shard": Int(ge=0), "num_shards": Int(ge=1)}
 
 
-@dataclass
-class SaeDemoSchema:
-    """configs/target/sae.yaml `demo`: the demo SAE trained when target.path is null."""
+def target_keys() -> dict[str, tuple[str, ...]]:
+    """kind -> the `target.*` keys it reads (shared ones included)."""
+    return {name: ("kind", *unit_kind(name).keys, *SHARED_TARGET_KEYS) for name in unit_kinds()}
 
-    expansion: Int(ge=1)
-    l1: Num(ge=0)
-    steps: Int(ge=1)
-    lr: Num(gt=0)
-    corpus: str
+
+def target_schema() -> type:
+    """The `target` node's schema: `kind` (a registered kind or an alias), the shared keys and
+    every kind's keys (a key two kinds declare with different types accepts either)."""
+    fields_: dict[str, Any] = {"kind": Choice(*all_spellings()), **SHARED_TARGET_KEYS}
+    for name in unit_kinds():
+        for key, tp in unit_kind(name).keys.items():
+            fields_[key] = tp if fields_.get(key, tp) == tp else fields_[key] | tp
+    return make_dataclass("TargetSchema", list(fields_.items()))
+
+
+def target_nodes() -> dict[str, tuple[type, bool]]:
+    """Sub-nodes of `target` a kind declares (`target.demo` of target=sae), closed."""
+    return {f"target.{key}": (schema, True) for name in unit_kinds() for key, schema in unit_kind(name).nodes.items()}
 
 
 @dataclass
@@ -143,7 +76,7 @@ class SearchSchema:
 class InputSchema:
     _target_: str
     _partial_: bool
-    kind: Choice(*KINDS, "tokens", "projected")
+    kind: Choice(*input_kinds())
     length: Int(ge=1)
     init_std: Num(ge=0)
     tau_start: Num(gt=0)
@@ -274,9 +207,9 @@ PROBE_NODES: dict[str, tuple[type, bool]] = {
 
 # node path -> (schema, closed: unknown keys are refused)
 NODES: dict[str, tuple[type, bool]] = {
-    "": (RootSchema, False), "model": (ModelSchema, True), "target": (TargetSchema, True),
+    "": (RootSchema, False), "model": (ModelSchema, True),
     "input": (InputSchema, True), "optim": (OptimSchema, False), "scheduler": (SchedulerSchema, False),
-    "target.demo": (SaeDemoSchema, True), "reg": (RegSchema, True), "trainer": (TrainerSchema, False),
+    "reg": (RegSchema, True), "trainer": (TrainerSchema, False),
     "engine": (EngineSchema, True), "search": (SearchSchema, True),
     "logger.wandb": (WandbSchema, False), "callbacks.curves": (CurvesSchema, False),
     "callbacks.nearest": (NearestSchema, False),
@@ -401,13 +334,14 @@ def check_config(cfg: DictConfig | dict) -> None:
     import torch
 
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    check_nodes(c, NODES)
+    check_nodes(c, {**NODES, "target": (target_schema(), True), **target_nodes()})
     check_class(c, "optim", torch.optim.Optimizer, "a torch.optim optimizer class, e.g. torch.optim.Adam")
     check_class(c, "scheduler", torch.optim.lr_scheduler.LRScheduler,
                 "a torch.optim.lr_scheduler class, e.g. torch.optim.lr_scheduler.CosineAnnealingLR")
     length, position = c["input"]["length"], c["position"]
-    if c["input"].get("kind") == "tokens" and length > 32:
-        raise ConfigError(f"input.length={length}; valid 1..32 for input=tokens")
+    kind = find_input_kind(c["input"].get("kind"))
+    if kind is not None and kind.max_length is not None and length > kind.max_length:
+        raise ConfigError(f"input.length={length}; valid 1..{kind.max_length} for input={kind.name}")
     if position > length:
         raise ConfigError(f"position={position}; valid 1..input.length={length}")
     t = c["target"]
@@ -415,14 +349,6 @@ def check_config(cfg: DictConfig | dict) -> None:
         raise ConfigError(f"target.shard={t['shard']}, target.num_shards={t['num_shards']}; "
                           "valid: 0 <= shard < num_shards")
     check_not_empty(t)
-    if t.get("sites"):
-        seen: dict[Site, str] = {}
-        for text in t["sites"]:
-            head = parse_head(text)
-            site = head if head is not None else Site.parse(text)
-            if site in seen:
-                raise ConfigError(f"target.sites: {text!r} repeats {seen[site]!r}; valid: each site once")
-            seen[site] = text
     check_target_kind(t)
 
 
@@ -445,64 +371,20 @@ def check_not_empty(t: dict) -> None:
             raise ConfigError(f"target.{key}=[] is an empty list; valid: {valid}")
 
 
-# the keys each target kind reads (the schema declares the union)
-_SHARED = ("kind", "seed", "shard", "num_shards")
-TARGET_KEYS = {
-    "neuron": ("kind", "point", "sites", "fraction", "per_layer", "layers", *_SHARED[1:]),
-    "group": ("kind", "point", "k", "selection", "words", "num_random", "num_frequent", *_SHARED[1:]),
-    "terms": ("kind", "specs", "file", *_SHARED[1:]),
-    "direction": ("kind", "file", "site", *_SHARED[1:]),
-    "sae": ("kind", "path", "site", "latents", "fraction", "num_latents", "demo", *_SHARED[1:]),
-    "logit": ("kind", "classes", *_SHARED[1:]),
-    "probe": ("kind", "run", "k", *_SHARED[1:]),
-    "clusters": ("kind", "point", "layers", "num_clusters", "corpus", "tokens", *_SHARED[1:]),
-}
-
-
 def check_target_kind(t: dict) -> None:
-    """What terms and directions need, checked without the model: expressions that read, a
-    directions file that is one, sites `layer.L.point`."""
+    """The keys of `target` are its kind's, and its kind's config-only checks pass
+    (`UnitKind.check`: expressions that parse, a directions file that is one, sites
+    `layer.L.point`, a probe run that is one)."""
     from ft.core.errors import TargetError
-    from ft.model.sites import SiteError, parse_point
-    from ft.targets.objectives import parse
+    from ft.model.sites import SiteError
 
-    kind = t.get("kind")
-    keys = TARGET_KEYS.get(kind)
-    if keys is not None:
-        for key in t:
-            if key not in keys:
-                raise ConfigError(f"target.{key}: unknown key for target kind {kind!r}; valid: {', '.join(keys)}")
-    if kind == "probe":
-        from pathlib import Path
-
-        if not t.get("run") or not (Path(str(t["run"])) / "probe.parquet").is_file():
-            raise ConfigError(f"target.run={t.get('run')!r}: not an ft.probe run directory (no probe.parquet); "
-                              "valid: the run directory of `python -m ft.probe concept=...`")
+    kind = unit_kind(t.get("kind"))
+    keys = target_keys()[kind.name]
+    for key in t:
+        if key not in keys:
+            raise ConfigError(f"target.{key}: unknown key for target kind {kind.name!r}; valid: {', '.join(keys)}")
     try:
-        if kind == "terms":
-            if not t.get("specs"):
-                raise ConfigError("target.specs is empty; valid: a list of expressions, e.g. "
-                                  "'target.specs=[\"layer.3.ffn_out.5 - 0.5 * layer.2.ffn_act.7\"]'")
-            for spec in t["specs"]:  # the syntax; sites and directions are checked on the model
-                parse(spec, None, (lambda *_: None) if t.get("file") else None)
-        if kind == "direction":
-            if not t.get("file"):
-                raise ConfigError("target.file=null; valid: a safetensors file with a 'directions' tensor [n, width]")
-            if not t.get("site"):
-                raise ConfigError("target.site=null; valid: a site 'layer.<L>.<point>' or a list of them")
-            for site in [t["site"]] if isinstance(t["site"], str) else t["site"]:
-                parse_point(site)
-        if kind == "sae":
-            if t.get("site"):
-                parse_point(t["site"])
-            if t.get("path"):
-                from ft.targets.sae_file import load_sae
-
-                load_sae(t["path"])
-        if kind in ("terms", "direction") and t.get("file"):
-            from ft.data.directions import load_directions
-
-            load_directions(t["file"])
+        kind.check(t)
     except (TargetError, SiteError) as e:
         raise ConfigError(str(e).replace("site ", "target.site: ", 1) if isinstance(e, SiteError) else str(e)) from None
 

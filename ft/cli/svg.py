@@ -45,7 +45,7 @@ def tick_label(v: float) -> str:
 
 
 def chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str,
-          ylabel: str, kind: str = "line", chart_id: str = "",
+          ylabel: str, mark: str = "line", chart_id: str = "",
           labels: dict[str, Sequence[str]] | None = None) -> str:
     """Lines or scatter points, one color per series, with axes, ticks and a legend. The data
     itself rides along as JSON in `data-series` (name -> [xs, ys]) for readers and tests.
@@ -77,7 +77,7 @@ def chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str
     for i, (name, (sx, sy)) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         pts = [(fx(x), fy(y)) for x, y in zip(sx, sy, strict=True) if y == y]
-        if kind == "line" and len(pts) > 1:
+        if mark == "line" and len(pts) > 1:
             d = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
             out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{d}"/>')
         else:

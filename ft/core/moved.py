@@ -37,7 +37,7 @@ MOVED = {  # old name -> new name
     "ft.objectives": "ft.targets.objectives",
     "ft.sae": "ft.targets.sae_file",
     "ft.sae_train": "ft.targets.sae_demo",
-    "ft.clusters": "ft.targets.clusters",
+    "ft.clusters": "ft.targets.kinds.cluster",
     "ft.module": "ft.engine.module",
     "ft.state": "ft.engine.state",
     "ft.control": "ft.engine.control",

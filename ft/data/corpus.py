@@ -167,3 +167,9 @@ def load_corpus(spec: str, tokenizer: object, max_tokens: int = 64, use_cache: b
             atomic_write(path, lambda p: save_file({"ids": flat, "offsets": offsets}, str(p)))
     keep = [i for i, s in enumerate(ids) if s]
     return Corpus(spec, [sentences[i] for i in keep], [ids[i] for i in keep])
+
+
+def corpus_path(spec: str) -> Path:
+    """The file or folder a corpus spec reads: hf:PATH[:COLUMN]'s PATH, else the spec itself (a
+    file name may hold a colon)."""
+    return Path(spec[3:].split(":")[0]) if spec.startswith("hf:") else Path(spec)

@@ -40,6 +40,7 @@ from ft.model.substitutes import build_substitutes
 from ft.rundir.results import atomic_write, read_config, read_directions, read_targets, target_label
 from ft.targets import readouts_of_table
 from ft.targets.objectives import Readout, Readouts
+from ft.targets.registry import unit_kind, unit_kinds
 
 log = logging.getLogger("ft")
 EXAMPLES = "examples.parquet"
@@ -209,6 +210,12 @@ def local_search(measure: Callable[[list[list[int]], list[int]], torch.Tensor], 
     return out
 
 
+def of_type(examples: pd.DataFrame, *types: str) -> pd.DataFrame:
+    """The rows of examples.parquet of these example types (its `kind` column: `sentence`, `span`,
+    `ngram`, ...; not a unit kind)."""
+    return examples[examples["kind"].isin(types)]
+
+
 def text_of(encoder: Encoder, ids: Sequence[int]) -> str:
     tok = encoder.tokenizer
     return tok.convert_tokens_to_string(tok.convert_ids_to_tokens(list(ids)))
@@ -245,9 +252,11 @@ def run_examples(run_dir: str | Path, corpus: str = DEFAULT_CORPUS, top_n: int =
     encoder = load_encoder(model_to_load(run_dir, cfg.model.name_or_path),
                            bool(cfg.model.get("trust_remote_code", False)))
     tokens = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.vocab_size)))
-    if (targets.kind == "logit").any():
-        raise ConfigError(f"{run_dir} textualizes class logits: a sequence's score, not a token's; dataset examples "
-                          "score token-level objectives (neurons, groups, terms, directions, heads, SAE latents)")
+    whole = sorted(k for k in set(targets.kind) if not unit_kind(k).token_examples)
+    if whole:
+        valid = ", ".join(n for n in unit_kinds() if unit_kind(n).token_examples)
+        raise ConfigError(f"{run_dir} textualizes {whole[0]} targets, which score a whole input, not a token of a "
+                          f"sentence; dataset examples score token-level objectives ({valid})")
     scorer = TargetScorer(encoder, readouts_of_table(encoder.model, targets, read_directions(run_dir), run_dir=run_dir),
                            batch_size)
     limit = type(encoder.arch).max_tokens(encoder.model.config)

@@ -24,6 +24,7 @@ from ft.model.encoder import Encoder
 from ft.model.vocab import Vocabulary
 from ft.targets import Target
 from ft.targets.objectives import Readout
+from ft.targets.registry import unit_kind
 
 TOP_N = 20
 
@@ -168,7 +169,7 @@ def sae_post_activations(result: FitResult, targets: Sequence[Target], encoder: 
                          ) -> torch.Tensor | None:
     """[rows] each SAE latent's post-activation (ReLU, JumpReLU or TopK over all latents) for the
     saved input; None when the run has no SAE targets."""
-    rows = [i for i, t in enumerate(targets) if t.kind == "sae"]
+    rows = [i for i, t in enumerate(targets) if t.meta.get("sae") is not None]  # SAE latents: their SAE
     if not rows:
         return None
     from ft.model.sites import SiteReader
@@ -227,7 +228,7 @@ def evaluate(
             "direction_name": target.direction_name,
             "latent": target.latent,
             "sae_path": target.sae_path,
-            "sae_post": None if post is None or target.kind != "sae" else float(post[t]),
+            "sae_post": None if post is None or bool(post[t].isnan()) else float(post[t]),
             "target_class": target.target_class,
             "label": target.label,
             "class_label": target.meta.get("label"),
@@ -289,7 +290,7 @@ def static_readings(df: pd.DataFrame, targets: Sequence[Target], encoder: Encode
     """Single-unit targets get their static readings (ft.static: no forward pass) as columns."""
     from ft.model.static import COLUMNS, readings
 
-    sites = [t.sites[0] if t.kind == "neuron" and len(t.sites) == 1 else None for t in targets]
+    sites = [t.sites[0] if unit_kind(t.kind).static_readings and len(t.sites) == 1 else None for t in targets]
     if all(s is None for s in sites):
         return
     found = readings(encoder.model, facts.vocab, sites)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,10 +37,10 @@ import torch
 from omegaconf import DictConfig
 
 from ft.core.errors import ConfigError
-from ft.data.concepts import Concept, load_concept
+from ft.data.concepts import Concept
 from ft.measure.probe_ablation import ablation_sets, ablation_table, find_mlm, masked_tokens
 from ft.model.sites import Site, SiteReader, register_point_hook
-from ft.rundir.kept import kept
+from ft.targets.kinds.probe import concept_label, concept_scores, concept_words  # noqa: F401 (as before)
 
 log = logging.getLogger("ft")
 PROBE, PROBE_SUMMARY = "probe.parquet", "summary.json"
@@ -155,12 +154,6 @@ def fit_probe(X: np.ndarray, y: list[str], test: np.ndarray, l1_ratio: float, C:
     return ProbeFit(acc, np.abs(clf.coef_).sum(0), signed, clf)
 
 
-def concept_label(labels: list[str]) -> str:
-    """The concept's own label: `1` where the labels are 0/1, else the rarest (ties: the first)."""
-    counts = pd.Series(labels).value_counts()
-    return "1" if set(counts.index) == {"0", "1"} else str(counts.sort_values(kind="stable").index[0])
-
-
 def probeless(X: np.ndarray, y: list[str]) -> np.ndarray:
     """[units] the largest |mean of a class - mean of the rest| (standardized activations)."""
     y = np.asarray(y)
@@ -213,31 +206,3 @@ def ablate_probe(cfg: DictConfig, encoder: object, concept: Concept, layers: lis
     return ablation_table(sets, encoder.model, means, probe_accuracy, str(a.mode), mlm, data)
 
 
-def concept_words(run: str | Path, tokenizer: object, reader: str | Path | None = None) -> set[str]:
-    """The words of a probe run's concept that carry its concept label. The concept file is the
-    kept copy (`ft.rundir.kept`) of the run `reader` (a run that textualized the probe's units), else of
-    the probe run; only runs from before ft kept inputs re-read the original path."""
-    from ft.rundir.results import read_config
-
-    cfg = read_config(run)
-    copy = (kept(reader, "concept") if reader is not None else None) or kept(run, "concept")
-    concept = load_concept(str(copy) if copy is not None else cfg.concept, tokenizer, cfg.seed)
-    label = concept_label(concept.flat_labels)
-    return {w for w, lab in zip(concept.words, concept.flat_labels, strict=True) if lab == label}
-
-
-def concept_scores(df: pd.DataFrame, run: str | Path, tokenizer: object,
-                   reader: str | Path | None = None) -> dict[str, float]:
-    """Adds to `df` (a run's targets) the share of each target's closest words, its most
-    activating word and its searched text's tokens that are concept words; returns the means.
-    `reader`: the textualizing run, whose kept concept file is read."""
-    words = concept_words(run, tokenizer, reader)
-    df["concept_closest_share"] = [sum(w in words for w in ws) / max(len(ws), 1) for ws in df.closest_words]
-    df["concept_maw"] = [w in words for w in df.most_activating_word]
-    out = {"probe/closest_in_concept": float(df.concept_closest_share.mean()),
-           "probe/maw_in_concept": float(df.concept_maw.mean())}
-    if "text" in df:
-        toks = [tokenizer.convert_ids_to_tokens(list(i)) for i in df.token_ids]
-        df["concept_text_share"] = [sum(t in words for t in ts) / max(len(ts), 1) for ts in toks]
-        out["probe/text_in_concept"] = float(df.concept_text_share.mean())
-    return out

@@ -136,3 +136,28 @@ def logit_word_stats(encoder: Encoder, vocab: Vocabulary, objectives: Sequence, 
         better = value > best
         best, best_row = torch.where(better, value, best), torch.where(better, row + start, best_row)
     return WordStats(best, best_row, torch.full((len(objectives),), torch.nan))
+
+
+@torch.no_grad()
+def forward_word_stats(encoder: Encoder, vocab: Vocabulary, objectives: Sequence, target_rows: Sequence[int | None],
+                       batch_size: int = 1024) -> WordStats:
+    """`word_stats` for objectives without sites (attention weights): every word alone
+    (`[CLS] w [SEP]`, as the vocabulary sweep reads it) through each objective, a batch at a time."""
+    from ft.engine.evaluate import measure
+
+    n = len(objectives)
+    best, best_row = torch.full((n,), -torch.inf), torch.zeros(n, dtype=torch.long)
+    at_word = torch.full((n,), torch.nan)
+    for start in bar(range(0, len(vocab), batch_size), desc="vocabulary (forward)"):
+        ids = vocab.ids[start : start + batch_size]
+        m = len(ids)
+        framed = torch.stack([torch.full((m,), vocab.cls_id), ids, torch.full((m,), vocab.sep_id)], 1)
+        for t, objective in enumerate(objectives):
+            values = measure(encoder.model, [objective] * m, framed, 1)  # [m]
+            value, row = values.max(dim=0)
+            if value > best[t]:
+                best[t], best_row[t] = value, row + start
+            w = target_rows[t]
+            if w is not None and start <= w < start + m:
+                at_word[t] = values[w - start]
+    return WordStats(best, best_row, at_word)

@@ -89,7 +89,7 @@ def build_ablation(model: nn.Module, sites: Sequence[Site], mode: str = "zero",
 
 def _edit_hook(model: nn.Module, layer: int, point: str, ablation: Ablation) -> object:
     """A hook on `point`'s module that returns its input (pre) or output (post) ablated."""
-    mod, kind = adapter(model).point_hook(layer, point)
+    mod, hook = adapter(model).point_hook(layer, point)
     k, n = adapter(model).occurrence(layer)  # a shared layer (ALBERT): only its `layer`-th run
     calls = [0]
 
@@ -97,7 +97,7 @@ def _edit_hook(model: nn.Module, layer: int, point: str, ablation: Ablation) -> 
         i, calls[0] = calls[0], calls[0] + 1
         return i % n == k
 
-    if kind == "pre":
+    if hook == "pre":
         def pre(_m, args):
             if not mine():
                 return None

@@ -28,7 +28,7 @@ from ft.model import lean_plan
 from ft.model.lean_plan import Layer, Plan, SiteGather, project_qkv
 
 
-def _gelu_kind(act: object) -> str | None:
+def _gelu_form(act: object) -> str | None:
     """'none' (erf) or 'tanh' for a GELU that F.gelu computes exactly like `act`, 'relu', or None."""
     import functools
 
@@ -53,24 +53,24 @@ def usable(layers: list[Layer], dtype: torch.dtype, S: int) -> bool:
     if torch.is_autocast_enabled(torch.device("cpu").type) or torch.is_autocast_enabled("cuda"):
         return False
     return all(isinstance(L.ln1, nn.LayerNorm) and isinstance(L.ln2, nn.LayerNorm)
-               and _kind(L) is not None for L in layers)
+               and _act_form(L) is not None for L in layers)
 
 
-def _kind(L: Layer) -> str | None:
-    """`_gelu_kind` of a layer's activation, found once per layer."""
-    if not hasattr(L, "act_kind"):
-        L.act_kind = _gelu_kind(L.act)
-    return L.act_kind
+def _act_form(L: Layer) -> str | None:
+    """`_gelu_form` of a layer's activation, found once per layer."""
+    if not hasattr(L, "act_form"):
+        L.act_form = _gelu_form(L.act)
+    return L.act_form
 
 
-def _activate(z: torch.Tensor, kind: str) -> torch.Tensor:
-    return F.relu(z) if kind == "relu" else F.gelu(z, approximate=kind)
+def _activate(z: torch.Tensor, form: str) -> torch.Tensor:
+    return F.relu(z) if form == "relu" else F.gelu(z, approximate=form)
 
 
-def _activate_backward(g: torch.Tensor, z: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "relu":
+def _activate_backward(g: torch.Tensor, z: torch.Tensor, form: str) -> torch.Tensor:
+    if form == "relu":
         return g * (z > 0)
-    return torch.ops.aten.gelu_backward(g, z, approximate=kind)
+    return torch.ops.aten.gelu_backward(g, z, approximate=form)
 
 
 def _norm(x: torch.Tensor, ln: nn.LayerNorm) -> tuple[torch.Tensor, tuple]:
@@ -159,8 +159,8 @@ class LeanSites(torch.autograd.Function):
             x1[go:] += h[n_go:, p]
             a, ln1 = _norm(x1, L.ln1)
             z = F.linear(a, L.inter.weight, L.inter.bias)
-            kind = _kind(L)
-            act = _activate(z, kind)
+            form = _act_form(L)
+            act = _activate(z, form)
             take("ffn_act", act)
             pairs = gather.end_units[layer] if n_end else None
             end_rows = None
@@ -198,7 +198,7 @@ class LeanSites(torch.autograd.Function):
         for layer in range(len(ctx.saved) - 1, -1, -1):
             s, L = ctx.saved[layer], ctx.layers[layer]
             n_all, n_go = s.n_all, s.n_go
-            n_end, go, kind = n_all - n_go, n_go * S, _kind(L)
+            n_end, go, form = n_all - n_go, n_go * S, _act_form(L)
             tokens = go + n_end
             reads = {source: (offsets, g) for source, offsets, g in site_grads[layer]}
             add = partial(_add_sites, reads)
@@ -221,7 +221,7 @@ class LeanSites(torch.autograd.Function):
                 if "ffn_out_end" in reads:
                     g_end = reads["ffn_out_end"][1]
                     g_act[go:].index_add_(0, gather.end_units[layer][0], g_end.unsqueeze(1) * s.end_rows[0])
-            g_z = _activate_backward(add(g_act, "ffn_act"), s.z, kind)
+            g_z = _activate_backward(add(g_act, "ffn_act"), s.z, form)
             g_a = g_z @ L.inter.weight
             g_a[:rows_out] += g_x2
             g_x1 = _norm_backward(g_a, s.ln1)  # = the gradient of attn and of the residual

@@ -117,7 +117,7 @@ def point_hook(model: nn.Module, layer: int, point: str) -> tuple[nn.Module, str
 
 def register_point_hook(model: nn.Module, layer: int, point: str, fn) -> object:
     """`fn(activation)` on every forward of `point` in `layer`; returns the hook handle."""
-    mod, kind = point_hook(model, layer, point)
+    mod, hook = point_hook(model, layer, point)
     k, n = adapter(model).occurrence(layer)  # a shared layer (ALBERT) runs n times per forward
     calls = [0]
 
@@ -126,7 +126,7 @@ def register_point_hook(model: nn.Module, layer: int, point: str, fn) -> object:
         if i % n == k:
             fn(t)
 
-    if kind == "pre":
+    if hook == "pre":
         return mod.register_forward_pre_hook(lambda _m, args: seen(args[0]))
     return mod.register_forward_hook(lambda _m, _i, out: seen(out[0] if isinstance(out, tuple) else out))
 

@@ -153,20 +153,22 @@ def _read(run_dir: str | Path, name: str, read: Callable[[Path], object]) -> obj
 
 def target_label(row: object) -> str:
     """What a reader knows a target by: the run's `label` column (`ft.targets.unit_label`), or for
-    runs written before it, a group's word, an SAE latent, a direction's name, an expression, a site."""
-    label, kind = getattr(row, "label", None), getattr(row, "kind", None)
-    if isinstance(label, str) and label and (kind != "logit" or label.startswith("logit")):
+    runs written before it, what the row's own columns say: an SAE latent (`latent`), a class logit
+    (`logit.N` and its class name), a group's word, a cluster (`k` units and no word or
+    expression), a direction's name, an expression, a site."""
+    label, spec = getattr(row, "label", None), getattr(row, "spec", None)
+    logit = isinstance(spec, str) and spec.startswith("logit.")
+    if isinstance(label, str) and label and (not logit or label.startswith("logit")):
         return label  # (older runs wrote a logit's class name alone in `label`)
-    word, spec = getattr(row, "target_word", None), getattr(row, "spec", None)
-    latent = getattr(row, "latent", None)
-    if kind == "sae" and isinstance(spec, str) and latent is not None and latent == latent:
+    word, latent, k = getattr(row, "target_word", None), getattr(row, "latent", None), getattr(row, "k", None)
+    if isinstance(spec, str) and latent is not None and latent == latent:
         return f"{spec}:sae.{int(latent)}"
-    if kind == "logit" and isinstance(spec, str) and isinstance(label, str) and label:
+    if logit and isinstance(label, str) and label:
         return f"{spec} ({label})"
     if isinstance(word, str):
         return f"{word} ({row.selection} k={row.k})"
-    if getattr(row, "kind", None) == "cluster":
-        return f"cluster {row.target_id} ({row.k} units)"
+    if spec is None and k is not None and k == k and len(row.sites) > 1:
+        return f"cluster {row.target_id} ({int(k)} units)"
     name = getattr(row, "direction_name", None)
     if isinstance(name, str) and isinstance(spec, str):
         return f"{spec.split('@')[0]}@{name}"

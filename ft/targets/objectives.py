@@ -292,14 +292,18 @@ class ClassLogits(Objective):
         return logits.gather(1, self.classes.to(logits.device)[:, None])[:, 0]
 
 
-def batch_of(model: nn.Module, objectives: Sequence, max_layer: int | None = None) -> Readouts | ClassLogits:
-    """The batch objective of one chunk of rows: readouts compile to a SiteIndex, logits to one
-    classifier forward. A chunk mixes no kinds (TargetError)."""
-    if objectives and all(isinstance(o, ClassLogit) for o in objectives):
-        return ClassLogits(objectives)
-    if any(isinstance(o, ClassLogit) for o in objectives):
-        raise TargetError("class logits and site objectives cannot share a run; valid: one target kind per run")
-    return Readouts(model, objectives, max_layer=max_layer)
+ClassLogit.batch_class = ClassLogits  # a chunk of class logits: one forward of the classifier
+
+
+def batch_of(model: nn.Module, objectives: Sequence, max_layer: int | None = None) -> Objective:
+    """The batch objective of one chunk of rows: readouts compile to one SiteIndex; an objective
+    that is not a readout names its own batch class (`batch_class`: class logits, attention
+    weights), which runs one forward for the chunk. A chunk mixes no kinds (TargetError)."""
+    classes = {getattr(type(o), "batch_class", None) for o in objectives}
+    if len(classes) > 1:
+        raise TargetError("targets of different kinds cannot share a run; valid: one target kind per run")
+    batch = classes.pop() if classes else None
+    return batch(list(objectives)) if batch is not None else Readouts(model, objectives, max_layer=max_layer)
 
 
 def top_layer(objective: Readout | ClassLogit | Sequence[Site]) -> int:
@@ -385,13 +389,13 @@ def parse(spec: str, model: nn.Module | None, directions: DirectionLookup | None
         return t
 
     def factor() -> Readout | float:
-        kind, text = take()
-        if kind == "op" and text in "+-":
+        token, text = take()
+        if token == "op" and text in "+-":
             v = factor()
             return v if text == "+" else -1.0 * v
-        if kind == "num":
+        if token == "num":
             return float(text)
-        if kind == "ref":
+        if token == "ref":
             return reference(text)
         if text == "(":
             v = expr()

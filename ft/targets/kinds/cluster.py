@@ -13,12 +13,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
 from ft.core.errors import TargetError
-from ft.model.sites import Site, num_layers, point_width
+from ft.core.typed import Choice, Int, Unique
+from ft.model.sites import POINTS, Site, num_layers, point_width
+from ft.targets.base import Target
+from ft.targets.registry import BuildContext, SummaryContext, UnitKind, register
 
 log = logging.getLogger("ft")
 
@@ -75,7 +80,7 @@ def cluster_units(acts: torch.Tensor, num_clusters: int) -> Clustering:
 def cluster_targets(encoder: object, num_clusters: int, point: str = "ffn_out", layers: Sequence[int] | None = None,
                     corpus: str = "packaged:lee", max_tokens: int = 20_000) -> list:
     """One group target per cluster (kind `cluster`): the mean of its units."""
-    from ft.targets import Target
+    from ft.targets.base import Target
     from ft.targets.objectives import mean
     from ft.targets.sae_demo import token_activations
 
@@ -100,3 +105,38 @@ def cluster_targets(encoder: object, num_clusters: int, point: str = "ffn_out", 
         t.meta.update(cluster=c, cluster_within=within, cluster_between=between)
         out.append(t)
     return out
+
+
+@register
+class ClusterKind(UnitKind):
+    name = "cluster"
+    option = "clusters"
+    aliases = ("clusters",)  # the spelling of `target.kind` before one spelling per kind
+    summary_line = "clusters of units that fire together on a corpus (target.num_clusters): their mean"
+    keys = {"point": Choice(*POINTS), "layers": Annotated[list[Int(ge=0)], Unique] | None,
+            "num_clusters": Int(ge=1), "corpus": str | None, "tokens": Int(ge=2)}
+    one_layer = False
+    report_table = "clusters"
+
+    def check_model(self, t: dict, model: torch.nn.Module) -> None:
+        n = num_layers(model)
+        bad = [x for x in t.get("layers") or [] if not 0 <= x < n]
+        if bad:
+            raise TargetError(f"target.layers: layer {bad[0]} out of range; valid 0..{n - 1}")
+
+    def sources(self, t: Any) -> dict[str, Path]:
+        from ft.data.corpus import corpus_path
+
+        return {"corpus": corpus_path(t.corpus)} if isinstance(t.get("corpus"), str) else {}
+
+    def build(self, ctx: BuildContext) -> list[Target]:
+        t = ctx.cfg.target
+        return cluster_targets(ctx.encoder, t.num_clusters, t.point, t.layers, t.corpus, t.tokens)
+
+    def label(self, t: Target) -> str:
+        return f"cluster {t.target_id} ({t.k} units)"
+
+    def summary(self, ctx: SummaryContext) -> dict[str, float]:  # the clustering's own quality over its corpus
+        meta = ctx.targets[0].meta
+        return {"clusters/count": len(ctx.targets), "clusters/within_corr": meta["cluster_within"],
+                "clusters/between_corr": meta["cluster_between"]}
