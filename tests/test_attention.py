@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoTokenizer
 
 from ft.core.errors import TargetError
 from ft.model.arch import adapter
-from ft.targets import attention as attention_module
-from ft.targets.attention import AttentionWeight, AttentionWeights, parse_attention
+from ft.targets.kinds import attention as attention_module
+from ft.targets.kinds.attention import AttentionWeight, AttentionWeights, parse_attention
 from ft.targets.objectives import Reading
 from tests.families import FAMILIES, build_family
 
@@ -203,3 +203,45 @@ def test_layers_above_the_highest_read_do_not_run(tiny):
         assert calls == [1]
     finally:
         handle.remove()
+
+
+# -- target=attention: the kind, end to end -----------------------------------------------------------
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_a_run_reports_hugging_faces_attention_weight_of_its_found_tokens(family_dirs, family, tmp_path):
+    """`target=attention input=tokens`: each reported objective equals a fresh Hugging Face forward
+    of `[CLS] found tokens [SEP]` with `output_attentions`, at the target's (layer, head, query, key)."""
+    from ft.cli.run import run
+    from ft.rundir.results import read_targets
+    from tests.test_train import compose_cfg
+
+    sites = ["layer.1.attn.0.1.0", "layer.0.attn.1.2.1"]
+    cfg = compose_cfg([f"model.name_or_path={family_dirs[family]}", "target=attention",
+                       f"target.sites=[{','.join(sites)}]", "input=tokens", "input.length=2", "trainer.max_steps=4",
+                       "logger.wandb.mode=disabled", "+trainer.enable_progress_bar=false", "search.candidates=16"])
+    run(cfg, tmp_path / "run")
+    df = read_targets(tmp_path / "run")
+    assert list(df.kind) == ["attention", "attention"] and list(df.label) == sites
+    reference = load(family_dirs[family], eager=True)
+    tok = AutoTokenizer.from_pretrained(family_dirs[family])
+    for row in df.itertuples():
+        ids = torch.tensor([[tok.cls_token_id, *row.token_ids, tok.sep_token_id]])
+        att = reference(input_ids=ids, output_attentions=True).attentions
+        _, layer, _, head, query, key = row.spec.split(".")
+        layer, head, query, key = int(layer), int(head), int(query), int(key)
+        assert row.objective == pytest.approx(float(att[layer][0, head, query, key]), abs=1e-5)
+
+
+def test_the_kind_is_listed_refuses_bad_sites_and_rebuilds_from_the_table(tiny):
+    import pandas as pd
+
+    from ft.core.errors import ConfigError
+    from ft.targets import readouts_of_table, unit_kind, unit_kinds
+
+    assert "attention" in unit_kinds()
+    kind = unit_kind("attention")
+    with pytest.raises(ConfigError, match="layer.1.ffn_out.3"):
+        kind.check({"kind": "attention", "sites": ["layer.1.ffn_out.3"]})
+    (rebuilt,) = readouts_of_table(tiny.model, pd.DataFrame({"kind": ["attention"], "spec": ["layer.1.attn.0.1.2"],
+                                                             "sites": [[]]}))
+    assert isinstance(rebuilt, AttentionWeight) and (rebuilt.layer, rebuilt.head, rebuilt.query, rebuilt.key) == (
+        1, 0, 1, 2)

@@ -1,4 +1,4 @@
-"""Attention-weight objectives: the post-softmax weight of head H in layer L from query position I
+"""`target=attention`: attention weights, the post-softmax weight of head H in layer L from query position I
 to key position J, `layer.L.attn.H.I.J`.
 
 The value is the entry `[row, H, I, J]` of Hugging Face's `output_attentions[L]` for the same
@@ -25,13 +25,17 @@ import operator
 import re
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
-from ft.core.errors import TargetError
+from ft.core.errors import ConfigError, TargetError
+from ft.core.typed import Unique
 from ft.model.arch import UnsupportedModelError, adapter
+from ft.targets.base import Target
 from ft.targets.objectives import Objective, Reading
+from ft.targets.registry import BuildContext, RebuildContext, UnitKind, register
 
 _ATTN_RE = re.compile(r"^layer\.(\d+)\.attn\.(\d+)\.(\d+)\.(\d+)$")
 SYNTAX = "'layer.L.attn.H.I.J' (head H of layer L, query position I to key position J; [CLS] at 0)"
@@ -221,3 +225,38 @@ class AttentionWeights(Objective):
         which = torch.tensor([at[int(v)] for v in self.layer], device=device)
         rows = torch.arange(len(self.rows), device=device)
         return stacked[which, rows, self.head.to(device), self.query.to(device), self.key.to(device)]
+
+
+AttentionWeight.batch_class = AttentionWeights  # a chunk of attention weights: one forward
+
+
+@register
+class AttentionKind(UnitKind):
+    """`target=attention target.sites=[layer.L.attn.H.I.J]`: the post-softmax attention weight of
+    head H in layer L from query position I to key position J of the framed input (`[CLS]` at 0),
+    equal to Hugging Face's `output_attentions[L][:, H, I, J]`."""
+
+    name = "attention"
+    option = "attention"
+    summary_line = "attention weights layer.L.attn.H.I.J: head H of layer L, query I to key J ([CLS] is 0)"
+    keys = {"sites": Annotated[list[str], Unique] | None}
+    word_stats = "forward"  # no sites to sweep: every word goes through the objective
+    token_examples = False  # positions of the framed input, not a token of a sentence
+
+    def check(self, t: dict) -> None:
+        if not t.get("sites"):
+            raise ConfigError("target.sites is empty; valid: a list of layer.L.attn.H.I.J, e.g. [layer.1.attn.0.1.2]")
+        for text in t["sites"]:
+            if not _ATTN_RE.match(str(text)):
+                raise ConfigError(f"target.sites: {text!r} is not an attention weight; valid: layer.L.attn.H.I.J")
+
+    def check_model(self, t: dict, model: torch.nn.Module) -> None:
+        for text in t.get("sites") or []:
+            parse_attention(text, model)
+
+    def build(self, ctx: BuildContext) -> list[Target]:
+        model = ctx.encoder.model
+        return [Target("attention", parse_attention(str(s), model), spec=str(s)) for s in ctx.cfg.target.sites]
+
+    def rebuild(self, row: Any, ctx: RebuildContext) -> Objective:
+        return parse_attention(str(row.spec), ctx.model)
