@@ -179,3 +179,9 @@ def textualize(sites: Sequence[str] | None = None, model: str | object = "packag
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return load(run_dir)
+
+
+def __getattr__(name: str) -> object:  # a name that moved to another module still imports (ft.core.moved)
+    from ft.core.moved import moved_attribute
+
+    return moved_attribute(__name__, name)

@@ -67,10 +67,11 @@ from transformers import BertConfig, BertModel
 
 from ft.core.cpualloc import keep_freed_memory
 from ft.core.cpuinfo import matmul_gflops, sync
-from ft.engine.module import TextualizationModule, full_sequence
-from ft.inputs import build_input, initial_row
+from ft.engine.module import TextualizationModule
+from ft.engine.naive import naive_textualize
+from ft.inputs import build_input
 from ft.model.encoder import PACKAGED, Encoder, from_model, load_encoder
-from ft.model.sites import Site, register_point_hook
+from ft.model.sites import Site
 from ft.model.vocab import Vocabulary
 from ft.targets import neuron_targets
 
@@ -82,32 +83,6 @@ def progress(message: str) -> None:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def naive_textualize(enc: Encoder, site: Site, tid: int, steps: int, lr: float, vocab: Vocabulary,
-                     init_std: float = 0.01, seed: int = 0) -> float:
-    """One neuron, literal protocol: SGD on x in R^vocab; full forward; returns final activation."""
-    model, W = enc.model, enc.word_embeddings
-    x = initial_row(tid, 1, W.shape[0], init_std, seed).unsqueeze(0).to(W.device).requires_grad_(True)
-    opt = torch.optim.SGD([x], lr=lr)
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(t: torch.Tensor) -> None:
-        seen["act"] = t[0, 1, site.unit]
-
-    hook = register_point_hook(model, site.layer, site.point, keep)
-    try:
-        for _ in range(steps + 1):
-            seq = full_sequence(x @ W, W, vocab.cls_id, vocab.sep_id)
-            model(inputs_embeds=seq)
-            if _ == steps:
-                return float(seen["act"])
-            opt.zero_grad()
-            (-seen["act"]).backward()
-            opt.step()
-    finally:
-        hook.remove()
-    raise AssertionError("unreachable")
 
 
 def engine_flops(module: TextualizationModule, cfg: object = None, length: int = 1, autocast: bool = False) -> float:

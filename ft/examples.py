@@ -87,5 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def __getattr__(name: str) -> object:  # a name that moved to another module still imports (ft.core.moved)
+    from ft.core.moved import moved_attribute
+
+    return moved_attribute(__name__, name)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -185,7 +185,7 @@ def merge(dirs: list[Path], out: Path) -> Path:
     curve = pd.concat(curves, ignore_index=True).sort_values(["step", "target_id"]) if curves else None
     frontier = pd.concat(frontiers, ignore_index=True) if frontiers else None
     directions = read_directions(shards[0])
-    from ft.export import staging
+    from ft.cli.export_files import staging
 
     with staging(out) as tmp:  # written beside `out` and moved into place: a stop or a full disk leaves no part
         keep_shard_inputs(shards, tmp)

@@ -71,5 +71,11 @@ def cli() -> None:
         main()
 
 
+def __getattr__(name: str) -> object:  # a name that moved to another module still imports (ft.core.moved)
+    from ft.core.moved import moved_attribute
+
+    return moved_attribute(__name__, name)
+
+
 if __name__ == "__main__":
     cli()

@@ -170,18 +170,20 @@ def test_static_signal_while_reading_leaves_no_file(tmp_path, tiny_dir, capsys, 
 
 def test_export_signal_while_staging_leaves_nothing(tmp_path, capsys, monkeypatch):
     """The staging folder is removed: no `.out-*` sibling, no `out`."""
+    import ft.cli.export_files
     import ft.export
 
     run = fake_run(tmp_path / "runs" / "run")
     monkeypatch.setattr(ft.export, "finished", lambda r: r)
     monkeypatch.setattr(ft.export, "distinct", lambda rs: list(rs))
+    monkeypatch.setattr(ft.cli.export_files, "distinct", lambda rs: list(rs))
 
     def rows(*_a, **_k):
         os.kill(os.getpid(), signal.SIGINT)
         raise AssertionError("the signal stops the command")
 
-    monkeypatch.setattr(ft.export, "run_labels", rows)
-    monkeypatch.setattr(ft.export, "hf_rows", rows, raising=False)
+    monkeypatch.setattr(ft.cli.export_files, "run_labels", rows)
+    monkeypatch.setattr(ft.cli.export_files, "hf_rows", rows)
     out = tmp_path / "out" / "export"
     rc = ft.export.main([str(run), "--format", "hf", "-o", str(out)])
     assert rc == 130
@@ -345,7 +347,7 @@ def test_report_made_again_of_the_same_runs_is_the_same_file(two_shards, tmp_pat
     import itertools
     import time as real_time
 
-    import ft.report
+    import ft.cli.report
 
     ticks = itertools.count()
 
@@ -360,9 +362,9 @@ def test_report_made_again_of_the_same_runs_is_the_same_file(two_shards, tmp_pat
         def strftime(fmt: str, t=None) -> str:
             return real_time.strftime(fmt, real_time.localtime(Clock.time()) if t is None else t)
 
-    monkeypatch.setattr(ft.report, "time", Clock)
-    a = ft.report.build_report([str(two_shards / "s0")], tmp_path / "a.html", words=0, atlas_per_run=2)
-    b = ft.report.build_report([str(two_shards / "s0")], tmp_path / "b.html", words=0, atlas_per_run=2)
+    monkeypatch.setattr(ft.cli.report, "time", Clock)
+    a = ft.cli.report.build_report([str(two_shards / "s0")], tmp_path / "a.html", words=0, atlas_per_run=2)
+    b = ft.cli.report.build_report([str(two_shards / "s0")], tmp_path / "b.html", words=0, atlas_per_run=2)
     assert a.read_bytes() == b.read_bytes()
 
 

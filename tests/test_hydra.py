@@ -43,6 +43,17 @@ def test_help_is_what_the_command_prints(tmp_path):
     assert "== Experiments (experiment=NAME) ==" in out and "group_k250 " in out and "--hydra-help" in out
     assert describe(CONFIG_DIR / "experiment" / "single_neurons.yaml") in out
     assert not any(tmp_path.iterdir())  # help writes nothing
+    from ft.inputs import input_kind, input_kinds
+    from ft.targets import unit_kind, unit_kinds
+
+    units = out.split("== Unit kinds")[1].split("== Input kinds")[0]
+    for name in unit_kinds():  # every registered kind, by name, option and line
+        kind = unit_kind(name)
+        assert f"  {name} " in units and kind.summary_line in units and (kind.option is None or
+                                                                          f"target={kind.option} " in units), name
+    inputs = out.split("== Input kinds")[1].split("== Config groups")[0]
+    for name in input_kinds():
+        assert f"  {name} " in inputs and input_kind(name).summary in inputs, name
 
 
 @pytest.mark.parametrize("name, want", [(None, "group_k10"), ("lr sweep/a", "lr_sweep_a"), ("../up", "up"),

@@ -17,7 +17,8 @@ from ft.inputs import build_input
 from ft.model.sites import Site
 from ft.model.vocab import Vocabulary
 from ft.targets import direction_targets, terms_targets
-from ft.targets.objectives import InputNorm, Readout, direction, mean, neuron, parse
+from ft.targets.expressions import parse
+from ft.targets.objectives import InputNorm, Readout, direction, mean, neuron
 
 SPEC = "layer.1.ffn_out.5 - 0.5 * layer.0.ffn_act.7 + 2 * layer.1.resid.3"
 

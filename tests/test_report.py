@@ -92,7 +92,7 @@ def test_wandb_workspace_builds_offline():
 
 
 def test_runs_of_two_sweeps_get_distinct_names():
-    from ft.cli.report import name_runs, run_key
+    from ft.cli.report_parts import name_runs, run_key
 
     paths = ["/r/sweep-a/000", "/r/sweep-b/000", "/r/sweep-a/001", "/r/default"]
     name_runs(paths)
@@ -197,7 +197,7 @@ def fake_run(path, overrides: list[str] | None, **values):
 
 
 def test_runs_are_labelled_by_run_name_or_the_values_that_differ(tmp_path):
-    from ft.cli.report import name_runs, run_key, run_name
+    from ft.cli.report_parts import name_runs, run_key, run_name
 
     a = fake_run(tmp_path / "m" / "0", ["optim.lr=0.1"], run_name="default-optim.lr=0.1")
     b = fake_run(tmp_path / "m" / "1", ["optim.lr=0.3", "seed=2"], run_name="default-optim.lr=0.3-seed=2",
@@ -285,7 +285,7 @@ def test_atlas_filters_by_layer_and_search(report, runs, tmp_path):
 def test_synced_runs_link_to_their_wandb_page(runs, tmp_path, monkeypatch):
     """A run whose W&B log printed its page links there; an offline run that `wandb sync` uploaded
     links to entity/project/runs/<id>; a run that stayed offline has no link."""
-    from ft.cli.report import wandb_url
+    from ft.cli.report_parts import wandb_url
 
     online, synced, offline = (tmp_path / n for n in ("online", "synced", "offline"))
     for d in (online, synced, offline):

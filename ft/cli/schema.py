@@ -405,3 +405,9 @@ def check_model(cfg: DictConfig | dict, model_config: object) -> None:
     if n is not None and length + 2 > n:
         raise ConfigError(f"input.length={length}; valid 1..{n - 2} for {name!r} "
                           f"({n} positions, the two framing special tokens take 2)")
+
+
+def __getattr__(name: str) -> object:  # a name that moved to another module still imports (ft.core.moved)
+    from ft.core.moved import moved_attribute
+
+    return moved_attribute(__name__, name)

@@ -195,3 +195,9 @@ def stops_in_one_line(module: str):
         return run
 
     return wrap
+
+
+def __getattr__(name: str) -> object:  # a name that moved to another module still imports (ft.core.moved)
+    from ft.core.moved import moved_attribute
+
+    return moved_attribute(__name__, name)

@@ -205,3 +205,9 @@ class FastSiteReader:
         """FLOPs of one forward + backward of `index`'s rows through this reader (`flop_parts`)."""
         f = FastSiteReader.flop_parts(model, index, length, position, hand)
         return f["forward"] + f["backward"] + 3 * f["attention"] + f["ends"]
+
+
+def __getattr__(name: str) -> object:  # a name that moved to another module still imports (ft.core.moved)
+    from ft.core.moved import moved_attribute
+
+    return moved_attribute(__name__, name)

@@ -228,3 +228,9 @@ def stream_summary(encoder: Encoder, vocab: Vocabulary, point: str, rows: Sequen
             keep[r] = flat[r - start].clone()
     shape = acts[point].shape
     return SweepSummary(a_max, keep, shape[1], shape[2])
+
+
+def __getattr__(name: str) -> object:  # a name that moved to another module still imports (ft.core.moved)
+    from ft.core.moved import moved_attribute
+
+    return moved_attribute(__name__, name)

@@ -20,8 +20,10 @@ if TYPE_CHECKING:  # types only: the registry imports nothing above it at run ti
     from ft.data.directions import DirectionSet
     from ft.model.encoder import Encoder
     from ft.model.vocab import Vocabulary
-    from ft.targets.base import Target
     from ft.targets.objectives import Objective
+
+
+Target = Any  # an ft.targets.base.Target (not imported: base reaches the kinds through this registry)
 
 
 @dataclass
@@ -140,6 +142,13 @@ def register(cls: type[UnitKind]) -> type[UnitKind]:
     _KINDS[cls.name] = cls()
     _ALIASES.update({a: cls.name for a in cls.aliases})
     return cls
+
+
+def unregister(name: str) -> None:
+    """Forget the kind `name` and its aliases (tests that register a kind of their own)."""
+    kind = _KINDS.pop(name, None)
+    for alias in getattr(kind, "aliases", ()):
+        _ALIASES.pop(alias, None)
 
 
 def canonical(name: str) -> str:

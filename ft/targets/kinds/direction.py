@@ -13,7 +13,8 @@ from ft.core.typed import Unique
 from ft.data.directions import DirectionSet, load_directions
 from ft.model.sites import SiteError, parse_point, point_width
 from ft.targets.base import Target
-from ft.targets.objectives import Objective, direction, parse
+from ft.targets.expressions import parse
+from ft.targets.objectives import Objective, direction
 from ft.targets.registry import BuildContext, RebuildContext, UnitKind, register
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ft.targets.objectives import Objective, parse
+from ft.targets.expressions import parse
+from ft.targets.objectives import Objective
 from ft.targets.registry import RebuildContext, UnitKind, register
 
 

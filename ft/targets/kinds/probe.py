@@ -16,8 +16,9 @@ from ft.core.typed import Int
 from ft.data.concepts import load_concept
 from ft.rundir.kept import kept
 from ft.targets.base import Target
+from ft.targets.expressions import parse
 from ft.targets.kinds.terms import terms_targets
-from ft.targets.objectives import Objective, parse
+from ft.targets.objectives import Objective
 from ft.targets.registry import BuildContext, RebuildContext, SummaryContext, UnitKind, register
 
 

@@ -12,13 +12,14 @@ from ft.core.errors import ConfigError, TargetError
 from ft.core.typed import Unique
 from ft.data.directions import DirectionSet, load_directions
 from ft.targets.base import Target, direction_lookup
-from ft.targets.objectives import Objective, parse
+from ft.targets.expressions import parse
+from ft.targets.objectives import Objective
 from ft.targets.registry import BuildContext, RebuildContext, UnitKind, register
 
 
 def terms_targets(model: torch.nn.Module, specs: Sequence[str] | None, directions: DirectionSet | None = None
                   ) -> list[Target]:
-    """One target per expression (`ft.targets.objectives.parse`), e.g. 'layer.3.ffn_out.5 - 0.5 * layer.2.ffn_act.7'."""
+    """One target per expression (`ft.targets.expressions.parse`), e.g. "layer.3.ffn_out.5 - layer.2.ffn_act.7"."""
     if not specs:
         raise TargetError("target.specs is empty; valid: a list of expressions, e.g. "
                           "'target.specs=[\"layer.3.ffn_out.5 - 0.5 * layer.2.ffn_act.7\"]'")
