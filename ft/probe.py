@@ -64,7 +64,8 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """`python -m ft.probe`: the checks ft.train has (one line, exit 2, nothing written), then Hydra."""
-    from ft.cli.preflight import nothing_left_if_refused, preflight
+    from ft.cli.preflight import preflight
+    from ft.cli.undo import nothing_left_if_refused
 
     preflight(sys.argv[1:], "probe")
     with nothing_left_if_refused(sys.argv[1:], "probe"):

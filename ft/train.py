@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> float | None:
             cfg.run_name = run_name_from_overrides(cfg.experiment_name, list(hc.overrides.task))
     from hydra.types import RunMode
 
-    from ft.cli.preflight import NothingToDo
+    from ft.cli.undo import NothingToDo
 
     try:
         finished = finished_step(cfg, Path(hc.runtime.output_dir)) is not None
@@ -66,7 +66,7 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     """The `ft-train` console script (and `python -m ft.train`): checks, then Hydra."""
-    from ft.cli.preflight import nothing_left_if_refused
+    from ft.cli.undo import nothing_left_if_refused
     from ft.core.signals import jobs_stop_with_launcher
 
     preflight(sys.argv[1:])  # one-line errors (exit 2) before Hydra writes anything

@@ -230,7 +230,7 @@ def hydra_writes(run_dir: Path, overrides: list[str]) -> None:
 
 
 def test_a_job_refused_after_hydra_leaves_no_new_run_directory(tmp_path):
-    from ft.cli.preflight import nothing_left_if_refused
+    from ft.cli.undo import nothing_left_if_refused
 
     run_dir = tmp_path / "new" / "deeper" / "run"
     argv = ["optim.lr=0.5", f"hydra.run.dir={run_dir}"]
@@ -241,7 +241,7 @@ def test_a_job_refused_after_hydra_leaves_no_new_run_directory(tmp_path):
 
 
 def test_a_refused_rerun_of_a_finished_run_changes_none_of_its_files(tmp_path):
-    from ft.cli.preflight import nothing_left_if_refused
+    from ft.cli.undo import nothing_left_if_refused
 
     run_dir = tmp_path / "done"
     hydra_writes(run_dir, ["optim.lr=0.1"])
@@ -255,7 +255,7 @@ def test_a_refused_rerun_of_a_finished_run_changes_none_of_its_files(tmp_path):
 
 
 def test_a_refused_job_in_the_default_folder_leaves_the_other_runs(tmp_path, monkeypatch):
-    from ft.cli.preflight import nothing_left_if_refused
+    from ft.cli.undo import nothing_left_if_refused
 
     monkeypatch.chdir(tmp_path)
     old = tmp_path / "logs/train/runs/default/2020-01-01_00-00-00"
@@ -488,7 +488,7 @@ def test_sigterm_to_a_local_launcher_stops_its_jobs_with_their_checkpoints(tiny_
 
 
 def test_a_refused_job_of_a_sweep_leaves_the_earlier_jobs_results(tmp_path):
-    from ft.cli.preflight import nothing_left_if_refused
+    from ft.cli.undo import nothing_left_if_refused
 
     sweep = tmp_path / "sweep"
     argv = ["-m", "optim.lr=0.1,0.5", f"hydra.sweep.dir={sweep}"]
@@ -568,7 +568,7 @@ def test_a_corpus_file_that_is_not_utf8_is_refused_by_line_not_read_as_unk(tiny,
 
 
 def test_a_refusal_leaves_a_concurrent_commands_new_run_directory(tmp_path, monkeypatch):
-    from ft.cli.preflight import nothing_left_if_refused
+    from ft.cli.undo import nothing_left_if_refused
 
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / "logs/train/runs"
@@ -678,7 +678,7 @@ def test_undoing_a_refusal_never_removes_run_files_written_since(tmp_path, exist
     """A refusal that comes after the run wrote results (an unknown optimized_metric is only found
     after the fit) or while another job writes there: its run directory stays; a refusal that left
     only Hydra's files is undone."""
-    from ft.cli.preflight import take, undo
+    from ft.cli.undo import take, undo
 
     d = tmp_path / "run"
     if existed:

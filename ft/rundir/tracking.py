@@ -28,7 +28,6 @@ def wandb_mode(requested: str) -> str:
     return "online" if wandb_logged_in() else "offline"
 
 
-
 def wandb_logged_in() -> bool:
     """An API key in the environment or in ~/.netrc for the W&B host (what `wandb login` writes)."""
     if os.environ.get("WANDB_API_KEY"):
@@ -38,7 +37,6 @@ def wandb_logged_in() -> bool:
         return netrc.netrc().authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
-
 
 
 def start_wandb(logger: WandbLogger, wait_s: float = 60.0) -> object:
@@ -98,7 +96,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]
     return loggers
 
 
-
 def wandb_note(lg: WandbLogger) -> str:
     """Where the W&B run is: its URL, or the offline folder and how to upload it."""
     exp = lg.experiment
@@ -138,7 +135,6 @@ def log_summary(loggers: list[Logger], summary: dict[str, float], df: pd.DataFra
     return note
 
 
-
 def wandb_targets_table(df: pd.DataFrame) -> pd.DataFrame:
     """The W&B `results/targets` table: each row's `label` (what names its unit: four latents of one
     SAE share their sites), its sites, word, objective and nearest words."""
@@ -161,7 +157,6 @@ def log_inputs_artifact(lg: WandbLogger, run_dir: Path) -> None:
     for name in (TARGETS, INPUTS, CONFIG):
         art.add_file(str(run_dir / name))
     lg.experiment.log_artifact(art)
-
 
 
 def format_table(df: pd.DataFrame, max_rows: int, summary: dict[str, float]) -> str:

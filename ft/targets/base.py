@@ -21,7 +21,6 @@ from ft.targets.registry import RebuildContext, unit_kind
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Target:
     kind: str  # a registered unit kind (ft.targets.registry)

@@ -48,7 +48,6 @@ def pick_words(
     return rng.sample(candidates, num_random) + frequent
 
 
-
 def select_group(
     word_acts: torch.Tensor, a_max: torch.Tensor, k: int, selection: str
 ) -> tuple[torch.Tensor, int]:
@@ -71,7 +70,6 @@ def select_group(
     return torch.topk(score, k).indices, skipped
 
 
-
 def target_words(vocab: Vocabulary, words: Sequence[str] | None, num_random: int, num_frequent: int,
                  seed: int = 0) -> list[str]:
     """The run's target words: the given ones, or `num_random` + `num_frequent` picked (seeded)."""
@@ -80,7 +78,6 @@ def target_words(vocab: Vocabulary, words: Sequence[str] | None, num_random: int
     if not words:
         raise TargetError("no target words: target.words is empty and num_random + num_frequent = 0")
     return words
-
 
 
 def group_targets(

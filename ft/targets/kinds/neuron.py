@@ -28,7 +28,6 @@ def site_target(model: torch.nn.Module, text: str) -> Target:
     return Target("neuron", neuron(Site.parse(text).check(model)))
 
 
-
 def neuron_targets(
     model: torch.nn.Module,
     sites: Sequence[str] | None = None,
@@ -81,8 +80,11 @@ class NeuronKind(UnitKind):
     def check(self, t: dict) -> None:
         seen: dict[object, str] = {}
         for text in t.get("sites") or []:
-            head = parse_head(text)
-            site = head if head is not None else Site.parse(text)
+            try:
+                head = parse_head(text)
+                site = head if head is not None else Site.parse(text)
+            except SiteError as e:
+                raise ConfigError(f"target.sites: {e}") from None
             if site in seen:
                 raise ConfigError(f"target.sites: {text!r} repeats {seen[site]!r}; valid: each site once")
             seen[site] = text

@@ -44,7 +44,6 @@ def probe_targets(model: torch.nn.Module, run: str, k: int) -> list[Target]:
     return out
 
 
-
 def probe_concept(run: str) -> str:
     """The concept an ft.probe run probed (its config's `concept`), or the run's folder name."""
     from ft.rundir.results import read_config
@@ -56,12 +55,10 @@ def probe_concept(run: str) -> str:
     return Path(concept).name if "/" in concept else concept  # a file by its name; builtin:months as is
 
 
-
 def concept_label(labels: list[str]) -> str:
     """The concept's own label: `1` where the labels are 0/1, else the rarest (ties: the first)."""
     counts = pd.Series(labels).value_counts()
     return "1" if set(counts.index) == {"0", "1"} else str(counts.sort_values(kind="stable").index[0])
-
 
 
 def concept_words(run: str | Path, tokenizer: object, reader: str | Path | None = None) -> set[str]:
@@ -75,7 +72,6 @@ def concept_words(run: str | Path, tokenizer: object, reader: str | Path | None 
     concept = load_concept(str(copy) if copy is not None else cfg.concept, tokenizer, cfg.seed)
     label = concept_label(concept.flat_labels)
     return {w for w, lab in zip(concept.words, concept.flat_labels, strict=True) if lab == label}
-
 
 
 def concept_scores(df: pd.DataFrame, run: str | Path, tokenizer: object,

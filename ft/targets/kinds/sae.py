@@ -32,7 +32,6 @@ def check_sae_fits(sae: SAE, model: torch.nn.Module, point: str) -> None:
                           f"model; valid: an SAE trained on {point} of this model")
 
 
-
 def sae_targets(model: torch.nn.Module, sae: SAE, site: str, latents: Sequence[int] | None = None,
                 fraction: float | None = None, num_latents: int | None = None, seed: int = 0) -> list[Target]:
     """One target per SAE latent: its pre-activation at `site` (`layer.L.point`). `latents`, or a
@@ -55,7 +54,6 @@ def sae_targets(model: torch.nn.Module, sae: SAE, site: str, latents: Sequence[i
         chosen = sorted(random.Random(seed).sample(range(sae.d_sae), n))
     return [Target("sae", sae.readout(layer, point, i), spec=f"layer.{layer}.{point}", latent=i, sae_path=sae.source,
                    meta={"sae": sae, "layer": layer, "point": point}) for i in chosen]
-
 
 
 def build_sae_targets(cfg: DictConfig, encoder: Encoder, resumed_sae: dict | None = None) -> list[Target]:
