@@ -297,3 +297,37 @@ def test_bench_runs_on_every_family_and_agrees_with_the_naive_loop(family, famil
     r = out["results"]["minilm"]
     assert r["model_type"] == family and r["reader"] == ("lean" if family in LEAN else "hooked")
     assert out["max_rel_diff_vs_naive"] <= 1e-3 and out["neuron_steps_per_s"] > 0
+
+
+def fits(model: torch.nn.Module, length: int) -> bool:
+    """Whether Hugging Face's own forward takes `length` tokens (an absolute position table raises
+    for longer inputs)."""
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.full((1, length), 5))
+        return True
+    except (IndexError, RuntimeError, ValueError):
+        return False
+
+
+@pytest.mark.parametrize("family,flags", [*((f, {}) for f in FAMILIES),
+                                          ("deberta-v2", {"position_biased_input": True}),
+                                          ("deberta-v2", {"position_biased_input": False})])
+def test_max_tokens_is_the_longest_input_the_model_takes(family, flags):
+    """Every adapter's `max_tokens` against the model itself: it takes `max_tokens` tokens and
+    refuses one more; None means it takes far longer inputs (relative or rotary positions). DeBERTa
+    has an absolute table exactly when `position_biased_input` is true."""
+    from transformers import AutoModel
+
+    from ft.model.arch import adapter_class
+    from tests.families import family_config
+
+    cfg = family_config(family, 60, 1)
+    for key, value in flags.items():
+        setattr(cfg, key, value)
+    model = AutoModel.from_config(cfg, attn_implementation="eager").eval()
+    n = adapter_class(cfg).max_tokens(cfg)
+    if n is None:
+        assert fits(model, 3 * getattr(cfg, "max_position_embeddings", 64)), family
+    else:
+        assert fits(model, n) and not fits(model, n + 1), (family, n)

@@ -99,3 +99,31 @@ def test_merged_shards_keep_their_inputs_once_and_shards_of_other_inputs_are_ref
     run(compose_cfg([*base, "target.shard=1"]), tmp_path / "s1", tiny)
     with pytest.raises(ShardError, match="read another sae"):
         merge([tmp_path / "s0", tmp_path / "s1"], tmp_path / "m2")
+
+
+def test_in_process_shards_merge_into_the_unsharded_run(tiny, tiny_dir, tmp_path):
+    """Two shards run in-process merge into what the unsharded run writes: the same rows, inputs
+    and curves, and a config that is the unsharded run's (shard 0 of 1, plus `merged_from`)."""
+    from ft.rundir.tracking import flat_config
+    from ft.train import run
+
+    base = [f"model.name_or_path={tiny_dir}", "trainer.max_steps=4", "logger.wandb.mode=disabled",
+            "+trainer.enable_progress_bar=false", "target.per_layer=2"]
+    run(compose_cfg(base), tmp_path / "whole", tiny)
+    for i in range(2):
+        run(compose_cfg([*base, "target.num_shards=2", f"target.shard={i}"]), tmp_path / f"s{i}", tiny)
+    merged = merge([tmp_path / "s1", tmp_path / "s0"], tmp_path / "merged")
+    a, b = read_targets(merged), read_targets(tmp_path / "whole")
+    assert list(a.target_id) == list(b.target_id) == [0, 1, 2, 3]
+    assert a.objective.tolist() == pytest.approx(b.objective.tolist(), rel=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(read_inputs(merged).values(),
+                                                                read_inputs(tmp_path / "whole").values(), strict=True))
+    ca, cb = (read_curves(d).sort_values(["step", "target_id"]) for d in (merged, tmp_path / "whole"))
+    assert ca[["step", "target_id"]].values.tolist() == cb[["step", "target_id"]].values.tolist()
+    assert ca.objective.tolist() == pytest.approx(cb.objective.tolist(), rel=1e-5)
+    cfg, whole = flat_config(read_config(merged)), flat_config(read_config(tmp_path / "whole"))
+    assert (cfg["target.shard"], cfg["target.num_shards"]) == (0, 1)
+    assert sorted(map(str, read_config(merged).merged_from)) == sorted(str(tmp_path / f"s{i}") for i in range(2))
+    ignore = {"merged_from", "run_name"}
+    assert {k: v for k, v in cfg.items() if k.split(".")[0] not in ignore} == \
+        {k: v for k, v in whole.items() if k.split(".")[0] not in ignore}

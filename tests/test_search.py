@@ -163,3 +163,32 @@ def test_candidates_do_not_depend_on_how_rows_are_chunked(tiny_dir, tmp_path):
     a, b = read_targets(tmp_path / "small"), read_targets(tmp_path / "big")
     assert list(a.token_ids.map(list)) == list(b.token_ids.map(list))
     assert a.objective.tolist() == pytest.approx(b.objective.tolist(), rel=1e-5)
+
+
+def test_rows_draw_their_candidates_independently(tiny_dir, tmp_path, monkeypatch):
+    """Each row (target x member) draws its own candidate noise: the rows the search passes to
+    `row_noise` are distinct, and their draws differ, while one row's draw depends only on (seed,
+    step, row). Identical noise for every row would also be chunk-invariant, so the chunking test
+    alone cannot tell."""
+    import ft.engine.search as search
+
+    drawn: list[tuple[list[int], torch.Tensor]] = []
+    real = search.row_noise
+
+    def spy(rows, n, step, seed):
+        out = real(rows, n, step, seed)
+        drawn.append((rows.tolist(), out))
+        return out
+
+    monkeypatch.setattr(search, "row_noise", spy)
+    run(search_cfg(tiny_dir, "input.length=2", "search.candidates=5", "search.population=2",
+                   "trainer.max_steps=3", "target.sites=[layer.0.ffn_out.1,layer.1.ffn_out.2]"), tmp_path / "run")
+    rows = [r for call, _ in drawn for r in call]
+    assert len(set(rows)) == 4  # 2 targets x 2 members, each its own row in every step
+    for call, noise in drawn:
+        orders = {tuple(noise[i].argsort()[:5].tolist()) for i in range(len(call))}
+        assert len(orders) == len(call), "two rows drew the same candidates"
+    one = real(torch.tensor([3]), 16, 2, 0)
+    assert torch.equal(one, real(torch.tensor([0, 3, 7]), 16, 2, 0)[1:2])  # a row's draw ignores its neighbours
+    assert not torch.equal(one, real(torch.tensor([3]), 16, 3, 0))  # the step matters
+    assert not torch.equal(one, real(torch.tensor([3]), 16, 2, 1))  # so does the seed

@@ -74,3 +74,58 @@ def test_every_unit_in_one_command_and_the_run_columns(tiny, tiny_dir, tmp_path,
     planted = pd.DataFrame({"most_activating_word": ["cat", "dog"], "static_promotes": [["cat"], ["x"]],
                             "static_suppresses": [["y"], ["z"]], "static_detects": [None, ["w"]]})
     assert agreement(planted) == 0.5
+
+
+# the FFN of layer 0 in Hugging Face's own module names: (activation module, output projection)
+HF_FFN = {
+    "bert": lambda m: (m.encoder.layer[0].intermediate.intermediate_act_fn, m.encoder.layer[0].output.dense),
+    "distilbert": lambda m: (m.transformer.layer[0].ffn.activation, m.transformer.layer[0].ffn.lin2),
+    "deberta-v2": lambda m: (m.encoder.layer[0].intermediate.intermediate_act_fn, m.encoder.layer[0].output.dense),
+    "modernbert": lambda m: (m.layers[0].mlp.act, m.layers[0].mlp.Wo),
+    "albert": lambda m: (m.encoder.albert_layer_groups[0].albert_layers[0].activation,
+                         m.encoder.albert_layer_groups[0].albert_layers[0].ffn_output),
+}
+for _f in ("roberta", "xlm-roberta", "camembert", "electra"):
+    HF_FFN[_f] = HF_FFN["bert"]
+
+
+@pytest.mark.parametrize("family", sorted(HF_FFN))
+def test_ffn_static_vectors_are_what_the_forward_reads_and_writes(family):
+    """Per family, against the forward itself: a unit's read vector k and bias reproduce what its
+    activation function receives (for a gated FFN, the input half, not the gate), and the write
+    vectors reproduce the FFN's output from the activations. Hooks on Hugging Face's own modules,
+    not ft's adapters, give the reference."""
+    from transformers import AutoModel
+
+    from ft.model.static import unit_vectors
+    from tests.families import FAMILIES, family_config
+
+    assert family in FAMILIES
+    torch.manual_seed(0)
+    model = AutoModel.from_config(family_config(family, 60, 1), attn_implementation="eager").eval()
+    act, out = HF_FFN[family](model)
+    seen: dict[str, object] = {}
+
+    def keep(name: str):  # a forward hook that records the first call's input (and output) and changes nothing
+        def hook(_module, inputs, output) -> None:
+            seen.setdefault(name, (inputs[0], output))
+        return hook
+
+    hooks = [act.register_forward_hook(keep("act")), out.register_forward_hook(keep("out"))]
+
+    in_proj = {"distilbert": lambda m: m.transformer.layer[0].ffn.lin1, "modernbert": lambda m: m.layers[0].mlp.Wi,
+               "albert": lambda m: m.encoder.albert_layer_groups[0].albert_layers[0].ffn}.get(
+        family, lambda m: m.encoder.layer[0].intermediate.dense)(model)
+    hooks.append(in_proj.register_forward_hook(keep("in")))
+    with torch.no_grad():
+        model(input_ids=torch.randint(5, 60, (3, 6)))
+    for h in hooks:
+        h.remove()
+    h, a_in = (seen[k][0].reshape(-1, seen[k][0].shape[-1]) for k in ("in", "act"))  # [tokens, hidden], [tokens, inter]
+    inter = a_in.shape[-1]
+    write, read = unit_vectors(model, 0, "ffn_act", torch.arange(inter))
+    bias = a_in - h @ read.T  # [tokens, inter]: a unit's bias is the same for every token
+    assert torch.allclose(bias, bias[:1].expand_as(bias), atol=1e-4), "read vectors are not what the units read"
+    x, y = (t.reshape(-1, t.shape[-1]) for t in seen["out"])  # the output projection's input and output
+    rest = y - x @ write  # the output projection's bias, the same for every token
+    assert torch.allclose(rest, rest[:1].expand_as(rest), atol=1e-4), "write vectors are not what the units write"
