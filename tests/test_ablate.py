@@ -85,9 +85,11 @@ def test_the_lean_sites_path_reads_ablated_units_at_a_rows_top_layer(model):
     one among them still reads its fill."""
     from ft.engine.module import objective
 
-    lists = [[Site(2, "ffn_out", 5)], [Site(0, "ffn_out", 3), Site(0, "ffn_out", 4)], [Site(1, "resid", 7)]]
+    # the last row reads an unablated unit above the ablated layer-0 one: rows going on carry it
+    lists = [[Site(2, "ffn_out", 5)], [Site(0, "ffn_out", 3), Site(0, "ffn_out", 4)], [Site(1, "resid", 7)],
+             [Site(2, "ffn_out", 6)]]
     index = SiteIndex(model, lists)
-    x = inputs(3)
+    x = inputs(4)
     with ablated(model, [Site(2, "ffn_out", 5), Site(0, "ffn_out", 3)], "mean", [1.5, -2.0]):
         fast = objective(model, index, x, 1, True)
         hooked = objective(model, index, x, 1, False)

@@ -223,3 +223,20 @@ def test_gather_rows_puts_every_row_back_in_target_order(tiny, tmp_path):
     assert torch.equal(m.state.stopped_at, before[2])
     assert m.state.curves.shape == (len(m.state.curve_steps), len(SITES))
     assert sum(c.stop - c.start for c, _ in m.plan) == len(SITES)
+
+
+def test_objective_of_readouts_reads_the_rows_given(tiny):
+    """`objective` with a batch of readouts (not only a site index): the mean of each row's sites,
+    as the hooked reader gives them."""
+    from ft.engine.module import full_sequence, objective
+    from ft.model.sites import Site, SiteReader
+    from ft.targets.objectives import Readouts, mean
+
+    sites = [[Site(0, "ffn_out", 1), Site(1, "ffn_out", 2)], [Site(1, "ffn_act", 3)]]
+    batch = Readouts(tiny.model, [mean(s) for s in sites])
+    W = tiny.word_embeddings.detach()
+    seq = full_sequence(W[torch.tensor([[5], [6]])], W, tiny.tokenizer.cls_token_id, tiny.tokenizer.sep_token_id)
+    got = objective(tiny.model, batch, seq, 1, False)
+    acts = SiteReader(tiny.model, ["ffn_out", "ffn_act"], 1, 1).read(inputs_embeds=seq)
+    want = [sum(float(acts[s.point][i, s.layer, s.unit]) for s in row) / len(row) for i, row in enumerate(sites)]
+    assert got.tolist() == pytest.approx(want, abs=1e-5)

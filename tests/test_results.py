@@ -99,3 +99,23 @@ def test_runs_table_holds_each_config_value(tmp_path):
     assert c.experiment == "old" and c[columns[2:16]].isna().all()  # missing sections read as empty
     assert len(targets) == 6 and list(targets.index) == list(range(6))
     assert sorted(set(targets.run)) == [str(tmp_path / n) for n in "abc"]
+
+
+def test_a_curves_file_the_manifest_lists_but_the_disk_lost_is_refused(tmp_path):
+    """Curves are optional (runs written without them read as None), but a run whose manifest
+    lists curves.parquet and whose disk lost it is damaged, not curve-less."""
+    from omegaconf import OmegaConf
+
+    from ft.core.integrity import RunFileError
+    from ft.rundir.results import read_curves
+
+    df = pd.DataFrame({"target_id": [0], "objective": [1.5]})
+    curves = pd.DataFrame({"step": [0], "target_id": [0], "objective": [0.1]})
+    run_dir = write_run(tmp_path / "run", OmegaConf.create({"seed": 3}), df, {"embeds": torch.ones(1, 1, 3)},
+                        {"final/x": 1.0}, curves)
+    assert read_curves(run_dir).objective.tolist() == [0.1]
+    (run_dir / "curves.parquet").unlink()
+    with pytest.raises(RunFileError):
+        read_curves(run_dir)
+    bare = write_run(tmp_path / "bare", OmegaConf.create({"seed": 3}), df, {"embeds": torch.ones(1, 1, 3)}, {})
+    assert read_curves(bare) is None
