@@ -1,22 +1,5 @@
-"""Dataset examples beside the optimized inputs: `python -m ft.examples RUN_DIR`.
-
-For every target of a run (a neuron or a group; its activation at a token is the mean of
-its sites there, as in the objective):
-1. corpus search (Poerner et al.'s baseline): the top-n sentences by the target's maximum
-   over token positions, and the top-n n-grams (n = the run's input length) read as
-   ``[CLS] n-gram [SEP]`` at the run's position, as the optimized input is;
-2. a minimal activating example (Foote): from the best sentence, with the anchor token
-   where it peaks, cut tokens from the end, then from the start, keeping the shortest span
-   whose anchor activation dropped by at most `mae_drop` (paper: 60%), `window` tokens
-   around the anchor always kept; cuts fall between words, never inside one;
-3. local search (Foote): every non-stopword token of the MAE replaced by each of n
-   substitutes (a masked LM's predictions, or nearest embeddings when no masked LM is
-   available); a variant is *positive* when the anchor activation dropped by less than
-   `pos_drop` (40%), *negative* when by more than `neg_drop` (70%).
-
-Writes ``examples.parquet`` in the run directory (one row per example) and logs the
-examples and a per-target comparison as tables to the run's W&B run.
-"""
+"""Dataset examples beside the optimized inputs (`python -m ft.examples`, whose docstring is the
+guide): corpus and n-gram search, pruning and local search of spans, the examples table."""
 
 from __future__ import annotations
 

@@ -1,29 +1,5 @@
-"""`python -m ft.probe concept=... [key=value ...]`: which neurons encode a concept?
-
-1. Activations of every unit of `point` (all layers, or `layers`) over the concept's words: a word
-   list reads each word alone as `[CLS] w [SEP]` at its position (as the vocabulary sweep does),
-   sentences read each word at its first word piece in context.
-2. A logistic probe with ElasticNet regularization (L1 + L2: `probe.l1_ratio`, strength `probe.C`,
-   scikit-learn's saga solver) on standardized activations; accuracy on a held-out split of word
-   types (`probe.test_fraction`, seeded): no word type is on both sides.
-3. A control task (Hewitt and Liang 2019): every word type gets a random label drawn from the
-   label distribution, the same label wherever the type occurs; the same probe on it gives the
-   control accuracy; selectivity = accuracy - control accuracy.
-4. Rankings of the units: by the probe's weight mass (sum over classes of |w|, NeuroX's top
-   neurons) and probeless, by the class-mean difference (largest |mean of a class - mean of the
-   rest| over classes, on standardized activations).
-
-Writes a run directory (hydra.run.dir): `probe.parquet` (site, layer, unit, weight_mass, weight
-(signed, toward the concept label, for two labels), mean_diff, rank_probe, rank_probeless; rank 1
-= first), `config.yaml` and `summary.json` (probe/accuracy,
-probe/control_accuracy, probe/selectivity, probe/top10_overlap, ..., and `ablate/*`), through the
-run-directory manifest like ft.train's results.
-
-5. Ablation (`ablate.top=N`, or `ablate.sites=[...]`; `ablate.top=0` turns it off): the probe's
-   accuracy drop and the masked-token accuracy drop (where a masked-LM head exists) with those
-   units ablated, against N random probed units over `ablate.seeds` draws: `ablation.parquet`
-   and the `ablate/*` summary keys (ft.measure.probe_ablation).
-"""
+"""The steps of a probe (`python -m ft.probe`, whose docstring is the guide): concept activations,
+the type-split logistic probe and its control task, probeless rankings, ablation sets."""
 
 from __future__ import annotations
 

@@ -1,19 +1,5 @@
 """Static readings of units: what a unit's weights say about the vocabulary, with no forward pass
-(Geva et al. 2022; Dar et al. 2023).
-
-E is the word-embedding matrix in the hidden space (`to_hidden`: through the embedding
-projection where the embedding size differs from the hidden size), special tokens left out.
-- An FFN neuron (`ffn_act` unit j of layer L): v = column j of the FFN output projection, k =
-  row j of its input projection (the input half for gated FFNs). `static_promotes` /
-  `static_suppresses`: the tokens with the largest / smallest E . v (what the neuron writes);
-  `static_detects`: the largest E . k (what it reads).
-- A hidden-width unit (`ffn_out`, `attn_out`, `resid` dimension d): `static_promotes` /
-  `static_suppresses` from column d of E; no `static_detects`.
-- `attn_ctx` units (a head's context dimension) have no static reading.
-
-`python -m ft.static [--model M] [--points ffn_act ffn_out] [--top 10] --out FILE.parquet` reads
-every unit of those points of a model: one matrix product per layer and point.
-"""
+(Geva et al. 2022; Dar et al. 2023). `python -m ft.static`'s docstring says what each reading is."""
 
 from __future__ import annotations
 
